@@ -1,0 +1,3 @@
+from comeapi.cli import main
+
+main()

@@ -1,0 +1,1 @@
+"""The inference backend: one process running llama.cpp behind ComeAPI's and OpenAI's APIs."""

@@ -1,0 +1,1 @@
+"""The response cache: prompt keys, stores of pre-generated answers, warmup and archives."""

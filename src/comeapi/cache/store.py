@@ -1,0 +1,157 @@
+"""What a response store is: N answers ("variants") per prompt key, whole or absent.
+
+``ResponseStore`` is the public face; each backend (SQLite, DynamoDB) implements the small
+hooks below it. Every store keeps entries whole: a reader sees an entry completely or not at
+all, and a failed write leaves what was there. Storage errors surface as ``StoreError``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from abc import ABC, abstractmethod
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass, field, replace
+from typing import Any, Literal
+
+from comeapi.errors import StoreError
+
+EntryKind = Literal["prompt", "chat"]
+
+
+@dataclass(frozen=True, slots=True)
+class Entry:
+    """One pre-generated answer: variant ``variant`` of prompt ``key``."""
+
+    key: str
+    variant: int
+    kind: EntryKind
+    prompt: str  # the prompt, or for chat the last user message (for listings)
+    answer: str
+    model: str
+    messages: tuple[tuple[str, str], ...] | None = None
+    params: dict[str, Any] = field(default_factory=dict)
+    finish_reason: str = "stop"
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    created: float = 0.0
+    checksum: str = ""
+
+    def compute_checksum(self) -> str:
+        """SHA-256 over everything but the checksum itself (canonical JSON)."""
+        doc = self.to_dict()
+        doc.pop("checksum")
+        canon = json.dumps(doc, ensure_ascii=False, separators=(",", ":"), sort_keys=True)
+        return hashlib.sha256(canon.encode("utf-8")).hexdigest()
+
+    def sealed(self) -> Entry:
+        """This entry with its checksum filled in."""
+        return replace(self, checksum=self.compute_checksum())
+
+    def verify(self) -> None:
+        if self.checksum != self.compute_checksum():
+            raise StoreError(f"entry {self.key}#{self.variant} fails its checksum", code="corrupt")
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "key": self.key,
+            "variant": self.variant,
+            "kind": self.kind,
+            "prompt": self.prompt,
+            "messages": [list(m) for m in self.messages] if self.messages is not None else None,
+            "answer": self.answer,
+            "model": self.model,
+            "params": self.params,
+            "finish_reason": self.finish_reason,
+            "prompt_tokens": self.prompt_tokens,
+            "completion_tokens": self.completion_tokens,
+            "created": self.created,
+            "checksum": self.checksum,
+        }
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> Entry:
+        messages = d.get("messages")
+        return cls(
+            key=str(d["key"]),
+            variant=int(d["variant"]),
+            kind=d["kind"],
+            prompt=str(d["prompt"]),
+            answer=str(d["answer"]),
+            model=str(d["model"]),
+            messages=tuple((str(r), str(c)) for r, c in messages) if messages is not None else None,
+            params=dict(d.get("params") or {}),
+            finish_reason=str(d.get("finish_reason", "stop")),
+            prompt_tokens=int(d.get("prompt_tokens", 0)),
+            completion_tokens=int(d.get("completion_tokens", 0)),
+            created=float(d.get("created", 0.0)),
+            checksum=str(d.get("checksum", "")),
+        )
+
+
+@dataclass(frozen=True, slots=True)
+class PromptInfo:
+    """A cached prompt as listings show it."""
+
+    key: str
+    kind: EntryKind
+    prompt: str
+    model: str
+    variants: int
+
+
+class ResponseStore(ABC):
+    """A store of cached answers. Public methods validate, then call the ``_`` hooks."""
+
+    def get(self, key: str, variant: int) -> Entry | None:
+        if variant < 0:
+            raise ValueError("variant must be >= 0")
+        return self._get(key, variant)
+
+    def put(self, entry: Entry) -> None:
+        """Write one entry atomically (replacing the same key and variant)."""
+        self.put_many([entry])
+
+    def put_many(self, entries: Iterable[Entry]) -> int:
+        """Write entries, each sealed with its checksum; returns how many were written."""
+        sealed = [e if e.checksum else e.sealed() for e in entries]
+        for e in sealed:
+            e.verify()
+        return self._put_many(sealed)
+
+    def replace_all(self, entries: Iterable[Entry]) -> int:
+        """Make the store hold exactly ``entries`` (atomically where the store can)."""
+        sealed = [e if e.checksum else e.sealed() for e in entries]
+        for e in sealed:
+            e.verify()
+        return self._replace_all(sealed)
+
+    def entries(self) -> Iterator[Entry]:
+        return self._entries()
+
+    def prompts(self) -> list[PromptInfo]:
+        return self._prompts()
+
+    def close(self) -> None:  # noqa: B027 - optional hook
+        """Release connections."""
+
+    def __enter__(self) -> ResponseStore:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    @abstractmethod
+    def _get(self, key: str, variant: int) -> Entry | None: ...
+
+    @abstractmethod
+    def _put_many(self, entries: list[Entry]) -> int: ...
+
+    @abstractmethod
+    def _replace_all(self, entries: list[Entry]) -> int: ...
+
+    @abstractmethod
+    def _entries(self) -> Iterator[Entry]: ...
+
+    @abstractmethod
+    def _prompts(self) -> list[PromptInfo]: ...

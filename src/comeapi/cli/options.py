@@ -1,0 +1,75 @@
+"""Click options generated from the Settings fields, so a flag, its help and its type come
+from one place, and every command builds its Settings the same way."""
+
+from __future__ import annotations
+
+import types
+import typing
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any, Literal, TypeVar
+
+import click
+
+from comeapi.errors import ConfigError
+from comeapi.settings import Settings, load_settings
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+
+def settings_options(*names: str, flags: dict[str, str] | None = None) -> Callable[[F], F]:
+    """One option per Settings field; ``flags`` renames some (``{"backend_port": "--port"}``)."""
+    flags = flags or {}
+
+    def decorate(func: F) -> F:
+        for name in reversed(names):
+            field = Settings.model_fields[name]
+            flag = flags.get(name, "--" + name.replace("_", "-"))
+            kwargs = _click_type(field.annotation)
+            default = field.get_default(call_default_factory=True)
+            shown = "" if default in (None, [], "") else f" [default: {default}]"
+            env = f"COMEAPI_{name.upper()}"
+            func = click.option(
+                flag,
+                name,
+                default=None,
+                help=f"{field.description or ''}{shown} [env: {env}]",
+                **kwargs,
+            )(func)
+        return func
+
+    return decorate
+
+
+def _click_type(annotation: Any) -> dict[str, Any]:
+    args = [a for a in typing.get_args(annotation) if a is not type(None)]
+    origin = typing.get_origin(annotation)
+    if origin in (typing.Union, types.UnionType) and len(args) == 1:
+        return _click_type(args[0])
+    if origin is typing.Annotated:
+        return _click_type(args[0])
+    if origin is list:
+        return {"multiple": True, "type": str}
+    if origin is Literal:
+        return {"type": click.Choice([str(a) for a in args])}
+    if annotation is bool:
+        return {"type": click.BOOL}
+    if annotation is Path:
+        return {"type": click.Path(path_type=Path)}
+    if annotation in (int, float, str):
+        return {"type": annotation}
+    return {"type": str}
+
+
+def build_settings(ctx: click.Context, values: dict[str, Any]) -> Settings:
+    """Settings from this command's flags plus environment and TOML; exits with the error."""
+    overrides = {
+        k: (list(v) if isinstance(v, tuple) else v)
+        for k, v in values.items()
+        if k in Settings.model_fields and v not in (None, ())
+    }
+    config = (ctx.find_root().obj or {}).get("config")
+    try:
+        return load_settings(Path(config) if config else None, **overrides)
+    except ConfigError as exc:
+        raise click.UsageError(exc.message) from None

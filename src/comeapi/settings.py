@@ -1,0 +1,191 @@
+"""The one settings object for every comeapi command.
+
+Each setting has one name everywhere: the flag ``--queue-size``, the environment variable
+``COMEAPI_QUEUE_SIZE`` and the TOML key ``queue_size``. Precedence: flags, then environment,
+then the TOML file (``--config`` or ``COMEAPI_CONFIG``), then the defaults below.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+from pydantic import Field, ValidationError, field_validator, model_validator
+from pydantic_settings import (
+    BaseSettings,
+    NoDecode,
+    PydanticBaseSettingsSource,
+    SettingsConfigDict,
+    TomlConfigSettingsSource,
+)
+
+from comeapi.errors import ConfigError
+
+ENV_PREFIX = "COMEAPI_"
+DEFAULT_STORE = "sqlite:var/comeapi-cache.db"
+
+CommaList = Annotated[list[str], NoDecode]
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(
+        env_prefix=ENV_PREFIX, extra="forbid", frozen=True, validate_default=True
+    )
+
+    # --- models and the backend process -------------------------------------------------
+    model_dir: Path = Field(Path("models"), description="Directory of *.gguf model files.")
+    default_model: str | None = Field(
+        None, description="GGUF file used when a request names no model (default: the only one)."
+    )
+    backend_host: str = Field("127.0.0.1", description="Address `comeapi backend` listens on.")
+    backend_port: int = Field(8080, ge=1, le=65535, description="Port of `comeapi backend`.")
+    threads: int | None = Field(None, ge=1, description="llama.cpp threads (default: its own).")
+    n_gpu_layers: int = Field(0, ge=-1, description="Layers offloaded to the GPU (-1: all).")
+    ctx: int = Field(2048, ge=64, description="Context length in tokens.")
+    slots: int = Field(1, ge=1, le=64, description="Requests one backend decodes at once.")
+    max_loaded_models: int = Field(1, ge=1, description="Models kept loaded at once (LRU).")
+    max_tokens_limit: int = Field(2048, ge=1, description="Largest max_tokens a client may ask.")
+    max_body_bytes: int = Field(
+        256 * 1024, ge=1024, description="Largest request body accepted (413 above)."
+    )
+
+    # --- the backend pool (`comeapi backends start`) ------------------------------------
+    base_port: int = Field(8080, ge=1, le=65535, description="Port of the first pool backend.")
+    count: int = Field(2, ge=1, le=64, description="Backends in the pool (keep <= cores).")
+    restart_backoff_max: float = Field(
+        30.0, gt=0, description="Longest wait before restarting a crashed backend (s)."
+    )
+
+    # --- the gateway (`comeapi serve`) --------------------------------------------------
+    host: str = Field("127.0.0.1", description="Address the gateway listens on.")
+    port: int = Field(9000, ge=1, le=65535, description="Port the gateway listens on.")
+    backends: CommaList = Field(
+        default_factory=list, description="Backend URLs, e.g. http://127.0.0.1:8080."
+    )
+    backends_range: str | None = Field(
+        None, description="ComeAPI short form HOST:FIRST_PORT:COUNT, e.g. 127.0.0.1:8080:5."
+    )
+    routing: Literal["round-robin", "least-outstanding"] = Field(
+        "round-robin", description="How a backend is picked among those with free capacity."
+    )
+    queue_size: int = Field(64, ge=0, description="Requests that may wait for a free backend.")
+    queue_timeout: float = Field(60.0, gt=0, description="Longest wait in the queue (s).")
+    health_interval: float = Field(30.0, gt=0, description="Seconds between health probes.")
+    health_timeout: float = Field(2.0, gt=0, description="Timeout of one health probe (s).")
+    connect_timeout: float = Field(2.0, gt=0, description="Timeout to connect to a backend (s).")
+    request_timeout: float = Field(
+        600.0, gt=0, description="Longest a backend may take to answer or between stream chunks."
+    )
+    shutdown_timeout: float = Field(
+        30.0, ge=0, description="Grace period for in-flight requests on shutdown (s)."
+    )
+    api_keys: CommaList = Field(
+        default_factory=list, description="Accepted bearer tokens (empty: no authentication)."
+    )
+    workers: int = Field(1, ge=1, le=64, description="Gateway worker processes.")
+    log_level: Literal["critical", "error", "warning", "info", "debug"] = "info"
+
+    # --- the response cache --------------------------------------------------------------
+    store: str = Field(DEFAULT_STORE, description="Response store URL, e.g. sqlite:path.db.")
+    prompts: Path | None = Field(
+        None, description="Prompt set file (YAML or JSON); default: the shipped set."
+    )
+    variants: int = Field(5, ge=1, le=100, description="Answers generated per prompt.")
+    on_miss: Literal["forward", "reject"] = Field(
+        "forward", description="Unknown prompt: forward to the pool, or 404."
+    )
+    store_misses: bool = Field(False, description="Store answers of forwarded misses.")
+
+    @field_validator("backends", "api_keys", mode="before")
+    @classmethod
+    def _split_commas(cls, value: Any) -> Any:
+        if isinstance(value, str):
+            return [part.strip() for part in value.split(",") if part.strip()]
+        return value
+
+    @field_validator("backends_range")
+    @classmethod
+    def _check_range(cls, value: str | None) -> str | None:
+        if value is not None:
+            parse_backends_range(value)
+        return value
+
+    @model_validator(mode="after")
+    def _check_store(self) -> Settings:
+        scheme = self.store.partition(":")[0]
+        if scheme not in {"sqlite", "dynamodb"}:
+            raise ValueError(f"store {self.store!r}: expected sqlite:PATH or dynamodb:TABLE")
+        return self
+
+    def backend_urls(self) -> list[str]:
+        """Every configured backend URL: ``backends`` then the ``backends_range`` expansion."""
+        urls = list(self.backends)
+        if self.backends_range:
+            urls += parse_backends_range(self.backends_range)
+        return [u if "://" in u else f"http://{u}" for u in urls]
+
+
+def parse_backends_range(spec: str) -> list[str]:
+    """``"127.0.0.1:8080:5"`` -> five URLs on ports 8080..8084 (ComeAPI's argument form)."""
+    host, _, rest = spec.rpartition(":")
+    host, _, first = host.rpartition(":")
+    try:
+        port, count = int(first), int(rest)
+    except ValueError:
+        raise ValueError(f"{spec!r} is not HOST:FIRST_PORT:COUNT") from None
+    if not host or count < 1 or not 1 <= port <= 65535 - count + 1:
+        raise ValueError(f"{spec!r} is not HOST:FIRST_PORT:COUNT")
+    return [f"http://{host}:{p}" for p in range(port, port + count)]
+
+
+def load_settings(config_file: Path | None = None, **overrides: Any) -> Settings:
+    """Build the settings from flags (``overrides``), environment and the TOML file.
+
+    Raises ConfigError naming the bad key and where it can be set.
+    """
+    config_file = config_file or _env_config_file()
+    if config_file is not None and not config_file.is_file():
+        raise ConfigError(f"config file {config_file} does not exist")
+    flags = {k: v for k, v in overrides.items() if v is not None}
+
+    class _FileSettings(Settings):
+        @classmethod
+        def settings_customise_sources(
+            cls,
+            settings_cls: type[BaseSettings],
+            init_settings: PydanticBaseSettingsSource,
+            env_settings: PydanticBaseSettingsSource,
+            dotenv_settings: PydanticBaseSettingsSource,
+            file_secret_settings: PydanticBaseSettingsSource,
+        ) -> tuple[PydanticBaseSettingsSource, ...]:
+            sources = [init_settings, env_settings]
+            if config_file is not None:
+                sources.append(TomlConfigSettingsSource(settings_cls, toml_file=config_file))
+            return tuple(sources)
+
+    try:
+        loaded = _FileSettings(**flags)
+    except ValidationError as exc:
+        raise ConfigError(_describe(exc, config_file)) from None
+    except ValueError as exc:  # a TOML syntax error surfaces as ValueError
+        raise ConfigError(f"config file {config_file}: {exc}") from None
+    return Settings.model_construct(**loaded.model_dump())
+
+
+def _env_config_file() -> Path | None:
+    value = os.environ.get(f"{ENV_PREFIX}CONFIG")
+    return Path(value) if value else None
+
+
+def _describe(exc: ValidationError, config_file: Path | None) -> str:
+    lines = ["invalid settings:"]
+    for err in exc.errors():
+        key = str(err["loc"][0]) if err["loc"] else "(settings)"
+        where = f"--{key.replace('_', '-')}, {ENV_PREFIX}{key.upper()}"
+        if config_file is not None:
+            where += f" or {key!r} in {config_file}"
+        value = err.get("input")
+        shown = f" (got {value!r})" if not isinstance(value, dict) else ""
+        lines.append(f"  {key}: {err['msg']}{shown} [set by {where}]")
+    return "\n".join(lines)
