@@ -96,6 +96,11 @@ class Settings(BaseSettings):
         "forward", description="Unknown prompt: forward to the pool, or 404."
     )
     store_misses: bool = Field(False, description="Store answers of forwarded misses.")
+    variant_secret: str | None = Field(
+        None,
+        description="Shared secret that lets a trusted proxy (nginx) pick the variant with "
+        "X-Comeapi-Variant; without it the header is ignored.",
+    )
 
     @field_validator("backends", "api_keys", mode="before")
     @classmethod
