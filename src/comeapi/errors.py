@@ -18,6 +18,7 @@ into OpenAI's error shape in one place (``comeapi.http.errors``).
     │   └── QueueTimeoutError ... waited in the queue longer than the timeout
     ├── UpstreamError ........... 502: a backend failed after the answer started
     ├── StoreError .............. the response store failed (locked, read-only, corrupt)
+    │   └── StoreUnavailableError  503 + Retry-After: store throttled or unreachable (DynamoDB)
     └── ArchiveError ............ an export archive is truncated, tampered or incompatible
 """
 
@@ -149,6 +150,13 @@ class UpstreamError(ComeapiError):
 class StoreError(ComeapiError):
     type = "store_error"
     code = "store_failed"
+
+
+class StoreUnavailableError(StoreError, UnavailableError):
+    """A transient store failure (DynamoDB throttling, a 5xx, a timeout): retry later."""
+
+    status = 503
+    code = "store_unavailable"
 
 
 class ArchiveError(ComeapiError):

@@ -6,15 +6,18 @@ encoder turns it into a JSON body or SSE chunks, so cached and live answers look
 
 from __future__ import annotations
 
+import functools
+import json
 import time
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
-
-import orjson
+from typing import TYPE_CHECKING, Any
 
 from comeapi.errors import ComeapiError
-from comeapi.protocol.requests import Kind
+
+if TYPE_CHECKING:  # requests.py imports pydantic: the Lambda handler must not pay for it
+    from comeapi.protocol.requests import Kind
 
 DONE = b"data: [DONE]\n\n"
 
@@ -37,7 +40,17 @@ def new_id(kind: Kind) -> str:
 
 
 def sse(payload: dict[str, Any]) -> bytes:
-    return b"data: " + orjson.dumps(payload) + b"\n\n"
+    return b"data: " + _dumps()(payload) + b"\n\n"
+
+
+@functools.cache
+def _dumps() -> Callable[[Any], bytes]:
+    """orjson where installed; the Lambda package ships without it (cold start), so json."""
+    try:
+        import orjson
+    except ImportError:
+        return lambda obj: json.dumps(obj, ensure_ascii=False, separators=(",", ":")).encode()
+    return orjson.dumps
 
 
 def sse_error(exc: ComeapiError) -> bytes:
