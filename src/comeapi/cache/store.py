@@ -10,7 +10,7 @@ from __future__ import annotations
 import hashlib
 import json
 from abc import ABC, abstractmethod
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass, field, replace
 from typing import Any, Literal
 
@@ -114,23 +114,51 @@ class ResponseStore(ABC):
 
     def put_many(self, entries: Iterable[Entry]) -> int:
         """Write entries, each sealed with its checksum; returns how many were written."""
-        sealed = [e if e.checksum else e.sealed() for e in entries]
-        for e in sealed:
-            e.verify()
-        return self._put_many(sealed)
+        return self._put_many(_checked(entries))
 
     def replace_all(self, entries: Iterable[Entry]) -> int:
         """Make the store hold exactly ``entries`` (atomically where the store can)."""
-        sealed = [e if e.checksum else e.sealed() for e in entries]
-        for e in sealed:
-            e.verify()
-        return self._replace_all(sealed)
+        return self._replace_all(_checked(entries))
 
     def entries(self) -> Iterator[Entry]:
         return self._entries()
 
     def prompts(self) -> list[PromptInfo]:
         return self._prompts()
+
+    def load_index(self) -> dict[str, tuple[Entry, ...]]:
+        """Every entry grouped by key, variants in ascending order, each checksum verified.
+
+        What a server keeps in memory to answer hits without touching the store per request.
+        A corrupt entry raises StoreError rather than being served.
+        """
+        index: dict[str, list[Entry]] = {}
+        for entry in self.entries():
+            entry.verify()
+            index.setdefault(entry.key, []).append(entry)
+        return {key: tuple(sorted(group, key=lambda e: e.variant)) for key, group in index.items()}
+
+    def variants_by_key(self) -> dict[str, set[int]]:
+        """The variant numbers present for each key (what warmup still has to fill)."""
+        present: dict[str, set[int]] = {}
+        for entry in self.entries():
+            present.setdefault(entry.key, set()).add(entry.variant)
+        return present
+
+    def is_empty(self) -> bool:
+        return next(iter(self.entries()), None) is None
+
+    def record_hits(self, counts: Mapping[tuple[str, int], int]) -> None:  # noqa: B027
+        """Add ``counts`` (key, variant) -> hits to the stored totals. Default: not kept."""
+
+    def hit_counts(self) -> dict[tuple[str, int], int]:
+        """Stored hit totals per (key, variant); empty where the store keeps none."""
+        return {}
+
+    def revision(self) -> int | None:
+        """A number that changes whenever entries change (None: unknown), so a server can
+        cheaply notice an import and reload its in-memory index."""
+        return None
 
     def close(self) -> None:  # noqa: B027 - optional hook
         """Release connections."""
@@ -155,3 +183,20 @@ class ResponseStore(ABC):
 
     @abstractmethod
     def _prompts(self) -> list[PromptInfo]: ...
+
+
+def _checked(entries: Iterable[Entry]) -> list[Entry]:
+    """Entries sealed (checksum filled in) and checked before any of them is written."""
+    sealed = []
+    for e in entries:
+        if e.variant < 0:
+            raise StoreError(f"entry {e.key}#{e.variant}: variant must be >= 0", code="invalid")
+        if e.kind not in ("prompt", "chat") or (e.kind == "chat") != (e.messages is not None):
+            raise StoreError(
+                f"entry {e.key}#{e.variant}: kind {e.kind!r} does not match its messages",
+                code="invalid",
+            )
+        e = e if e.checksum else e.sealed()
+        e.verify()
+        sealed.append(e)
+    return sealed

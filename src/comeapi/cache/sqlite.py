@@ -1,0 +1,288 @@
+"""The embedded response store: one SQLite file in WAL mode, safe for several processes.
+
+Each write is one transaction, so a reader (another gateway worker, ``comeapi cache ls``)
+sees an entry whole or not at all, and a writer killed mid-way leaves what was there.
+Open one ``SqliteStore`` per process (after forking): a connection must not cross a fork.
+"""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+import threading
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+from comeapi.cache.store import Entry, PromptInfo, ResponseStore
+from comeapi.errors import StoreError
+
+SCHEMA_VERSION = 1
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS entries (
+    key               TEXT    NOT NULL,
+    variant           INTEGER NOT NULL CHECK (variant >= 0),
+    kind              TEXT    NOT NULL CHECK (kind IN ('prompt', 'chat')),
+    prompt            TEXT    NOT NULL,
+    messages          TEXT,
+    answer            TEXT    NOT NULL,
+    model             TEXT    NOT NULL,
+    params            TEXT    NOT NULL,
+    finish_reason     TEXT    NOT NULL,
+    prompt_tokens     INTEGER NOT NULL,
+    completion_tokens INTEGER NOT NULL,
+    created           REAL    NOT NULL,
+    checksum          TEXT    NOT NULL,
+    PRIMARY KEY (key, variant)
+) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS hits (
+    key     TEXT    NOT NULL,
+    variant INTEGER NOT NULL,
+    count   INTEGER NOT NULL,
+    PRIMARY KEY (key, variant)
+) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS meta (
+    name  TEXT PRIMARY KEY,
+    value INTEGER NOT NULL
+);
+INSERT OR IGNORE INTO meta (name, value) VALUES ('revision', 0);
+"""
+
+_COLUMNS = (
+    "key, variant, kind, prompt, messages, answer, model, params, finish_reason, "
+    "prompt_tokens, completion_tokens, created, checksum"
+)
+_INSERT = f"INSERT OR REPLACE INTO entries ({_COLUMNS}) VALUES ({', '.join('?' * 13)})"
+_BUMP = "UPDATE meta SET value = value + 1 WHERE name = 'revision'"
+
+
+class SqliteStore(ResponseStore):
+    """Entries in ``path``; ``timeout`` is how long a write waits for another writer (s)."""
+
+    def __init__(self, path: str | Path, *, timeout: float = 5.0):
+        self.path = Path(path)
+        self.timeout = timeout
+        self.read_only = False
+        self._lock = threading.Lock()
+        self._conn = self._connect()
+
+    def __repr__(self) -> str:
+        return f"SqliteStore({str(self.path)!r})"
+
+    # --- hooks ----------------------------------------------------------------------------
+
+    def _get(self, key: str, variant: int) -> Entry | None:
+        rows = self._query(
+            f"SELECT {_COLUMNS} FROM entries WHERE key = ? AND variant = ?", (key, variant)
+        )
+        return _entry(rows[0]) if rows else None
+
+    def _put_many(self, entries: list[Entry]) -> int:
+        rows = [_row(e) for e in entries]
+        with self._write("write entries") as conn:
+            conn.executemany(_INSERT, rows)
+            conn.execute(_BUMP)
+        return len(rows)
+
+    def _replace_all(self, entries: list[Entry]) -> int:
+        rows = [_row(e) for e in entries]
+        with self._write("replace all entries") as conn:
+            conn.execute("DELETE FROM entries")
+            conn.executemany(_INSERT, rows)
+            conn.execute(_BUMP)
+        return len(rows)
+
+    def _entries(self) -> Iterator[Entry]:
+        # One statement is one snapshot: a concurrent writer's transaction is all in or out.
+        rows = self._query(f"SELECT {_COLUMNS} FROM entries ORDER BY key, variant")
+        return iter([_entry(r) for r in rows])
+
+    def _prompts(self) -> list[PromptInfo]:
+        # kind, prompt and model are the same in every row of a key.
+        rows = self._query(
+            "SELECT key, kind, prompt, model, COUNT(*) FROM entries "
+            "GROUP BY key ORDER BY MIN(created), key"
+        )
+        return [PromptInfo(r[0], r[1], r[2], r[3], int(r[4])) for r in rows]
+
+    # --- faster paths than the defaults -------------------------------------------------
+
+    def variants_by_key(self) -> dict[str, set[int]]:
+        present: dict[str, set[int]] = {}
+        for key, variant in self._query("SELECT key, variant FROM entries"):
+            present.setdefault(key, set()).add(int(variant))
+        return present
+
+    def is_empty(self) -> bool:
+        return not self._query("SELECT 1 FROM entries LIMIT 1")
+
+    def record_hits(self, counts: Mapping[tuple[str, int], int]) -> None:
+        rows = [(key, variant, n) for (key, variant), n in counts.items() if n > 0]
+        if not rows:
+            return
+        with self._write("record hits") as conn:
+            conn.executemany(
+                "INSERT INTO hits (key, variant, count) VALUES (?, ?, ?) "
+                "ON CONFLICT (key, variant) DO UPDATE SET count = count + excluded.count",
+                rows,
+            )
+
+    def hit_counts(self) -> dict[tuple[str, int], int]:
+        rows = self._query("SELECT key, variant, count FROM hits")
+        return {(key, int(variant)): int(count) for key, variant, count in rows}
+
+    def revision(self) -> int | None:
+        rows = self._query("SELECT value FROM meta WHERE name = 'revision'")
+        return int(rows[0][0]) if rows else 0
+
+    def close(self) -> None:
+        with self._lock:
+            self._conn.close()
+
+    # --- plumbing -------------------------------------------------------------------------
+
+    def _connect(self) -> sqlite3.Connection:
+        if not self.path.parent.is_dir():
+            raise StoreError(f"store {self.path}: directory {self.path.parent} does not exist")
+        with self._translate("open the store"):
+            conn = sqlite3.connect(
+                self.path, timeout=self.timeout, isolation_level=None, check_same_thread=False
+            )
+        try:
+            with self._translate("open the store"):
+                self._prepare(conn)
+        except BaseException:
+            conn.close()
+            raise
+        return conn
+
+    def _prepare(self, conn: sqlite3.Connection) -> None:
+        try:
+            conn.execute("PRAGMA journal_mode=WAL")
+        except sqlite3.OperationalError as exc:
+            if getattr(exc, "sqlite_errorname", "") != "SQLITE_READONLY":
+                raise
+            # A read-only file still serves reads; every write will say why it cannot.
+            self.read_only = True
+        conn.execute("PRAGMA synchronous=NORMAL")  # WAL + NORMAL survives a killed process
+        version = int(conn.execute("PRAGMA user_version").fetchone()[0])
+        if version > SCHEMA_VERSION:
+            raise StoreError(
+                f"store {self.path} has schema version {version}, newer than this comeapi "
+                f"understands ({SCHEMA_VERSION}): upgrade comeapi",
+                code="store_incompatible",
+            )
+        if version == SCHEMA_VERSION:
+            return
+        if self.read_only:
+            raise StoreError(
+                f"store {self.path} is read-only and not yet initialised", code="store_read_only"
+            )
+        conn.execute("BEGIN IMMEDIATE")
+        try:
+            # Not executescript: it would commit the transaction we just opened.
+            for statement in filter(str.strip, _SCHEMA.split(";")):
+                conn.execute(statement)
+            conn.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
+            conn.execute("COMMIT")
+        except BaseException:
+            if conn.in_transaction:
+                conn.execute("ROLLBACK")
+            raise
+
+    def _query(self, sql: str, params: tuple[Any, ...] = ()) -> list[Any]:
+        with self._lock, self._translate("read"):
+            return self._conn.execute(sql, params).fetchall()
+
+    @contextmanager
+    def _write(self, action: str) -> Iterator[sqlite3.Connection]:
+        if self.read_only:
+            raise StoreError(
+                f"store {self.path} is read-only: cannot {action}", code="store_read_only"
+            )
+        with self._lock, self._translate(action):
+            conn = self._conn
+            conn.execute("BEGIN IMMEDIATE")  # take the write lock now, not half-way through
+            try:
+                yield conn
+                conn.execute("COMMIT")
+            except BaseException:
+                if conn.in_transaction:
+                    conn.execute("ROLLBACK")
+                raise
+
+    @contextmanager
+    def _translate(self, action: str) -> Iterator[None]:
+        try:
+            yield
+        except sqlite3.Error as exc:
+            raise _store_error(self.path, action, exc, self.timeout) from exc
+
+
+def _store_error(path: Path, action: str, exc: sqlite3.Error, timeout: float) -> StoreError:
+    name = getattr(exc, "sqlite_errorname", "")
+    if name.startswith(("SQLITE_BUSY", "SQLITE_LOCKED")):
+        return StoreError(
+            f"store {path} is locked by another writer (waited {timeout:g}s): cannot {action}",
+            code="store_locked",
+        )
+    if name.startswith("SQLITE_READONLY"):
+        return StoreError(
+            f"store {path} is read-only (file or directory not writable): cannot {action}",
+            code="store_read_only",
+        )
+    if name.startswith("SQLITE_CANTOPEN"):
+        return StoreError(
+            f"cannot open store {path}: is its directory writable and the path a file?",
+            code="store_unavailable",
+        )
+    if name.startswith(("SQLITE_NOTADB", "SQLITE_CORRUPT")):
+        return StoreError(
+            f"store {path} is not a valid SQLite database ({exc})", code="store_corrupt"
+        )
+    if name.startswith("SQLITE_FULL"):
+        return StoreError(f"store {path}: disk full, cannot {action}", code="store_full")
+    return StoreError(f"store {path}: cannot {action}: {exc}")
+
+
+def _row(e: Entry) -> tuple[Any, ...]:
+    messages = None
+    if e.messages is not None:
+        messages = json.dumps([list(m) for m in e.messages], ensure_ascii=False)
+    return (
+        e.key,
+        e.variant,
+        e.kind,
+        e.prompt,
+        messages,
+        e.answer,
+        e.model,
+        json.dumps(e.params, ensure_ascii=False, sort_keys=True),
+        e.finish_reason,
+        e.prompt_tokens,
+        e.completion_tokens,
+        e.created,
+        e.checksum,
+    )
+
+
+def _entry(r: tuple[Any, ...]) -> Entry:
+    return Entry(
+        key=r[0],
+        variant=int(r[1]),
+        kind=r[2],
+        prompt=r[3],
+        messages=tuple((str(m[0]), str(m[1])) for m in json.loads(r[4]))
+        if r[4] is not None
+        else None,
+        answer=r[5],
+        model=r[6],
+        params=json.loads(r[7]),
+        finish_reason=r[8],
+        prompt_tokens=int(r[9]),
+        completion_tokens=int(r[10]),
+        created=float(r[11]),
+        checksum=r[12],
+    )
