@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from comeapi.cache.store import Entry, PromptInfo, ResponseStore
-from comeapi.errors import StoreError
+from comeapi.errors import StoreError, StoreUnavailableError
 
 SCHEMA_VERSION = 1
 
@@ -224,7 +224,8 @@ class SqliteStore(ResponseStore):
 def _store_error(path: Path, action: str, exc: sqlite3.Error, timeout: float) -> StoreError:
     name = getattr(exc, "sqlite_errorname", "")
     if name.startswith(("SQLITE_BUSY", "SQLITE_LOCKED")):
-        return StoreError(
+        # Transient: the other writer will finish, so callers may retry.
+        return StoreUnavailableError(
             f"store {path} is locked by another writer (waited {timeout:g}s): cannot {action}",
             code="store_locked",
         )

@@ -1,0 +1,289 @@
+"""The prompt set: which prompts the cache answers, how many variants, generated how.
+
+A YAML (or JSON) file::
+
+    model: gemma-3-270m-q4_k_m.gguf     # default: the bundled model
+    variants: 5                         # default: the `variants` setting (5)
+    max_tokens: 64                      # generation parameters for every prompt ...
+    temperature: 0.8
+    prompts:
+      - prompt: "こんにちは"              # /generate and /v1/completions
+      - prompt: "Once upon a time"
+        max_tokens: 32                  # ... overridable per prompt
+      - messages:                       # /v1/chat/completions
+          - {role: user, content: "How do I boil an egg?"}
+
+Every error names the file, the field and the line.
+"""
+
+from __future__ import annotations
+
+import importlib.resources
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from comeapi.cache.key import chat_key, normalise, prompt_key
+from comeapi.cache.store import EntryKind
+from comeapi.errors import ConfigError
+
+DEFAULT_MODEL = "gemma-3-270m-q4_k_m.gguf"
+ROLES = ("system", "developer", "user", "assistant")
+# ComeAPI's /generate defaults, with a shorter answer: cached answers are read, not streamed
+# for minutes, and the shipped data stays small.
+DEFAULT_PARAMS: dict[str, Any] = {"max_tokens": 64, "temperature": 0.8, "top_k": 40, "top_p": 0.9}
+_SET_FIELDS = ("model", "variants", *DEFAULT_PARAMS, "prompts")
+_ITEM_FIELDS = ("prompt", "messages", *DEFAULT_PARAMS)
+
+FieldPath = tuple[str | int, ...]
+
+
+@dataclass(frozen=True, slots=True)
+class PromptItem:
+    """One prompt of the set, with its cache key and generation parameters."""
+
+    index: int
+    kind: EntryKind
+    prompt: str  # normalised; for chat, the last user message (for listings)
+    messages: tuple[tuple[str, str], ...] | None
+    model: str
+    params: dict[str, Any]
+    key: str
+    line: int | None = None
+
+    @property
+    def route(self) -> str:
+        """The OpenAI route that generates this item's answers."""
+        return "/v1/chat/completions" if self.kind == "chat" else "/v1/completions"
+
+    def request_body(self, variant: int) -> dict[str, Any]:
+        """The body that generates variant ``variant`` (seeded with it, so reproducible)."""
+        body: dict[str, Any] = {"model": self.model, **self.params, "seed": variant}
+        if self.messages is not None:
+            body["messages"] = [{"role": r, "content": c} for r, c in self.messages]
+        else:
+            body["prompt"] = self.prompt
+        return body
+
+
+@dataclass(frozen=True, slots=True)
+class PromptSet:
+    source: str
+    model: str
+    variants: int | None  # None: the file leaves it to the `variants` setting
+    items: tuple[PromptItem, ...] = field(default_factory=tuple)
+
+    def by_key(self) -> dict[str, PromptItem]:
+        return {item.key: item for item in self.items}
+
+
+def shipped_prompts_path() -> Path:
+    return Path(str(importlib.resources.files("comeapi") / "data" / "prompts.yaml"))
+
+
+def load_prompt_set(path: Path | None = None) -> PromptSet:
+    """The prompt set in ``path`` (default: the shipped one); ConfigError naming line and field."""
+    path = path or shipped_prompts_path()
+    try:
+        text = path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"prompt set {path}: cannot read: {exc}", param="prompts") from exc
+    return parse_prompt_set(text, path.name)
+
+
+def parse_prompt_set(text: str, source: str) -> PromptSet:
+    try:
+        root = yaml.compose(text, Loader=yaml.SafeLoader)
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f", line {mark.line + 1}" if mark is not None else ""
+        problem = getattr(exc, "problem", None) or str(exc)
+        raise ConfigError(f"{source}: not valid YAML/JSON: {problem}{where}") from None
+    return _Parser(source, root).parse(data)
+
+
+class _Parser:
+    def __init__(self, source: str, root: yaml.Node | None):
+        self.source = source
+        self.root = root
+        self.errors: list[str] = []
+
+    def error(self, path: FieldPath, message: str) -> None:
+        where = _dotted(path)
+        line = _line(self.root, path)
+        self.errors.append(
+            f"{self.source}: {where + ': ' if where else ''}{message}"
+            + (f", line {line}" if line else "")
+        )
+
+    def parse(self, data: Any) -> PromptSet:
+        self._duplicate_keys(self.root, ())
+        if not isinstance(data, dict):
+            self.error((), "must be a mapping with a 'prompts' list")
+            self.raise_errors()
+        self._unknown(data, (), _SET_FIELDS)
+        model = data.get("model", DEFAULT_MODEL)
+        if not isinstance(model, str) or not model.strip():
+            self.error(("model",), "must be a model file name, e.g. " + DEFAULT_MODEL)
+            model = DEFAULT_MODEL
+        variants = data.get("variants")
+        if variants is not None and not _int_in(variants, 1, 100):
+            self.error(("variants",), f"must be an integer from 1 to 100 (got {variants!r})")
+        base = self._params(data, (), DEFAULT_PARAMS)
+        prompts = data.get("prompts")
+        items: list[PromptItem] = []
+        if not isinstance(prompts, list) or not prompts:
+            self.error(("prompts",), "must be a non-empty list of prompt or messages items")
+        else:
+            seen: dict[str, int] = {}
+            for i, raw in enumerate(prompts):
+                item = self._item(i, raw, model.strip(), base)
+                if item is None:
+                    continue
+                if item.key in seen:
+                    self.error(
+                        ("prompts", i),
+                        f"same prompt as prompts[{seen[item.key]}] after normalisation "
+                        "(Unicode NFC, line endings, surrounding whitespace)",
+                    )
+                seen.setdefault(item.key, i)
+                items.append(item)
+        self.raise_errors()
+        return PromptSet(self.source, model.strip(), variants, tuple(items))
+
+    def raise_errors(self) -> None:
+        if self.errors:
+            shown = self.errors[:20]
+            if len(self.errors) > 20:
+                shown.append(f"... and {len(self.errors) - 20} more")
+            raise ConfigError("\n".join(shown), param="prompts")
+
+    def _item(self, i: int, raw: Any, model: str, base: dict[str, Any]) -> PromptItem | None:
+        path: FieldPath = ("prompts", i)
+        line = _line(self.root, path)
+        if isinstance(raw, str):  # shorthand: a bare string is a prompt item
+            raw = {"prompt": raw}
+        if not isinstance(raw, dict):
+            self.error(path, "must be a mapping with 'prompt' or 'messages'")
+            return None
+        self._unknown(raw, path, _ITEM_FIELDS)
+        params = self._params(raw, path, base)
+        if ("prompt" in raw) == ("messages" in raw):
+            self.error(path, "needs exactly one of 'prompt' or 'messages'")
+            return None
+        if "prompt" in raw:
+            text = raw["prompt"]
+            if not isinstance(text, str) or not normalise(text):
+                self.error((*path, "prompt"), "must be a non-empty string")
+                return None
+            prompt = normalise(text)
+            return PromptItem(
+                i, "prompt", prompt, None, model, params, prompt_key(prompt, model), line
+            )
+        messages = self._messages(raw["messages"], (*path, "messages"))
+        if messages is None:
+            return None
+        users = [c for r, c in messages if r == "user"]
+        shown = users[-1] if users else messages[-1][1]
+        return PromptItem(
+            i, "chat", shown, messages, model, params, chat_key(messages, model), line
+        )
+
+    def _messages(self, raw: Any, path: FieldPath) -> tuple[tuple[str, str], ...] | None:
+        if not isinstance(raw, list) or not raw:
+            self.error(path, "must be a non-empty list of {role, content} mappings")
+            return None
+        messages = []
+        ok = True
+        for j, m in enumerate(raw):
+            mpath = (*path, j)
+            if not isinstance(m, dict):
+                self.error(mpath, "must be a mapping with 'role' and 'content'")
+                ok = False
+                continue
+            self._unknown(m, mpath, ("role", "content"))
+            role, content = m.get("role"), m.get("content")
+            if role not in ROLES:
+                self.error((*mpath, "role"), f"must be one of {', '.join(ROLES)} (got {role!r})")
+                ok = False
+            if not isinstance(content, str) or not normalise(content):
+                self.error((*mpath, "content"), "must be a non-empty string")
+                ok = False
+            if ok:
+                messages.append((str(role), normalise(str(content))))
+        return tuple(messages) if ok else None
+
+    def _params(self, raw: dict[str, Any], path: FieldPath, base: dict[str, Any]) -> dict[str, Any]:
+        params = dict(base)
+        for name, check, expected in (
+            ("max_tokens", lambda v: _int_in(v, 1, 1_000_000), "an integer >= 1"),
+            ("temperature", lambda v: _num_in(v, 0.0, 2.0), "a number from 0 to 2"),
+            ("top_k", lambda v: _int_in(v, 0, 1_000_000), "an integer >= 0"),
+            ("top_p", lambda v: _num_in(v, 0.0, 1.0) and v > 0, "a number in (0, 1]"),
+        ):
+            if name not in raw:
+                continue
+            value = raw[name]
+            if check(value):
+                params[name] = float(value) if name in ("temperature", "top_p") else value
+            else:
+                self.error((*path, name), f"must be {expected} (got {value!r})")
+        return params
+
+    def _unknown(self, raw: dict[str, Any], path: FieldPath, allowed: tuple[str, ...]) -> None:
+        for name in raw:
+            if name not in allowed:
+                self.error(
+                    (*path, str(name)), f"unknown field (expected one of {', '.join(allowed)})"
+                )
+
+    def _duplicate_keys(self, node: yaml.Node | None, path: FieldPath) -> None:
+        if isinstance(node, yaml.MappingNode):
+            seen: set[str] = set()
+            for k, v in node.value:
+                name = str(k.value)
+                if name in seen:
+                    self.errors.append(
+                        f"{self.source}: {_dotted((*path, name))}: duplicate key, "
+                        f"line {k.start_mark.line + 1}"
+                    )
+                seen.add(name)
+                self._duplicate_keys(v, (*path, name))
+        elif isinstance(node, yaml.SequenceNode):
+            for i, v in enumerate(node.value):
+                self._duplicate_keys(v, (*path, i))
+
+
+def _int_in(value: Any, low: int, high: int) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and low <= value <= high
+
+
+def _num_in(value: Any, low: float, high: float) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool) and low <= value <= high
+
+
+def _dotted(path: FieldPath) -> str:
+    out = ""
+    for part in path:
+        out += f"[{part}]" if isinstance(part, int) else (f".{part}" if out else part)
+    return out
+
+
+def _line(root: yaml.Node | None, path: FieldPath) -> int | None:
+    """The 1-based line of the node at ``path`` (or of its nearest existing ancestor)."""
+    if root is None:
+        return None
+    node = root
+    for part in path:
+        child = None
+        if isinstance(node, yaml.MappingNode):
+            child = next((v for k, v in node.value if str(k.value) == str(part)), None)
+        elif isinstance(node, yaml.SequenceNode) and isinstance(part, int):
+            child = node.value[part] if part < len(node.value) else None
+        if child is None:
+            break
+        node = child
+    return int(node.start_mark.line) + 1
