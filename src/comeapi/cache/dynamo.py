@@ -1,0 +1,488 @@
+"""The response store on DynamoDB: one item per variant, plus one catalogue item for readers.
+
+Table (``create_table``, and the same schema in ``deploy/aws/template.yaml``):
+  partition key ``key`` (S): the shared cache key (``comeapi.cache.key``), a 64-character hash;
+  sort key ``variant`` (N): 0..N-1.
+The requirements suggest the raw prompt as partition key, but DynamoDB caps a partition key
+at 2048 bytes of UTF-8 (about 680 Japanese characters), and the key must equal the one every
+other store uses, so the hash is the key and the prompt text is an ordinary attribute.
+
+Readers must know N per prompt without a scan. One item at ``key = "#catalogue"`` (never a hex
+digest, so never a prompt's key) lists every prompt with its variant count, model and text;
+a reader fetches it once, keeps it, and then answers each request with ONE GetItem. Writers
+put entries first and the catalogue after them, so a reader never picks a variant that is
+not there yet; reads write nothing.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+import time
+import urllib.parse
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass
+from typing import Any
+
+import botocore.exceptions
+from botocore.config import Config
+
+from comeapi.cache.store import Entry, PromptInfo, ResponseStore
+from comeapi.errors import ConfigError, StoreError, StoreUnavailableError
+
+CATALOGUE_KEY = "#catalogue"
+KEY_SCHEMA = [
+    {"AttributeName": "key", "KeyType": "HASH"},
+    {"AttributeName": "variant", "KeyType": "RANGE"},
+]
+ATTRIBUTE_DEFINITIONS = [
+    {"AttributeName": "key", "AttributeType": "S"},
+    {"AttributeName": "variant", "AttributeType": "N"},
+]
+BATCH_SIZE = 25  # BatchWriteItem's limit
+MAX_ITEM_BYTES = 400 * 1024  # DynamoDB's item size limit
+CATALOGUE_PROMPT_CHARS = 1000  # longer prompts are listed shortened (the entries keep them whole)
+
+# Error codes that mean "try again later" rather than "this request is wrong".
+TRANSIENT_CODES = frozenset(
+    {
+        "ProvisionedThroughputExceededException",
+        "ThrottlingException",
+        "Throttling",
+        "RequestLimitExceeded",
+        "InternalServerError",
+        "InternalFailure",
+        "ServiceUnavailable",
+        "ServiceUnavailableException",
+        "TransactionInProgressException",
+    }
+)
+_NETWORK_ERRORS = (
+    botocore.exceptions.EndpointConnectionError,
+    botocore.exceptions.ConnectionClosedError,
+    botocore.exceptions.ConnectTimeoutError,
+    botocore.exceptions.ReadTimeoutError,
+)
+
+
+def client_config(*, connect_timeout: float = 2.0, read_timeout: float = 5.0) -> Config:
+    """Timeouts on every call, and botocore's standard retries (throttling included)."""
+    return Config(
+        connect_timeout=connect_timeout,
+        read_timeout=read_timeout,
+        retries={"max_attempts": 3, "mode": "standard"},
+    )
+
+
+def make_client(region: str | None = None, endpoint_url: str | None = None) -> Any:
+    """A DynamoDB client. With ``endpoint_url`` (moto, DynamoDB Local) and no AWS credentials
+    configured, dummy credentials are used: a local server accepts any."""
+    import boto3
+
+    session = boto3.session.Session(region_name=region)
+    kwargs: dict[str, Any] = {"endpoint_url": endpoint_url, "config": client_config()}
+    if endpoint_url and session.get_credentials() is None:
+        kwargs.update(aws_access_key_id="local", aws_secret_access_key="local")
+    try:
+        return session.client("dynamodb", **kwargs)
+    except botocore.exceptions.NoRegionError:
+        raise ConfigError(
+            "no AWS region: pass --region (or ?region= in the store URL) or set AWS_REGION"
+        ) from None
+
+
+def create_table(client: Any, table: str, *, wait_seconds: float = 120.0) -> bool:
+    """Create ``table`` with comeapi's schema (on-demand billing); False if it already exists.
+
+    An existing table must have the same key schema, else StoreError.
+    """
+    try:
+        client.create_table(
+            TableName=table,
+            KeySchema=KEY_SCHEMA,
+            AttributeDefinitions=ATTRIBUTE_DEFINITIONS,
+            BillingMode="PAY_PER_REQUEST",
+        )
+    except botocore.exceptions.ClientError as exc:
+        if _code(exc) != "ResourceInUseException":
+            raise translate_error(exc, f"create table {table}") from exc
+        _check_schema(client, table)
+        return False
+    except botocore.exceptions.BotoCoreError as exc:
+        raise translate_error(exc, f"create table {table}") from exc
+    try:
+        waiter = client.get_waiter("table_exists")
+        delay = 1
+        waiter.wait(
+            TableName=table,
+            WaiterConfig={"Delay": delay, "MaxAttempts": max(1, int(wait_seconds / delay))},
+        )
+    except botocore.exceptions.WaiterError as exc:
+        raise StoreError(f"table {table} did not become active in {wait_seconds:.0f}s") from exc
+    return True
+
+
+def _check_schema(client: Any, table: str) -> None:
+    try:
+        described = client.describe_table(TableName=table)["Table"]
+    except (botocore.exceptions.BotoCoreError, botocore.exceptions.ClientError) as exc:
+        raise translate_error(exc, f"describe table {table}") from exc
+    if sorted(described["KeySchema"], key=lambda k: k["KeyType"]) != KEY_SCHEMA:
+        raise StoreError(
+            f"table {table} exists with key schema {described['KeySchema']}; comeapi needs "
+            "partition key 'key' (S) and sort key 'variant' (N)",
+            code="bad_table",
+        )
+
+
+def translate_error(exc: Exception, what: str) -> StoreError:
+    """A botocore error as a StoreError; throttling and outages as StoreUnavailableError (503)."""
+    if isinstance(exc, botocore.exceptions.ClientError):
+        code = _code(exc)
+        message = exc.response.get("Error", {}).get("Message", "")
+        if code in TRANSIENT_CODES:
+            return StoreUnavailableError(f"DynamoDB is busy ({code}) during {what}; retry")
+        if code == "ResourceNotFoundException":
+            return StoreError(
+                f"DynamoDB table not found during {what} (create it with "
+                "`comeapi cache push dynamodb --create` or the SAM template)",
+                code="table_not_found",
+            )
+        return StoreError(f"DynamoDB {code} during {what}: {message}")
+    if isinstance(exc, _NETWORK_ERRORS):
+        return StoreUnavailableError(f"DynamoDB unreachable during {what}: {exc}", retry_after=2)
+    return StoreError(f"DynamoDB client error during {what}: {exc}")
+
+
+def _code(exc: botocore.exceptions.ClientError) -> str:
+    return str(exc.response.get("Error", {}).get("Code", ""))
+
+
+@dataclass(frozen=True, slots=True)
+class Catalogue:
+    """The catalogue item: every prompt, its variant count, and a revision number."""
+
+    revision: int
+    prompts: tuple[PromptInfo, ...]
+
+    def variants(self) -> dict[str, int]:
+        return {p.key: p.variants for p in self.prompts}
+
+
+class DynamoStore(ResponseStore):
+    """A ``ResponseStore`` on a DynamoDB table, through an injected boto3 client."""
+
+    def __init__(
+        self,
+        client: Any,
+        table: str,
+        *,
+        max_batch_attempts: int = 8,
+        backoff_base: float = 0.05,
+        backoff_max: float = 5.0,
+        sleep: Callable[[float], None] = time.sleep,
+    ):
+        self.client = client
+        self.table = table
+        self._max_batch_attempts = max_batch_attempts
+        self._backoff_base = backoff_base
+        self._backoff_max = backoff_max
+        self._sleep = sleep
+
+    @classmethod
+    def from_url(cls, url: str) -> DynamoStore:
+        """``dynamodb:TABLE?region=eu-west-1&endpoint_url=http://127.0.0.1:5000``."""
+        scheme, _, rest = url.partition(":")
+        table, _, query = rest.lstrip("/").partition("?")
+        if scheme != "dynamodb" or not table:
+            raise ConfigError(f"store {url!r}: expected dynamodb:TABLE[?region=R&endpoint_url=U]")
+        options = dict(urllib.parse.parse_qsl(query, keep_blank_values=False))
+        unknown = set(options) - {"region", "endpoint_url"}
+        if unknown:
+            raise ConfigError(f"store {url!r}: unknown option(s) {', '.join(sorted(unknown))}")
+        client = make_client(options.get("region"), options.get("endpoint_url"))
+        return cls(client, table)
+
+    # --- reads: one GetItem each, nothing written ------------------------------------------
+
+    def _get(self, key: str, variant: int) -> Entry | None:
+        try:
+            item = self.client.get_item(
+                TableName=self.table, Key={"key": {"S": key}, "variant": {"N": str(variant)}}
+            ).get("Item")
+        except (botocore.exceptions.BotoCoreError, botocore.exceptions.ClientError) as exc:
+            raise translate_error(exc, "GetItem") from exc
+        if item is None:
+            return None
+        entry = decode_entry(item)
+        entry.verify()
+        return entry
+
+    def catalogue(self, *, consistent: bool = False) -> Catalogue:
+        """The catalogue item (one GetItem); empty when nothing was pushed yet."""
+        try:
+            item = self.client.get_item(
+                TableName=self.table,
+                Key={"key": {"S": CATALOGUE_KEY}, "variant": {"N": "0"}},
+                ConsistentRead=consistent,
+            ).get("Item")
+        except (botocore.exceptions.BotoCoreError, botocore.exceptions.ClientError) as exc:
+            raise translate_error(exc, "GetItem (catalogue)") from exc
+        if item is None:
+            return Catalogue(0, ())
+        return decode_catalogue(item)
+
+    def _prompts(self) -> list[PromptInfo]:
+        return list(self.catalogue().prompts)
+
+    def revision(self) -> int | None:
+        return self.catalogue().revision
+
+    def _entries(self) -> Iterator[Entry]:
+        """Every entry (a Scan: for pull and export, never on the request path)."""
+        items = [i for i in self._scan() if i["key"]["S"] != CATALOGUE_KEY]
+        entries = sorted((decode_entry(i) for i in items), key=lambda e: (e.key, e.variant))
+        return iter(entries)
+
+    def _scan(self, projection: str | None = None) -> Iterator[dict[str, Any]]:
+        kwargs: dict[str, Any] = {"TableName": self.table, "ConsistentRead": True}
+        if projection:
+            kwargs.update(ProjectionExpression=projection, ExpressionAttributeNames={"#k": "key"})
+        try:
+            for page in self.client.get_paginator("scan").paginate(**kwargs):
+                yield from page.get("Items", [])
+        except (botocore.exceptions.BotoCoreError, botocore.exceptions.ClientError) as exc:
+            raise translate_error(exc, "Scan") from exc
+
+    # --- writes: entries first, then the catalogue ------------------------------------------
+
+    def _put_many(self, entries: list[Entry]) -> int:
+        unique = _dedupe(entries)
+        self._batch_write([{"PutRequest": {"Item": encode_entry(e)}} for e in unique])
+        touched = {e.key: e for e in unique}
+        current = self.catalogue(consistent=True)
+        infos = {p.key: p for p in current.prompts}
+        for key, entry in touched.items():
+            infos[key] = _info(entry, self._contiguous_variants(key))
+        self._put_catalogue(Catalogue(current.revision + 1, tuple(infos.values())), current)
+        return len(unique)
+
+    def _replace_all(self, entries: list[Entry]) -> int:
+        unique = _dedupe(entries)
+        self._batch_write([{"PutRequest": {"Item": encode_entry(e)}} for e in unique])
+        variants: dict[str, set[int]] = {}
+        first: dict[str, Entry] = {}
+        for e in unique:
+            variants.setdefault(e.key, set()).add(e.variant)
+            if e.key not in first or e.variant < first[e.key].variant:
+                first[e.key] = e
+        infos = tuple(_info(first[k], _count_contiguous(v)) for k, v in variants.items())
+        current = self.catalogue(consistent=True)
+        self._put_catalogue(Catalogue(current.revision + 1, infos), current)
+        wanted = {(e.key, e.variant) for e in unique}
+        stale = [
+            {"DeleteRequest": {"Key": {"key": i["key"], "variant": i["variant"]}}}
+            for i in self._scan("#k, variant")
+            if i["key"]["S"] != CATALOGUE_KEY
+            and (i["key"]["S"], int(i["variant"]["N"])) not in wanted
+        ]
+        self._batch_write(stale)
+        return len(unique)
+
+    def _contiguous_variants(self, key: str) -> int:
+        present: set[int] = set()
+        kwargs: dict[str, Any] = {
+            "TableName": self.table,
+            "KeyConditionExpression": "#k = :k",
+            "ExpressionAttributeNames": {"#k": "key"},
+            "ExpressionAttributeValues": {":k": {"S": key}},
+            "ProjectionExpression": "variant",
+            "ConsistentRead": True,
+        }
+        try:
+            for page in self.client.get_paginator("query").paginate(**kwargs):
+                present.update(int(i["variant"]["N"]) for i in page.get("Items", []))
+        except (botocore.exceptions.BotoCoreError, botocore.exceptions.ClientError) as exc:
+            raise translate_error(exc, "Query") from exc
+        return _count_contiguous(present)
+
+    def _put_catalogue(self, catalogue: Catalogue, previous: Catalogue) -> None:
+        """Write the catalogue unless another writer replaced ``previous`` meanwhile."""
+        item = encode_catalogue(catalogue)
+        size = _item_size(item)
+        if size > MAX_ITEM_BYTES:
+            raise StoreError(
+                f"the catalogue of {len(catalogue.prompts)} prompts needs {size} bytes, over "
+                f"DynamoDB's {MAX_ITEM_BYTES}-byte item limit",
+                code="too_large",
+            )
+        try:
+            self.client.put_item(
+                TableName=self.table,
+                Item=item,
+                ConditionExpression="attribute_not_exists(#k) OR revision = :rev",
+                ExpressionAttributeNames={"#k": "key"},
+                ExpressionAttributeValues={":rev": {"N": str(previous.revision)}},
+            )
+        except botocore.exceptions.ClientError as exc:
+            if _code(exc) == "ConditionalCheckFailedException":
+                raise StoreError(
+                    "another writer changed the table during this push; run it again",
+                    code="conflict",
+                ) from exc
+            raise translate_error(exc, "PutItem (catalogue)") from exc
+        except botocore.exceptions.BotoCoreError as exc:
+            raise translate_error(exc, "PutItem (catalogue)") from exc
+
+    def _batch_write(self, requests: list[dict[str, Any]]) -> None:
+        """BatchWriteItem in batches of 25, retrying UnprocessedItems with capped, jittered
+        exponential backoff; StoreUnavailableError when the bound is reached."""
+        for start in range(0, len(requests), BATCH_SIZE):
+            pending = requests[start : start + BATCH_SIZE]
+            for attempt in range(self._max_batch_attempts):
+                try:
+                    response = self.client.batch_write_item(RequestItems={self.table: pending})
+                except (botocore.exceptions.BotoCoreError, botocore.exceptions.ClientError) as exc:
+                    raise translate_error(exc, "BatchWriteItem") from exc
+                pending = response.get("UnprocessedItems", {}).get(self.table, [])
+                if not pending:
+                    break
+                if attempt + 1 < self._max_batch_attempts:
+                    delay = min(self._backoff_max, self._backoff_base * 2**attempt)
+                    self._sleep(delay * random.uniform(0.5, 1.0))
+            else:
+                raise StoreUnavailableError(
+                    f"DynamoDB left {len(pending)} items unprocessed after "
+                    f"{self._max_batch_attempts} attempts; the write is incomplete, run it again",
+                    retry_after=self._backoff_max,
+                )
+
+
+# --- items <-> entries ------------------------------------------------------------------------
+
+
+def encode_entry(entry: Entry) -> dict[str, Any]:
+    """An entry as a low-level DynamoDB item (params as canonical JSON text)."""
+    item: dict[str, Any] = {
+        "key": {"S": entry.key},
+        "variant": {"N": str(entry.variant)},
+        "kind": {"S": entry.kind},
+        "prompt": {"S": entry.prompt},
+        "answer": {"S": entry.answer},
+        "model": {"S": entry.model},
+        "params": {"S": json.dumps(entry.params, ensure_ascii=False, sort_keys=True)},
+        "finish_reason": {"S": entry.finish_reason},
+        "prompt_tokens": {"N": str(entry.prompt_tokens)},
+        "completion_tokens": {"N": str(entry.completion_tokens)},
+        "created": {"N": repr(float(entry.created))},
+        "checksum": {"S": entry.checksum},
+    }
+    if entry.messages is not None:
+        item["messages"] = {"L": [{"L": [{"S": r}, {"S": c}]} for r, c in entry.messages]}
+    size = _item_size(item)
+    if size > MAX_ITEM_BYTES:
+        raise StoreError(
+            f"entry {entry.key}#{entry.variant} is {size} bytes, over DynamoDB's "
+            f"{MAX_ITEM_BYTES}-byte item limit",
+            code="too_large",
+        )
+    return item
+
+
+def decode_entry(item: dict[str, Any]) -> Entry:
+    try:
+        messages = item.get("messages")
+        return Entry(
+            key=item["key"]["S"],
+            variant=int(item["variant"]["N"]),
+            kind=item["kind"]["S"],
+            prompt=item["prompt"]["S"],
+            answer=item["answer"]["S"],
+            model=item["model"]["S"],
+            messages=(
+                tuple((m["L"][0]["S"], m["L"][1]["S"]) for m in messages["L"])
+                if messages is not None
+                else None
+            ),
+            params=json.loads(item["params"]["S"]),
+            finish_reason=item["finish_reason"]["S"],
+            prompt_tokens=int(item["prompt_tokens"]["N"]),
+            completion_tokens=int(item["completion_tokens"]["N"]),
+            created=float(item["created"]["N"]),
+            checksum=item["checksum"]["S"],
+        )
+    except (KeyError, IndexError, TypeError, ValueError) as exc:
+        where = f"{item.get('key', {}).get('S')}#{item.get('variant', {}).get('N')}"
+        raise StoreError(f"item {where} is not a comeapi entry ({exc!r})", code="corrupt") from None
+
+
+def encode_catalogue(catalogue: Catalogue) -> dict[str, Any]:
+    prompts = [
+        {
+            "M": {
+                "key": {"S": p.key},
+                "kind": {"S": p.kind},
+                "prompt": {"S": _shorten(p.prompt)},
+                "model": {"S": p.model},
+                "variants": {"N": str(p.variants)},
+            }
+        }
+        for p in sorted(catalogue.prompts, key=lambda p: p.key)
+    ]
+    return {
+        "key": {"S": CATALOGUE_KEY},
+        "variant": {"N": "0"},
+        "revision": {"N": str(catalogue.revision)},
+        "updated": {"N": str(int(time.time()))},
+        "prompts": {"L": prompts},
+    }
+
+
+def decode_catalogue(item: dict[str, Any]) -> Catalogue:
+    try:
+        prompts = tuple(
+            PromptInfo(
+                key=m["key"]["S"],
+                kind=m["kind"]["S"],
+                prompt=m["prompt"]["S"],
+                model=m["model"]["S"],
+                variants=int(m["variants"]["N"]),
+            )
+            for m in (p["M"] for p in item["prompts"]["L"])
+        )
+        return Catalogue(int(item["revision"]["N"]), prompts)
+    except (KeyError, TypeError, ValueError) as exc:
+        raise StoreError(f"the catalogue item is malformed ({exc!r})", code="corrupt") from None
+
+
+def _info(entry: Entry, variants: int) -> PromptInfo:
+    return PromptInfo(entry.key, entry.kind, entry.prompt, entry.model, variants)
+
+
+def _count_contiguous(variants: Iterable[int]) -> int:
+    """How many variants 0, 1, 2, ... exist without a gap: only those are ever picked."""
+    present = set(variants)
+    n = 0
+    while n in present:
+        n += 1
+    return n
+
+
+def _dedupe(entries: list[Entry]) -> list[Entry]:
+    # One BatchWriteItem must not name an item twice; the last write of a (key, variant) wins.
+    return list({(e.key, e.variant): e for e in entries}.values())
+
+
+def _shorten(text: str) -> str:
+    if len(text) <= CATALOGUE_PROMPT_CHARS:
+        return text
+    return text[: CATALOGUE_PROMPT_CHARS - 1] + "…"
+
+
+def _item_size(value: Any) -> int:
+    """DynamoDB's item size, closely enough: UTF-8 bytes of names and values."""
+    if isinstance(value, dict):
+        return sum(len(k.encode()) + _item_size(v) for k, v in value.items())
+    if isinstance(value, list):
+        return sum(_item_size(v) for v in value) + 3
+    return len(str(value).encode())
