@@ -49,6 +49,9 @@ class Settings(BaseSettings):
     max_body_bytes: int = Field(
         256 * 1024, ge=1024, description="Largest request body accepted (413 above)."
     )
+    backend_queue: int = Field(
+        4, ge=0, description="Requests a backend holds waiting beyond its capacity (503 above)."
+    )
 
     # --- the backend pool (`comeapi backends start`) ------------------------------------
     base_port: int = Field(8080, ge=1, le=65535, description="Port of the first pool backend.")
