@@ -1,0 +1,173 @@
+"""The gateway's cache layer against a real SqliteStore: choice, forced variants, streaming."""
+
+from __future__ import annotations
+
+import random
+from pathlib import Path
+
+import anyio
+import orjson
+import pytest
+from starlette.datastructures import Headers
+
+from comeapi.cache.key import chat_key, prompt_key
+from comeapi.cache.sqlite import SqliteStore
+from comeapi.cache.store import Entry
+from comeapi.errors import RequestError
+from comeapi.gateway.cache import ResponseCache
+
+MODEL = "gemma-3-270m-q4_k_m.gguf"
+PROMPT = "こんにちは、調子はどうですか？"
+
+
+def _entries(variants: int = 5) -> list[Entry]:
+    out = []
+    for v in range(variants):
+        out.append(
+            Entry(
+                key=prompt_key(PROMPT, MODEL),
+                variant=v,
+                kind="prompt",
+                prompt=PROMPT,
+                answer=f"answer number {v} 答え",
+                model=MODEL,
+                completion_tokens=5,
+                prompt_tokens=3,
+            )
+        )
+    messages = (("user", "Tell me a joke."),)
+    out.append(
+        Entry(
+            key=chat_key(messages, MODEL),
+            variant=0,
+            kind="chat",
+            prompt="Tell me a joke.",
+            answer="A chat answer.",
+            model=MODEL,
+            messages=messages,
+        )
+    )
+    return out
+
+
+@pytest.fixture
+def store(tmp_path: Path) -> SqliteStore:
+    s = SqliteStore(tmp_path / "cache.db")
+    s.put_many(_entries())
+    return s
+
+
+def _cache(store: SqliteStore, **kw: object) -> ResponseCache:
+    cache = ResponseCache(store, variants=5, **kw)  # type: ignore[arg-type]
+    cache.reload()
+    return cache
+
+
+NO_HEADERS = Headers({})
+
+
+def test_choice_is_uniform_over_the_variants(store: SqliteStore) -> None:
+    cache = _cache(store, rng=random.Random(1234))
+    counts = [0] * 5
+    n = 2000
+    for _ in range(n):
+        found = cache.lookup("generate", {"prompt": PROMPT}, NO_HEADERS)
+        assert found.response is not None
+        counts[int(found.response.headers["x-cache-variant"])] += 1
+    expected = n / 5
+    chi2 = sum((c - expected) ** 2 / expected for c in counts)
+    # 4 degrees of freedom: p = 0.001 at 18.47. Every variant must be reachable.
+    assert chi2 < 18.47, counts
+    assert min(counts) > 0
+
+
+def test_hit_body_in_each_wire_format(store: SqliteStore) -> None:
+    cache = _cache(store)
+    gen = cache.lookup("generate", {"prompt": f"  {PROMPT}\r\n"}, NO_HEADERS).response
+    assert gen is not None and gen.headers["x-cache"] == "HIT"
+    body = orjson.loads(gen.body)
+    assert body["response"].startswith("answer number") and body["model"] == MODEL
+    comp = cache.lookup("completion", {"prompt": PROMPT, "model": MODEL}, NO_HEADERS).response
+    assert comp is not None
+    assert orjson.loads(comp.body)["choices"][0]["text"].startswith("answer number")
+    chat_body = {
+        "model": "gemma-3-270m-q4_k_m",
+        "messages": [{"role": "user", "content": "Tell me a joke."}],
+    }
+    chat = cache.lookup("chat", chat_body, NO_HEADERS).response
+    assert chat is not None
+    assert orjson.loads(chat.body)["choices"][0]["message"]["content"] == "A chat answer."
+
+
+def test_unknown_prompt_or_other_model_is_a_miss(store: SqliteStore) -> None:
+    cache = _cache(store)
+    miss = cache.lookup("generate", {"prompt": "something else"}, NO_HEADERS)
+    assert miss.response is None and miss.key == prompt_key("something else", MODEL)
+    other = cache.lookup("generate", {"prompt": PROMPT, "model_name": "other.gguf"}, NO_HEADERS)
+    assert other.response is None
+    assert cache.lookup("generate", {"prompt": 5}, NO_HEADERS).key is None
+
+
+def test_stream_hit_is_sse_chunks_that_rebuild_the_answer(store: SqliteStore) -> None:
+    cache = _cache(store)
+    found = cache.lookup(
+        "completion", {"prompt": PROMPT, "stream": True}, Headers({"x-comeapi-variant": "2"})
+    )
+    resp = found.response
+    assert resp is not None and resp.media_type == "text/event-stream"
+    events = [e for e in resp.body.decode().split("\n\n") if e]
+    assert events[-1] == "data: [DONE]"
+    chunks = [orjson.loads(e.removeprefix("data: ")) for e in events[:-1]]
+    assert len(chunks) > 3
+    text = "".join(c["choices"][0]["text"] for c in chunks)
+    assert text.startswith("answer number") and text.endswith("答え")
+    assert chunks[-1]["choices"][0]["finish_reason"] == "stop"
+
+
+def test_variant_header_needs_the_secret(store: SqliteStore) -> None:
+    cache = _cache(store, variant_secret="s3cret")
+    body = {"prompt": PROMPT}
+    for _ in range(20):
+        spoofed = Headers({"x-comeapi-variant": "3", "x-comeapi-variant-secret": "guess"})
+        resp = cache.lookup("generate", body, spoofed).response
+        assert resp is not None
+        if resp.headers["x-cache-variant"] != "3":
+            break
+    else:
+        pytest.fail("a client without the secret always got the variant it asked for")
+    trusted = Headers({"x-comeapi-variant": "3", "x-comeapi-variant-secret": "s3cret"})
+    for _ in range(10):
+        resp = cache.lookup("generate", body, trusted).response
+        assert resp is not None and resp.headers["x-cache-variant"] == "3"
+    with pytest.raises(RequestError):
+        cache.lookup(
+            "generate",
+            body,
+            Headers({"x-comeapi-variant": "9", "x-comeapi-variant-secret": "s3cret"}),
+        )
+
+
+def test_forced_missing_variant_is_filled_from_the_answer(tmp_path: Path) -> None:
+    store = SqliteStore(tmp_path / "c.db")
+    cache = _cache(store, variant_secret="k")
+    headers = Headers({"x-comeapi-variant": "4", "x-comeapi-variant-secret": "k"})
+    body = {"prompt": "A new prompt", "max_tokens": 8}
+    miss = cache.lookup("generate", body, headers)
+    assert miss.response is None and miss.forced_variant == 4
+    answer = {"response": "generated", "model": MODEL, "finish_reason": "length", "usage": {}}
+    anyio.run(cache.store_answer, miss, "generate", body, answer)
+    stored = store.get(prompt_key("A new prompt", MODEL), 4)
+    assert stored is not None and stored.answer == "generated" and stored.params["seed"] == 4
+    hit = cache.lookup("generate", body, headers).response
+    assert hit is not None and hit.headers["x-cache-variant"] == "4"
+
+
+def test_hit_counts_reach_the_store(store: SqliteStore) -> None:
+    cache = _cache(store)
+    for _ in range(7):
+        cache.lookup("generate", {"prompt": PROMPT}, NO_HEADERS)
+    anyio.run(cache.flush_hits)
+    assert sum(store.hit_counts().values()) == 7
+    status = cache.status()
+    assert status["hits"] == 7 and status["prompts"] == 2
+    assert sum(p["hits"] for p in status["by_prompt"]) == 7
