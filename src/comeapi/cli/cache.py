@@ -1,0 +1,344 @@
+"""``comeapi warmup`` and ``comeapi cache ls|export|import|copy|push|pull``.
+
+Every command takes ``--store URL`` (default: the ``store`` setting, COMEAPI_STORE); the
+DynamoDB commands ``push`` and ``pull`` load boto3 only when run.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import importlib
+import json
+import logging
+import shutil
+import subprocess
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import click
+from rich.console import Console
+from rich.progress import (
+    BarColumn,
+    MofNCompleteColumn,
+    Progress,
+    TaskID,
+    TextColumn,
+    TimeElapsedColumn,
+    TimeRemainingColumn,
+)
+from rich.table import Table
+
+from comeapi.cli.options import build_settings, settings_options
+from comeapi.errors import ComeapiError
+
+# name -> "module:attribute", imported only when the command runs (boto3 is slow to import).
+LAZY_COMMANDS = {
+    "push": "comeapi.cli.cache_dynamo:push",
+    "pull": "comeapi.cli.cache_dynamo:pull",
+}
+
+
+@contextmanager
+def _errors() -> Iterator[None]:
+    """Errors of ours become a one-line message and exit status 1, never a traceback."""
+    try:
+        yield
+    except ComeapiError as exc:
+        raise click.ClickException(exc.message) from None
+
+
+# --- warmup -------------------------------------------------------------------------------
+
+
+@click.command()
+@settings_options(
+    "prompts",
+    "store",
+    "variants",
+    "backends_range",
+    "connect_timeout",
+    "request_timeout",
+    "health_timeout",
+    flags={"backends_range": "--backends"},
+)
+@click.option(
+    "--url",
+    "urls",
+    multiple=True,
+    help="Backend or gateway URL to generate with (repeatable). Default: the configured "
+    "backends, else the gateway at --host/--port.",
+)
+@click.option(
+    "--concurrency",
+    type=click.IntRange(1, 256),
+    default=None,
+    help="Requests at once. Default: the backends' total capacity from /health, else 2.",
+)
+@click.option("--force", is_flag=True, help="Regenerate every variant, not only missing ones.")
+@click.option(
+    "--wait",
+    type=click.FloatRange(0),
+    default=120.0,
+    show_default=True,
+    help="Seconds to wait for backends that are still loading.",
+)
+@click.pass_context
+def warmup(
+    ctx: click.Context,
+    /,
+    urls: tuple[str, ...],
+    concurrency: int | None,
+    force: bool,
+    wait: float,
+    **values: Any,
+) -> None:
+    """Generate every missing variant of the prompt set into the store.
+
+    Variant i is generated with seed i. Each answer is stored as it arrives, so an
+    interrupted warmup loses nothing and a rerun fills only what is missing.
+    """
+    from comeapi.cache.default import open_configured_store
+    from comeapi.cache.prompts import load_prompt_set
+    from comeapi.cache.warmup import run_warmup
+
+    settings = build_settings(ctx, values)
+    logging.getLogger("httpx").setLevel(logging.WARNING)  # one line per request is noise here
+    err = Console(stderr=True)
+    with _errors():
+        prompt_set = load_prompt_set(settings.prompts)
+        variants = values.get("variants") or prompt_set.variants or settings.variants
+        targets = [u.rstrip("/") for u in urls] or settings.backend_urls()
+        if not targets:
+            targets = [f"http://{settings.host}:{settings.port}"]
+        store = open_configured_store(settings)
+        err.print(
+            f"warmup: {len(prompt_set.items)} prompts x {variants} variants "
+            f"({prompt_set.source}) into {settings.store} via {', '.join(targets)}"
+        )
+        progress = Progress(
+            TextColumn("{task.description}"),
+            BarColumn(),
+            MofNCompleteColumn(),
+            TimeElapsedColumn(),
+            TimeRemainingColumn(),
+            console=err,
+        )
+        task: list[TaskID] = []
+        failed = 0
+
+        def on_start(total: int) -> None:
+            task.append(progress.add_task("generating", total=total))
+
+        def on_result(item: Any, variant: int, outcome: str) -> None:
+            nonlocal failed
+            failed += outcome == "failed"
+            label = f"generating ({failed} failed)" if failed else "generating"
+            progress.update(task[0], advance=1, description=label)
+
+        try:
+            with progress:
+                report = asyncio.run(
+                    run_warmup(
+                        prompt_set,
+                        store,
+                        targets,
+                        variants=variants,
+                        concurrency=concurrency,
+                        force=force,
+                        connect_timeout=settings.connect_timeout,
+                        request_timeout=settings.request_timeout,
+                        health_timeout=settings.health_timeout,
+                        wait=wait,
+                        on_start=on_start,
+                        on_result=on_result,
+                    )
+                )
+        finally:
+            store.close()
+    _print_report(report)
+    if not report.ok:
+        ctx.exit(1)
+
+
+def _print_report(report: Any) -> None:
+    out = Console()
+    table = Table(title=f"warmup: {report.variants} variants per prompt")
+    for column in ("#", "kind", "prompt", "present", "generated", "failed", "complete"):
+        table.add_column(column, justify="right" if column not in ("kind", "prompt") else "left")
+    for row in report.rows:
+        table.add_row(
+            str(row.item.index),
+            row.item.kind,
+            _short(row.item.prompt, 40),
+            str(row.present),
+            str(row.generated),
+            str(row.failed),
+            "yes" if row.complete else "NO",
+        )
+    totals = report.totals()
+    table.add_row("", "", "total", *(str(totals[k]) for k in ("present", "generated", "failed")))
+    out.print(table)
+    where = ", ".join(f"{t.url} ({t.capacity or '?'})" for t in report.targets) or "-"
+    out.print(
+        f"{totals['generated']} generated, {totals['present']} already present, "
+        f"{totals['failed']} failed in {report.seconds:.1f}s "
+        f"(concurrency {report.concurrency}; backends: {where})"
+    )
+    for row in report.rows:
+        if row.extra:
+            out.print(f"note: prompts[{row.item.index}] also has {row.extra} variants >= N (kept)")
+    for failure in report.failures[:20]:
+        out.print(f"[red]failed:[/red] {failure}", markup=True, highlight=False)
+
+
+def _short(text: str, width: int) -> str:
+    flat = " ".join(text.split())
+    return flat if len(flat) <= width else flat[: width - 1] + "…"
+
+
+# --- the cache group ----------------------------------------------------------------------
+
+
+class _CacheGroup(click.Group):
+    def list_commands(self, ctx: click.Context) -> list[str]:
+        return sorted([*self.commands, *LAZY_COMMANDS])
+
+    def get_command(self, ctx: click.Context, cmd_name: str) -> click.Command | None:
+        if cmd_name in self.commands:
+            return self.commands[cmd_name]
+        target = LAZY_COMMANDS.get(cmd_name)
+        if target is None:
+            return None
+        module, _, attr = target.partition(":")
+        try:
+            command = getattr(importlib.import_module(module), attr)
+        except (ImportError, AttributeError):
+            return None
+        return command if isinstance(command, click.Command) else None
+
+
+@click.group(cls=_CacheGroup)
+def cache() -> None:
+    """Inspect the response store and move it between machines."""
+
+
+@cache.command("ls")
+@settings_options("store")
+@click.option("--json", "as_json", is_flag=True, help="Print JSON for scripts.")
+@click.pass_context
+def ls(ctx: click.Context, /, as_json: bool, **values: Any) -> None:
+    """List the cached prompts with their variants and hit counts."""
+    from comeapi.cache.default import open_configured_store
+
+    settings = build_settings(ctx, values)
+    with _errors(), open_configured_store(settings) as store:
+        present = store.variants_by_key()
+        hits = store.hit_counts()
+        prompts = store.prompts()
+    listing: list[dict[str, Any]] = []
+    for p in prompts:
+        per_variant = {v: hits.get((p.key, v), 0) for v in sorted(present.get(p.key, ()))}
+        listing.append(
+            {
+                "key": p.key,
+                "kind": p.kind,
+                "model": p.model,
+                "prompt": p.prompt,
+                "variants": sorted(per_variant),
+                "hits": {str(v): n for v, n in per_variant.items()},
+                "total_hits": sum(per_variant.values()),
+            }
+        )
+    if as_json:
+        doc = {"store": settings.store, "prompts": listing}
+        click.echo(json.dumps(doc, ensure_ascii=False, indent=2))
+        return
+    table = Table(title=f"{settings.store}: {len(listing)} prompts")
+    for column in ("key", "kind", "variants", "hits", "hits per variant", "prompt"):
+        table.add_column(column, justify="right" if column in ("variants", "hits") else "left")
+    for row in listing:
+        table.add_row(
+            row["key"][:12],
+            row["kind"],
+            str(len(row["variants"])),
+            str(row["total_hits"]),
+            " ".join(f"{v}:{n}" for v, n in row["hits"].items()),
+            _short(row["prompt"], 48),
+        )
+    Console().print(table)
+
+
+@cache.command("export")
+@click.argument("file", type=click.Path(dir_okay=False, path_type=Path))
+@settings_options("store")
+@click.pass_context
+def export(ctx: click.Context, /, file: Path, **values: Any) -> None:
+    """Write every entry to FILE: a .tar.gz archive, or .jsonl lines."""
+    from comeapi.cache.archive import write_archive, write_jsonl
+    from comeapi.cache.default import open_configured_store
+
+    settings = build_settings(ctx, values)
+    with _errors(), open_configured_store(settings) as store:
+        entries = list(store.entries())
+        if file.name.endswith(".jsonl"):
+            write_jsonl(entries, file)
+        else:
+            write_archive(entries, file)
+    prompts = len({e.key for e in entries})
+    click.echo(f"exported {len(entries)} entries ({prompts} prompts) to {file}")
+
+
+@cache.command("import")
+@click.argument("file", type=click.Path(dir_okay=False, path_type=Path))
+@click.option(
+    "--merge/--replace",
+    default=True,
+    help="Add to the store, replacing the same prompt variants (default), or make the store "
+    "hold exactly the archive.",
+)
+@settings_options("store")
+@click.pass_context
+def import_(ctx: click.Context, /, file: Path, merge: bool, **values: Any) -> None:
+    """Load FILE (.tar.gz archive or .jsonl) into the store, after validating all of it."""
+    from comeapi.cache.archive import read_entries_file
+    from comeapi.cache.open import open_store
+
+    settings = build_settings(ctx, values)
+    with _errors():
+        entries = read_entries_file(file)  # a bad archive stops here: the store is untouched
+        with open_store(settings.store) as store:
+            count = store.put_many(entries) if merge else store.replace_all(entries)
+    prompts = len({e.key for e in entries})
+    how = "merged into" if merge else "replaced the contents of"
+    click.echo(f"{count} entries ({prompts} prompts) {how} {settings.store}")
+
+
+@cache.command("copy")
+@click.argument("file", type=click.Path(dir_okay=False, exists=True, path_type=Path))
+@click.argument("destination")
+@click.option("--timeout", type=click.FloatRange(1), default=300.0, show_default=True)
+def copy(file: Path, destination: str, timeout: float) -> None:
+    """Copy an archive to another machine with scp: DESTINATION is user@host:PATH.
+
+    The archive is validated first, so a broken file is never shipped.
+    """
+    from comeapi.cache.archive import read_entries_file
+
+    if ":" not in destination:
+        raise click.BadParameter("expected user@host:PATH", param_hint="DESTINATION")
+    with _errors():
+        read_entries_file(file)
+    scp = shutil.which("scp")
+    if scp is None:
+        raise click.ClickException("scp is not installed (apt-get install openssh-client)")
+    argv = [scp, "-q", "-o", "BatchMode=yes", "-o", "ConnectTimeout=15", str(file), destination]
+    try:
+        result = subprocess.run(argv, capture_output=True, text=True, timeout=timeout, check=False)
+    except subprocess.TimeoutExpired:
+        raise click.ClickException(f"scp to {destination} timed out after {timeout:g}s") from None
+    if result.returncode != 0:
+        detail = result.stderr.strip() or f"exit status {result.returncode}"
+        raise click.ClickException(f"scp to {destination} failed: {detail}")
+    click.echo(f"copied {file} to {destination}")
