@@ -1,0 +1,101 @@
+#!/bin/sh
+# Render the comeapi nginx configuration into OUT_DIR (POSIX sh + awk: it also runs inside
+# the official nginx image). Settings come from the environment; see docs/nginx.md.
+#
+#   COMEAPI_VARIANT_SECRET=... deploy/nginx/render.sh /etc/nginx/comeapi
+#   nginx -c /etc/nginx/comeapi/nginx.conf
+set -eu
+
+usage() {
+    echo "usage: COMEAPI_VARIANT_SECRET=... $0 OUT_DIR" >&2
+    exit 2
+}
+[ $# -eq 1 ] || usage
+OUT_DIR=$1
+SRC_DIR=$(cd "$(dirname "$0")" && pwd)
+
+: "${COMEAPI_UPSTREAM:=127.0.0.1:9000}"
+: "${COMEAPI_VARIANTS:=5}"
+: "${COMEAPI_DEFAULT_MODEL:=gemma-3-270m-q4_k_m.gguf}"
+: "${NGINX_LISTEN:=127.0.0.1:8000}"
+: "${NGINX_WARMUP_LISTEN:=127.0.0.1:8001}"
+: "${NGINX_CACHE_DIR:=/var/cache/nginx/comeapi}"
+: "${NGINX_CACHE_MAX_SIZE:=1g}"
+: "${NGINX_MAX_BODY:=256k}"
+: "${NGINX_GENERATION_TIMEOUT:=600s}"
+: "${NGINX_STATE_DIR:=/var/lib/nginx/comeapi}"
+: "${NGINX_LOG_DIR:=/var/log/nginx}"
+: "${NGINX_JS_MODULE:=/usr/lib/nginx/modules/ngx_http_js_module.so}"
+# The worker user must own NGINX_CACHE_DIR. Empty: no `user` line (nginx not run as root).
+: "${NGINX_USER=www-data}"
+
+die() {
+    echo "render.sh: $*" >&2
+    exit 1
+}
+
+secret=${COMEAPI_VARIANT_SECRET:-}
+[ -n "$secret" ] || die "COMEAPI_VARIANT_SECRET is not set (the same value as comeapi's --variant-secret)"
+[ "${#secret}" -ge 16 ] || die "COMEAPI_VARIANT_SECRET must be at least 16 characters"
+case $secret in
+*[!A-Za-z0-9._~+/=-]*) die "COMEAPI_VARIANT_SECRET may only use A-Z a-z 0-9 . _ ~ + / = -" ;;
+esac
+case $COMEAPI_VARIANTS in
+'' | *[!0-9]*) die "COMEAPI_VARIANTS must be a number from 1 to 100" ;;
+esac
+[ "$COMEAPI_VARIANTS" -ge 1 ] && [ "$COMEAPI_VARIANTS" -le 100 ] \
+    || die "COMEAPI_VARIANTS must be a number from 1 to 100"
+for name in COMEAPI_UPSTREAM COMEAPI_DEFAULT_MODEL NGINX_LISTEN NGINX_WARMUP_LISTEN \
+    NGINX_CACHE_DIR NGINX_CACHE_MAX_SIZE NGINX_MAX_BODY NGINX_GENERATION_TIMEOUT \
+    NGINX_STATE_DIR NGINX_LOG_DIR NGINX_JS_MODULE NGINX_USER; do
+    eval "value=\${$name}"
+    case $value in
+    *[\;\"\'\{\}\ \$\\]*) die "$name=$value: no spaces, quotes, ; { } \$ or \\ allowed" ;;
+    esac
+done
+
+mkdir -p "$OUT_DIR/njs"
+OUT_DIR=$(cd "$OUT_DIR" && pwd)
+
+# split_clients buckets of equal size (the last one takes the rounding rest) and the
+# accepted values of X-Comeapi-Variant on the internal listener.
+COMEAPI_VARIANT_BUCKETS=$(awk -v n="$COMEAPI_VARIANTS" 'BEGIN {
+    share = int(10000 / n) / 100
+    for (i = 0; i < n - 1; i++) printf "    %.2f%% %d;\n", share, i
+    printf "    * %d;", n - 1
+}')
+COMEAPI_VARIANT_CHOICES=$(awk -v n="$COMEAPI_VARIANTS" 'BEGIN {
+    for (i = 0; i < n; i++) printf "    \"%d\" %d;%s", i, i, (i < n - 1 ? "\n" : "")
+}')
+NGINX_USER_LINE=""
+[ -z "$NGINX_USER" ] || NGINX_USER_LINE="user $NGINX_USER;"
+NGINX_CONF_DIR=$OUT_DIR
+export COMEAPI_UPSTREAM COMEAPI_DEFAULT_MODEL COMEAPI_VARIANT_BUCKETS COMEAPI_VARIANT_CHOICES \
+    COMEAPI_VARIANT_SECRET NGINX_LISTEN NGINX_WARMUP_LISTEN NGINX_CACHE_DIR \
+    NGINX_CACHE_MAX_SIZE NGINX_MAX_BODY NGINX_GENERATION_TIMEOUT NGINX_STATE_DIR NGINX_LOG_DIR \
+    NGINX_JS_MODULE NGINX_USER_LINE NGINX_CONF_DIR
+
+# Replace @NAME@ with ENVIRON[NAME] (plain string operations: values are never patterns).
+fill() {
+    awk '{
+        out = ""; line = $0
+        while (match(line, /@[A-Z_]+@/)) {
+            name = substr(line, RSTART + 1, RLENGTH - 2)
+            if (!(name in ENVIRON)) { print "render.sh: no value for @" name "@" > "/dev/stderr"; exit 1 }
+            out = out substr(line, 1, RSTART - 1) ENVIRON[name]
+            line = substr(line, RSTART + RLENGTH)
+        }
+        print out line
+    }' "$1" >"$2.tmp"
+    mv "$2.tmp" "$2"
+}
+
+umask 077 # the rendered files hold the variant secret
+fill "$SRC_DIR/nginx.conf" "$OUT_DIR/nginx.conf"
+fill "$SRC_DIR/comeapi.conf" "$OUT_DIR/comeapi.conf"
+fill "$SRC_DIR/comeapi-locations.conf" "$OUT_DIR/comeapi-locations.conf"
+umask 022
+cp "$SRC_DIR/njs/comeapi_key.js" "$SRC_DIR/njs/nfc_data.js" "$OUT_DIR/njs/"
+mkdir -p "$NGINX_STATE_DIR" "$NGINX_LOG_DIR" "$NGINX_CACHE_DIR"
+echo "render.sh: wrote $OUT_DIR/nginx.conf (cache $NGINX_CACHE_DIR, $COMEAPI_VARIANTS variants," \
+    "public $NGINX_LISTEN, warmup $NGINX_WARMUP_LISTEN, upstream $COMEAPI_UPSTREAM)"
