@@ -101,7 +101,9 @@ def parse_prompt_set(text: str, source: str) -> PromptSet:
         mark = getattr(exc, "problem_mark", None)
         where = f", line {mark.line + 1}" if mark is not None else ""
         problem = getattr(exc, "problem", None) or str(exc)
-        raise ConfigError(f"{source}: not valid YAML/JSON: {problem}{where}") from None
+        raise ConfigError(
+            f"{source}: not valid YAML/JSON: {problem}{where}", param="prompts"
+        ) from None
     return _Parser(source, root).parse(data)
 
 

@@ -1,0 +1,170 @@
+"""The prompt set file: the shipped default, and errors that name the field and the line."""
+
+from __future__ import annotations
+
+import json
+import unicodedata
+from pathlib import Path
+
+import pytest
+
+from comeapi.cache.key import chat_key, prompt_key
+from comeapi.cache.prompts import (
+    DEFAULT_MODEL,
+    DEFAULT_PARAMS,
+    load_prompt_set,
+    parse_prompt_set,
+)
+from comeapi.errors import ConfigError
+
+
+def test_the_shipped_set_has_ten_japanese_and_english_prompts() -> None:
+    shipped = load_prompt_set()
+    assert len(shipped.items) == 10
+    assert shipped.variants == 5
+    assert shipped.model == DEFAULT_MODEL
+    assert len({item.key for item in shipped.items}) == 10
+    assert {item.kind for item in shipped.items} == {"prompt", "chat"}
+    japanese = [i for i in shipped.items if any("\u3040" <= ch <= "\u30ff" for ch in i.prompt)]
+    assert 3 <= len(japanese) <= 7
+    assert shipped.items[0].prompt == "こんにちは、調子はどうですか？"
+    assert all(item.params["max_tokens"] <= 64 for item in shipped.items)
+
+
+def test_items_know_their_key_params_route_and_request() -> None:
+    text = """
+model: tiny.gguf
+variants: 3
+max_tokens: 16
+prompts:
+  - prompt: "  Hello\\r\\nworld  "
+    temperature: 0.2
+  - "bare string prompt"
+  - messages:
+      - {role: system, content: "Be brief."}
+      - {role: user, content: "Hi"}
+"""
+    s = parse_prompt_set(text, "p.yaml")
+    assert s.variants == 3
+    first, bare, chat = s.items
+    assert first.prompt == "Hello\nworld"
+    assert first.key == prompt_key("Hello\nworld", "tiny.gguf")
+    assert first.params == {**DEFAULT_PARAMS, "max_tokens": 16, "temperature": 0.2}
+    assert first.route == "/v1/completions"
+    assert first.request_body(2) == {
+        "model": "tiny.gguf",
+        "prompt": "Hello\nworld",
+        "max_tokens": 16,
+        "temperature": 0.2,
+        "top_k": 40,
+        "top_p": 0.9,
+        "seed": 2,
+    }
+    assert bare.kind == "prompt" and bare.prompt == "bare string prompt"
+    assert chat.kind == "chat"
+    assert chat.prompt == "Hi"
+    assert chat.key == chat_key([("system", "Be brief."), ("user", "Hi")], "tiny.gguf")
+    assert chat.route == "/v1/chat/completions"
+    assert chat.request_body(0)["messages"] == [
+        {"role": "system", "content": "Be brief."},
+        {"role": "user", "content": "Hi"},
+    ]
+    assert chat.line == 9  # the text starts with an empty line
+
+
+def test_json_files_work_too(tmp_path: Path) -> None:
+    path = tmp_path / "prompts.json"
+    path.write_text(json.dumps({"prompts": [{"prompt": "日本語"}, {"prompt": "English"}]}))
+    s = load_prompt_set(path)
+    assert [i.prompt for i in s.items] == ["日本語", "English"]
+    assert s.variants is None  # left to the `variants` setting
+    assert s.source == "prompts.json"
+
+
+def _error(text: str) -> str:
+    with pytest.raises(ConfigError) as info:
+        parse_prompt_set(text, "prompts.yaml")
+    assert info.value.param == "prompts"
+    return info.value.message
+
+
+def test_bad_role_names_the_field_and_the_line() -> None:
+    message = _error(
+        """prompts:
+  - prompt: a
+  - prompt: b
+  - prompt: c
+  - messages:
+      - role: robot
+        content: hi
+"""
+    )
+    assert message == (
+        "prompts.yaml: prompts[3].messages[0].role: must be one of "
+        "system, developer, user, assistant (got 'robot'), line 6"
+    )
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        ("prompts: [\n", "not valid YAML/JSON"),
+        ("- a\n- b\n", "must be a mapping with a 'prompts' list, line 1"),
+        ("prompts: []\n", "prompts: must be a non-empty list"),
+        ("model: x\n", "prompts: must be a non-empty list"),
+        (
+            "variants: 0\nprompts: [a]\n",
+            "variants: must be an integer from 1 to 100 (got 0), line 1",
+        ),
+        ("variants: true\nprompts: [a]\n", "variants: must be an integer"),
+        ("temperature: 3\nprompts: [a]\n", "temperature: must be a number from 0 to 2 (got 3)"),
+        ("prompts:\n  - prompt: a\n    top_p: 0\n", "prompts[0].top_p: must be a number in (0, 1]"),
+        (
+            "prompts:\n  - prompt: a\n    max_tokens: '5'\n",
+            "prompts[0].max_tokens: must be an integer",
+        ),
+        ("colour: red\nprompts: [a]\n", "colour: unknown field (expected one of model, variants"),
+        ("prompts:\n  - prompt: a\n    foo: 1\n", "prompts[0].foo: unknown field, line 3"[:28]),
+        ("prompts:\n  - {prompt: a, messages: []}\n", "prompts[0]: needs exactly one of"),
+        ("prompts:\n  - temperature: 1\n", "prompts[0]: needs exactly one of"),
+        ("prompts:\n  - prompt: '   '\n", "prompts[0].prompt: must be a non-empty string, line 2"),
+        ("prompts:\n  - prompt: 5\n", "prompts[0].prompt: must be a non-empty string"),
+        ("prompts:\n  - 5\n", "prompts[0]: must be a mapping"),
+        ("prompts:\n  - messages: []\n", "prompts[0].messages: must be a non-empty list"),
+        ("prompts:\n  - messages: [hi]\n", "prompts[0].messages[0]: must be a mapping"),
+        (
+            "prompts:\n  - messages:\n      - {role: user}\n",
+            "prompts[0].messages[0].content: must be a non-empty string, line 3",
+        ),
+        ("prompts:\n  - prompt: a\n    prompt: b\n", "prompts[0].prompt: duplicate key, line 3"),
+    ],
+)
+def test_errors_name_the_field_and_the_line(text: str, expected: str) -> None:
+    assert expected in _error(text)
+
+
+def test_duplicates_after_normalisation_are_rejected() -> None:
+    decomposed = unicodedata.normalize("NFD", "ごはん")
+    message = _error(
+        f"""prompts:
+  - prompt: "ごはん"
+  - prompt: "Hi"
+  - prompt: "  {decomposed}\\r\\n"
+"""
+    )
+    assert "prompts[2]: same prompt as prompts[0] after normalisation" in message
+    assert message.endswith("line 4")
+
+
+def test_every_error_is_reported_at_once() -> None:
+    message = _error("variants: 0\nprompts:\n  - prompt: ''\n  - messages: x\n")
+    assert len(message.splitlines()) == 3
+
+
+def test_unreadable_file(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="cannot read"):
+        load_prompt_set(tmp_path / "missing.yaml")
+    binary = tmp_path / "binary.yaml"
+    binary.write_bytes(b"\xff\xfe\x00")
+    with pytest.raises(ConfigError, match="cannot read"):
+        load_prompt_set(binary)
