@@ -26,6 +26,8 @@ SRC_DIR=$(cd "$(dirname "$0")" && pwd)
 : "${NGINX_STATE_DIR:=/var/lib/nginx/comeapi}"
 : "${NGINX_LOG_DIR:=/var/log/nginx}"
 : "${NGINX_JS_MODULE:=/usr/lib/nginx/modules/ngx_http_js_module.so}"
+# DNS server for a COMEAPI_UPSTREAM given by name (Docker: 127.0.0.11). Empty: an address.
+: "${NGINX_RESOLVER:=}"
 # The worker user must own NGINX_CACHE_DIR. Empty: no `user` line (nginx not run as root).
 : "${NGINX_USER=www-data}"
 
@@ -47,7 +49,7 @@ esac
     || die "COMEAPI_VARIANTS must be a number from 1 to 100"
 for name in COMEAPI_UPSTREAM COMEAPI_DEFAULT_MODEL NGINX_LISTEN NGINX_WARMUP_LISTEN \
     NGINX_CACHE_DIR NGINX_CACHE_MAX_SIZE NGINX_MAX_BODY NGINX_GENERATION_TIMEOUT \
-    NGINX_STATE_DIR NGINX_LOG_DIR NGINX_JS_MODULE NGINX_USER; do
+    NGINX_STATE_DIR NGINX_LOG_DIR NGINX_JS_MODULE NGINX_USER NGINX_RESOLVER; do
     eval "value=\${$name}"
     case $value in
     *[\;\"\'\{\}\ \$\\]*) die "$name=$value: no spaces, quotes, ; { } \$ or \\ allowed" ;;
@@ -69,11 +71,13 @@ COMEAPI_VARIANT_CHOICES=$(awk -v n="$COMEAPI_VARIANTS" 'BEGIN {
 }')
 NGINX_USER_LINE=""
 [ -z "$NGINX_USER" ] || NGINX_USER_LINE="user $NGINX_USER;"
+NGINX_RESOLVER_LINE=""
+[ -z "$NGINX_RESOLVER" ] || NGINX_RESOLVER_LINE="resolver $NGINX_RESOLVER valid=10s ipv6=off;"
 NGINX_CONF_DIR=$OUT_DIR
 export COMEAPI_UPSTREAM COMEAPI_DEFAULT_MODEL COMEAPI_VARIANT_BUCKETS COMEAPI_VARIANT_CHOICES \
     COMEAPI_VARIANT_SECRET NGINX_LISTEN NGINX_WARMUP_LISTEN NGINX_CACHE_DIR \
     NGINX_CACHE_MAX_SIZE NGINX_MAX_BODY NGINX_GENERATION_TIMEOUT NGINX_STATE_DIR NGINX_LOG_DIR \
-    NGINX_JS_MODULE NGINX_USER_LINE NGINX_CONF_DIR
+    NGINX_JS_MODULE NGINX_USER_LINE NGINX_RESOLVER_LINE NGINX_CONF_DIR
 
 # Replace @NAME@ with ENVIRON[NAME] (plain string operations: values are never patterns).
 fill() {

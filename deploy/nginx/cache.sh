@@ -1,0 +1,165 @@
+#!/usr/bin/env bash
+# Move nginx's comeapi cache between machines: a plain directory (host mode) or a Docker
+# named volume (Docker mode). The Makefile's cache-* targets call this.
+#
+#   cache.sh export (--dir DIR | --volume NAME) --file FILE
+#   cache.sh import (--dir DIR | --volume NAME) --file FILE [--owner USER[:GROUP]] [--pid-file PID]
+#   cache.sh copy   --file FILE --remote USER@HOST --remote-path PATH
+#   cache.sh remote-import --file FILE --remote USER@HOST --remote-path PATH
+#                   (--dir DIR | --volume NAME) [--owner USER[:GROUP]]
+#   cache.sh count  (--dir DIR | --volume NAME)
+#
+# nginx only sees cache files that are in place when it starts (its cache loader indexes
+# the directory once; later it looks at the disk only for keys it does not know), and its
+# worker must be able to read them. So import refuses while nginx runs on the cache and
+# gives every file to the worker user.
+set -euo pipefail
+
+die() {
+    echo "cache.sh: $*" >&2
+    exit 1
+}
+
+CMD=${1:-}
+[ $# -gt 0 ] && shift
+DIR="" VOLUME="" FILE="" OWNER="" PID_FILE="" REMOTE="" REMOTE_PATH=""
+while [ $# -gt 0 ]; do
+    case $1 in
+    --dir) DIR=$2; shift 2 ;;
+    --volume) VOLUME=$2; shift 2 ;;
+    --file) FILE=$2; shift 2 ;;
+    --owner) OWNER=$2; shift 2 ;;
+    --pid-file) PID_FILE=$2; shift 2 ;;
+    --remote) REMOTE=$2; shift 2 ;;
+    --remote-path) REMOTE_PATH=$2; shift 2 ;;
+    *) die "unknown argument $1 (see the top of $0)" ;;
+    esac
+done
+
+# The official nginx image runs its workers as nginx (101:101); Debian's nginx as www-data.
+DOCKER_OWNER=101:101
+HOST_OWNER=www-data:www-data
+# Cache files are named by the MD5 of their key (32 hex digits); anything with a dot is a
+# response nginx is still writing (use_temp_path=off keeps those beside the entries).
+ENTRY_PATTERN='[0-9a-f]*'
+TEMP_PATTERN='*.*'
+
+need_target() {
+    [ -n "$DIR" ] || [ -n "$VOLUME" ] || die "$CMD needs --dir DIR (host mode) or --volume NAME (Docker mode)"
+    [ -z "$DIR" ] || [ -z "$VOLUME" ] || die "give --dir or --volume, not both"
+}
+
+need_file() {
+    [ -n "$FILE" ] || die "$CMD needs --file FILE"
+}
+
+docker_alpine() { # run a throwaway container with the volume at /cache
+    command -v docker >/dev/null || die "docker is not installed (host mode: use CACHE_DIR=...)"
+    docker run --rm -v "$VOLUME:/cache" "$@"
+}
+
+count() {
+    if [ -n "$DIR" ]; then
+        [ -d "$DIR" ] || { echo 0; return; }
+        find "$DIR" -type f -name "$ENTRY_PATTERN" ! -name "$TEMP_PATTERN" | wc -l | tr -d ' '
+    else
+        docker_alpine alpine sh -c "find /cache -type f ! -name '$TEMP_PATTERN' | wc -l"
+    fi
+}
+
+# Reject archives that could write outside the target: absolute paths, "..", links.
+check_archive() {
+    local listing
+    listing=$(tar tzvf "$FILE") || die "$FILE is not a readable tar.gz archive"
+    if grep -Ev '^[-d]' <<<"$listing" | grep -q .; then
+        die "$FILE holds links or special files; a cache archive holds only files and directories"
+    fi
+    if tar tzf "$FILE" | grep -Eq '(^/|(^|/)\.\.(/|$))'; then
+        die "$FILE holds absolute or parent (..) paths"
+    fi
+}
+
+nginx_running() {
+    if [ -n "$DIR" ]; then
+        [ -n "$PID_FILE" ] && [ -s "$PID_FILE" ] && kill -0 "$(cat "$PID_FILE")" 2>/dev/null
+    else
+        [ -n "$(docker ps -q --filter "volume=$VOLUME" 2>/dev/null)" ]
+    fi
+}
+
+do_export() {
+    need_target
+    need_file
+    local out_dir out_name
+    out_dir=$(cd "$(dirname "$FILE")" && pwd)
+    out_name=$(basename "$FILE")
+    if [ -n "$DIR" ]; then
+        [ -d "$DIR" ] || die "cache directory $DIR does not exist"
+        tar czf "$out_dir/$out_name.tmp" --exclude="$TEMP_PATTERN" -C "$DIR" .
+        mv "$out_dir/$out_name.tmp" "$out_dir/$out_name"
+    else
+        docker_alpine -v "$out_dir:/backup" alpine \
+            tar czf "/backup/$out_name" --exclude="$TEMP_PATTERN" -C /cache .
+    fi
+    echo "cache.sh: exported $(count) cache entries from ${DIR:-volume $VOLUME} to $FILE"
+}
+
+do_import() {
+    need_target
+    need_file
+    [ -f "$FILE" ] || die "$FILE does not exist (run: make cache-export, then cache-copy)"
+    check_archive
+    if nginx_running; then
+        die "nginx is running on ${DIR:-volume $VOLUME}: stop it first (entries imported while it runs are not seen until a restart)"
+    fi
+    local in_dir in_name
+    in_dir=$(cd "$(dirname "$FILE")" && pwd)
+    in_name=$(basename "$FILE")
+    if [ -n "$DIR" ]; then
+        local owner=${OWNER:-$HOST_OWNER}
+        mkdir -p "$DIR"
+        tar xzf "$in_dir/$in_name" --no-same-owner -C "$DIR"
+        if [ "$(id -u)" = 0 ]; then
+            chown -R "$owner" "$DIR"
+        else
+            echo "cache.sh: not root, files stay owned by $(id -un): nginx's worker must be that user" >&2
+        fi
+        find "$DIR" -type d -exec chmod 700 {} + && find "$DIR" -type f -exec chmod 600 {} +
+    else
+        local owner=${OWNER:-$DOCKER_OWNER}
+        docker volume create "$VOLUME" >/dev/null
+        docker_alpine -v "$in_dir:/backup:ro" alpine sh -c \
+            "tar xzf '/backup/$in_name' -C /cache && chown -R '$owner' /cache"
+    fi
+    echo "cache.sh: imported $FILE into ${DIR:-volume $VOLUME}: $(count) cache entries; start nginx now"
+}
+
+do_copy() {
+    need_file
+    [ -n "$REMOTE" ] || die "copy needs --remote USER@HOST (REMOTE_HOST)"
+    [ -n "$REMOTE_PATH" ] || die "copy needs --remote-path PATH (REMOTE_PATH)"
+    [ -f "$FILE" ] || die "$FILE does not exist (run: make cache-export)"
+    ssh -o ConnectTimeout=15 "$REMOTE" "mkdir -p '$REMOTE_PATH'"
+    scp -o ConnectTimeout=15 "$FILE" "$REMOTE:$REMOTE_PATH/"
+    echo "cache.sh: copied $FILE to $REMOTE:$REMOTE_PATH/"
+}
+
+do_remote_import() {
+    need_target
+    need_file
+    [ -n "$REMOTE" ] && [ -n "$REMOTE_PATH" ] || die "remote-import needs --remote and --remote-path"
+    local args=(import --file "$REMOTE_PATH/$(basename "$FILE")")
+    if [ -n "$DIR" ]; then args+=(--dir "$DIR"); else args+=(--volume "$VOLUME"); fi
+    [ -z "$OWNER" ] || args+=(--owner "$OWNER")
+    # This script itself runs on the remote host: nothing to install there but bash and tar.
+    ssh -o ConnectTimeout=15 "$REMOTE" "bash -s -- $(printf '%q ' "${args[@]}")" <"$0"
+}
+
+case $CMD in
+export) do_export ;;
+import) do_import ;;
+copy) do_copy ;;
+remote-import) do_remote_import ;;
+count) need_target && count ;;
+*) die "usage: cache.sh export|import|copy|remote-import|count ... (see the top of $0)" ;;
+esac
