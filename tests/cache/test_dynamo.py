@@ -11,8 +11,6 @@ import pytest
 from botocore.config import Config
 from botocore.stub import Stubber
 from moto import mock_aws
-from tests.aws_local import REGION, dummy_credentials, start_moto_server
-from tests.helpers import Proc, free_port
 
 from comeapi.cache.dynamo import (
     CATALOGUE_KEY,
@@ -22,49 +20,20 @@ from comeapi.cache.dynamo import (
     encode_entry,
     make_client,
 )
-from comeapi.cache.key import chat_key, prompt_key
 from comeapi.cache.open import open_store
 from comeapi.cache.store import Entry
 from comeapi.errors import ConfigError, StoreError, StoreUnavailableError
+from tests.aws_local import (
+    REGION,
+    chat_entries,
+    dummy_credentials,
+    prompt_entries,
+    start_moto_server,
+)
+from tests.helpers import Proc, free_port
 
-MODEL = "gemma-3-270m-q4_k_m.gguf"
+CHAT = (("system", "Answer briefly."), ("user", "Hello"))
 TABLE = "comeapi-test"
-
-
-def prompt_entries(prompt: str, variants: int, model: str = MODEL) -> list[Entry]:
-    key = prompt_key(prompt, model)
-    return [
-        Entry(
-            key=key,
-            variant=v,
-            kind="prompt",
-            prompt=prompt,
-            answer=f"answer {v} to {prompt}",
-            model=model,
-            params={"temperature": 0.8, "top_p": 0.9, "max_tokens": 100},
-            prompt_tokens=5,
-            completion_tokens=7 + v,
-            created=1_760_000_000.125,
-        ).sealed()
-        for v in range(variants)
-    ]
-
-
-def chat_entries(text: str, variants: int) -> list[Entry]:
-    messages = (("system", "Answer briefly."), ("user", text))
-    key = chat_key(messages, MODEL)
-    return [
-        Entry(
-            key=key,
-            variant=v,
-            kind="chat",
-            prompt=text,
-            answer=f"chat answer {v}",
-            model=MODEL,
-            messages=messages,
-        ).sealed()
-        for v in range(variants)
-    ]
 
 
 @pytest.fixture
@@ -82,7 +51,7 @@ def store(client: Any) -> DynamoStore:
 
 
 def test_put_get_and_catalogue(store: DynamoStore) -> None:
-    entries = prompt_entries("日本の首都はどこですか", 5) + chat_entries("Hello", 2)
+    entries = prompt_entries("日本の首都はどこですか", 5) + chat_entries(CHAT, 2)
     assert store.put_many(entries) == 7
     for e in entries:
         assert store.get(e.key, e.variant) == e
@@ -338,7 +307,7 @@ def test_against_moto_server(spawn: Callable[..., Proc], monkeypatch: pytest.Mon
     endpoint = start_moto_server(spawn)
     store = DynamoStore.from_url(f"dynamodb:{TABLE}?region={REGION}&endpoint_url={endpoint}")
     assert create_table(store.client, TABLE) is True
-    entries = prompt_entries("東京タワーの高さ", 5) + chat_entries("Hi", 5)
+    entries = prompt_entries("東京タワーの高さ", 5) + chat_entries(CHAT, 5)
     store.replace_all(entries)
     reader = DynamoStore(make_client(REGION, endpoint), TABLE)
     assert reader.get(entries[3].key, 3) == entries[3]

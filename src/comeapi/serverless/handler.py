@@ -1,0 +1,339 @@
+"""The Lambda handler: an API Gateway event in, one DynamoDB GetItem, the cached answer out.
+
+A plain handler, no web framework: cold start is the cost that matters, so this module
+imports boto3, the standard library and comeapi's light modules only (no pydantic,
+starlette, orjson or click; ``python -X importtime -c "import comeapi.serverless.handler"``).
+
+Environment: TABLE_NAME (required), DEFAULT_MODEL, ON_MISS (``reject`` or ``start-backend``,
+see ``ondemand``), API_KEYS (comma-separated bearer tokens; empty: open), CATALOGUE_TTL (s).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import hmac
+import json
+import logging
+import os
+import secrets
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, Protocol
+
+from comeapi.cache.dynamo import Catalogue, DynamoStore, make_client
+from comeapi.cache.key import request_key
+from comeapi.cache.store import Entry
+from comeapi.errors import (
+    AuthenticationError,
+    ComeapiError,
+    ConfigError,
+    NotFoundError,
+    PayloadTooLargeError,
+    PromptNotCachedError,
+    RequestError,
+)
+from comeapi.protocol.responses import StreamEncoder, Usage, full_body
+from comeapi.serverless.events import HttpRequest, Reply, parse_event, to_result
+
+if TYPE_CHECKING:
+    from comeapi.protocol.requests import Kind
+
+log = logging.getLogger(__name__)
+
+DEFAULT_MODEL = "gemma-3-270m-q4_k_m.gguf"
+ROUTES: dict[str, Kind] = {
+    "/generate": "generate",
+    "/v1/completions": "completion",
+    "/v1/chat/completions": "chat",
+}
+ROLES = frozenset({"system", "developer", "user", "assistant"})
+MAX_BODY_BYTES = 256 * 1024
+JSON = "application/json"
+
+
+class MissHandler(Protocol):
+    """What answers a prompt the cache does not hold (e.g. a backend started on demand)."""
+
+    def __call__(self, request: HttpRequest) -> Reply: ...
+
+
+@dataclass(frozen=True, slots=True)
+class Lookup:
+    """The parts of a generation request the cache looks at. Sampling fields are ignored:
+    cached answers were generated once, by warmup, with its own parameters."""
+
+    kind: Kind
+    model: str
+    prompt: str | None
+    messages: tuple[tuple[str, str], ...] | None
+    stream: bool
+    include_usage: bool
+
+    def key(self) -> str:
+        return request_key(self.model, self.prompt, self.messages)
+
+
+def parse_lookup(kind: Kind, raw: bytes, default_model: str) -> Lookup:
+    """Validate what the cache needs from a body; RequestError (400) naming the bad field."""
+    try:
+        body = json.loads(raw)
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise RequestError(f"request body is not valid JSON: {exc}", code="invalid_json") from None
+    if not isinstance(body, dict):
+        raise RequestError("request body must be a JSON object", code="invalid_json")
+    model = body.get("model_name") or body.get("model") if kind == "generate" else body.get("model")
+    if model is not None and not isinstance(model, str):
+        raise RequestError("model: must be a string", param="model")
+    prompt: str | None = None
+    messages: tuple[tuple[str, str], ...] | None = None
+    if kind == "chat":
+        messages = _messages(body.get("messages"))
+    else:
+        prompt = _prompt(body.get("prompt"), kind)
+    stream = body.get("stream", False)
+    if not isinstance(stream, bool):
+        raise RequestError("stream: must be a boolean", param="stream")
+    options = body.get("stream_options") or {}
+    include_usage = isinstance(options, dict) and options.get("include_usage") is True
+    return Lookup(kind, model or default_model, prompt, messages, stream, include_usage)
+
+
+def _prompt(value: Any, kind: Kind) -> str:
+    if kind == "completion" and isinstance(value, list) and len(value) == 1:
+        value = value[0]
+    if not isinstance(value, str):
+        expected = "a string" if kind == "generate" else "a string or a list of one string"
+        raise RequestError(f"prompt: must be {expected}", param="prompt")
+    if not value:
+        raise RequestError("prompt: must not be empty", param="prompt")
+    return value
+
+
+def _messages(value: Any) -> tuple[tuple[str, str], ...]:
+    if not isinstance(value, list) or not value:
+        raise RequestError("messages: must be a non-empty list", param="messages")
+    out = []
+    for i, message in enumerate(value):
+        role = message.get("role") if isinstance(message, dict) else None
+        if role not in ROLES:
+            raise RequestError(
+                f"messages.{i}.role: must be one of {', '.join(sorted(ROLES))}",
+                param=f"messages.{i}.role",
+            )
+        content = message.get("content")
+        if isinstance(content, list):  # content parts: only text can match a cached prompt
+            parts = [p.get("text") if isinstance(p, dict) else None for p in content]
+            if not all(isinstance(p, str) for p in parts):
+                raise RequestError(
+                    f"messages.{i}.content: only text parts are supported",
+                    param=f"messages.{i}.content",
+                )
+            content = "".join(parts)  # type: ignore[arg-type]
+        if not isinstance(content, str):
+            raise RequestError(
+                f"messages.{i}.content: must be a string or a list of text parts",
+                param=f"messages.{i}.content",
+            )
+        out.append((role, content))
+    return tuple(out)
+
+
+class ServerlessApp:
+    """Routes one API Gateway event. Keeps the catalogue between invocations of a warm
+    container (refreshed after ``catalogue_ttl``), so a hit costs one GetItem."""
+
+    def __init__(
+        self,
+        store: DynamoStore,
+        *,
+        default_model: str = DEFAULT_MODEL,
+        on_miss: MissHandler | None = None,
+        api_keys: tuple[str, ...] = (),
+        catalogue_ttl: float = 60.0,
+        miss_refresh: float = 5.0,
+        randbelow: Callable[[int], int] = secrets.randbelow,
+        clock: Callable[[], float] = time.monotonic,
+    ):
+        self.store = store
+        self.default_model = default_model
+        self.on_miss = on_miss
+        self.api_keys = tuple(k.encode() for k in api_keys)
+        self.catalogue_ttl = catalogue_ttl
+        self.miss_refresh = miss_refresh
+        self._randbelow = randbelow
+        self._clock = clock
+        self._catalogue: Catalogue | None = None
+        self._variants: dict[str, int] = {}
+        self._loaded_at = 0.0
+
+    @classmethod
+    def from_env(cls, environ: Mapping[str, str], client: Any = None) -> ServerlessApp:
+        table = environ.get("TABLE_NAME")
+        if not table:
+            raise ConfigError("TABLE_NAME is not set: the DynamoDB table holding the cache")
+        if client is None:
+            client = make_client(endpoint_url=environ.get("DYNAMODB_ENDPOINT_URL") or None)
+        on_miss: MissHandler | None = None
+        mode = environ.get("ON_MISS", "reject")
+        if mode == "start-backend":
+            from comeapi.serverless.ondemand import OnDemandBackend
+
+            on_miss = OnDemandBackend.from_env(environ)
+        elif mode != "reject":
+            raise ConfigError(f"ON_MISS={mode!r}: expected reject or start-backend")
+        try:
+            ttl = float(environ.get("CATALOGUE_TTL", "60"))
+        except ValueError:
+            raise ConfigError("CATALOGUE_TTL must be a number of seconds") from None
+        keys = tuple(k.strip() for k in environ.get("API_KEYS", "").split(",") if k.strip())
+        return cls(
+            DynamoStore(client, table),
+            default_model=environ.get("DEFAULT_MODEL") or DEFAULT_MODEL,
+            on_miss=on_miss,
+            api_keys=keys,
+            catalogue_ttl=ttl,
+        )
+
+    def __call__(self, event: dict[str, Any], context: Any = None) -> dict[str, Any]:
+        try:
+            reply = self.handle(parse_event(event))
+        except ComeapiError as exc:
+            reply = error_reply(exc)
+        except Exception:
+            log.exception("unhandled error")
+            reply = error_reply(ComeapiError("internal error", code="internal_error"))
+        return to_result(reply)
+
+    def handle(self, request: HttpRequest) -> Reply:
+        if self.api_keys:
+            self._authenticate(request)
+        kind = ROUTES.get(request.path)
+        if kind is not None and request.method == "POST":
+            if len(request.body) > MAX_BODY_BYTES:
+                raise PayloadTooLargeError(f"request body is over {MAX_BODY_BYTES} bytes")
+            return self._answer(request, parse_lookup(kind, request.body, self.default_model))
+        if request.method == "GET" and request.path in ("/", "/status", "/models", "/v1/models"):
+            return self._info(request.path)
+        raise NotFoundError(f"no route {request.method} {request.path}")
+
+    def _answer(self, request: HttpRequest, lookup: Lookup) -> Reply:
+        key = lookup.key()
+        for attempt in range(2):
+            n = self._variants_of(key, refresh_on_miss=attempt == 0)
+            if not n:
+                return self._miss(request)
+            variant = self._randbelow(n)
+            entry = self.store.get(key, variant)
+            if entry is not None:
+                return _hit(lookup, entry, variant)
+            self._load_catalogue()  # pushed over since we read the catalogue: read it again
+        return self._miss(request)
+
+    def _miss(self, request: HttpRequest) -> Reply:
+        if self.on_miss is not None:
+            return self.on_miss(request)
+        assert self._catalogue is not None
+        raise PromptNotCachedError([p.prompt for p in self._catalogue.prompts])
+
+    def _variants_of(self, key: str, *, refresh_on_miss: bool) -> int:
+        now = self._clock()
+        if self._catalogue is None or now - self._loaded_at > self.catalogue_ttl:
+            self._load_catalogue()
+        n = self._variants.get(key, 0)
+        # A prompt pushed a moment ago: look again, but at most every miss_refresh seconds.
+        if not n and refresh_on_miss and now - self._loaded_at > self.miss_refresh:
+            self._load_catalogue()
+            n = self._variants.get(key, 0)
+        return n
+
+    def _load_catalogue(self) -> None:
+        self._catalogue = self.store.catalogue()
+        self._variants = self._catalogue.variants()
+        self._loaded_at = self._clock()
+
+    def _authenticate(self, request: HttpRequest) -> None:
+        scheme, _, token = request.headers.get("authorization", "").partition(" ")
+        given = token.strip().encode()
+        if scheme.lower() != "bearer" or not any(
+            hmac.compare_digest(given, k) for k in self.api_keys
+        ):
+            raise AuthenticationError("missing or wrong API key (Authorization: Bearer KEY)")
+
+    def _info(self, path: str) -> Reply:
+        if self._catalogue is None or self._clock() - self._loaded_at > self.catalogue_ttl:
+            self._load_catalogue()
+        assert self._catalogue is not None
+        prompts = self._catalogue.prompts
+        models = sorted({p.model for p in prompts} | {self.default_model})
+        if path == "/v1/models":
+            data = [
+                {"id": m, "object": "model", "created": 0, "owned_by": "comeapi"} for m in models
+            ]
+            return json_reply(200, {"object": "list", "data": data})
+        if path == "/models":
+            return json_reply(200, {"models": models, "default_model": self.default_model})
+        status = {
+            "mode": "serverless",
+            "cached_prompts": len(prompts),
+            "cached_answers": sum(p.variants for p in prompts),
+            "on_miss": "start-backend" if self.on_miss is not None else "reject",
+        }
+        return json_reply(200, {"message": "ComeAPI (serverless)", "status": status})
+
+
+def _hit(lookup: Lookup, entry: Entry, variant: int) -> Reply:
+    usage = Usage(entry.prompt_tokens, entry.completion_tokens)
+    headers = {"X-Cache": "HIT", "X-Cache-Variant": str(variant)}
+    if lookup.stream:
+        # API Gateway buffers a Lambda's answer, so the whole stream goes as one SSE body.
+        encoder = StreamEncoder(lookup.kind, entry.model, include_usage=lookup.include_usage)
+        events = (
+            encoder.start()
+            + encoder.delta(entry.answer)
+            + encoder.finish(entry.finish_reason, usage)
+        )
+        headers.update({"Content-Type": "text/event-stream", "Cache-Control": "no-cache"})
+        return Reply(200, events.decode("utf-8"), headers)
+    body = full_body(
+        lookup.kind,
+        model=entry.model,
+        text=entry.answer,
+        finish_reason=entry.finish_reason,
+        usage=usage,
+    )
+    return json_reply(200, body, headers)
+
+
+def json_reply(status: int, body: Any, headers: dict[str, str] | None = None) -> Reply:
+    text = json.dumps(body, ensure_ascii=False, separators=(",", ":"))
+    return Reply(status, text, {"Content-Type": JSON, **(headers or {})})
+
+
+def error_reply(exc: ComeapiError) -> Reply:
+    """Every error in the gateway's shape: OpenAI's ``{"error": {...}}`` plus its headers."""
+    return json_reply(exc.status, exc.to_dict(), exc.headers())
+
+
+@functools.cache
+def default_app() -> ServerlessApp:
+    """The app this container serves, built once: its boto3 client is reused across calls."""
+    return ServerlessApp.from_env(os.environ)
+
+
+def handler(event: dict[str, Any], context: Any) -> dict[str, Any]:
+    """The Lambda entry point (``comeapi.serverless.handler.handler``)."""
+    try:
+        app = default_app()
+    except ComeapiError as exc:
+        log.error("cannot start: %s", exc.message)
+        return to_result(error_reply(exc))
+    return app(event, context)
+
+
+if os.environ.get("AWS_LAMBDA_FUNCTION_NAME") and os.environ.get("TABLE_NAME"):
+    # In Lambda, build the client during the init phase, not in the first request. A bad
+    # setting surfaces as a JSON error on each request instead (functools.cache keeps none).
+    with contextlib.suppress(ComeapiError):
+        default_app()
