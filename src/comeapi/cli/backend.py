@@ -1,0 +1,136 @@
+"""``comeapi backend`` (one llama.cpp server) and ``comeapi backends start`` (a supervised pool)."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+from typing import TYPE_CHECKING, Any
+
+import click
+from rich.console import Console
+from rich.table import Table
+
+from comeapi.cli.options import build_settings, settings_options
+from comeapi.errors import ConfigError
+from comeapi.settings import Settings
+
+if TYPE_CHECKING:
+    from comeapi.backend.supervisor import Supervisor
+
+# Settings every backend process uses; the pool passes them on to its children.
+BACKEND_FIELDS = (
+    "model_dir",
+    "default_model",
+    "threads",
+    "n_gpu_layers",
+    "ctx",
+    "slots",
+    "max_loaded_models",
+    "max_tokens_limit",
+    "max_body_bytes",
+    "backend_queue",
+    "shutdown_timeout",
+    "log_level",
+)
+
+
+def _configure_logging(settings: Settings) -> None:
+    logging.getLogger().setLevel(settings.log_level.upper())
+
+
+@click.command()
+@settings_options(
+    "backend_host",
+    "backend_port",
+    *BACKEND_FIELDS,
+    flags={"backend_host": "--host", "backend_port": "--port"},
+)
+@click.option("--parent-pid", type=int, default=None, hidden=True)
+@click.pass_context
+def backend(ctx: click.Context, /, parent_pid: int | None, **values: Any) -> None:
+    """Serve GGUF models with llama.cpp: ComeAPI's API and OpenAI's.
+
+    /health answers 503 while the default model loads, then 200.
+    """
+    settings = build_settings(ctx, values)
+    _configure_logging(settings)
+    from comeapi.backend.server import EXIT_CONFIG, serve
+
+    try:
+        serve(settings, parent_pid=parent_pid)
+    except ConfigError as exc:
+        click.echo(f"Error: {exc.message}", err=True)
+        ctx.exit(EXIT_CONFIG)
+
+
+@click.group()
+def backends() -> None:
+    """The backend pool: several `comeapi backend` processes on consecutive ports."""
+
+
+@backends.command("start")
+@settings_options(
+    "backend_host",
+    "base_port",
+    "count",
+    *BACKEND_FIELDS,
+    "restart_backoff_max",
+    "health_timeout",
+    flags={"backend_host": "--host"},
+)
+@click.pass_context
+def start(ctx: click.Context, /, **values: Any) -> None:
+    """Start COUNT backends on BASE_PORT.., keep them alive, stop them all on Ctrl-C/SIGTERM."""
+    settings = build_settings(ctx, values)
+    _configure_logging(settings)
+    try:
+        asyncio.run(_run_pool(settings))
+    except ConfigError as exc:
+        click.echo(f"Error: {exc.message}", err=True)
+        ctx.exit(1)
+
+
+async def _run_pool(settings: Settings) -> None:
+    from comeapi.backend.supervisor import Supervisor
+
+    supervisor = Supervisor(
+        settings, host=settings.backend_host, base_port=settings.base_port, count=settings.count
+    )
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+    starting = asyncio.create_task(supervisor.start())
+    stopped = asyncio.create_task(stop.wait())
+    try:
+        await asyncio.wait({starting, stopped}, return_when=asyncio.FIRST_COMPLETED)
+        if not starting.done():  # Ctrl-C during start-up
+            starting.cancel()
+            await asyncio.gather(starting, return_exceptions=True)
+            return
+        starting.result()  # raises ConfigError if a backend failed to start
+        _print_table(supervisor)
+        watcher = asyncio.create_task(supervisor.watch())
+        await stopped
+        logging.getLogger("comeapi.pool").info("stopping %d backends", settings.count)
+        await supervisor.stop()
+        await watcher
+    finally:
+        stopped.cancel()
+        await supervisor.stop()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.remove_signal_handler(sig)
+
+
+def _print_table(supervisor: Supervisor) -> None:
+    table = Table(title="comeapi backends")
+    table.add_column("#", justify="right")
+    table.add_column("URL")
+    table.add_column("PID", justify="right")
+    table.add_column("status")
+    for proc in supervisor.processes():
+        table.add_row(str(proc.index + 1), proc.url, str(proc.pid), "🟢 healthy")
+    console = Console()
+    console.print(table)
+    console.print("Ctrl-C stops every backend.")
