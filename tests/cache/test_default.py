@@ -1,0 +1,81 @@
+"""The shipped default cache: 10 x 5 answers that match the shipped prompt set, seeded into
+the default store on first use (and only into the default store)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from comeapi.cache.default import (
+    ensure_default_store,
+    open_configured_store,
+    shipped_cache_path,
+    shipped_entries,
+)
+from comeapi.cache.open import open_store
+from comeapi.cache.prompts import load_prompt_set
+from comeapi.settings import DEFAULT_STORE, load_settings
+from tests.cache.factory import prompt_entry
+
+
+def test_shipped_data_answers_every_shipped_prompt_five_times() -> None:
+    entries = shipped_entries()  # validates every checksum and key
+    prompts = load_prompt_set()
+    assert len(entries) == 50
+    by_key: dict[str, list[int]] = {}
+    for e in entries:
+        by_key.setdefault(e.key, []).append(e.variant)
+    assert set(by_key) == {item.key for item in prompts.items}
+    assert all(sorted(v) == [0, 1, 2, 3, 4] for v in by_key.values())
+    items = prompts.by_key()
+    for e in entries:
+        item = items[e.key]
+        assert e.model == prompts.model
+        assert e.kind == item.kind and e.messages == item.messages
+        assert e.params == {**item.params, "seed": e.variant}  # generated as the set says
+        assert e.answer.strip()
+        assert e.completion_tokens > 0
+
+
+def test_shipped_file_is_package_data() -> None:
+    path = shipped_cache_path()
+    assert path.parent.name == "data"
+    assert path.parent.parent.name == "comeapi"
+
+
+@pytest.fixture
+def in_tmp(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """The default store (a relative path) lands in tmp_path."""
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("COMEAPI_STORE", raising=False)
+    monkeypatch.delenv("COMEAPI_CONFIG", raising=False)
+    return tmp_path
+
+
+def test_the_empty_default_store_is_seeded_once(in_tmp: Path) -> None:
+    settings = load_settings()
+    assert settings.store == DEFAULT_STORE
+    assert ensure_default_store(settings) == 50
+    assert (in_tmp / "var" / "comeapi-cache.db").is_file()
+    assert ensure_default_store(settings) == 0
+    with open_configured_store(settings) as store:
+        index = store.load_index()
+    assert sorted(index) == sorted(e.key for e in shipped_entries() if e.variant == 0)
+    assert {len(group) for group in index.values()} == {5}
+
+
+def test_a_default_store_with_content_is_left_alone(in_tmp: Path) -> None:
+    settings = load_settings()
+    with open_store(settings.store) as store:
+        store.put(prompt_entry("mine", 0))
+    assert ensure_default_store(settings) == 0
+    with open_store(settings.store) as store:
+        assert [e.prompt for e in store.entries()] == ["mine"]
+
+
+def test_a_configured_store_is_never_seeded(in_tmp: Path) -> None:
+    settings = load_settings(store=f"sqlite:{in_tmp / 'own.db'}")
+    with open_configured_store(settings) as store:
+        assert store.is_empty()
+    assert not (in_tmp / "var").exists()
