@@ -1,0 +1,265 @@
+"""The export archive: a roundtrip is exact; anything truncated, tampered or incompatible is
+refused with a message, before any entry is handed out."""
+
+from __future__ import annotations
+
+import gzip
+import hashlib
+import io
+import json
+import re
+import tarfile
+from collections.abc import Callable
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from comeapi.cache.archive import (
+    ENTRIES,
+    MANIFEST,
+    entry_line,
+    read_archive,
+    read_entries_file,
+    read_jsonl,
+    write_archive,
+    write_jsonl,
+)
+from comeapi.cache.sqlite import SqliteStore
+from comeapi.cache.store import Entry
+from comeapi.errors import ArchiveError, StoreError
+from tests.cache.factory import sample_entries
+
+
+def _sorted(entries: list[Entry]) -> list[Entry]:
+    return sorted(entries, key=lambda e: (e.key, e.variant))
+
+
+def test_roundtrip_through_a_fresh_store_is_identical(tmp_path: Path) -> None:
+    entries = sample_entries(prompts=3, variants=5)
+    with SqliteStore(tmp_path / "a.db") as source:
+        source.put_many(entries)
+        manifest = write_archive(source.entries(), tmp_path / "cache.tar.gz")
+    assert manifest["entries"] == 15
+    assert [p["variants"] for p in manifest["prompts"]] == [5, 5, 5]
+    with SqliteStore(tmp_path / "b.db") as target:
+        target.put_many(read_archive(tmp_path / "cache.tar.gz"))
+        assert list(target.entries()) == _sorted(entries)
+
+
+def test_archive_layout_and_manifest(tmp_path: Path) -> None:
+    entries = sample_entries(prompts=2, variants=2)
+    write_archive(entries, tmp_path / "c.tar.gz")
+    with tarfile.open(tmp_path / "c.tar.gz", "r:gz") as tar:
+        assert tar.getnames() == [MANIFEST, ENTRIES]
+        manifest = json.loads(_member(tar, MANIFEST))
+        body = _member(tar, ENTRIES)
+    assert manifest["format"] == "comeapi-cache"
+    assert manifest["version"] == 1
+    assert manifest["key_version"] == 1
+    lines = body.splitlines(keepends=True)
+    assert len(lines) == 4
+    for e in entries:
+        line = entry_line(e)
+        assert line in lines
+        assert manifest["sha256"][f"{e.key}#{e.variant}"] == hashlib.sha256(line).hexdigest()
+
+
+def test_jsonl_roundtrip(tmp_path: Path) -> None:
+    entries = sample_entries(prompts=2, variants=3)
+    assert write_jsonl(entries, tmp_path / "d.jsonl") == 6
+    assert read_jsonl(tmp_path / "d.jsonl") == _sorted(entries)
+    assert read_entries_file(tmp_path / "d.jsonl") == _sorted(entries)
+
+
+def test_a_failed_write_leaves_no_partial_file(tmp_path: Path) -> None:
+    good = sample_entries(prompts=1, variants=2)
+    target = tmp_path / "out.tar.gz"
+    write_archive(good, target)
+    before = target.read_bytes()
+    corrupt = [*good, replace(good[0], variant=7)]  # checksum no longer matches
+    with pytest.raises(StoreError, match="checksum"):
+        write_archive(corrupt, target)
+    assert target.read_bytes() == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out.tar.gz"]
+
+
+# --- rejections ---------------------------------------------------------------------------
+
+
+def _member(tar: tarfile.TarFile, name: str) -> bytes:
+    fh = tar.extractfile(name)
+    assert fh is not None
+    return fh.read()
+
+
+def build(path: Path, members: dict[str, bytes]) -> Path:
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w") as tar:
+        for name, data in members.items():
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+    path.write_bytes(gzip.compress(buf.getvalue()))
+    return path
+
+
+@pytest.fixture
+def parts(tmp_path: Path) -> tuple[dict[str, Any], bytes]:
+    """The manifest and entry lines of a good archive, to tamper with."""
+    write_archive(sample_entries(prompts=2, variants=3), tmp_path / "good.tar.gz")
+    with tarfile.open(tmp_path / "good.tar.gz", "r:gz") as tar:
+        return json.loads(_member(tar, MANIFEST)), _member(tar, ENTRIES)
+
+
+def _resealed(manifest: dict[str, Any], body: bytes) -> dict[str, Any]:
+    """The manifest updated to match ``body`` (a tamperer who recomputes the SHA-256s)."""
+    fixed = dict(manifest)
+    fixed["entries_sha256"] = hashlib.sha256(body).hexdigest()
+    table = {}
+    for line in body.splitlines(keepends=True):
+        doc = json.loads(line)
+        table[f"{doc['key']}#{doc['variant']}"] = hashlib.sha256(line).hexdigest()
+    fixed["sha256"] = table
+    fixed["entries"] = len(table)
+    return fixed
+
+
+def _edit_first(body: bytes, change: Callable[[dict[str, Any]], None]) -> bytes:
+    lines = body.splitlines(keepends=True)
+    doc = json.loads(lines[0])
+    change(doc)
+    lines[0] = (json.dumps(doc, ensure_ascii=False, sort_keys=True) + "\n").encode()
+    return b"".join(lines)
+
+
+def test_every_truncation_is_rejected(tmp_path: Path) -> None:
+    write_archive(sample_entries(prompts=2, variants=3), tmp_path / "good.tar.gz")
+    raw = (tmp_path / "good.tar.gz").read_bytes()
+    cut = tmp_path / "cut.tar.gz"
+    for size in [0, 1, 10, len(raw) // 3, len(raw) // 2, len(raw) - 8, len(raw) - 1]:
+        cut.write_bytes(raw[:size])
+        with pytest.raises(ArchiveError, match=r"truncated|not a valid gzip"):
+            read_archive(cut)
+
+
+def test_flipped_bytes_are_rejected(tmp_path: Path) -> None:
+    write_archive(sample_entries(prompts=2, variants=3), tmp_path / "good.tar.gz")
+    raw = bytearray((tmp_path / "good.tar.gz").read_bytes())
+    for offset in range(12, len(raw), max(1, len(raw) // 25)):
+        bad = bytearray(raw)
+        bad[offset] ^= 0x55
+        (tmp_path / "bad.tar.gz").write_bytes(bytes(bad))
+        with pytest.raises(ArchiveError):
+            read_archive(tmp_path / "bad.tar.gz")
+
+
+def test_a_changed_answer_fails_the_manifest_sha256(
+    tmp_path: Path, parts: tuple[dict[str, Any], bytes]
+) -> None:
+    manifest, body = parts
+    body = _edit_first(body, lambda d: d.update(answer="a different answer"))
+    path = build(tmp_path / "t.tar.gz", {MANIFEST: json.dumps(manifest).encode(), ENTRIES: body})
+    with pytest.raises(ArchiveError, match="does not match its SHA-256"):
+        read_archive(path)
+
+
+def test_a_changed_answer_with_resealed_manifest_fails_the_entry_checksum(
+    tmp_path: Path, parts: tuple[dict[str, Any], bytes]
+) -> None:
+    manifest, body = parts
+    body = _edit_first(body, lambda d: d.update(answer="a different answer"))
+    fixed = _resealed(manifest, body)
+    path = build(tmp_path / "t.tar.gz", {MANIFEST: json.dumps(fixed).encode(), ENTRIES: body})
+    with pytest.raises(ArchiveError, match=r"line 1: entry .* fails its checksum"):
+        read_archive(path)
+
+
+def test_an_entry_under_the_wrong_key_is_rejected(
+    tmp_path: Path, parts: tuple[dict[str, Any], bytes]
+) -> None:
+    manifest, body = parts
+
+    def move(doc: dict[str, Any]) -> None:
+        doc["model"] = "another-model.gguf"
+        doc["checksum"] = Entry.from_dict(doc).compute_checksum()
+
+    body = _edit_first(body, move)
+    fixed = _resealed(manifest, body)
+    path = build(tmp_path / "t.tar.gz", {MANIFEST: json.dumps(fixed).encode(), ENTRIES: body})
+    with pytest.raises(ArchiveError, match="not the key of its prompt"):
+        read_archive(path)
+
+
+def test_a_dropped_entry_is_rejected(tmp_path: Path, parts: tuple[dict[str, Any], bytes]) -> None:
+    manifest, body = parts
+    body = b"".join(body.splitlines(keepends=True)[1:])
+    manifest = {**manifest, "entries_sha256": hashlib.sha256(body).hexdigest()}
+    path = build(tmp_path / "t.tar.gz", {MANIFEST: json.dumps(manifest).encode(), ENTRIES: body})
+    with pytest.raises(ArchiveError, match="holds 5 entries, the manifest lists 6"):
+        read_archive(path)
+
+
+def test_a_duplicated_entry_is_rejected(
+    tmp_path: Path, parts: tuple[dict[str, Any], bytes]
+) -> None:
+    manifest, body = parts
+    body = body + body.splitlines(keepends=True)[0]
+    fixed = {**manifest, "entries_sha256": hashlib.sha256(body).hexdigest()}
+    path = build(tmp_path / "t.tar.gz", {MANIFEST: json.dumps(fixed).encode(), ENTRIES: body})
+    with pytest.raises(ArchiveError, match="more than once"):
+        read_archive(path)
+
+
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [
+        ({"version": 2}, "format version 2; this comeapi reads version 1"),
+        ({"version": None}, "format version None"),
+        ({"format": "nginx-cache"}, "not a comeapi cache archive"),
+        ({"key_version": 2}, "cache key version 2"),
+        ({"prompts": []}, "variant counts per prompt differ"),
+    ],
+)
+def test_incompatible_manifests_are_rejected(
+    tmp_path: Path, parts: tuple[dict[str, Any], bytes], change: dict[str, Any], message: str
+) -> None:
+    manifest, body = parts
+    path = build(
+        tmp_path / "t.tar.gz",
+        {MANIFEST: json.dumps({**manifest, **change}).encode(), ENTRIES: body},
+    )
+    with pytest.raises(ArchiveError, match=re.escape(message)):
+        read_archive(path)
+
+
+def test_wrong_members_are_rejected(tmp_path: Path, parts: tuple[dict[str, Any], bytes]) -> None:
+    manifest, body = parts
+    head = json.dumps(manifest).encode()
+    cases = {
+        "no entries": ({MANIFEST: head}, f"has no {ENTRIES}"),
+        "no manifest": ({ENTRIES: body}, f"has no {MANIFEST}"),
+        "extra member": ({MANIFEST: head, ENTRIES: body, "../evil": b"x"}, "unexpected member"),
+        "bad json": ({MANIFEST: b"{nope", ENTRIES: body}, "not valid JSON"),
+    }
+    for name, (members, message) in cases.items():
+        path = build(tmp_path / f"{name}.tar.gz", members)
+        with pytest.raises(ArchiveError, match=message):
+            read_archive(path)
+    (tmp_path / "plain.tar.gz").write_bytes(b"just text, not gzip")
+    with pytest.raises(ArchiveError, match="not a valid gzip"):
+        read_archive(tmp_path / "plain.tar.gz")
+    with pytest.raises(ArchiveError, match="cannot read"):
+        read_archive(tmp_path / "missing.tar.gz")
+
+
+def test_a_tampered_jsonl_line_is_rejected(tmp_path: Path) -> None:
+    write_jsonl(sample_entries(prompts=1, variants=2), tmp_path / "d.jsonl")
+    raw = (tmp_path / "d.jsonl").read_bytes()
+    (tmp_path / "d.jsonl").write_bytes(_edit_first(raw, lambda d: d.update(answer="x")))
+    with pytest.raises(ArchiveError, match=r"line 1: .* fails its checksum"):
+        read_jsonl(tmp_path / "d.jsonl")
+    (tmp_path / "d.jsonl").write_bytes(raw + b"{not json\n")
+    with pytest.raises(ArchiveError, match="line 3 is not a valid entry"):
+        read_jsonl(tmp_path / "d.jsonl")

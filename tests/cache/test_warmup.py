@@ -1,0 +1,328 @@
+"""Warmup: the dispatch logic against mock backends, then the real thing (bundled model,
+real backend process): exactly N per prompt, and a SIGKILLed run resumed without loss."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import signal
+import subprocess
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+
+from comeapi.cache.prompts import PromptSet, parse_prompt_set
+from comeapi.cache.sqlite import SqliteStore
+from comeapi.cache.store import Entry, ResponseStore
+from comeapi.cache.warmup import run_warmup
+from comeapi.errors import StoreError, UnavailableError
+from tests.helpers import Proc, comeapi_argv, free_port
+
+SET = """
+max_tokens: 4
+prompts:
+  - prompt: "Once upon a time"
+  - messages:
+      - {role: user, content: "こんにちは"}
+"""
+
+
+def prompt_set(text: str = SET) -> PromptSet:
+    return parse_prompt_set(text, "test.yaml")
+
+
+class FakeBackends:
+    """Backends behind httpx.MockTransport: /health with ``capacity``, OpenAI answers."""
+
+    def __init__(self, capacities: dict[str, int | None], delay: float = 0.02):
+        self.capacities = capacities
+        self.delay = delay
+        self.in_flight = 0
+        self.peak = 0
+        self.requests: list[tuple[str, dict[str, Any], httpx.Headers]] = []
+        self.fail: Callable[[str, dict[str, Any]], httpx.Response | None] = lambda u, b: None
+
+    async def __call__(self, request: httpx.Request) -> httpx.Response:
+        base = f"{request.url.scheme}://{request.url.host}:{request.url.port}"
+        if request.url.path == "/health":
+            capacity = self.capacities[base]
+            doc: dict[str, Any] = {"status": "ok"}
+            if capacity is not None:
+                doc["capacity"] = capacity
+            return httpx.Response(200, json=doc)
+        body = json.loads(request.content)
+        self.requests.append((base, body, request.headers))
+        self.in_flight += 1
+        self.peak = max(self.peak, self.in_flight)
+        try:
+            await asyncio.sleep(self.delay)
+        finally:
+            self.in_flight -= 1
+        failure = self.fail(base, body)
+        if failure is not None:
+            return failure
+        text = f"answer seed {body['seed']}"
+        usage = {"prompt_tokens": 3, "completion_tokens": 4, "total_tokens": 7}
+        if request.url.path == "/v1/chat/completions":
+            choice = {"message": {"role": "assistant", "content": text}, "finish_reason": "length"}
+        else:
+            choice = {"text": text, "finish_reason": "length"}
+        return httpx.Response(200, json={"choices": [choice], "usage": usage})
+
+
+@pytest.fixture
+def store(tmp_path: Path) -> Iterator[SqliteStore]:
+    with SqliteStore(tmp_path / "w.db") as s:
+        yield s
+
+
+def warm(store: ResponseStore, backends: FakeBackends, urls: list[str], **kwargs: Any) -> Any:
+    kwargs.setdefault("variants", 3)
+    return asyncio.run(
+        run_warmup(
+            kwargs.pop("prompts", prompt_set()),
+            store,
+            urls,
+            transport=httpx.MockTransport(backends),
+            **kwargs,
+        )
+    )
+
+
+def test_fills_every_variant_with_seed_params_and_usage(store: SqliteStore) -> None:
+    fake = FakeBackends({"http://a:1": 1})
+    report = warm(store, fake, ["http://a:1"])
+    assert report.ok
+    assert report.totals() == {"present": 0, "generated": 6, "failed": 0}
+    index = store.load_index()
+    assert sorted(len(v) for v in index.values()) == [3, 3]
+    for group in index.values():
+        for e in group:
+            assert e.answer == f"answer seed {e.variant}"
+            assert e.params == {
+                "max_tokens": 4,
+                "temperature": 0.8,
+                "top_k": 40,
+                "top_p": 0.9,
+                "seed": e.variant,
+            }
+            assert (e.prompt_tokens, e.completion_tokens, e.finish_reason) == (3, 4, "length")
+            assert e.model == "gemma-3-270m-q4_k_m.gguf"
+    for _, _body, headers in fake.requests:
+        assert headers["cache-control"] == "no-cache"
+    chat = [b for _, b, _ in fake.requests if "messages" in b]
+    assert len(chat) == 3
+    assert chat[0]["messages"] == [{"role": "user", "content": "こんにちは"}]
+
+
+def test_a_rerun_fills_only_what_is_missing(store: SqliteStore) -> None:
+    fake = FakeBackends({"http://a:1": 1})
+    warm(store, fake, ["http://a:1"], variants=2)
+    before = {(e.key, e.variant): e for e in store.entries()}
+    fake.requests.clear()
+    report = warm(store, fake, ["http://a:1"], variants=3)
+    assert report.totals() == {"present": 4, "generated": 2, "failed": 0}
+    assert sorted(b["seed"] for _, b, _ in fake.requests) == [2, 2]
+    after = {(e.key, e.variant): e for e in store.entries()}
+    assert all(after[k] == e for k, e in before.items())  # untouched
+    fake.requests.clear()
+    report = warm(store, fake, ["http://a:1"], variants=3)
+    assert report.ok and report.totals()["generated"] == 0 and fake.requests == []
+    report = warm(store, fake, ["http://a:1"], variants=2, force=True)
+    assert report.totals()["generated"] == 4
+    assert [row.extra for row in report.rows] == [1, 1]  # variant 2 kept, reported
+
+
+def test_concurrency_is_the_pools_capacity(store: SqliteStore) -> None:
+    fake = FakeBackends({"http://a:1": 2, "http://b:2": 1}, delay=0.1)
+    report = warm(store, fake, ["http://a:1", "http://b:2"])
+    assert report.concurrency == 3
+    assert fake.peak == 3
+    per_url = {
+        u: sum(1 for b, _, _ in fake.requests if b == u) for u in ("http://a:1", "http://b:2")
+    }
+    assert per_url["http://a:1"] > per_url["http://b:2"] > 0
+
+
+def test_without_capacity_the_default_or_flag_applies(store: SqliteStore) -> None:
+    fake = FakeBackends({"http://gw:9": None}, delay=0.1)
+    assert warm(store, fake, ["http://gw:9"]).concurrency == 2
+    assert fake.peak == 2
+    fake = FakeBackends({"http://gw:9": None}, delay=0.1)
+    report = warm(store, fake, ["http://gw:9"], variants=6, concurrency=4)
+    assert report.concurrency == 4 and fake.peak == 4
+
+
+def test_busy_backends_are_waited_for(store: SqliteStore) -> None:
+    fake = FakeBackends({"http://a:1": 1})
+    busy = {"left": 2}
+
+    def fail(url: str, body: dict[str, Any]) -> httpx.Response | None:
+        if busy["left"]:
+            busy["left"] -= 1
+            return httpx.Response(503, headers={"Retry-After": "0"}, json={"error": {}})
+        return None
+
+    fake.fail = fail
+    report = warm(store, fake, ["http://a:1"], variants=1)
+    assert report.ok
+
+
+def test_failures_are_reported_and_the_rest_is_kept(store: SqliteStore) -> None:
+    fake = FakeBackends({"http://a:1": 1, "http://b:2": 1})
+
+    def fail(url: str, body: dict[str, Any]) -> httpx.Response | None:
+        if "messages" in body and body["seed"] == 1:
+            return httpx.Response(500, json={"error": {"message": "llama exploded"}})
+        if "prompt" in body and body["seed"] == 2:
+            return httpx.Response(200, json={"choices": []})
+        return None
+
+    fake.fail = fail
+    report = warm(store, fake, ["http://a:1", "http://b:2"])
+    assert not report.ok
+    assert report.totals() == {"present": 0, "generated": 4, "failed": 2}
+    assert [r.complete for r in report.rows] == [False, False]
+    text = "\n".join(report.failures)
+    assert "prompts[1] variant 1" in text and "llama exploded" in text
+    assert "prompts[0] variant 2" in text and "malformed answer" in text
+    assert len(list(store.entries())) == 4
+
+
+def test_no_ready_backend_is_a_clear_error(store: SqliteStore) -> None:
+    def down(request: httpx.Request) -> httpx.Response:
+        if request.url.host == "loading":
+            return httpx.Response(503, json={"status": "loading"})
+        raise httpx.ConnectError("refused", request=request)
+
+    with pytest.raises(UnavailableError, match="no backend is ready") as info:
+        asyncio.run(
+            run_warmup(
+                prompt_set(),
+                store,
+                ["http://down:1", "http://loading:2"],
+                variants=1,
+                wait=0,
+                transport=httpx.MockTransport(down),
+            )
+        )
+    assert "ConnectError" in info.value.message and "503 loading" in info.value.message
+    assert store.is_empty()
+
+
+def test_a_store_that_cannot_write_stops_the_run(tmp_path: Path) -> None:
+    class Broken(SqliteStore):
+        def _put_many(self, entries: list[Entry]) -> int:
+            raise StoreError("disk on fire")
+
+    fake = FakeBackends({"http://a:1": 1})
+    with Broken(tmp_path / "b.db") as broken, pytest.raises(StoreError, match="disk on fire"):
+        warm(broken, fake, ["http://a:1"], variants=5)
+    assert len(fake.requests) == 1  # not 10 generations thrown away
+
+
+# --- the real thing: the bundled model in a real backend ---------------------------------
+
+
+@pytest.fixture(scope="module")
+def backend(tmp_path_factory: pytest.TempPathFactory, model_dir: Path) -> Iterator[str]:
+    port = free_port()
+    log = tmp_path_factory.mktemp("backend") / "backend.log"
+    proc = Proc(comeapi_argv("backend", "--port", str(port), "--model-dir", str(model_dir)), log)
+    try:
+        url = f"http://127.0.0.1:{port}"
+        proc.wait_http(f"{url}/health", timeout=120)
+        yield url
+    finally:
+        proc.stop()
+
+
+def _warmup_argv(prompts: Path, db: Path, url: str, *extra: str) -> list[str]:
+    return comeapi_argv(
+        "warmup", "--prompts", str(prompts), "--store", f"sqlite:{db}", "--url", url, *extra
+    )
+
+
+@pytest.mark.slow
+def test_real_warmup_fills_exactly_n_per_prompt(
+    backend: str, tmp_path: Path, spawn: Callable[..., Proc]
+) -> None:
+    prompts = tmp_path / "prompts.yaml"
+    prompts.write_text(SET + "variants: 3\n", encoding="utf-8")
+    db = tmp_path / "cache.db"
+    first = spawn(_warmup_argv(prompts, db, backend), name="warmup")
+    assert first.popen.wait(240) == 0, first.log()
+    assert "6 generated, 0 already present, 0 failed" in first.log()
+    with SqliteStore(db) as store:
+        index = store.load_index()
+    assert {k: [e.variant for e in g] for k, g in index.items()} == {
+        item.key: [0, 1, 2] for item in prompt_set().items
+    }
+    for group in index.values():
+        for e in group:
+            assert e.answer and e.completion_tokens <= 4 and e.params["seed"] == e.variant
+    again = spawn(_warmup_argv(prompts, db, backend), name="again")
+    assert again.popen.wait(120) == 0, again.log()
+    assert "0 generated, 6 already present" in again.log()
+    with SqliteStore(db) as store:
+        assert store.load_index() == index
+
+
+KILL_SET = """
+max_tokens: 24
+variants: 3
+prompts:
+  - prompt: "Once upon a time in a magical forest,"
+  - messages:
+      - {role: user, content: "おすすめの朝ごはんを教えてください。"}
+"""
+
+
+@pytest.mark.slow
+def test_real_warmup_killed_mid_run_resumes_to_exactly_n(
+    backend: str, tmp_path: Path, spawn: Callable[..., Proc]
+) -> None:
+    prompts = tmp_path / "prompts.yaml"
+    prompts.write_text(KILL_SET, encoding="utf-8")
+    db = tmp_path / "cache.db"
+    SqliteStore(db).close()
+    victim = spawn(_warmup_argv(prompts, db, backend, "--concurrency", "1"), name="victim")
+    with SqliteStore(db) as store:
+        deadline = time.monotonic() + 180
+        while store.is_empty() and time.monotonic() < deadline:
+            assert victim.popen.poll() is None, victim.log()
+            time.sleep(0.01)
+        os.killpg(victim.pid, signal.SIGKILL)
+        assert victim.popen.wait(10) == -signal.SIGKILL
+        survivors = {(e.key, e.variant): e for g in store.load_index().values() for e in g}
+    assert 1 <= len(survivors) < 6, "the kill did not land mid-run"
+    resumed = spawn(_warmup_argv(prompts, db, backend), name="resumed")
+    assert resumed.popen.wait(240) == 0, resumed.log()
+    assert f"{6 - len(survivors)} generated, {len(survivors)} already present" in resumed.log()
+    with SqliteStore(db) as store:
+        index = store.load_index()  # verifies every checksum
+    assert sorted([e.variant for e in g] for g in index.values()) == [[0, 1, 2], [0, 1, 2]]
+    flat = {(e.key, e.variant): e for g in index.values() for e in g}
+    assert all(flat[k] == e for k, e in survivors.items())  # nothing written was redone
+
+
+def test_cli_exits_non_zero_when_no_backend_answers(tmp_path: Path) -> None:
+    prompts = tmp_path / "prompts.yaml"
+    prompts.write_text(SET, encoding="utf-8")
+    url = f"http://127.0.0.1:{free_port()}"
+    done = subprocess.run(
+        [*_warmup_argv(prompts, tmp_path / "c.db", url), "--wait", "0"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+        env={**os.environ, "PYTHONUNBUFFERED": "1"},
+    )
+    assert done.returncode == 1
+    assert "no backend is ready" in done.stderr
+    assert "Traceback" not in done.stderr
