@@ -46,13 +46,60 @@ $(VENV)/.installed-dev: pyproject.toml $(VENV)/.installed
 $(MODEL): | $(VENV)/.installed
 	$(BIN)/comeapi models prepare --model-dir models
 
-# nginx and wrk from Debian's packages: the nginx deployment tests and the benchmarks use them.
+# nginx (with njs, for the cache key) and wrk from Debian's packages: the nginx deployment
+# tests and the benchmarks use them.
+NGINX_JS_MODULE ?= /usr/lib/nginx/modules/ngx_http_js_module.so
 system-deps:
-	@if ! command -v nginx >/dev/null || ! command -v wrk >/dev/null; then \
+	@if ! command -v nginx >/dev/null || ! command -v wrk >/dev/null || [ ! -f $(NGINX_JS_MODULE) ]; then \
 		if [ "$$(id -u)" = 0 ]; then apt-get update -qq && DEBIAN_FRONTEND=noninteractive \
-			apt-get install -y -qq nginx wrk >/dev/null; \
-		else echo "nginx and wrk are missing: sudo apt-get install nginx wrk"; exit 1; fi; \
+			apt-get install -y -qq nginx libnginx-mod-http-js wrk >/dev/null; \
+		else echo "missing: sudo apt-get install nginx libnginx-mod-http-js wrk"; exit 1; fi; \
 	fi
+
+# --- Phase 1: nginx's cache (docs/nginx.md) ------------------------------------------------
+# Docker mode (default): the cache is the named volume $(CACHE_VOLUME_NAME) of the compose
+# project in deploy/nginx. Host mode: set CACHE_DIR to nginx's proxy_cache_path directory.
+# cache-import runs on REMOTE_HOST when it is set, else on this machine; either way before
+# nginx starts on that cache.
+COMPOSE_PROJECT_NAME ?= $(shell basename $(CURDIR))
+CACHE_VOLUME_NAME    ?= $(COMPOSE_PROJECT_NAME)_nginx_cache_data
+EXPORT_FILE          ?= nginx_cache.tar.gz
+REMOTE_HOST          ?=
+REMOTE_PATH          ?= /tmp/nginx_cache_import
+CACHE_DIR            ?=
+CACHE_OWNER          ?=
+NGINX_PID_FILE       ?=
+NGINX_CONF_DIR       ?= /etc/nginx/comeapi
+WARMUP_URL           ?= http://127.0.0.1:8001
+COMEAPI_PROMPTS      ?=
+COMPOSE              := docker compose -f deploy/nginx/docker-compose.yml -p $(COMPOSE_PROJECT_NAME)
+CACHE_SH             := deploy/nginx/cache.sh
+CACHE_WHERE           = $(if $(CACHE_DIR),--dir $(CACHE_DIR),--volume $(CACHE_VOLUME_NAME))
+CACHE_FLAGS           = $(CACHE_WHERE) --file $(EXPORT_FILE) $(if $(CACHE_OWNER),--owner $(CACHE_OWNER))
+WARMUP_PYTHON        ?= $(if $(CACHE_DIR),$(BIN)/python,$(COMPOSE) exec -T comeapi python)
+
+.PHONY: warmup cache-export cache-copy cache-import all nginx-config
+
+all: warmup cache-export cache-copy cache-import
+	@echo "All cache management tasks completed."
+
+warmup: $(if $(CACHE_DIR),install)
+	@echo "Warming up nginx's cache through $(WARMUP_URL)..."
+	@COMEAPI_PYTHON="$(WARMUP_PYTHON)" COMEAPI_PROMPTS="$(COMEAPI_PROMPTS)" \
+		deploy/nginx/warmup.sh --url $(WARMUP_URL)
+
+cache-export:
+	@$(CACHE_SH) export $(CACHE_FLAGS)
+
+cache-copy:
+	@$(CACHE_SH) copy --file $(EXPORT_FILE) --remote "$(REMOTE_HOST)" --remote-path $(REMOTE_PATH)
+
+cache-import:
+	@$(CACHE_SH) $(if $(REMOTE_HOST),remote-import --remote "$(REMOTE_HOST)" --remote-path $(REMOTE_PATH),import $(if $(NGINX_PID_FILE),--pid-file $(NGINX_PID_FILE))) $(CACHE_FLAGS)
+
+# Host mode: render deploy/nginx into NGINX_CONF_DIR (settings from the environment).
+nginx-config:
+	@deploy/nginx/render.sh $(NGINX_CONF_DIR)
 
 clean:
 	rm -rf $(VENV) build dist src/*.egg-info .mypy_cache .ruff_cache .pytest_cache
