@@ -147,7 +147,13 @@ class SerialEngine:
         llama = loaded.llama
         tokens = prompt_tokens(llama, loaded.template, request)
         budget = completion_budget(request, len(tokens), llama.n_ctx())
-        llama.set_seed(request.seed if request.seed is not None else random.getrandbits(32))
+        if request.seed is not None:
+            # Reusing a cached prompt prefix changes the logits in the last bits, which is
+            # enough to change a sample: a seeded request evaluates its whole prompt afresh.
+            llama.reset()
+            llama.set_seed(request.seed)
+        else:
+            llama.set_seed(random.getrandbits(32))
         text = TextAssembler(request.stop)
         vocab = llama._model.vocab  # private, but the only way to ask "end of generation?"
         started = time.perf_counter()
