@@ -41,8 +41,9 @@ DOCKER_OWNER=101:101
 HOST_OWNER=www-data:www-data
 # Cache files are named by the MD5 of their key (32 hex digits); anything with a dot is a
 # response nginx is still writing (use_temp_path=off keeps those beside the entries).
+# (Not '*.*': that also matches the archive's top directory '.'.)
 ENTRY_PATTERN='[0-9a-f]*'
-TEMP_PATTERN='*.*'
+TEMP_PATTERN='?*.*'
 
 need_target() {
     [ -n "$DIR" ] || [ -n "$VOLUME" ] || die "$CMD needs --dir DIR (host mode) or --volume NAME (Docker mode)"
@@ -101,7 +102,10 @@ do_export() {
         docker_alpine -v "$out_dir:/backup" alpine \
             tar czf "/backup/$out_name" --exclude="$TEMP_PATTERN" -C /cache .
     fi
-    echo "cache.sh: exported $(count) cache entries from ${DIR:-volume $VOLUME} to $FILE"
+    local n
+    n=$(tar tzf "$out_dir/$out_name" | grep -c '[^/]$' || true)
+    [ "$n" -gt 0 ] || echo "cache.sh: warning: ${DIR:-volume $VOLUME} holds no cache entries (run make warmup first)" >&2
+    echo "cache.sh: exported $n cache entries from ${DIR:-volume $VOLUME} to $FILE"
 }
 
 do_import() {

@@ -37,8 +37,8 @@ function codePoints(s) {
 
 function fromCodePoints(cps) {
     let s = '';
-    for (let i = 0; i < cps.length; i += 4096) {
-        s += String.fromCodePoint.apply(null, cps.slice(i, i + 4096));
+    for (let i = 0; i < cps.length; i += 1024) {
+        s += String.fromCodePoint.apply(null, cps.slice(i, i + 1024));
     }
     return s;
 }
