@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import gzip
 import hashlib
+import io
+import tarfile
 from pathlib import Path
 
 from comeapi.cache.key import chat_key, prompt_key
@@ -55,3 +58,15 @@ def sample_entries(prompts: int = 3, variants: int = 5) -> list[Entry]:
 
 def file_hash(path: Path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def build_archive(path: Path, members: dict[str, bytes]) -> Path:
+    """A tar.gz with exactly ``members`` (to forge bad archives)."""
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w") as tar:
+        for name, data in members.items():
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+    path.write_bytes(gzip.compress(buf.getvalue()))
+    return path

@@ -3,9 +3,7 @@ refused with a message, before any entry is handed out."""
 
 from __future__ import annotations
 
-import gzip
 import hashlib
-import io
 import json
 import re
 import tarfile
@@ -29,7 +27,7 @@ from comeapi.cache.archive import (
 from comeapi.cache.sqlite import SqliteStore
 from comeapi.cache.store import Entry
 from comeapi.errors import ArchiveError, StoreError
-from tests.cache.factory import sample_entries
+from tests.cache.factory import build_archive, sample_entries
 
 
 def _sorted(entries: list[Entry]) -> list[Entry]:
@@ -94,17 +92,6 @@ def _member(tar: tarfile.TarFile, name: str) -> bytes:
     return fh.read()
 
 
-def build(path: Path, members: dict[str, bytes]) -> Path:
-    buf = io.BytesIO()
-    with tarfile.open(fileobj=buf, mode="w") as tar:
-        for name, data in members.items():
-            info = tarfile.TarInfo(name)
-            info.size = len(data)
-            tar.addfile(info, io.BytesIO(data))
-    path.write_bytes(gzip.compress(buf.getvalue()))
-    return path
-
-
 @pytest.fixture
 def parts(tmp_path: Path) -> tuple[dict[str, Any], bytes]:
     """The manifest and entry lines of a good archive, to tamper with."""
@@ -160,7 +147,9 @@ def test_a_changed_answer_fails_the_manifest_sha256(
 ) -> None:
     manifest, body = parts
     body = _edit_first(body, lambda d: d.update(answer="a different answer"))
-    path = build(tmp_path / "t.tar.gz", {MANIFEST: json.dumps(manifest).encode(), ENTRIES: body})
+    path = build_archive(
+        tmp_path / "t.tar.gz", {MANIFEST: json.dumps(manifest).encode(), ENTRIES: body}
+    )
     with pytest.raises(ArchiveError, match="does not match its SHA-256"):
         read_archive(path)
 
@@ -171,7 +160,9 @@ def test_a_changed_answer_with_resealed_manifest_fails_the_entry_checksum(
     manifest, body = parts
     body = _edit_first(body, lambda d: d.update(answer="a different answer"))
     fixed = _resealed(manifest, body)
-    path = build(tmp_path / "t.tar.gz", {MANIFEST: json.dumps(fixed).encode(), ENTRIES: body})
+    path = build_archive(
+        tmp_path / "t.tar.gz", {MANIFEST: json.dumps(fixed).encode(), ENTRIES: body}
+    )
     with pytest.raises(ArchiveError, match=r"line 1: entry .* fails its checksum"):
         read_archive(path)
 
@@ -187,7 +178,9 @@ def test_an_entry_under_the_wrong_key_is_rejected(
 
     body = _edit_first(body, move)
     fixed = _resealed(manifest, body)
-    path = build(tmp_path / "t.tar.gz", {MANIFEST: json.dumps(fixed).encode(), ENTRIES: body})
+    path = build_archive(
+        tmp_path / "t.tar.gz", {MANIFEST: json.dumps(fixed).encode(), ENTRIES: body}
+    )
     with pytest.raises(ArchiveError, match="not the key of its prompt"):
         read_archive(path)
 
@@ -196,7 +189,9 @@ def test_a_dropped_entry_is_rejected(tmp_path: Path, parts: tuple[dict[str, Any]
     manifest, body = parts
     body = b"".join(body.splitlines(keepends=True)[1:])
     manifest = {**manifest, "entries_sha256": hashlib.sha256(body).hexdigest()}
-    path = build(tmp_path / "t.tar.gz", {MANIFEST: json.dumps(manifest).encode(), ENTRIES: body})
+    path = build_archive(
+        tmp_path / "t.tar.gz", {MANIFEST: json.dumps(manifest).encode(), ENTRIES: body}
+    )
     with pytest.raises(ArchiveError, match="holds 5 entries, the manifest lists 6"):
         read_archive(path)
 
@@ -207,7 +202,9 @@ def test_a_duplicated_entry_is_rejected(
     manifest, body = parts
     body = body + body.splitlines(keepends=True)[0]
     fixed = {**manifest, "entries_sha256": hashlib.sha256(body).hexdigest()}
-    path = build(tmp_path / "t.tar.gz", {MANIFEST: json.dumps(fixed).encode(), ENTRIES: body})
+    path = build_archive(
+        tmp_path / "t.tar.gz", {MANIFEST: json.dumps(fixed).encode(), ENTRIES: body}
+    )
     with pytest.raises(ArchiveError, match="more than once"):
         read_archive(path)
 
@@ -226,7 +223,7 @@ def test_incompatible_manifests_are_rejected(
     tmp_path: Path, parts: tuple[dict[str, Any], bytes], change: dict[str, Any], message: str
 ) -> None:
     manifest, body = parts
-    path = build(
+    path = build_archive(
         tmp_path / "t.tar.gz",
         {MANIFEST: json.dumps({**manifest, **change}).encode(), ENTRIES: body},
     )
@@ -244,7 +241,7 @@ def test_wrong_members_are_rejected(tmp_path: Path, parts: tuple[dict[str, Any],
         "bad json": ({MANIFEST: b"{nope", ENTRIES: body}, "not valid JSON"),
     }
     for name, (members, message) in cases.items():
-        path = build(tmp_path / f"{name}.tar.gz", members)
+        path = build_archive(tmp_path / f"{name}.tar.gz", members)
         with pytest.raises(ArchiveError, match=message):
             read_archive(path)
     (tmp_path / "plain.tar.gz").write_bytes(b"just text, not gzip")
