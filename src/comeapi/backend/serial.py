@@ -146,7 +146,10 @@ class SerialEngine:
         loaded = self._load(model)
         llama = loaded.llama
         tokens = prompt_tokens(llama, loaded.template, request)
-        budget = completion_budget(request, len(tokens), llama.n_ctx())
+        # llama.cpp may round the context up (128 -> 256) while llama-cpp-python's token
+        # buffer keeps the size asked for: the smaller one is the real limit.
+        n_ctx = min(llama.n_ctx(), self._settings.ctx)
+        budget = completion_budget(request, len(tokens), n_ctx)
         if request.seed is not None:
             # Reusing a cached prompt prefix changes the logits in the last bits, which is
             # enough to change a sample: a seeded request evaluates its whole prompt afresh.
@@ -200,6 +203,7 @@ class SerialEngine:
         loaded = self._loaded.get(model.name)
         if loaded is not None:
             self._loaded.move_to_end(model.name)
+            self._loaded_names = tuple(self._loaded)
             return loaded
         # Evict first so memory never holds more than the cap. This thread is the only one
         # that generates, so the evicted model is not generating.
