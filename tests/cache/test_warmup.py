@@ -326,3 +326,26 @@ def test_cli_exits_non_zero_when_no_backend_answers(tmp_path: Path) -> None:
     assert done.returncode == 1
     assert "no backend is ready" in done.stderr
     assert "Traceback" not in done.stderr
+
+
+def test_cli_targets_come_from_backends_range(tmp_path: Path) -> None:
+    port = free_port()
+    done = subprocess.run(
+        comeapi_argv(
+            "warmup",
+            "--store",
+            f"sqlite:{tmp_path / 'c.db'}",
+            "--wait",
+            "0",
+            "--backends",
+            f"127.0.0.1:{port}:2",
+        ),
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert done.returncode == 1
+    flat = " ".join(done.stderr.split())
+    assert f"http://127.0.0.1:{port}: ConnectError" in flat
+    assert f"http://127.0.0.1:{port + 1}: ConnectError" in flat

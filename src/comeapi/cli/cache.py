@@ -57,18 +57,19 @@ def _errors() -> Iterator[None]:
     "prompts",
     "store",
     "variants",
+    "backends",
     "backends_range",
     "connect_timeout",
     "request_timeout",
     "health_timeout",
-    flags={"backends_range": "--backends"},
+    flags={"backends": "--backend", "backends_range": "--backends"},
 )
 @click.option(
     "--url",
     "urls",
     multiple=True,
-    help="Backend or gateway URL to generate with (repeatable). Default: the configured "
-    "backends, else the gateway at --host/--port.",
+    help="Backend or gateway URL to generate with (repeatable), instead of the configured "
+    "backends (--backend, --backends); with none of these, the gateway at host:port.",
 )
 @click.option(
     "--concurrency",
