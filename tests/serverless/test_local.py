@@ -1,0 +1,149 @@
+"""``comeapi aws serve-local``: the handler over HTTP, each request a payload v2 event."""
+
+from __future__ import annotations
+
+import base64
+import json
+import threading
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import httpx
+import pytest
+
+from comeapi.cache.dynamo import DynamoStore, create_table, make_client
+from comeapi.serverless.local import LocalApiGateway
+from tests.aws_local import (
+    REGION,
+    chat_entries,
+    dummy_credentials,
+    prompt_entries,
+    start_moto_server,
+)
+from tests.helpers import Proc, comeapi_argv, free_port
+
+MODEL = "gemma-3-270m-q4_k_m.gguf"
+
+
+class Recorder:
+    def __init__(self, result: dict[str, Any]) -> None:
+        self.events: list[dict[str, Any]] = []
+        self.result = result
+
+    def __call__(self, event: dict[str, Any], context: Any) -> dict[str, Any]:
+        assert context.get_remaining_time_in_millis() > 0
+        self.events.append(event)
+        return self.result
+
+
+@pytest.fixture
+def gateway() -> Iterator[Callable[[dict[str, Any]], tuple[LocalApiGateway, Recorder]]]:
+    servers: list[LocalApiGateway] = []
+
+    def start(result: dict[str, Any]) -> tuple[LocalApiGateway, Recorder]:
+        recorder = Recorder(result)
+        server = LocalApiGateway(recorder, "127.0.0.1", 0, max_payload=1000)
+        threading.Thread(target=server.serve_forever, daemon=True).start()
+        servers.append(server)
+        return server, recorder
+
+    yield start
+    for server in servers:
+        server.shutdown()
+        server.server_close()
+
+
+def test_a_request_becomes_a_v2_event(gateway: Any) -> None:
+    server, recorder = gateway(
+        {
+            "statusCode": 201,
+            "headers": {"X-Cache-Variant": "3"},
+            "body": "made",
+            "isBase64Encoded": False,
+        }
+    )
+    response = httpx.post(
+        f"{server.url}/v1/completions?a=1&b=2",
+        json={"prompt": "日本"},
+        headers={"X-Custom": "Yes"},
+        timeout=5,
+    )
+    assert response.status_code == 201
+    assert response.text == "made"
+    assert response.headers["x-cache-variant"] == "3"
+    event = recorder.events[0]
+    assert event["version"] == "2.0"
+    assert event["rawPath"] == "/v1/completions"
+    assert event["rawQueryString"] == "a=1&b=2"
+    assert event["requestContext"]["http"]["method"] == "POST"
+    assert event["requestContext"]["http"]["sourceIp"] == "127.0.0.1"
+    assert event["headers"]["x-custom"] == "Yes"
+    assert event["isBase64Encoded"] is False
+    assert json.loads(event["body"]) == {"prompt": "日本"}
+
+
+def test_binary_bodies_travel_as_base64_both_ways(gateway: Any) -> None:
+    payload = base64.b64encode(b"\x00\xff").decode()
+    server, recorder = gateway({"statusCode": 200, "body": payload, "isBase64Encoded": True})
+    response = httpx.post(f"{server.url}/x", content=b"\xfe\x01", timeout=5)
+    assert response.content == b"\x00\xff"
+    assert recorder.events[0]["isBase64Encoded"] is True
+    assert base64.b64decode(recorder.events[0]["body"]) == b"\xfe\x01"
+
+
+def test_a_body_over_the_payload_limit_is_413(gateway: Any) -> None:
+    server, recorder = gateway({"statusCode": 200, "body": ""})
+    response = httpx.post(f"{server.url}/generate", content=b"x" * 1001, timeout=5)
+    assert response.status_code == 413
+    assert response.json()["error"]["code"] == "payload_too_large"
+    assert recorder.events == []
+
+
+def test_serve_local_against_moto_server(
+    spawn: Callable[..., Proc], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from openai import OpenAI
+
+    dummy_credentials(monkeypatch)
+    endpoint = start_moto_server(spawn)
+    store = DynamoStore(make_client(REGION, endpoint), "local")
+    create_table(store.client, "local")
+    messages = (("user", "こんにちは"),)
+    store.put_many(prompt_entries("日本の首都は", 5) + chat_entries(messages, 5))
+
+    port = free_port()
+    proc = spawn(
+        comeapi_argv(
+            "aws", "serve-local", "--table", "local", "--endpoint-url", endpoint,
+            "--region", REGION, "--port", str(port),
+        ),
+        name="serve-local",
+    )  # fmt: skip
+    url = f"http://127.0.0.1:{port}"
+    proc.wait_http(f"{url}/status", timeout=60)
+
+    variants = set()
+    for _ in range(40):
+        hit = httpx.post(f"{url}/generate", json={"prompt": "日本の首都は"}, timeout=10)
+        assert hit.status_code == 200
+        variant = int(hit.headers["x-cache-variant"])
+        assert hit.json()["response"] == f"answer {variant} to 日本の首都は"
+        variants.add(variant)
+    assert variants == {0, 1, 2, 3, 4}
+
+    miss = httpx.post(f"{url}/generate", json={"prompt": "unknown"}, timeout=10)
+    assert miss.status_code == 404
+    assert sorted(miss.json()["error"]["known_prompts"]) == ["こんにちは", "日本の首都は"]
+    bad = httpx.post(f"{url}/generate", content=b"{", timeout=10)
+    assert bad.status_code == 400
+    assert bad.json()["error"]["code"] == "invalid_json"
+
+    client = OpenAI(base_url=f"{url}/v1", api_key="unused", timeout=10, max_retries=0)
+    chat = [{"role": "user", "content": "こんにちは"}]
+    answer = client.chat.completions.create(model=MODEL, messages=chat)  # type: ignore[arg-type]
+    assert answer.choices[0].message.content is not None
+    assert answer.choices[0].message.content.startswith("chat answer ")
+    stream = client.chat.completions.create(model=MODEL, messages=chat, stream=True)  # type: ignore[arg-type]
+    text = "".join(c.choices[0].delta.content or "" for c in stream if c.choices)
+    assert text.startswith("chat answer ")
+    assert "POST /v1/chat/completions 200" in proc.log()
