@@ -271,6 +271,15 @@ def test_real_warmup_fills_exactly_n_per_prompt(
     assert "0 generated, 6 already present" in again.log()
     with SqliteStore(db) as store:
         assert store.load_index() == index
+    # seed = variant: generating variant 0 again gives the same answers.
+    forced = spawn(_warmup_argv(prompts, db, backend, "--force", "--variants", "1"), name="force")
+    assert forced.popen.wait(120) == 0, forced.log()
+    with SqliteStore(db) as store:
+        regenerated = store.load_index()
+    for key, group in index.items():
+        assert regenerated[key][0].created > group[0].created
+        assert regenerated[key][0].answer == group[0].answer
+        assert regenerated[key][1:] == group[1:]
 
 
 KILL_SET = """
