@@ -1,0 +1,93 @@
+"""Response bodies and SSE chunks in ComeAPI's and OpenAI's formats."""
+
+from __future__ import annotations
+
+import orjson
+
+from comeapi.errors import ContextLengthError
+from comeapi.protocol.responses import DONE, StreamEncoder, Usage, full_body, sse_error
+
+USAGE = Usage(prompt_tokens=3, completion_tokens=2)
+
+
+def events(raw: bytes) -> list[bytes]:
+    assert raw.endswith(b"\n\n")
+    parts = raw[:-2].split(b"\n\n")
+    assert all(p.startswith(b"data: ") for p in parts)
+    return [p.removeprefix(b"data: ") for p in parts]
+
+
+def test_usage_totals() -> None:
+    assert USAGE.to_dict() == {"prompt_tokens": 3, "completion_tokens": 2, "total_tokens": 5}
+
+
+def test_full_bodies() -> None:
+    generate = full_body("generate", model="m", text="hi", finish_reason="stop", usage=USAGE)
+    assert generate == {
+        "response": "hi",
+        "model": "m",
+        "finish_reason": "stop",
+        "usage": USAGE.to_dict(),
+    }
+    completion = full_body("completion", model="m", text="hi", finish_reason="length", usage=USAGE)
+    assert completion["object"] == "text_completion"
+    assert completion["id"].startswith("cmpl-")
+    assert completion["choices"] == [
+        {"text": "hi", "index": 0, "logprobs": None, "finish_reason": "length"}
+    ]
+    chat = full_body(
+        "chat", model="m", text="hi", finish_reason="stop", usage=USAGE, id="x", created=5
+    )
+    assert (chat["id"], chat["created"], chat["object"]) == ("x", 5, "chat.completion")
+    assert chat["choices"][0]["message"] == {"role": "assistant", "content": "hi"}
+
+
+def test_chat_stream() -> None:
+    enc = StreamEncoder("chat", "m", id="chatcmpl-1", created=7)
+    raw = enc.start() + enc.delta("Hel") + enc.delta("lo") + enc.finish("stop", USAGE)
+    parts = events(raw)
+    assert parts[-1] == b"[DONE]"
+    chunks = [orjson.loads(p) for p in parts[:-1]]
+    assert {c["id"] for c in chunks} == {"chatcmpl-1"}
+    assert all(c["object"] == "chat.completion.chunk" and c["created"] == 7 for c in chunks)
+    deltas = [c["choices"][0]["delta"] for c in chunks]
+    assert deltas == [
+        {"role": "assistant", "content": ""},
+        {"content": "Hel"},
+        {"content": "lo"},
+        {},
+    ]
+    assert [c["choices"][0]["finish_reason"] for c in chunks] == [None, None, None, "stop"]
+    assert "usage" not in chunks[-1]
+
+
+def test_completion_stream_with_usage_chunk() -> None:
+    enc = StreamEncoder("completion", "m", include_usage=True)
+    assert enc.start() == b""
+    parts = events(enc.delta("a") + enc.finish("length", USAGE))
+    chunks = [orjson.loads(p) for p in parts[:-1]]
+    assert chunks[0]["choices"][0]["text"] == "a"
+    assert chunks[1]["choices"][0]["finish_reason"] == "length"
+    assert chunks[2]["choices"] == [] and chunks[2]["usage"] == USAGE.to_dict()
+
+
+def test_generate_stream() -> None:
+    enc = StreamEncoder("generate", "m")
+    parts = events(enc.delta("x") + enc.finish("stop", USAGE))
+    assert orjson.loads(parts[0]) == {"response": "x", "model": "m"}
+    last = orjson.loads(parts[1])
+    assert last["done"] is True and last["usage"] == USAGE.to_dict()
+    assert parts[2] == b"[DONE]"
+
+
+def test_text_with_newlines_stays_in_one_event() -> None:
+    raw = StreamEncoder("completion", "m").delta("a\n\nb")
+    assert raw.count(b"\n\n") == 1 and raw.endswith(b"\n\n")
+    assert orjson.loads(events(raw)[0])["choices"][0]["text"] == "a\n\nb"
+
+
+def test_error_event_ends_the_stream() -> None:
+    raw = sse_error(ContextLengthError("too long", param="prompt"))
+    assert raw.endswith(DONE)
+    error = orjson.loads(events(raw)[0])["error"]
+    assert error["code"] == "context_length_exceeded" and error["param"] == "prompt"
