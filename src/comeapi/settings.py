@@ -36,7 +36,7 @@ class Settings(BaseSettings):
     # --- models and the backend process -------------------------------------------------
     model_dir: Path = Field(Path("models"), description="Directory of *.gguf model files.")
     default_model: str | None = Field(
-        None, description="GGUF file used when a request names no model (default: the only one)."
+        None, description="GGUF file for requests that name none (default: the first by name)."
     )
     backend_host: str = Field("127.0.0.1", description="Address `comeapi backend` listens on.")
     backend_port: int = Field(8080, ge=1, le=65535, description="Port of `comeapi backend`.")
