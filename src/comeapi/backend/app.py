@@ -14,7 +14,7 @@ from collections.abc import AsyncGenerator, AsyncIterator, Callable, Coroutine
 from typing import Any, TypeVar
 
 from starlette.applications import Starlette
-from starlette.requests import Request
+from starlette.requests import ClientDisconnect, Request
 from starlette.responses import Response, StreamingResponse
 from starlette.routing import Route
 from starlette.types import Receive, Scope, Send
@@ -104,7 +104,11 @@ class BackendAPI:
 
     async def generate(self, request: Request) -> Response:
         kind = KINDS[request.url.path]
-        body = decode_json(await read_body(request, self._settings.max_body_bytes))
+        try:
+            raw = await read_body(request, self._settings.max_body_bytes)
+        except ClientDisconnect:
+            return Response(status_code=CLIENT_GONE)
+        body = decode_json(raw)
         gen = parse_request(kind, body, max_tokens_limit=self._settings.max_tokens_limit)
         model = resolve(self._models, gen.model, self._default.name)
         release = self._admit()

@@ -153,7 +153,7 @@ class SerialEngine:
         if request.seed is not None:
             # Reusing a cached prompt prefix changes the logits in the last bits, which is
             # enough to change a sample: a seeded request evaluates its whole prompt afresh.
-            llama.reset()
+            llama.reset()  # type: ignore[no-untyped-call]
             llama.set_seed(request.seed)
         else:
             llama.set_seed(random.getrandbits(32))
