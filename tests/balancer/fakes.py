@@ -9,12 +9,20 @@ from __future__ import annotations
 
 import asyncio
 import json
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 import httpx
 
 GENERATION_PATHS = ("/generate", "/v1/completions", "/v1/chat/completions")
+
+
+async def eventually(predicate: Callable[[], bool], seconds: float = 5.0) -> None:
+    """Poll ``predicate`` (state changed by other tasks) until true; fail after ``seconds``."""
+    deadline = asyncio.get_running_loop().time() + seconds
+    while not predicate():
+        assert asyncio.get_running_loop().time() < deadline, "condition not reached in time"
+        await asyncio.sleep(0.01)
 
 
 class FakeBackend:
@@ -32,6 +40,8 @@ class FakeBackend:
         self.health_checks = 0
         self.bodies: list[dict[str, Any]] = []
         self.stream_closed = asyncio.Event()
+        self.fail_after: int | None = None
+        self.hold: asyncio.Event | None = None
 
     async def handle(self, request: httpx.Request) -> httpx.Response:
         if not self.up:
@@ -95,7 +105,7 @@ class FakeBackend:
             return httpx.Response(
                 200,
                 headers={"content-type": "text/event-stream"},
-                content=self._events(["Hel", "lo"]),
+                stream=self._events(["Hel", "lo"]),
             )
         return httpx.Response(
             200,
@@ -107,15 +117,33 @@ class FakeBackend:
             },
         )
 
-    async def _events(self, pieces: list[str]) -> AsyncIterator[bytes]:
-        try:
-            for piece in pieces:
-                yield b"data: " + json.dumps({"response": piece}).encode() + b"\n\n"
-                await asyncio.sleep(0)
-            yield b'data: {"response": "", "done": true}\n\ndata: [DONE]\n\n'
-        finally:
-            self.in_flight -= 1
-            self.stream_closed.set()
+    def _events(self, pieces: list[str]) -> FakeStream:
+        return FakeStream(self, pieces)
+
+
+class FakeStream(httpx.AsyncByteStream):
+    """SSE events of a generate stream. ``fail_after`` raises a read error after that many
+    text events (the backend died mid-stream); ``hold`` waits before the closing event."""
+
+    def __init__(self, backend: FakeBackend, pieces: list[str]):
+        self.backend = backend
+        self.pieces = pieces
+
+    async def __aiter__(self) -> AsyncIterator[bytes]:
+        backend = self.backend
+        for index, piece in enumerate(self.pieces):
+            if backend.fail_after == index:
+                raise httpx.ReadError("connection reset by peer")
+            yield b"data: " + json.dumps({"response": piece}).encode() + b"\n\n"
+            await asyncio.sleep(0)
+        if backend.hold is not None:
+            await backend.hold.wait()
+        yield b'data: {"response": "", "done": true}\n\ndata: [DONE]\n\n'
+
+    async def aclose(self) -> None:
+        if not self.backend.stream_closed.is_set():
+            self.backend.in_flight -= 1
+            self.backend.stream_closed.set()
 
 
 class FakeCluster:

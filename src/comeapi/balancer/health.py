@@ -29,7 +29,7 @@ def describe(exc: BaseException) -> str:
     """A short reason for /status ("connection refused", "timeout", ...)."""
     if isinstance(exc, httpx.ConnectTimeout):
         return "connect timeout"
-    if isinstance(exc, httpx.TimeoutException):
+    if isinstance(exc, httpx.TimeoutException | TimeoutError):
         return "timeout"
     if isinstance(exc, httpx.ConnectError):
         return "connection refused"
@@ -91,8 +91,10 @@ class HealthChecker:
         """One GET /health with its own timeout; updates the backend in the pool."""
         started = time.perf_counter()
         try:
-            response = await self.client.get(f"{backend.url}/health", timeout=self.timeout)
-        except httpx.TimeoutException as exc:
+            # httpx's timeouts are per phase; the deadline covers the whole probe.
+            async with asyncio.timeout(self.timeout):
+                response = await self.client.get(f"{backend.url}/health", timeout=self.timeout)
+        except (TimeoutError, httpx.TimeoutException) as exc:
             self._timed_out(backend, exc)
             return
         except httpx.HTTPError as exc:

@@ -1,0 +1,93 @@
+"""``comeapi serve`` (the gateway in front of running backends) and ``comeapi up`` (backends
+and gateway in one process tree: what ``make run`` starts)."""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+import click
+
+from comeapi.cli.options import build_settings, settings_options
+from comeapi.settings import Settings
+
+GATEWAY_FIELDS = (
+    "host",
+    "port",
+    "routing",
+    "queue_size",
+    "queue_timeout",
+    "health_interval",
+    "health_timeout",
+    "connect_timeout",
+    "request_timeout",
+    "shutdown_timeout",
+    "api_keys",
+    "max_body_bytes",
+    "max_tokens_limit",
+    "log_level",
+)
+BACKEND_FIELDS = (
+    "model_dir",
+    "default_model",
+    "backend_host",
+    "base_port",
+    "count",
+    "threads",
+    "n_gpu_layers",
+    "ctx",
+    "slots",
+    "backend_queue",
+    "max_loaded_models",
+)
+FLAGS = {"backends": "--backend", "backends_range": "--backends", "api_keys": "--api-key"}
+
+
+@click.command()
+@settings_options("backends", "backends_range", *GATEWAY_FIELDS, "workers", flags=FLAGS)
+@click.pass_context
+def serve(ctx: click.Context, /, **values: Any) -> None:
+    """Run the gateway (load balancer) in front of running backends.
+
+    \b
+      comeapi serve --backend http://127.0.0.1:8080 --backend http://10.0.0.2:8080
+      comeapi serve --backends 127.0.0.1:8080:5          # ComeAPI's HOST:FIRST_PORT:COUNT
+      comeapi serve --host 0.0.0.0 --api-key "$KEY" ...  # reachable from other machines
+
+    Listens on 127.0.0.1:9000 unless --host/--port say otherwise.
+    """
+    settings = build_settings(ctx, values)
+    if not settings.backend_urls():
+        raise click.UsageError(
+            "no backends: give --backend URL (repeatable) or --backends HOST:FIRST_PORT:COUNT "
+            "(or COMEAPI_BACKENDS / COMEAPI_BACKENDS_RANGE)"
+        )
+    _log_level(settings)
+    from comeapi.gateway.server import run_gateway
+
+    run_gateway(settings)
+
+
+@click.command()
+@settings_options(*BACKEND_FIELDS, *GATEWAY_FIELDS, flags=FLAGS)
+@click.pass_context
+def up(ctx: click.Context, /, **values: Any) -> None:
+    """Start COUNT backends and the gateway in front of them, in one process tree.
+
+    \b
+      comeapi up                       # 2 backends on 8080-8081, gateway on 127.0.0.1:9000
+      comeapi up --count 5 --threads 1 # ComeAPI's layout: 5 single-thread backends
+
+    Ctrl-C (or SIGTERM) stops the gateway gracefully, then every backend.
+    """
+    settings = build_settings(ctx, values)
+    _log_level(settings)
+    from comeapi.gateway.server import run, warn_if_exposed
+    from comeapi.gateway.server import up as run_up
+
+    warn_if_exposed(settings)
+    run(run_up(settings))
+
+
+def _log_level(settings: Settings) -> None:
+    logging.getLogger().setLevel(settings.log_level.upper())

@@ -1,0 +1,213 @@
+"""The gateway's HTTP app: ComeAPI's and OpenAI's routes in front of the backend pool.
+
+A generation request is read (413 over the size limit), decoded, offered to the optional
+cache layer, validated (a malformed request never reaches a backend), checked against the
+models the backends have, and forwarded through the pool.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Any, Protocol
+
+import httpx
+from starlette.applications import Starlette
+from starlette.middleware import Middleware
+from starlette.requests import Request
+from starlette.responses import Response
+from starlette.routing import Route
+
+from comeapi.balancer.health import HealthChecker
+from comeapi.balancer.pool import BackendPool
+from comeapi.balancer.proxy import Forwarder, forward_headers
+from comeapi.gateway.metrics import CONTENT_TYPE, GatewayMetrics, MetricsMiddleware
+from comeapi.http.auth import APIKeyMiddleware
+from comeapi.http.errors import EXCEPTION_HANDLERS
+from comeapi.http.responses import JSONResponse, read_body
+from comeapi.protocol.requests import KINDS, Kind, decode_json, parse_request
+from comeapi.settings import Settings
+
+
+class CacheLayer(Protocol):
+    """What the gateway asks before forwarding: an answer, or None to forward."""
+
+    async def lookup(
+        self, kind: Kind, body: dict[str, Any], request: Request
+    ) -> Response | None: ...
+
+
+class Gateway:
+    """The gateway's parts and its route handlers."""
+
+    def __init__(
+        self,
+        settings: Settings,
+        pool: BackendPool,
+        cache: CacheLayer | None = None,
+        *,
+        transport: httpx.AsyncBaseTransport | None = None,
+    ):
+        self.settings = settings
+        self.pool = pool
+        self.cache = cache
+        self.client = httpx.AsyncClient(
+            transport=transport,
+            timeout=httpx.Timeout(
+                connect=settings.connect_timeout,
+                read=settings.request_timeout,
+                write=settings.request_timeout,
+                pool=None,  # waiting for a slot is the pool's job, not httpx's
+            ),
+            limits=httpx.Limits(max_connections=None, max_keepalive_connections=256),
+        )
+        self.probe_client = httpx.AsyncClient(transport=transport, timeout=settings.health_timeout)
+        self.health = HealthChecker(
+            pool,
+            self.probe_client,
+            interval=settings.health_interval,
+            timeout=settings.health_timeout,
+        )
+        self.metrics = GatewayMetrics(pool)
+        self.forwarder = Forwarder(pool, self.health, self.client, self.metrics)
+
+    async def startup(self) -> None:
+        await self.health.start()
+
+    async def shutdown(self) -> None:
+        await self.health.stop()
+        self.pool.close()
+        await self.client.aclose()
+        await self.probe_client.aclose()
+
+    # --- ComeAPI's status routes ---------------------------------------------------------
+
+    async def root(self, request: Request) -> Response:
+        return JSONResponse({"message": "ComeAPI Load Balancer", "status": self.pool.summary()})
+
+    async def health_route(self, request: Request) -> Response:
+        summary = self.pool.summary()
+        # The gateway itself is up either way; "degraded" tells that no backend is.
+        status = "ok" if summary["healthy_backends"] else "degraded"
+        return JSONResponse({"status": status, **summary})
+
+    async def status(self, request: Request) -> Response:
+        return JSONResponse(
+            {
+                **self.pool.summary(),
+                "routing": self.pool.routing,
+                "queue_size": self.pool.queue_size,
+                "backends": [b.to_dict() for b in self.pool.backends],
+            }
+        )
+
+    async def metrics_route(self, request: Request) -> Response:
+        return Response(self.metrics.render(), media_type=CONTENT_TYPE)
+
+    # --- model lists: the union of the backends' ------------------------------------------
+
+    async def models(self, request: Request) -> Response:
+        found: dict[str, dict[str, Any]] = {}
+        for answer in await self._ask_backends("/models", request):
+            for item in answer.get("models") or []:
+                if isinstance(item, dict) and isinstance(item.get("name"), str):
+                    found.setdefault(item["name"], item)
+        for name in self.pool.known_models():
+            found.setdefault(name, {"name": name, "size_mb": None})
+        return JSONResponse({"models": [found[name] for name in sorted(found)]})
+
+    async def openai_models(self, request: Request) -> Response:
+        found: dict[str, dict[str, Any]] = {}
+        for answer in await self._ask_backends("/v1/models", request):
+            for item in answer.get("data") or []:
+                if isinstance(item, dict) and isinstance(item.get("id"), str):
+                    found.setdefault(item["id"], item)
+        for name in self.pool.known_models():
+            found.setdefault(
+                name, {"id": name, "object": "model", "created": 0, "owned_by": "comeapi"}
+            )
+        return JSONResponse({"object": "list", "data": [found[name] for name in sorted(found)]})
+
+    async def _ask_backends(self, path: str, request: Request) -> list[dict[str, Any]]:
+        headers = forward_headers(request.headers)
+
+        async def ask(url: str) -> dict[str, Any]:
+            try:
+                response = await self.probe_client.get(url + path, headers=headers)
+                data = response.json() if response.status_code == 200 else {}
+            except (httpx.HTTPError, ValueError):
+                return {}
+            return data if isinstance(data, dict) else {}
+
+        return await asyncio.gather(*(ask(b.url) for b in self.pool.healthy()))
+
+    # --- generation ----------------------------------------------------------------------
+
+    def generation(self, path: str) -> Callable[[Request], Awaitable[Response]]:
+        kind = KINDS[path]
+        settings = self.settings
+
+        async def handle(request: Request) -> Response:
+            raw = await read_body(request, settings.max_body_bytes)
+            body = decode_json(raw)
+            if self.cache is not None and not _no_cache(request):
+                answer = await self.cache.lookup(kind, body, request)
+                if answer is not None:
+                    return answer
+            parsed = parse_request(kind, body, max_tokens_limit=settings.max_tokens_limit)
+            self.pool.check_model(parsed.model)
+            return await self.forwarder.forward(
+                path,
+                raw,
+                forward_headers(request.headers),
+                model=parsed.model,
+                stream=parsed.stream,
+                receive=request.receive,
+            )
+
+        return handle
+
+
+def create_app(
+    settings: Settings,
+    pool: BackendPool,
+    cache: CacheLayer | None = None,
+    *,
+    transport: httpx.AsyncBaseTransport | None = None,
+) -> Starlette:
+    """The gateway app. ``transport`` replaces the network (tests use httpx.MockTransport)."""
+    gateway = Gateway(settings, pool, cache, transport=transport)
+    routes = [
+        Route("/", gateway.root),
+        Route("/health", gateway.health_route),
+        Route("/status", gateway.status),
+        Route("/metrics", gateway.metrics_route),
+        Route("/models", gateway.models),
+        Route("/v1/models", gateway.openai_models),
+        *(Route(path, gateway.generation(path), methods=["POST"]) for path in KINDS),
+    ]
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: Starlette) -> AsyncIterator[None]:
+        await gateway.startup()
+        try:
+            yield
+        finally:
+            await gateway.shutdown()
+
+    app = Starlette(
+        routes=routes,
+        middleware=[
+            Middleware(MetricsMiddleware, metrics=gateway.metrics, routes=[r.path for r in routes]),
+            Middleware(APIKeyMiddleware, keys=settings.api_keys),
+        ],
+        exception_handlers=EXCEPTION_HANDLERS,
+        lifespan=lifespan,
+    )
+    app.state.gateway = gateway
+    return app
+
+
+def _no_cache(request: Request) -> bool:
+    return "no-cache" in request.headers.get("cache-control", "")

@@ -1,0 +1,194 @@
+"""Run the gateway: startup -> serve -> graceful shutdown, and ``comeapi up``'s process tree.
+
+uvicorn does the lifecycle: on SIGINT/SIGTERM it stops accepting, lets in-flight requests
+finish for ``shutdown_timeout`` seconds, cancels what is left, then runs the app's shutdown
+(health checks stop, connections close). The signals are caught here rather than by
+uvicorn, so ``up`` can stop its backends after the gateway is done, and a second Ctrl-C
+skips the grace period.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import ipaddress
+import logging
+import math
+import os
+import signal
+from collections.abc import Callable, Coroutine, Iterator
+from typing import Any
+
+import uvicorn
+from starlette.applications import Starlette
+
+from comeapi.balancer.pool import BackendPool
+from comeapi.gateway.app import CacheLayer, create_app
+from comeapi.settings import Settings
+
+log = logging.getLogger("comeapi.gateway")
+
+# `--workers N`: each worker process rebuilds the app from the settings passed here.
+WORKER_SETTINGS_ENV = "_COMEAPI_GATEWAY_SETTINGS"
+SIGNALS = (signal.SIGINT, signal.SIGTERM)
+
+
+def uvicorn_config(settings: Settings, app: Starlette) -> uvicorn.Config:
+    return uvicorn.Config(
+        app,
+        host=settings.host,
+        port=settings.port,
+        log_level=settings.log_level,
+        access_log=False,  # per-request logging costs more than the cache hit it records
+        timeout_graceful_shutdown=math.ceil(settings.shutdown_timeout),
+        lifespan="on",
+    )
+
+
+class GatewayServer(uvicorn.Server):
+    """uvicorn's server, minus its signal handling (``handle_signals`` feeds it instead)."""
+
+    @contextlib.contextmanager
+    def capture_signals(self) -> Iterator[None]:
+        yield
+
+
+@contextlib.contextmanager
+def handle_signals(on_signal: Callable[[int], None]) -> Iterator[None]:
+    loop = asyncio.get_running_loop()
+    for sig in SIGNALS:
+        loop.add_signal_handler(sig, on_signal, sig)
+    try:
+        yield
+    finally:
+        for sig in SIGNALS:
+            loop.remove_signal_handler(sig)
+
+
+async def serve(
+    settings: Settings, *, cache: CacheLayer | None = None, urls: list[str] | None = None
+) -> None:
+    """Serve the gateway in front of ``urls`` (default: the configured backends) until a
+    signal, then shut down gracefully."""
+    pool = BackendPool.from_settings(settings, urls)
+    server = GatewayServer(uvicorn_config(settings, create_app(settings, pool, cache)))
+    log.info(
+        "gateway on http://%s:%d in front of %d backend(s), %s routing",
+        settings.host,
+        settings.port,
+        len(pool.backends),
+        settings.routing,
+    )
+    with handle_signals(lambda sig: server.handle_exit(sig, None)):
+        await server.serve()
+    if not server.started:
+        raise SystemExit(1)  # uvicorn has logged why (port in use, ...)
+
+
+async def up(settings: Settings) -> None:
+    """Start ``settings.count`` backends, then the gateway in front of them; on a signal stop
+    the gateway (gracefully), then the backends. Nothing is left running."""
+    from comeapi.backend.supervisor import Supervisor
+
+    supervisor = Supervisor(
+        settings, host=settings.backend_host, base_port=settings.base_port, count=settings.count
+    )
+    stopping = asyncio.Event()
+    server: GatewayServer | None = None
+
+    def on_signal(sig: int) -> None:
+        stopping.set()
+        if server is not None:
+            server.handle_exit(sig, None)
+
+    with handle_signals(on_signal):
+        watch: asyncio.Task[None] | None = None
+        try:
+            if not await _unless(stopping, supervisor.start()):
+                return
+            urls = supervisor.urls()
+            log.info("backends started: %s", ", ".join(urls))
+            watch = asyncio.create_task(supervisor.watch())
+            pool = BackendPool.from_settings(settings, urls)
+            server = GatewayServer(uvicorn_config(settings, create_app(settings, pool)))
+            await server.serve()
+            if not server.started:
+                raise SystemExit(1)
+        finally:
+            if watch is not None:
+                watch.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await watch
+            await supervisor.stop()
+
+
+async def _unless(stopping: asyncio.Event, work: Coroutine[Any, Any, None]) -> bool:
+    """Run ``work`` unless ``stopping`` is set first (then cancel it). True if it finished."""
+    task = asyncio.ensure_future(work)
+    stop = asyncio.ensure_future(stopping.wait())
+    try:
+        await asyncio.wait({task, stop}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        stop.cancel()
+        if not task.done():
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+    if task.cancelled():
+        return False
+    task.result()  # re-raise a start-up failure
+    return True
+
+
+def run(main: Coroutine[Any, Any, None]) -> None:
+    """Run ``main`` on uvloop when it is installed."""
+    try:
+        import uvloop
+    except ImportError:
+        asyncio.run(main)
+        return
+    with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
+        runner.run(main)
+
+
+def run_gateway(settings: Settings) -> None:
+    """``comeapi serve``: one process, or ``settings.workers`` processes sharing the port."""
+    warn_if_exposed(settings)
+    if settings.workers == 1:
+        run(serve(settings))
+        return
+    os.environ[WORKER_SETTINGS_ENV] = settings.model_dump_json()
+    uvicorn.run(
+        f"{__name__}:worker_app",
+        factory=True,
+        workers=settings.workers,
+        host=settings.host,
+        port=settings.port,
+        log_level=settings.log_level,
+        access_log=False,
+        timeout_graceful_shutdown=math.ceil(settings.shutdown_timeout),
+    )
+
+
+def worker_app() -> Starlette:
+    """The app of one ``--workers`` process (uvicorn imports and calls this)."""
+    settings = Settings.model_validate_json(os.environ[WORKER_SETTINGS_ENV])
+    return create_app(settings, BackendPool.from_settings(settings))
+
+
+def warn_if_exposed(settings: Settings) -> None:
+    if not settings.api_keys and not _is_loopback(settings.host):
+        log.warning(
+            "listening on %s without API keys: anyone who can reach this port can use it "
+            "(set --api-key or COMEAPI_API_KEYS)",
+            settings.host,
+        )
+
+
+def _is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False

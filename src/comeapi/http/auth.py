@@ -1,0 +1,69 @@
+"""API-key authentication as a plain ASGI middleware: ``Authorization: Bearer <key>``.
+
+With no keys configured every request passes. Keys are compared as SHA-256 digests with
+``hmac.compare_digest`` against every key, so timing says nothing about a key's content or
+which key almost matched.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+from collections.abc import Collection, Iterable
+
+from starlette.types import ASGIApp, Receive, Scope, Send
+
+from comeapi.errors import AuthenticationError
+from comeapi.http.responses import JSONResponse
+
+PUBLIC_PATHS = frozenset({"/health"})
+
+
+class APIKeyMiddleware:
+    def __init__(
+        self, app: ASGIApp, keys: Iterable[str], *, public: Collection[str] = PUBLIC_PATHS
+    ):
+        self.app = app
+        self._digests = [_digest(key.encode()) for key in keys]
+        self.public = frozenset(public)
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http" or not self._digests or scope["path"] in self.public:
+            await self.app(scope, receive, send)
+            return
+        token = _bearer_token(scope["headers"])
+        if token is None:
+            error = AuthenticationError(
+                "You didn't provide an API key. Send it as 'Authorization: Bearer <key>'.",
+                code="missing_api_key",
+            )
+        elif self._accepts(token):
+            await self.app(scope, receive, send)
+            return
+        else:
+            error = AuthenticationError("Incorrect API key provided.")
+        response = JSONResponse(
+            error.to_dict(), status_code=error.status, headers={"WWW-Authenticate": "Bearer"}
+        )
+        await response(scope, receive, send)
+
+    def _accepts(self, token: bytes) -> bool:
+        digest = _digest(token)
+        matched = False
+        for known in self._digests:  # no early exit: every key costs the same
+            matched |= hmac.compare_digest(digest, known)
+        return matched
+
+
+def _digest(value: bytes) -> bytes:
+    return hashlib.sha256(value).digest()
+
+
+def _bearer_token(headers: Iterable[tuple[bytes, bytes]]) -> bytes | None:
+    for name, value in headers:
+        if name == b"authorization":
+            scheme, _, token = value.strip().partition(b" ")
+            if scheme.lower() == b"bearer" and token.strip():
+                return token.strip()
+            return None
+    return None

@@ -1,0 +1,405 @@
+"""The gateway app against stand-in backends (httpx.MockTransport): routes, routing through
+the pool, bad input stopped at the gateway, metrics, and the cache seam."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+from collections.abc import AsyncIterator
+from typing import Any
+
+import httpx
+import pytest
+from starlette.requests import Request
+from starlette.responses import Response
+
+from comeapi.balancer.pool import BackendPool
+from comeapi.gateway.app import Gateway, create_app
+from comeapi.protocol.requests import Kind
+from comeapi.settings import load_settings
+from tests.balancer.fakes import FakeCluster, eventually
+
+pytestmark = pytest.mark.anyio
+
+GENERATE = {"prompt": "Once upon a time", "max_tokens": 4, "temperature": 0}
+
+
+@pytest.fixture
+def anyio_backend() -> str:
+    return "asyncio"
+
+
+@contextlib.asynccontextmanager
+async def running(
+    fakes: FakeCluster, cache: Any = None, **overrides: Any
+) -> AsyncIterator[tuple[httpx.AsyncClient, Gateway]]:
+    settings = load_settings(None, backends=fakes.urls, **overrides)
+    app = create_app(
+        settings, BackendPool.from_settings(settings), cache, transport=fakes.transport()
+    )
+    gateway: Gateway = app.state.gateway
+    await gateway.startup()
+    try:
+        async with httpx.AsyncClient(
+            transport=httpx.ASGITransport(app), base_url="http://gateway", timeout=10.0
+        ) as client:
+            yield client, gateway
+    finally:
+        await gateway.shutdown()
+
+
+# --- status routes --------------------------------------------------------------------------
+
+
+async def test_root_speaks_comeapi() -> None:
+    fakes = FakeCluster(3, capacity=2)
+    fakes.backends[2].up = False
+    async with running(fakes) as (client, _):
+        body = (await client.get("/")).json()
+    assert body["message"] == "ComeAPI Load Balancer"
+    assert body["status"] == {
+        "total_backends": 3,
+        "healthy_backends": 2,
+        "in_flight": 0,
+        "capacity": 4,
+        "queue_depth": 0,
+    }
+
+
+async def test_status_lists_every_backend() -> None:
+    fakes = FakeCluster(2)
+    fakes.backends[1].up = False
+    async with running(fakes) as (client, _):
+        await client.post("/generate", json=GENERATE)
+        body = (await client.get("/status")).json()
+    assert (body["healthy_backends"], body["total_backends"]) == (1, 2)
+    assert body["routing"] == "round-robin"
+    first, second = body["backends"]
+    assert first["url"] == "http://backend-0:8000"
+    assert first["healthy"] is True and first["served"] == 1 and first["in_flight"] == 0
+    assert first["capacity"] == 1 and first["failures"] == 0
+    assert first["latency_ms"] is not None and first["last_check"] is not None
+    assert second["healthy"] is False and second["reason"] == "connection refused"
+    assert second["failures"] == 1
+
+
+async def test_health_answers_even_with_no_backend() -> None:
+    fakes = FakeCluster(1)
+    fakes.backends[0].up = False
+    async with running(fakes) as (client, _):
+        response = await client.get("/health")
+    assert response.status_code == 200
+    assert response.json()["status"] == "degraded"
+
+
+async def test_models_are_the_union_of_the_backends() -> None:
+    fakes = FakeCluster(2)
+    fakes.backends[0].models = ("a.gguf",)
+    fakes.backends[1].models = ("a.gguf", "b.gguf")
+    async with running(fakes) as (client, _):
+        models = (await client.get("/models")).json()
+        openai = (await client.get("/v1/models")).json()
+    assert models == {
+        "models": [{"name": "a.gguf", "size_mb": 1.5}, {"name": "b.gguf", "size_mb": 1.5}]
+    }
+    assert openai["object"] == "list"
+    assert [m["id"] for m in openai["data"]] == ["a.gguf", "b.gguf"]
+
+
+# --- routing --------------------------------------------------------------------------------
+
+
+async def test_round_robin_spreads_requests_evenly() -> None:
+    fakes = FakeCluster(3)
+    async with running(fakes) as (client, _):
+        for _ in range(30):
+            response = await client.post("/generate", json=GENERATE)
+            assert response.status_code == 200
+    assert [b.generations for b in fakes.backends] == [10, 10, 10]
+
+
+async def test_a_full_backend_is_never_sent_a_second_request() -> None:
+    fakes = FakeCluster(2)
+    gate = asyncio.Event()
+    for fake in fakes.backends:
+        fake.gate = gate
+    async with running(fakes) as (client, gateway):
+        tasks = [asyncio.create_task(client.post("/generate", json=GENERATE)) for _ in range(6)]
+        await eventually(lambda: gateway.pool.queue_depth == 4)
+        assert [b.in_flight for b in fakes.backends] == [1, 1]
+        gate.set()
+        responses = await asyncio.gather(*tasks)
+    assert [r.status_code for r in responses] == [200] * 6
+    assert [b.max_in_flight for b in fakes.backends] == [1, 1]
+    assert [b.generations for b in fakes.backends] == [3, 3]
+
+
+async def test_a_full_queue_answers_503_with_retry_after() -> None:
+    fakes = FakeCluster(1)
+    fakes.backends[0].gate = gate = asyncio.Event()
+    async with running(fakes, queue_size=1) as (client, gateway):
+        running_one = asyncio.create_task(client.post("/generate", json=GENERATE))
+        await eventually(lambda: fakes.backends[0].in_flight == 1)
+        queued_one = asyncio.create_task(client.post("/generate", json=GENERATE))
+        await eventually(lambda: gateway.pool.queue_depth == 1)
+        refused = await client.post("/generate", json=GENERATE)
+        gate.set()
+        assert (await running_one).status_code == 200
+        assert (await queued_one).status_code == 200
+    assert refused.status_code == 503
+    assert refused.headers["retry-after"] == "1"
+    assert refused.json()["error"]["code"] == "queue_full"
+    assert fakes.total_generations() == 2
+
+
+async def test_a_request_waiting_too_long_gets_503() -> None:
+    fakes = FakeCluster(1)
+    fakes.backends[0].gate = gate = asyncio.Event()
+    async with running(fakes, queue_timeout=0.1) as (client, _):
+        first = asyncio.create_task(client.post("/generate", json=GENERATE))
+        await eventually(lambda: fakes.backends[0].in_flight == 1)
+        late = await client.post("/generate", json=GENERATE)
+        gate.set()
+        await first
+    assert late.status_code == 503
+    assert late.json()["error"]["code"] == "queue_timeout"
+    assert "retry-after" in late.headers
+
+
+async def test_all_backends_down_answers_503_at_once() -> None:
+    fakes = FakeCluster(2)
+    async with running(fakes) as (client, gateway):
+        for fake in fakes.backends:
+            fake.up = False
+        # The gateway still believes both are up: each refusal marks one down.
+        response = await client.post("/generate", json=GENERATE)
+        assert response.status_code == 503
+        assert response.headers["retry-after"]
+        assert "connection refused" in response.json()["error"]["message"]
+        assert [b.healthy for b in gateway.pool.backends] == [False, False]
+        again = await client.post("/generate", json=GENERATE)
+    assert again.status_code == 503
+    assert again.json()["error"]["code"] == "no_backend_available"
+    assert fakes.total_generations() == 0
+
+
+async def test_a_refused_connection_is_retried_on_another_backend() -> None:
+    fakes = FakeCluster(3)
+    async with running(fakes) as (client, gateway):
+        fakes.backends[0].up = False
+        responses = [await client.post("/generate", json=GENERATE) for _ in range(6)]
+        metrics = (await client.get("/metrics")).text
+        assert not gateway.pool.backends[0].healthy
+    assert [r.status_code for r in responses] == [200] * 6
+    assert fakes.backends[1].generations + fakes.backends[2].generations == 6
+    retried = 'backend="http://backend-0:8000",reason="connection refused"} 1.0'
+    assert "comeapi_backend_retries_total{" + retried in metrics
+
+
+async def test_a_loading_backend_hands_the_request_on() -> None:
+    fakes = FakeCluster(2)
+
+    async with running(fakes) as (client, gateway):
+        original = fakes.backends[0].handle
+
+        async def loading(request: httpx.Request) -> httpx.Response:
+            if request.url.path == "/generate":
+                error = {
+                    "error": {"message": "loading", "type": "x", "param": None, "code": "loading"}
+                }
+                return httpx.Response(503, json=error)
+            return await original(request)
+
+        fakes.backends[0].handle = loading  # type: ignore[method-assign]
+        responses = [await client.post("/generate", json=GENERATE) for _ in range(2)]
+        assert gateway.pool.backends[0].reason == "loading"
+    assert [r.status_code for r in responses] == [200, 200]
+    assert fakes.backends[1].generations == 2
+
+
+async def test_requests_naming_a_model_go_only_where_it_is() -> None:
+    fakes = FakeCluster(3)
+    fakes.backends[1].models = ("m.gguf", "big.gguf")
+    async with running(fakes) as (client, _):
+        for _ in range(4):
+            body = {**GENERATE, "model_name": "big.gguf"}
+            assert (await client.post("/generate", json=body)).status_code == 200
+        chat = {"model": "big", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 2}
+        assert (await client.post("/v1/chat/completions", json=chat)).status_code == 200
+    assert [b.generations for b in fakes.backends] == [0, 5, 0]
+
+
+# --- bad input ----------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("path", "content", "param"),
+    [
+        ("/generate", b"{not json", None),
+        ("/generate", b"[1, 2]", None),
+        ("/generate", b'{"max_tokens": 4}', "prompt"),
+        ("/generate", b'{"prompt": "hi", "max_tokens": "4"}', "max_tokens"),
+        ("/generate", b'{"prompt": "hi", "max_tokens": 999999}', "max_tokens"),
+        ("/generate", b'{"prompt": "hi", "temperature": 9}', "temperature"),
+        ("/v1/completions", b'{"prompt": ""}', "prompt"),
+        ("/v1/chat/completions", b'{"messages": []}', "messages"),
+        ("/v1/chat/completions", b'{"messages": [{"role": "robot", "content": "x"}]}', None),
+    ],
+)
+async def test_a_malformed_request_never_reaches_a_backend(
+    path: str, content: bytes, param: str | None
+) -> None:
+    fakes = FakeCluster(2)
+    async with running(fakes) as (client, _):
+        response = await client.post(path, content=content)
+    assert response.status_code == 400
+    error = response.json()["error"]
+    assert error["type"] == "invalid_request_error"
+    if param is not None:
+        assert error["param"] == param
+    assert fakes.total_generations() == 0
+
+
+async def test_an_unknown_model_gets_404_with_the_known_list() -> None:
+    fakes = FakeCluster(2)
+    fakes.backends[1].models = ("other.gguf",)
+    async with running(fakes) as (client, _):
+        response = await client.post("/generate", json={**GENERATE, "model_name": "nope.gguf"})
+    assert response.status_code == 404
+    error = response.json()["error"]
+    assert error["code"] == "model_not_found"
+    assert error["available_models"] == ["m.gguf", "other.gguf"]
+    assert fakes.total_generations() == 0
+
+
+async def test_an_oversized_body_gets_413() -> None:
+    fakes = FakeCluster(1)
+    async with running(fakes, max_body_bytes=2048) as (client, _):
+        response = await client.post("/generate", json={"prompt": "x" * 5000})
+    assert response.status_code == 413
+    assert response.json()["error"]["code"] == "payload_too_large"
+    assert fakes.total_generations() == 0
+
+
+async def test_a_backend_rejection_is_passed_back_as_is() -> None:
+    fakes = FakeCluster(1)
+    async with running(fakes) as (client, gateway):
+        response = await client.post("/generate", json={"prompt": "reject me"})
+        assert gateway.pool.backends[0].healthy  # a 400 is the request's fault, not the backend's
+    assert response.status_code == 400
+    assert response.json()["error"] == {
+        "message": "bad prompt",
+        "type": "invalid_request_error",
+        "param": "prompt",
+        "code": "invalid_value",
+    }
+
+
+async def test_the_body_is_forwarded_unchanged() -> None:
+    fakes = FakeCluster(1)
+    body = {**GENERATE, "seed": 7, "top_k": 3, "unknown_field": [1]}
+    async with running(fakes) as (client, _):
+        await client.post("/generate", json=body)
+    assert fakes.backends[0].bodies == [body]
+
+
+async def test_a_stream_is_relayed() -> None:
+    fakes = FakeCluster(1)
+    async with running(fakes) as (client, gateway):
+        response = await client.post("/generate", json={**GENERATE, "stream": True})
+        assert gateway.pool.backends[0].in_flight == 0
+    assert response.status_code == 200
+    assert response.headers["content-type"].startswith("text/event-stream")
+    events = [line for line in response.text.split("\n\n") if line]
+    assert events[:2] == ['data: {"response": "Hel"}', 'data: {"response": "lo"}']
+    assert events[-1] == "data: [DONE]"
+
+
+# --- metrics ------------------------------------------------------------------------------
+
+
+async def test_metrics_count_requests_backends_queue_and_tokens() -> None:
+    fakes = FakeCluster(2)
+    fakes.backends[1].up = False
+    async with running(fakes) as (client, _):
+        for _ in range(3):
+            await client.post("/generate", json=GENERATE)
+        await client.post("/generate", content=b"{bad")
+        await client.get("/no/such/path")
+        response = await client.get("/metrics")
+    assert response.status_code == 200
+    assert response.headers["content-type"].startswith("text/plain")
+    text = response.text
+    for line in (
+        'comeapi_requests_total{route="/generate",status="200"} 3.0',
+        'comeapi_requests_total{route="/generate",status="400"} 1.0',
+        'comeapi_requests_total{route="other",status="404"} 1.0',
+        'comeapi_request_duration_seconds_count{route="/generate"} 4.0',
+        'comeapi_backend_healthy{backend="http://backend-0:8000"} 1.0',
+        'comeapi_backend_healthy{backend="http://backend-1:8000"} 0.0',
+        'comeapi_backend_in_flight{backend="http://backend-0:8000"} 0.0',
+        'comeapi_backend_served_total{backend="http://backend-0:8000"} 3.0',
+        'comeapi_backend_failures_total{backend="http://backend-1:8000"} 1.0',
+        "comeapi_queue_depth 0.0",
+        "comeapi_tokens_generated_total 6.0",
+    ):
+        assert line in text, line
+
+
+async def test_each_app_has_its_own_registry() -> None:
+    async with running(FakeCluster(1)) as (first, _), running(FakeCluster(1)) as (second, _):
+        await first.post("/generate", json=GENERATE)
+        text = (await second.get("/metrics")).text
+    assert 'comeapi_requests_total{route="/generate",status="200"}' not in text
+
+
+# --- the cache seam -----------------------------------------------------------------------
+
+
+class StubCache:
+    def __init__(self) -> None:
+        self.asked: list[tuple[str, dict[str, Any]]] = []
+
+    async def lookup(self, kind: Kind, body: dict[str, Any], request: Request) -> Response | None:
+        self.asked.append((kind, body))
+        if body.get("prompt") == "cached":
+            return Response(json.dumps({"response": "from cache"}), media_type="application/json")
+        return None
+
+
+async def test_the_cache_answers_before_any_backend() -> None:
+    fakes = FakeCluster(1)
+    cache = StubCache()
+    async with running(fakes, cache=cache) as (client, _):
+        hit = await client.post("/generate", json={"prompt": "cached"})
+        miss = await client.post("/generate", json={"prompt": "not cached"})
+        skipped = await client.post(
+            "/generate", json={"prompt": "cached"}, headers={"Cache-Control": "no-cache"}
+        )
+    assert hit.json() == {"response": "from cache"}
+    assert miss.json()["response"] == "from http://backend-0:8000"
+    assert skipped.json()["response"] == "from http://backend-0:8000"
+    assert cache.asked == [
+        ("generate", {"prompt": "cached"}),
+        ("generate", {"prompt": "not cached"}),
+    ]
+    assert fakes.total_generations() == 2
+
+
+# --- authentication -----------------------------------------------------------------------
+
+
+async def test_api_keys_guard_everything_but_health() -> None:
+    fakes = FakeCluster(1)
+    async with running(fakes, api_keys=["k1", "k2"]) as (client, _):
+        assert (await client.get("/health")).status_code == 200
+        denied = await client.post("/generate", json=GENERATE)
+        assert (await client.get("/metrics")).status_code == 401
+        allowed = await client.post(
+            "/generate", json=GENERATE, headers={"Authorization": "Bearer k2"}
+        )
+    assert denied.status_code == 401
+    assert denied.json()["error"]["type"] == "authentication_error"
+    assert allowed.status_code == 200
+    assert fakes.total_generations() == 1
