@@ -37,6 +37,8 @@ BACKEND_FIELDS = (
 
 def _configure_logging(settings: Settings) -> None:
     logging.getLogger().setLevel(settings.log_level.upper())
+    # One line per health probe would drown the backends' own logs.
+    logging.getLogger("httpx").setLevel(logging.WARNING)
 
 
 @click.command()
