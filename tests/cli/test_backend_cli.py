@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import shutil
 import signal
 import subprocess
 import time
@@ -32,16 +33,22 @@ def run_cli(*args: str, env: dict[str, str] | None = None) -> subprocess.Complet
 
 @pytest.mark.slow
 def test_backend_reports_loading_then_ok_and_stops_on_sigterm(
-    spawn: Spawn, model_dir: Path
+    spawn: Spawn, model_dir: Path, tmp_path: Path
 ) -> None:
+    models = tmp_path / "models"
+    models.mkdir()
+    for name in ("alpha.gguf", "beta.gguf"):  # two names for the bundled model
+        try:
+            os.link(model_dir / BUNDLED_MODEL, models / name)
+        except OSError:  # another file system
+            shutil.copyfile(model_dir / BUNDLED_MODEL, models / name)
     port = free_port()
     url = f"http://127.0.0.1:{port}/health"
-    backend = spawn(
-        comeapi_argv(
-            "backend", "--model-dir", str(model_dir), "--port", str(port), "--threads", "1"
-        ),
-        name="backend",
-    )
+    argv = comeapi_argv(
+        "backend", "--model-dir", str(models), "--port", str(port), "--threads", "1",
+        "--max-loaded-models", "1",
+    )  # fmt: skip
+    backend = spawn(argv, name="backend")
     seen: list[str] = []
     deadline = time.monotonic() + 120
     with httpx.Client(timeout=1) as client:
@@ -59,6 +66,14 @@ def test_backend_reports_loading_then_ok_and_stops_on_sigterm(
                 break
             time.sleep(0.01)
     assert seen == ["loading", "ok"], backend.log()
+    assert httpx.get(url, timeout=5).json()["loaded_models"] == ["alpha.gguf"]
+    r = httpx.post(
+        url.replace("/health", "/generate"),
+        json={"prompt": "Hi", "model_name": "beta", "max_tokens": 2},
+        timeout=60,
+    )
+    assert r.status_code == 200 and r.json()["model"] == "beta.gguf"
+    assert httpx.get(url, timeout=5).json()["loaded_models"] == ["beta.gguf"]  # alpha evicted
     os.kill(backend.pid, signal.SIGTERM)
     backend.popen.wait(30)  # graceful shutdown, no hang
     assert "Shutting down" in backend.log()
