@@ -9,6 +9,7 @@ from typing import Any
 import click
 
 from comeapi.cli.options import build_settings, settings_options
+from comeapi.errors import ComeapiError
 from comeapi.settings import Settings
 
 GATEWAY_FIELDS = (
@@ -86,8 +87,14 @@ def up(ctx: click.Context, /, **values: Any) -> None:
     from comeapi.gateway.server import up as run_up
 
     warn_if_exposed(settings)
-    run(run_up(settings))
+    try:
+        run(run_up(settings))
+    except ComeapiError as exc:  # a backend that cannot start: its log tail says why
+        raise click.ClickException(exc.message) from None
 
 
 def _log_level(settings: Settings) -> None:
     logging.getLogger().setLevel(settings.log_level.upper())
+    if settings.log_level != "debug":
+        # httpx logs every request at INFO: one line per proxied request and health probe.
+        logging.getLogger("httpx").setLevel(logging.WARNING)

@@ -1,0 +1,146 @@
+"""``comeapi serve``, ``comeapi up`` and ``comeapi bench parallel`` as a user runs them."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import httpx
+import pytest
+from click.testing import CliRunner
+
+from comeapi.cli import main
+from tests.helpers import Proc, comeapi_argv, free_port, group_alive
+
+Spawn = Callable[..., Proc]
+
+
+def test_serve_without_backends_is_a_usage_error() -> None:
+    result = CliRunner().invoke(main, ["serve"], env={"COMEAPI_BACKENDS": ""})
+    assert result.exit_code == 2
+    assert "no backends" in result.output
+
+
+def test_a_bad_backends_range_names_the_setting() -> None:
+    result = CliRunner().invoke(main, ["serve", "--backends", "127.0.0.1:80"])
+    assert result.exit_code == 2
+    assert "backends_range" in result.output
+
+
+def test_serve_takes_comeapi_short_form_and_stops_on_sigterm(spawn: Spawn) -> None:
+    port, first = free_port(), free_port()
+    proc = spawn(
+        comeapi_argv(
+            "serve", "--port", str(port), "--backends", f"127.0.0.1:{first}:3",
+            "--health-interval", "0.5", "--shutdown-timeout", "2",
+        ),
+        name="serve",
+    )  # fmt: skip
+    url = f"http://127.0.0.1:{port}"
+    proc.wait_http(url + "/health", timeout=30)
+    root = httpx.get(url + "/", timeout=5).json()
+    assert root["message"] == "ComeAPI Load Balancer"
+    assert root["status"]["total_backends"] == 3
+    assert root["status"]["healthy_backends"] == 0
+    status = httpx.get(url + "/status", timeout=5).json()
+    assert [b["url"] for b in status["backends"]] == [
+        f"http://127.0.0.1:{p}" for p in range(first, first + 3)
+    ]
+    assert all(b["reason"] == "connection refused" for b in status["backends"])
+    response = httpx.post(url + "/generate", json={"prompt": "hi"}, timeout=5)
+    assert response.status_code == 503
+    os.kill(proc.pid, signal.SIGTERM)
+    assert proc.popen.wait(15) == 0
+    assert "Application shutdown complete" in proc.log()
+
+
+def test_api_keys_from_the_environment(spawn: Spawn) -> None:
+    port = free_port()
+    proc = spawn(
+        comeapi_argv("serve", "--port", str(port), "--backend", f"http://127.0.0.1:{free_port()}"),
+        env={"COMEAPI_API_KEYS": "k1,k2"},
+        name="serve",
+    )
+    url = f"http://127.0.0.1:{port}"
+    proc.wait_http(url + "/health", timeout=30)
+    assert httpx.get(url + "/status", timeout=5).status_code == 401
+    assert httpx.get(url + "/status", headers={"Authorization": "Bearer k2"}, timeout=5).is_success
+
+
+def test_serve_with_workers(spawn: Spawn) -> None:
+    port = free_port()
+    proc = spawn(
+        comeapi_argv(
+            "serve", "--port", str(port), "--workers", "2",
+            "--backend", f"http://127.0.0.1:{free_port()}",
+        ),
+        name="serve",
+    )  # fmt: skip
+    url = f"http://127.0.0.1:{port}"
+    proc.wait_http(url + "/health", timeout=60)
+    assert httpx.get(url + "/", timeout=5).json()["status"]["total_backends"] == 1
+    os.kill(proc.pid, signal.SIGTERM)
+    assert proc.popen.wait(20) == 0
+    assert not group_alive(proc.pid)
+
+
+@pytest.mark.slow
+def test_up_runs_backends_and_gateway_and_leaves_nothing_behind(
+    spawn: Spawn, model_dir: Path
+) -> None:
+    port, base = free_port(), free_port()
+    proc = spawn(
+        comeapi_argv(
+            "up", "--count", "1", "--port", str(port), "--base-port", str(base),
+            "--model-dir", str(model_dir), "--threads", "1", "--ctx", "256",
+            "--health-interval", "1",
+        ),
+        name="up",
+    )  # fmt: skip
+    url = f"http://127.0.0.1:{port}"
+    proc.wait_http(url + "/health", timeout=180)
+    assert httpx.get(url + "/status", timeout=5).json()["healthy_backends"] == 1
+
+    bench = subprocess.run(
+        comeapi_argv("bench", "parallel", "--url", url, "--concurrency", "2", "--max-tokens", "2"),
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert bench.returncode == 0, bench.stdout + bench.stderr
+    assert "connected: 1/1 backends healthy" in bench.stdout
+    assert "gemma-3-270m-q4_k_m.gguf" in bench.stdout
+    assert "succeeded:    2/2" in bench.stdout
+    assert "failed:       0/2" in bench.stdout
+    assert "tokens/s aggregate" in bench.stdout
+
+    os.kill(proc.pid, signal.SIGTERM)  # the parent only: it must stop its backends itself
+    assert proc.popen.wait(60) == 0
+    deadline = time.monotonic() + 10
+    while group_alive(proc.pid) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert not group_alive(proc.pid), proc.log()[-2000:]
+    with pytest.raises(httpx.ConnectError):
+        httpx.get(f"http://127.0.0.1:{base}/health", timeout=2)
+
+
+def test_bench_parallel_reports_failures(spawn: Spawn) -> None:
+    port = free_port()
+    proc = spawn(
+        comeapi_argv("serve", "--port", str(port), "--backend", f"http://127.0.0.1:{free_port()}"),
+        name="serve",
+    )
+    url = f"http://127.0.0.1:{port}"
+    proc.wait_http(url + "/health", timeout=30)
+    result = CliRunner().invoke(
+        main, ["bench", "parallel", "--url", url, "--concurrency", "3", "--max-tokens", "2"]
+    )
+    assert result.exit_code == 1
+    assert "connected: 0/1 backends healthy" in result.output
+    assert "succeeded:    0/3" in result.output
+    assert "failed:       3/3" in result.output
+    assert "HTTP 503" in result.output
