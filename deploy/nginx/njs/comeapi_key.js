@@ -14,10 +14,13 @@ const KEY_VERSION = 1;
 const DEFAULT_MODEL_VAR = 'comeapi_default_model';
 // njs strings count code points; QuickJS (and browsers) count UTF-16 units.
 const UTF16 = String.fromCodePoint(0x1F600).length === 2;
-// What Python's str.isspace() accepts, hence what str.strip() removes.
-const PY_SPACE = [0x9, 0xa, 0xb, 0xc, 0xd, 0x1c, 0x1d, 0x1e, 0x1f, 0x20, 0x85, 0xa0, 0x1680,
-    0x2000, 0x2001, 0x2002, 0x2003, 0x2004, 0x2005, 0x2006, 0x2007, 0x2008, 0x2009, 0x200a,
-    0x2028, 0x2029, 0x202f, 0x205f, 0x3000];
+// What Python's str.isspace() accepts, hence what str.strip() removes (JavaScript's trim()
+// differs: it removes U+FEFF and keeps U+001C..U+001F and U+0085).
+const PY_SPACE_RE = /^[\t-\r\u001c-\u0020\u0085\u00a0\u1680\u2000-\u200a\u2028\u2029\u202f\u205f\u3000]+/;
+const PY_SPACE = {};
+[0x9, 0xa, 0xb, 0xc, 0xd, 0x1c, 0x1d, 0x1e, 0x1f, 0x20, 0x85, 0xa0, 0x1680, 0x2000, 0x2001,
+    0x2002, 0x2003, 0x2004, 0x2005, 0x2006, 0x2007, 0x2008, 0x2009, 0x200a, 0x2028, 0x2029,
+    0x202f, 0x205f, 0x3000].forEach(function (cp) { PY_SPACE[cp] = true; });
 
 const S_BASE = 0xAC00, L_BASE = 0x1100, V_BASE = 0x1161, T_BASE = 0x11A7;
 const L_COUNT = 19, V_COUNT = 21, T_COUNT = 28, N_COUNT = V_COUNT * T_COUNT;
@@ -117,8 +120,46 @@ function composePair(a, b, t) {
     return t.compose[a * 0x110000 + b];
 }
 
+// Canonical ordering: each run of non-starters sorted stably by combining class. Buckets
+// (linear) rather than the usual insertion sort, which a body of 100k combining marks
+// would turn into minutes of CPU.
+function reorder(d, cls) {
+    let i = 0;
+    while (i < d.length) {
+        if (cls(d[i]) === 0) {
+            i++;
+            continue;
+        }
+        let end = i;
+        while (end < d.length && cls(d[end]) !== 0) {
+            end++;
+        }
+        if (end - i > 1) {
+            const buckets = {}, classes = [];
+            for (let k = i; k < end; k++) {
+                const c = cls(d[k]);
+                if (buckets[c] === undefined) {
+                    buckets[c] = [];
+                    classes.push(c);
+                }
+                buckets[c].push(d[k]);
+            }
+            classes.sort(function (a, b) { return a - b; });
+            let k = i;
+            classes.forEach(function (c) {
+                buckets[c].forEach(function (cp) { d[k++] = cp; });
+            });
+        }
+        i = end;
+    }
+}
+
 // Unicode NFC (UAX #15): full canonical decomposition, canonical ordering, composition.
 function nfc(text) {
+    // Quick check (regular expressions run in C): most text, Japanese included, is done here.
+    if (nfcData.fastRe.test(text)) {
+        return text;
+    }
     const cps = codePoints(text);
     if (cps.every(isFast)) {
         return text;
@@ -127,14 +168,7 @@ function nfc(text) {
     const cls = function (cp) { return t.ccc[cp] || 0; };
     const d = [];
     cps.forEach(function (cp) { decompose(cp, t, d); });
-    for (let i = 1; i < d.length; i++) {
-        const c = cls(d[i]);
-        for (let j = i; c !== 0 && j > 0 && cls(d[j - 1]) > c; j--) {
-            const x = d[j];
-            d[j] = d[j - 1];
-            d[j - 1] = x;
-        }
-    }
+    reorder(d, cls);
     const res = [];
     let starter = -1, lastCls = 0;
     for (let i = 0; i < d.length; i++) {
@@ -155,20 +189,23 @@ function nfc(text) {
     return fromCodePoints(res);
 }
 
-function strip(s) {
-    const cps = codePoints(s);
-    let a = 0, b = cps.length;
-    while (a < b && PY_SPACE.indexOf(cps[a]) >= 0) {
-        a++;
+function normalise(text) {
+    let s = nfc(text);
+    if (s.indexOf('\r') >= 0) {
+        s = s.split('\r\n').join('\n').split('\r').join('\n');
     }
-    while (b > a && PY_SPACE.indexOf(cps[b - 1]) >= 0) {
-        b--;
-    }
-    return a === 0 && b === cps.length ? s : fromCodePoints(cps.slice(a, b));
+    return strip(s);
 }
 
-function normalise(text) {
-    return strip(nfc(text).split('\r\n').join('\n').split('\r').join('\n'));
+// Python's str.strip(). Leading: one anchored expression; trailing: a loop from the end (an
+// expression ending in "+$" backtracks quadratically over long runs of inner spaces).
+function strip(s) {
+    s = s.replace(PY_SPACE_RE, '');
+    let end = s.length;
+    while (end > 0 && PY_SPACE[s.codePointAt(end - 1)]) {
+        end--;
+    }
+    return end === s.length ? s : s.slice(0, end);
 }
 
 function modelFile(name, r) {
