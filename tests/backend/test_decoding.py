@@ -162,3 +162,8 @@ def test_models_without_a_template_get_chatml() -> None:
     assert (
         template.render(chat.messages) == "<|im_start|>user\nHi<|im_end|>\n<|im_start|>assistant\n"
     )
+
+
+def test_a_character_cut_by_max_tokens_is_dropped_not_replaced() -> None:
+    # "日" is e6 97 a5: the generation ended after two of its three bytes.
+    assert feed_all(TextAssembler(()), [b"ok ", b"\xe6\x97"]) == "ok "

@@ -132,11 +132,15 @@ class TextAssembler:
         return self._release(self._held + self._decoder.decode(data))
 
     def flush(self) -> str:
-        """The held-back text at the end of the generation."""
+        """The held-back text at the end of the generation.
+
+        A character cut in half by max_tokens is dropped, not sent as U+FFFD: the client
+        asked for at most N tokens, not for a broken character."""
         if self.stopped:
             return ""
-        text = self._held + self._decoder.decode(b"", final=True)
+        text = self._held
         self._held = ""
+        self._decoder.reset()
         return self._cut(text) if self._stop else text
 
     def _release(self, text: str) -> str:
