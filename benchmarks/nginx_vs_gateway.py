@@ -1,0 +1,284 @@
+"""Cache hits per second: nginx's proxy_cache (Phase 1) beside `comeapi serve`'s own hit path.
+
+    .venv/bin/python benchmarks/nginx_vs_gateway.py [--duration 10] [--connections 32]
+
+Both serve the 50 shipped answers (10 prompts x 5 variants, imported into a fresh SQLite
+store, so no model runs): comeapi's gateway from memory, nginx from its disk cache, filled
+through comeapi by deploy/nginx/warmup.sh. wrk (Debian's package, one thread, loopback)
+POSTs the 10 prompts' bodies in turn with a Lua script; every response must be a hit. The
+goal of the cache issue: comeapi >= 0.5x nginx's requests/s, with p99 <= 10 ms.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import os
+import re
+import secrets
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import httpx
+
+REPO = Path(__file__).resolve().parent.parent
+DEPLOY = REPO / "deploy" / "nginx"
+SHIPPED_CACHE = REPO / "src" / "comeapi" / "data" / "default-cache.jsonl"
+GOAL_RATIO, GOAL_P99_MS = 0.5, 10.0
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def wait_port(port: int, proc: subprocess.Popen[bytes], timeout: float = 60.0) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise SystemExit(f"{proc.args!r} exited with {proc.returncode}")
+        with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", port), 1.0):
+            return
+        time.sleep(0.1)
+    raise SystemExit(f"nothing listens on port {port} after {timeout}s")
+
+
+@contextlib.contextmanager
+def running(
+    argv: list[str], log: Path, env: dict[str, str] | None = None
+) -> Iterator[subprocess.Popen[bytes]]:
+    """A child in its own process group, stopped (the whole group, by PID) on exit."""
+    with log.open("ab") as out:
+        proc = subprocess.Popen(
+            argv,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            cwd=REPO,
+            start_new_session=True,
+            env={**os.environ, **(env or {})},
+        )
+        try:
+            yield proc
+            if proc.poll() is not None:
+                raise SystemExit(f"{argv[0]} died during the run, see {log}")
+        finally:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(proc.pid, signal.SIGTERM)
+            try:
+                proc.wait(15)
+            except subprocess.TimeoutExpired:
+                os.killpg(proc.pid, signal.SIGKILL)
+                proc.wait(5)
+
+
+def request_bodies() -> list[tuple[str, str]]:
+    """(route, JSON body) of each shipped prompt, as a client sends it (and warmup.sh does)."""
+    from comeapi.cache.prompts import load_prompt_set
+
+    out = []
+    for item in load_prompt_set().items:
+        body = item.request_body(0)
+        body.pop("seed")
+        route = "/v1/chat/completions" if item.kind == "chat" else "/generate"
+        out.append((route, json.dumps(body, ensure_ascii=False)))
+    return out
+
+
+def lua_script(bodies: list[tuple[str, str]]) -> str:
+    def q(s: str) -> str:  # a Lua long string cannot be closed by JSON text
+        return "[==[" + s + "]==]"
+
+    reqs = ",\n".join(f"  {{{q(route)}, {q(body)}}}" for route, body in bodies)
+    return (
+        f"local reqs = {{\n{reqs}\n}}\n"
+        "local i = 0\n"
+        'wrk.headers["Content-Type"] = "application/json"\n'
+        "request = function()\n"
+        "  i = i % #reqs + 1\n"
+        '  return wrk.format("POST", reqs[i][1], nil, reqs[i][2])\n'
+        "end\n"
+    )
+
+
+@dataclass
+class WrkResult:
+    requests_per_s: float
+    p50_ms: float
+    p99_ms: float
+    errors: str
+
+
+def to_ms(value: str) -> float:
+    number, unit = re.fullmatch(r"([\d.]+)(us|ms|s)", value).groups()  # type: ignore[union-attr]
+    return float(number) * {"us": 1e-3, "ms": 1.0, "s": 1e3}[unit]
+
+
+def run_wrk(url: str, script: Path, args: argparse.Namespace) -> WrkResult:
+    argv = ["wrk", f"-t{args.threads}", f"-c{args.connections}", f"-d{args.duration}s"]
+    argv += ["--latency", "--timeout", "5s", "-s", str(script), url]
+    out = subprocess.run(argv, capture_output=True, text=True, check=True, timeout=120).stdout
+    rps = float(re.search(r"Requests/sec:\s*([\d.]+)", out).group(1))  # type: ignore[union-attr]
+    p50 = to_ms(re.search(r"50%\s+(\S+)", out).group(1))  # type: ignore[union-attr]
+    p99 = to_ms(re.search(r"99%\s+(\S+)", out).group(1))  # type: ignore[union-attr]
+    errors = "; ".join(
+        line.strip() for line in out.splitlines() if "errors" in line or "Non-2xx" in line
+    )
+    return WrkResult(rps, p50, p99, errors)
+
+
+def check_hits(url: str, bodies: list[tuple[str, str]], header: str) -> None:
+    with httpx.Client(timeout=10) as client:
+        for route, body in bodies * 3:
+            r = client.post(
+                url + route, content=body.encode(), headers={"Content-Type": "application/json"}
+            )
+            if r.status_code != 200 or r.headers.get(header) != "HIT":
+                raise SystemExit(f"{url}{route}: {r.status_code} {header}={r.headers.get(header)}")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--duration", type=int, default=10, help="seconds per wrk run")
+    parser.add_argument("--connections", type=int, default=32)
+    parser.add_argument("--threads", type=int, default=1, help="wrk threads")
+    parser.add_argument("--rounds", type=int, default=2, help="alternating runs of each")
+    parser.add_argument("--gateway-workers", type=int, default=1)
+    args = parser.parse_args()
+    for tool in ("nginx", "wrk"):
+        if shutil.which(tool) is None:
+            raise SystemExit(f"{tool} is not installed (make system-deps)")
+
+    base = Path(tempfile.mkdtemp(prefix="comeapi-nginx-bench-"))
+    base.chmod(0o755)  # nginx's worker user must reach the cache directory
+    try:
+        bench(base, args)
+    finally:
+        shutil.rmtree(base, ignore_errors=True)
+
+
+def bench(base: Path, args: argparse.Namespace) -> None:
+    secret = secrets.token_urlsafe(24)
+    store = f"sqlite:{base / 'store.db'}"
+    py = [sys.executable, "-m", "comeapi"]
+    subprocess.run(
+        [*py, "cache", "import", "--store", store, str(SHIPPED_CACHE)],
+        check=True,
+        capture_output=True,
+        cwd=REPO,
+        timeout=120,
+    )
+    gw_port, port, warm_port = free_port(), free_port(), free_port()
+    gateway = [
+        *py,
+        "serve",
+        "--port",
+        str(gw_port),
+        "--store",
+        store,
+        "--variant-secret",
+        secret,
+        "--backend",
+        f"http://127.0.0.1:{free_port()}",
+        "--log-level",
+        "warning",
+        "--workers",
+        str(args.gateway_workers),
+    ]
+    render_env = {
+        "COMEAPI_UPSTREAM": f"127.0.0.1:{gw_port}",
+        "COMEAPI_VARIANT_SECRET": secret,
+        "NGINX_LISTEN": f"127.0.0.1:{port}",
+        "NGINX_WARMUP_LISTEN": f"127.0.0.1:{warm_port}",
+        "NGINX_CACHE_DIR": str(base / "cache"),
+        "NGINX_STATE_DIR": str(base / "state"),
+        "NGINX_LOG_DIR": str(base / "logs"),
+        "NGINX_USER": "www-data" if os.geteuid() == 0 else "",
+    }
+    subprocess.run(
+        ["sh", str(DEPLOY / "render.sh"), str(base / "conf")],
+        check=True,
+        capture_output=True,
+        env={**os.environ, **render_env},
+        timeout=30,
+    )
+    # Hits are not worth an access log line each; comeapi does not log them either.
+    locations = base / "conf" / "comeapi.conf"
+    locations.write_text(re.sub(r"access_log [^;]+;", "access_log off;", locations.read_text()))
+    nginx = [
+        "nginx",
+        "-p",
+        f"{base}/",
+        "-c",
+        str(base / "conf" / "nginx.conf"),
+        "-e",
+        str(base / "logs" / "error.log"),
+        "-g",
+        "daemon off;",
+    ]
+
+    bodies = request_bodies()
+    script = base / "bodies.lua"
+    script.write_text(lua_script(bodies))
+    with running(gateway, base / "gateway.log") as gw, running(nginx, base / "nginx.log") as ngx:
+        wait_port(gw_port, gw)
+        wait_port(port, ngx)
+        warm = subprocess.run(
+            ["bash", str(DEPLOY / "warmup.sh"), "-u", f"http://127.0.0.1:{warm_port}", "-t", "60"],
+            env={**os.environ, "COMEAPI_PYTHON": sys.executable},
+            capture_output=True,
+            text=True,
+            timeout=600,
+        )
+        summary = warm.stdout.strip().splitlines()[-1] if warm.stdout.strip() else warm.stderr
+        if warm.returncode != 0:
+            raise SystemExit(f"warmup failed:\n{warm.stdout}{warm.stderr}")
+        print(summary)
+        nginx_url, gateway_url = f"http://127.0.0.1:{port}", f"http://127.0.0.1:{gw_port}"
+        check_hits(nginx_url, bodies, "x-cache-status")
+        check_hits(gateway_url, bodies, "x-cache")
+        runs: dict[str, list[WrkResult]] = {"nginx": [], "comeapi": []}
+        for _ in range(args.rounds):
+            runs["nginx"].append(run_wrk(nginx_url, script, args))
+            runs["comeapi"].append(run_wrk(gateway_url, script, args))
+    report(runs, args)
+
+
+def report(runs: dict[str, list[WrkResult]], args: argparse.Namespace) -> None:
+    print(
+        f"wrk -t{args.threads} -c{args.connections} -d{args.duration}s, {args.rounds} rounds, "
+        f"10 prompts' bodies in turn, loopback, {os.cpu_count()} CPUs"
+    )
+    best = {}
+    for name, results in runs.items():
+        best[name] = max(results, key=lambda r: r.requests_per_s)
+        for r in results:
+            extra = f"  [{r.errors}]" if r.errors else ""
+            print(
+                f"  {name:8} {r.requests_per_s:10.0f} req/s  p50 {r.p50_ms:6.2f} ms"
+                f"  p99 {r.p99_ms:6.2f} ms{extra}"
+            )
+    ratio = best["comeapi"].requests_per_s / best["nginx"].requests_per_s
+    p99 = best["comeapi"].p99_ms
+    verdict = "met" if ratio >= GOAL_RATIO and p99 <= GOAL_P99_MS else "NOT met"
+    print(
+        f"best: nginx {best['nginx'].requests_per_s:.0f} req/s, comeapi "
+        f"{best['comeapi'].requests_per_s:.0f} req/s (gateway workers: {args.gateway_workers})"
+    )
+    print(
+        f"ratio comeapi/nginx = {ratio:.2f} (goal >= {GOAL_RATIO}), comeapi p99 = {p99:.2f} ms "
+        f"(goal <= {GOAL_P99_MS:.0f} ms): {verdict}"
+    )
+
+
+if __name__ == "__main__":
+    main()
