@@ -19,7 +19,9 @@ TIMEOUT=${WARMUP_TIMEOUT:-600}
 VERIFY=0
 # A Python that has comeapi installed; may be a command, e.g.
 # "docker compose exec -T comeapi python" (then PROMPTS is a path inside that container).
-PYTHON=${COMEAPI_PYTHON:-python3}
+REPO_PYTHON="$(cd "$(dirname "$0")/../.." && pwd)/.venv/bin/python"
+if [ -x "$REPO_PYTHON" ]; then DEFAULT_PYTHON=$REPO_PYTHON; else DEFAULT_PYTHON=python3; fi
+PYTHON=${COMEAPI_PYTHON:-$DEFAULT_PYTHON}
 
 usage() {
     sed -n '2,9p' "$0" | sed 's/^# \{0,1\}//'
