@@ -77,7 +77,7 @@ send() { # variant route label body -> prints one line, updates the counters
     code=$(printf '%s' "$body" | curl -sS -o "$tmp/body" -D "$tmp/headers" -w '%{http_code}' \
         --connect-timeout 5 --max-time "$TIMEOUT" -X POST \
         -H 'Content-Type: application/json' -H "X-Comeapi-Variant: $variant" \
-        --data-binary @- "$URL$route" 2>"$tmp/err") || code="curl: $(tr -d '\n' <"$tmp/err")"
+        --data-binary @- "$URL$route" 2>"$tmp/err") || code="$(tr -d '\n' <"$tmp/err")"
     status=$(sed -n 's/^[Xx]-[Cc]ache-[Ss]tatus: *\([A-Z]*\).*/\1/p' "$tmp/headers" 2>/dev/null || true)
     served=$(sed -n 's/^[Xx]-[Cc]ache-[Vv]ariant: *\([0-9]*\).*/\1/p' "$tmp/headers" 2>/dev/null || true)
     if [ "$code" != 200 ]; then
