@@ -358,3 +358,26 @@ def test_cli_targets_come_from_backends_range(tmp_path: Path) -> None:
     flat = " ".join(done.stderr.split())
     assert f"http://127.0.0.1:{port}: ConnectError" in flat
     assert f"http://127.0.0.1:{port + 1}: ConnectError" in flat
+
+
+def test_blank_answer_is_generated_again_with_a_further_seed(store: SqliteStore) -> None:
+    from comeapi.cache.warmup import BLANK_RESEEDS, RESEED_STRIDE
+
+    fake = FakeBackends({"http://a:1": 1})
+    blank_seeds = {1, 1 + RESEED_STRIDE}  # variant 1 is blank twice, then fine
+
+    def blank(base: str, body: dict[str, Any]) -> httpx.Response | None:
+        if body["seed"] in blank_seeds:
+            return httpx.Response(200, json={"choices": [{"text": " \n\u3000"}], "usage": {}})
+        return None
+
+    fake.fail = blank
+    report = warm(store, fake, ["http://a:1"], prompts=prompt_set(SET.split("  - messages")[0]))
+    assert report.ok
+    entry = next(iter(store.load_index().values()))[1]
+    assert entry.params["seed"] == 1 + 2 * RESEED_STRIDE
+    assert entry.answer == f"answer seed {1 + 2 * RESEED_STRIDE}"
+    # A slot that stays blank after every reseed is still filled: N variants, always.
+    blank_seeds.update(2 + k * RESEED_STRIDE for k in range(BLANK_RESEEDS + 1))
+    warm(store, fake, ["http://a:1"], prompts=prompt_set(SET.split("  - messages")[0]), force=True)
+    assert len(next(iter(store.load_index().values()))) == 3

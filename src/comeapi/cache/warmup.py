@@ -1,8 +1,10 @@
 """Warmup: generate every missing variant of a prompt set through backends, over HTTP.
 
 Variant ``i`` is generated with ``seed = i`` (reproducible), as many at once as the backends
-have free slots, and each answer is stored the moment it arrives (one atomic write), so a
-warmup killed at any moment keeps everything already written and a rerun fills only the gaps.
+have free slots; a blank answer (a base model may emit only whitespace) is not worth caching,
+so that slot is generated again with ``seed = i + k * RESEED_STRIDE``, k = 1..BLANK_RESEEDS;
+each answer is stored the moment it arrives (one atomic write), so a warmup killed at any
+moment keeps everything already written and a rerun fills only the gaps.
 """
 
 from __future__ import annotations
@@ -23,6 +25,8 @@ from comeapi.errors import StoreError, UnavailableError
 HEADERS = {"Cache-Control": "no-cache"}  # a gateway in between must not answer from its cache
 DEFAULT_CONCURRENCY = 2
 ATTEMPTS = 3  # per variant, across targets
+BLANK_RESEEDS = 3
+RESEED_STRIDE = 1_000_000
 MAX_BUSY_WAIT = 5.0  # longest pause on a 503 before trying again (s)
 
 Outcome = Literal["generated", "failed"]
@@ -239,10 +243,15 @@ class _Runner:
         rotation = itertools.islice(itertools.cycle(range(len(self.urls))), home, None)
         errors: list[str] = []
         busy_waits = 0
+        seed = variant
         while len(errors) < ATTEMPTS:
             url = self.urls[next(rotation)]
             try:
-                return await self._request(url, row.item, variant)
+                entry = await self._request(url, row.item, variant, seed)
+                if entry.answer.strip() or seed >= variant + BLANK_RESEEDS * RESEED_STRIDE:
+                    return entry
+                seed += RESEED_STRIDE
+                continue
             except _Failed as exc:
                 if exc.retry_after is not None and busy_waits < 10:
                     busy_waits += 1  # busy or loading: not the backend's fault, wait and retry
@@ -254,8 +263,8 @@ class _Runner:
         self.report.failures.append(f"{name}: {' | '.join(errors)}")
         return None
 
-    async def _request(self, url: str, item: PromptItem, variant: int) -> Entry:
-        body = item.request_body(variant)
+    async def _request(self, url: str, item: PromptItem, variant: int, seed: int) -> Entry:
+        body = {**item.request_body(variant), "seed": seed}
         try:
             response = await self.client.post(url + item.route, json=body)
         except httpx.TimeoutException as exc:
