@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import base64
 import json
+import os
 import subprocess
 import sys
 from collections import Counter
@@ -13,6 +14,12 @@ import boto3
 import pytest
 from botocore.config import Config
 from botocore.stub import Stubber
+
+from comeapi.cache.dynamo import Catalogue, DynamoStore, encode_catalogue
+from comeapi.cache.store import Entry, PromptInfo
+from comeapi.serverless import handler as handler_module
+from comeapi.serverless.events import http_api_event
+from comeapi.serverless.handler import ServerlessApp
 from tests.aws_local import REGION, dummy_credentials, prompt_entries
 from tests.serverless.conftest import (
     CHAT,
@@ -21,12 +28,6 @@ from tests.serverless.conftest import (
     TABLE,
     load_event,
 )
-
-from comeapi.cache.dynamo import Catalogue, DynamoStore, encode_catalogue
-from comeapi.cache.store import Entry, PromptInfo
-from comeapi.serverless import handler as handler_module
-from comeapi.serverless.events import http_api_event
-from comeapi.serverless.handler import ServerlessApp
 
 MODEL = "gemma-3-270m-q4_k_m.gguf"
 
@@ -366,6 +367,30 @@ def test_the_handler_module_stays_light() -> None:
         [sys.executable, "-c", code], capture_output=True, text=True, timeout=60, check=True
     )
     assert out.stdout.strip() == "[]"
+
+
+def test_in_lambda_the_app_is_built_at_import_with_the_gc_paused() -> None:
+    code = (
+        "import gc, comeapi.serverless.handler as h\n"
+        "print(h.default_app.cache_info().currsize, gc.isenabled(), gc.get_freeze_count() > 0)"
+    )
+    env = {
+        **os.environ,
+        "AWS_LAMBDA_FUNCTION_NAME": "comeapi-test",
+        "TABLE_NAME": "t",
+        "AWS_ACCESS_KEY_ID": "testing",
+        "AWS_SECRET_ACCESS_KEY": "testing",
+        "AWS_REGION": REGION,
+    }
+    out = subprocess.run(
+        [sys.executable, "-c", code],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=True,
+    )
+    assert out.stdout.split() == ["1", "True", "True"]
 
 
 def test_v2_events_keep_binary_bodies(store: DynamoStore) -> None:

@@ -17,12 +17,12 @@ not there yet; reads write nothing.
 from __future__ import annotations
 
 import json
+import os
 import random
 import time
 import urllib.parse
 from collections.abc import Callable, Iterable, Iterator
-from dataclasses import dataclass
-from typing import Any
+from typing import Any, NamedTuple
 
 import botocore.exceptions
 from botocore.config import Config
@@ -79,7 +79,8 @@ def make_client(region: str | None = None, endpoint_url: str | None = None) -> A
     configured, dummy credentials are used: a local server accepts any."""
     import boto3
 
-    session = boto3.session.Session(region_name=region)
+    # AWS_REGION is what Lambda and the newer SDKs set; botocore reads AWS_DEFAULT_REGION.
+    session = boto3.session.Session(region_name=region or os.environ.get("AWS_REGION") or None)
     kwargs: dict[str, Any] = {"endpoint_url": endpoint_url, "config": client_config()}
     if endpoint_url and session.get_credentials() is None:
         kwargs.update(aws_access_key_id="local", aws_secret_access_key="local")
@@ -87,7 +88,8 @@ def make_client(region: str | None = None, endpoint_url: str | None = None) -> A
         return session.client("dynamodb", **kwargs)
     except botocore.exceptions.NoRegionError:
         raise ConfigError(
-            "no AWS region: pass --region (or ?region= in the store URL) or set AWS_REGION"
+            "no AWS region: pass --region (or ?region= in the store URL), or set AWS_REGION "
+            "or AWS_DEFAULT_REGION"
         ) from None
 
 
@@ -158,8 +160,7 @@ def _code(exc: botocore.exceptions.ClientError) -> str:
     return str(exc.response.get("Error", {}).get("Code", ""))
 
 
-@dataclass(frozen=True, slots=True)
-class Catalogue:
+class Catalogue(NamedTuple):
     """The catalogue item: every prompt, its variant count, and a revision number."""
 
     revision: int

@@ -10,14 +10,13 @@ import base64
 import binascii
 import time
 import uuid
-from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, NamedTuple
 
 from comeapi.errors import RequestError
 
 
-@dataclass(frozen=True, slots=True)
-class HttpRequest:
+# NamedTuples, not dataclasses: a tenth of the cost to define, and this is cold-start code.
+class HttpRequest(NamedTuple):
     """What the handler needs from an event. ``path`` has no stage prefix; header names are
     lowercase."""
 
@@ -28,11 +27,10 @@ class HttpRequest:
     query: str = ""
 
 
-@dataclass(frozen=True, slots=True)
-class Reply:
+class Reply(NamedTuple):
     status: int
     body: str
-    headers: dict[str, str] = field(default_factory=dict)
+    headers: dict[str, str]
 
 
 def parse_event(event: dict[str, Any]) -> HttpRequest:
