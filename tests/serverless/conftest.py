@@ -8,10 +8,10 @@ from typing import Any
 import boto3
 import pytest
 from moto import mock_aws
-from tests.aws_local import REGION, chat_entries, dummy_credentials, prompt_entries
 
 from comeapi.cache.dynamo import DynamoStore, create_table
 from comeapi.cache.store import Entry
+from tests.aws_local import REGION, chat_entries, dummy_credentials, prompt_entries
 
 EVENTS = Path(__file__).parent / "events"
 TABLE = "comeapi-serverless-test"

@@ -11,9 +11,6 @@ from typing import Any
 
 import boto3
 import pytest
-from tests.aws_local import REGION
-from tests.helpers import free_port
-from tests.serverless.conftest import GENERATE_PROMPT, TABLE
 
 from comeapi.cache.dynamo import DynamoStore
 from comeapi.errors import UnavailableError, UpstreamError
@@ -25,6 +22,9 @@ from comeapi.serverless.ondemand import (
     idle_stop,
     idle_stop_handler,
 )
+from tests.aws_local import REGION
+from tests.helpers import free_port
+from tests.serverless.conftest import GENERATE_PROMPT, TABLE
 
 AMI = "ami-12c6146b"  # an image moto knows
 
