@@ -5,8 +5,9 @@ from __future__ import annotations
 import json
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
 from typing import Any
 
 import boto3
@@ -23,7 +24,7 @@ from comeapi.serverless.ondemand import (
     idle_stop_handler,
 )
 from tests.aws_local import REGION
-from tests.helpers import free_port
+from tests.helpers import Proc, comeapi_argv, free_port
 from tests.serverless.conftest import GENERATE_PROMPT, TABLE
 
 AMI = "ami-12c6146b"  # an image moto knows
@@ -287,3 +288,28 @@ def test_idle_stop_handler_reads_the_environment(ec2: Any, monkeypatch: pytest.M
     result = idle_stop_handler({"source": "aws.events"}, None)
     assert "stopping" in result["result"]
     assert state(ec2, instance_id) == "stopped"
+
+
+@pytest.mark.slow
+def test_a_miss_is_answered_by_a_real_comeapi_backend(
+    store: DynamoStore, ec2: Any, spawn: Callable[..., Proc], model_dir: Path
+) -> None:
+    port = free_port()
+    backend = spawn(
+        comeapi_argv("backend", "--model-dir", str(model_dir), "--port", str(port)),
+        name="backend",
+    )
+    backend.wait_http(f"http://127.0.0.1:{port}/health", timeout=120)
+    instance_id = stopped_instance(ec2)
+    app = ServerlessApp(
+        store, on_miss=OnDemandBackend(instance_id, ec2=ec2, host="127.0.0.1", port=port)
+    )
+    body = json.dumps({"prompt": "The capital of France is", "max_tokens": 4, "seed": 1})
+    event = http_api_event("POST", "/generate", body=body.encode())
+    assert app(event, None)["statusCode"] == 503  # the instance starts
+    result = app(event, None)
+    assert result["statusCode"] == 200, result
+    assert result["headers"]["X-Cache"] == "MISS"
+    answer = json.loads(result["body"])
+    assert isinstance(answer["response"], str)
+    assert answer["usage"]["completion_tokens"] <= 4
