@@ -33,10 +33,11 @@ class Env:
 async def env() -> AsyncIterator[Env]:
     fakes = FakeCluster(2)
     pool = BackendPool(fakes.urls)
-    async with httpx.AsyncClient(transport=fakes.transport()) as client:
+    transport = fakes.transport()
+    async with httpx.AsyncClient(transport=transport) as client:
         health = HealthChecker(pool, client, interval=30.0, timeout=1.0)
         await health.start()
-        yield Env(fakes, pool, Forwarder(pool, health, client))
+        yield Env(fakes, pool, Forwarder(pool, health, transport))
         await health.stop()
 
 

@@ -42,19 +42,36 @@ class ProxyObserver(Protocol):
 
 
 class Forwarder:
-    """Sends requests to the pool's backends through one shared ``httpx.AsyncClient``."""
+    """Sends requests to the pool's backends through one shared httpx transport.
+
+    Requests go straight to ``transport.handle_async_request``: httpx.AsyncClient's extras
+    (cookies, redirects, auth, URL merging) cost more CPU per request than the whole
+    forwarding path may add, and a proxy needs none of them.
+    """
 
     def __init__(
         self,
         pool: BackendPool,
         health: HealthChecker,
-        client: httpx.AsyncClient,
+        transport: httpx.AsyncBaseTransport,
+        *,
+        connect_timeout: float = 2.0,
+        read_timeout: float = 600.0,
         observer: ProxyObserver | None = None,
     ):
         self.pool = pool
         self.health = health
-        self.client = client
+        self.transport = transport
         self.observer = observer
+        self._extensions = {
+            "timeout": {
+                "connect": connect_timeout,
+                "read": read_timeout,
+                "write": read_timeout,
+                "pool": None,
+            }
+        }
+        self._urls: dict[tuple[str, str], httpx.URL] = {}
 
     async def forward(
         self,
@@ -68,27 +85,36 @@ class Forwarder:
     ) -> Response:
         """The backend's answer to ``raw`` POSTed at ``path``, as an ASGI response."""
         async with DisconnectGuard(receive) as guard:
-            if stream:
-                return await self._open_stream(path, raw, headers, model)
-            return await self._exchange(path, raw, headers, model)
+            return await self._open(path, raw, headers, model, stream)
         assert guard.disconnected
         return Response(status_code=499)  # nobody is listening any more
 
-    async def _exchange(
-        self, path: str, raw: bytes, headers: dict[str, str], model: str | None
+    async def _open(
+        self, path: str, raw: bytes, headers: dict[str, str], model: str | None, stream: bool
     ) -> Response:
         tried = _Attempts()
         while True:
             backend = await self._acquire(model, tried)
+            upstream: httpx.Response | None = None
             try:
-                upstream = await self.client.post(backend.url + path, content=raw, headers=headers)
+                upstream = await self.transport.handle_async_request(
+                    self._request(backend, path, raw, headers)
+                )
+                chunks = _raw_chunks(upstream)
+                if stream and upstream.status_code == 200:
+                    first = await anext(chunks, b"")
+                    return UpstreamStream(self, backend, upstream, chunks, first)
+                body = b"".join([chunk async for chunk in chunks])
             except httpx.TransportError as exc:
+                if upstream is not None:
+                    await _close_quietly(upstream)
                 self._failed(backend, exc, tried)
                 continue
             except BaseException:
+                if upstream is not None:
+                    await _close_quietly(upstream)
                 self.pool.release(backend, served=False)
                 raise
-            body = upstream.content
             if upstream.status_code == 503:
                 self._refused(backend, body, tried)
                 continue
@@ -97,39 +123,15 @@ class Forwarder:
                 self.observer.tokens(_usage_tokens(body))
             return Response(body, upstream.status_code, _response_headers(upstream))
 
-    async def _open_stream(
-        self, path: str, raw: bytes, headers: dict[str, str], model: str | None
-    ) -> Response:
-        tried = _Attempts()
-        while True:
-            backend = await self._acquire(model, tried)
-            upstream: httpx.Response | None = None
-            try:
-                request = self.client.build_request(
-                    "POST", backend.url + path, content=raw, headers=headers
-                )
-                upstream = await self.client.send(request, stream=True)
-                if upstream.status_code != 200:
-                    body = await upstream.aread()
-                    await upstream.aclose()
-                    if upstream.status_code == 503:
-                        self._refused(backend, body, tried)
-                        continue
-                    self.pool.release(backend)
-                    return Response(body, upstream.status_code, _response_headers(upstream))
-                chunks = upstream.aiter_raw()
-                first = await anext(chunks, b"")
-            except httpx.TransportError as exc:
-                if upstream is not None:
-                    await _close_quietly(upstream)
-                self._failed(backend, exc, tried)
-                continue
-            except BaseException:
-                if upstream is not None:
-                    await _close_quietly(upstream)
-                self.pool.release(backend, served=False)
-                raise
-            return UpstreamStream(self, backend, upstream, chunks, first)
+    def _request(
+        self, backend: Backend, path: str, raw: bytes, headers: dict[str, str]
+    ) -> httpx.Request:
+        url = self._urls.get((backend.url, path))
+        if url is None:
+            url = self._urls[backend.url, path] = httpx.URL(backend.url + path)
+        # Bodies are relayed byte for byte: they must arrive as the backend sent them.
+        headers = {**headers, "accept-encoding": "identity"}
+        return httpx.Request("POST", url, headers=headers, content=raw, extensions=self._extensions)
 
     async def _acquire(self, model: str | None, tried: _Attempts) -> Backend:
         try:
@@ -293,6 +295,17 @@ class _EventCounter:
         if self.usage is not None:
             return self.usage
         return max(0, self.events - 1)  # the last event carries the finish reason, no text
+
+
+def _raw_chunks(response: httpx.Response) -> AsyncIterator[bytes]:
+    """The body as sent, chunk by chunk as it arrives."""
+    if response.is_stream_consumed:  # built in memory (httpx.MockTransport handlers)
+        return _once(response.content)
+    return response.aiter_raw()
+
+
+async def _once(body: bytes) -> AsyncIterator[bytes]:
+    yield body
 
 
 def _usage_tokens(body: bytes) -> int:

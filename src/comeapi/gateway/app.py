@@ -22,6 +22,7 @@ from starlette.routing import Route
 from comeapi.balancer.health import HealthChecker
 from comeapi.balancer.pool import BackendPool
 from comeapi.balancer.proxy import Forwarder, forward_headers
+from comeapi.balancer.transport import FastTransport
 from comeapi.gateway.metrics import CONTENT_TYPE, GatewayMetrics, MetricsMiddleware
 from comeapi.http.auth import APIKeyMiddleware
 from comeapi.http.errors import EXCEPTION_HANDLERS
@@ -52,17 +53,10 @@ class Gateway:
         self.settings = settings
         self.pool = pool
         self.cache = cache
-        self.client = httpx.AsyncClient(
-            transport=transport,
-            timeout=httpx.Timeout(
-                connect=settings.connect_timeout,
-                read=settings.request_timeout,
-                write=settings.request_timeout,
-                pool=None,  # waiting for a slot is the pool's job, not httpx's
-            ),
-            limits=httpx.Limits(max_connections=None, max_keepalive_connections=256),
+        self.transport = transport or FastTransport()
+        self.probe_client = httpx.AsyncClient(
+            transport=transport or FastTransport(), timeout=settings.health_timeout
         )
-        self.probe_client = httpx.AsyncClient(transport=transport, timeout=settings.health_timeout)
         self.health = HealthChecker(
             pool,
             self.probe_client,
@@ -70,7 +64,14 @@ class Gateway:
             timeout=settings.health_timeout,
         )
         self.metrics = GatewayMetrics(pool)
-        self.forwarder = Forwarder(pool, self.health, self.client, self.metrics)
+        self.forwarder = Forwarder(
+            pool,
+            self.health,
+            self.transport,
+            connect_timeout=settings.connect_timeout,
+            read_timeout=settings.request_timeout,
+            observer=self.metrics,
+        )
 
     async def startup(self) -> None:
         await self.health.start()
@@ -78,8 +79,8 @@ class Gateway:
     async def shutdown(self) -> None:
         await self.health.stop()
         self.pool.close()
-        await self.client.aclose()
         await self.probe_client.aclose()
+        await self.transport.aclose()
 
     # --- ComeAPI's status routes ---------------------------------------------------------
 
