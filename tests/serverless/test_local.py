@@ -147,3 +147,20 @@ def test_serve_local_against_moto_server(
     text = "".join(c.choices[0].delta.content or "" for c in stream if c.choices)
     assert text.startswith("chat answer ")
     assert "POST /v1/chat/completions 200" in proc.log()
+
+
+def test_aws_moto_serves_dynamodb_and_needs_no_credentials(
+    spawn: Callable[..., Proc], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    for name in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_PROFILE"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("AWS_CONFIG_FILE", "/dev/null")
+    monkeypatch.setenv("AWS_SHARED_CREDENTIALS_FILE", "/dev/null")
+    monkeypatch.setenv("AWS_EC2_METADATA_DISABLED", "true")
+    port = free_port()
+    proc = spawn(comeapi_argv("aws", "moto", "--port", str(port)), name="moto")
+    endpoint = f"http://127.0.0.1:{port}"
+    proc.wait_http(f"{endpoint}/moto-api/", timeout=60)
+    client = make_client(REGION, endpoint)  # no credentials anywhere: dummy ones are used
+    assert create_table(client, "t") is True
+    assert DynamoStore(client, "t").catalogue().prompts == ()
