@@ -71,13 +71,29 @@ COMEAPI_VARIANT_CHOICES=$(awk -v n="$COMEAPI_VARIANTS" 'BEGIN {
 }')
 NGINX_USER_LINE=""
 [ -z "$NGINX_USER" ] || NGINX_USER_LINE="user $NGINX_USER;"
+# COMEAPI_API_KEYS: comma-separated, as comeapi reads it. One map entry per key; without
+# keys every request is authorised.
+api_keys=${COMEAPI_API_KEYS:-}
+if [ -z "$(printf '%s' "$api_keys" | tr -d ', ')" ]; then
+    COMEAPI_API_KEY_ENTRIES="    default 1;"
+else
+    case $api_keys in
+    *[!A-Za-z0-9._~+/=,-]*) die "COMEAPI_API_KEYS: keys may only use A-Z a-z 0-9 . _ ~ + / = - (comma-separated)" ;;
+    esac
+    # Regular expressions: nginx compares plain map strings case-insensitively, which
+    # would accept a key with its letters' case changed.
+    COMEAPI_API_KEY_ENTRIES=$(printf '%s' "$api_keys" | tr ',' '\n' | awk 'NF {
+        key = $1; gsub(/[.]/, "[.]", key); gsub(/[+]/, "[+]", key)
+        printf "    \"~^[Bb]earer +%s *$\" 1;\n", key
+    } END { printf "    default 0;" }')
+fi
 NGINX_RESOLVER_LINE=""
 [ -z "$NGINX_RESOLVER" ] || NGINX_RESOLVER_LINE="resolver $NGINX_RESOLVER valid=10s ipv6=off;"
 NGINX_CONF_DIR=$OUT_DIR
 export COMEAPI_UPSTREAM COMEAPI_DEFAULT_MODEL COMEAPI_VARIANT_BUCKETS COMEAPI_VARIANT_CHOICES \
     COMEAPI_VARIANT_SECRET NGINX_LISTEN NGINX_WARMUP_LISTEN NGINX_CACHE_DIR \
     NGINX_CACHE_MAX_SIZE NGINX_MAX_BODY NGINX_GENERATION_TIMEOUT NGINX_STATE_DIR NGINX_LOG_DIR \
-    NGINX_JS_MODULE NGINX_USER_LINE NGINX_RESOLVER_LINE NGINX_CONF_DIR
+    NGINX_JS_MODULE NGINX_USER_LINE NGINX_RESOLVER_LINE NGINX_CONF_DIR COMEAPI_API_KEY_ENTRIES
 
 # Replace @NAME@ with ENVIRON[NAME] (plain string operations: values are never patterns).
 fill() {
