@@ -1,0 +1,167 @@
+"""BatchedEngine: up to S requests decoded together (continuous batching) on one model copy.
+
+The model and its S KV streams live in one llama.cpp context driven by one decode thread
+(``comeapi.backend.slots``); each request streams its own text to its asyncio consumer.
+One model per engine: the default GGUF of the models directory.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import random
+import threading
+from collections.abc import AsyncIterator
+from typing import TYPE_CHECKING, cast
+
+from comeapi.backend.decoding import ChatTemplate, completion_budget, prompt_tokens
+from comeapi.backend.engine import Event, Finished
+from comeapi.backend.engines import check_model_dir
+from comeapi.backend.native import NativeModel, quiet_llama_logs
+from comeapi.backend.slots import PREFILL_CHUNK, DecodeLoop, Sequence
+from comeapi.errors import ComeapiError, ModelNotFoundError, UnavailableError
+from comeapi.protocol.requests import GenerationRequest
+from comeapi.settings import Settings
+
+if TYPE_CHECKING:
+    import llama_cpp
+
+
+class _Channel:
+    """One generation's hand-off from the decode thread to the event loop."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop):
+        self._loop = loop
+        self.queue: asyncio.Queue[Event | ComeapiError] = asyncio.Queue()
+
+    def put(self, item: Event | ComeapiError) -> None:
+        # RuntimeError: the event loop is closed, nobody is listening any more.
+        with contextlib.suppress(RuntimeError):
+            self._loop.call_soon_threadsafe(self.queue.put_nowait, item)
+
+
+class BatchedEngine:
+    """The ``Engine`` with ``settings.slots`` slots over one model copy.
+
+    ``capacity`` is the slot count; requests beyond it wait in FIFO order inside the engine.
+    Each slot has ``settings.ctx`` tokens of context: prompt + max_tokens must fit in it.
+    """
+
+    def __init__(self, settings: Settings):
+        _, default = check_model_dir(settings)
+        self._settings = settings
+        self._file = default
+        self._slots = settings.slots
+        self._model: NativeModel | None = None
+        self._template: ChatTemplate | None = None
+        self._decoder: DecodeLoop | None = None
+        self._in_flight = 0
+        self._closed = False
+        # Held while a prompt is tokenized off the event loop, so close() never frees the
+        # vocabulary under it.
+        self._model_lock = threading.Lock()
+
+    @property
+    def capacity(self) -> int:
+        return self._slots
+
+    @property
+    def in_flight(self) -> int:
+        return self._in_flight
+
+    @property
+    def ready(self) -> bool:
+        return self._decoder is not None and self._decoder.failed is None
+
+    @property
+    def context_per_slot(self) -> int:
+        """Tokens of context each request has: ``ctx`` (llama.cpp may round its own up)."""
+        if self._model is None:
+            return self._settings.ctx
+        return min(self._model.n_ctx_seq, self._settings.ctx)
+
+    def loaded_models(self) -> list[str]:
+        return [self._file.name] if self._model is not None else []
+
+    async def start(self) -> None:
+        quiet_llama_logs(self._settings.log_level == "debug")
+        threads = self._settings.threads or len(os.sched_getaffinity(0))
+        model = await asyncio.to_thread(
+            NativeModel,
+            self._file.path,
+            n_seq=max(self._slots, 2),  # a lone sequence may need a padding stream
+            ctx=self._settings.ctx,
+            batch_size=max(PREFILL_CHUNK, self._slots),
+            threads=threads,
+            n_gpu_layers=self._settings.n_gpu_layers,
+        )
+        self._model = model
+        self._template = ChatTemplate(cast("llama_cpp.Llama", model.tokenizer))
+        decoder = DecodeLoop(model, self._slots)
+        decoder.start()
+        self._decoder = decoder
+
+    async def generate(self, request: GenerationRequest, model_name: str) -> AsyncIterator[Event]:
+        if model_name not in (self._file.name, self._file.name.removesuffix(".gguf")):
+            # One model per batched backend: run another backend for another model.
+            raise ModelNotFoundError(model_name, [self._file.name])
+        decoder = self._decoder
+        if decoder is None or not self.ready:
+            if self._closed or decoder is not None:
+                raise UnavailableError("the backend is shutting down", retry_after=2)
+            raise UnavailableError("the model is still loading", retry_after=2, code="loading")
+        self._in_flight += 1
+        seq: Sequence | None = None
+        try:
+            channel = _Channel(asyncio.get_running_loop())
+            seq = await asyncio.to_thread(self._sequence, request, channel)
+            decoder.submit(seq)
+            while True:
+                item = await channel.queue.get()
+                if isinstance(item, ComeapiError):
+                    raise item
+                yield item
+                if isinstance(item, Finished):
+                    return
+        finally:
+            # Also when the consumer stops early (client gone): the slot and its KV cells
+            # are freed before the next decode step.
+            if seq is not None:
+                decoder.cancel(seq)
+            self._in_flight -= 1
+
+    def _sequence(self, request: GenerationRequest, channel: _Channel) -> Sequence:
+        """Render and tokenize the prompt (off the event loop); ContextLengthError if the
+        prompt plus max_tokens does not fit one slot's context."""
+        with self._model_lock:
+            if self._model is None or self._template is None:
+                raise UnavailableError("the backend is shutting down", retry_after=2)
+            tokenizer = cast("llama_cpp.Llama", self._model.tokenizer)
+            tokens = prompt_tokens(tokenizer, self._template, request)
+            budget = completion_budget(request, len(tokens), self.context_per_slot)
+        return Sequence(
+            prompt=tokens,
+            budget=budget,
+            temperature=request.temperature,
+            top_k=request.top_k,
+            top_p=request.top_p,
+            seed=request.seed if request.seed is not None else random.getrandbits(32),
+            stop=request.stop,
+            sink=channel.put,
+            label=self._file.name,
+        )
+
+    async def close(self) -> None:
+        """Stop every generation (they end with 503 "shutting down") and free the model."""
+        self._closed = True
+        decoder, self._decoder = self._decoder, None
+        if decoder is not None:
+            await asyncio.to_thread(decoder.stop)
+        await asyncio.to_thread(self._free_model)
+
+    def _free_model(self) -> None:
+        with self._model_lock:
+            model, self._model = self._model, None
+            if model is not None:
+                model.close()

@@ -1,0 +1,321 @@
+"""BatchedEngine with the real bundled model: batched text equals solo text, slots are
+independent and freed at once, FIFO admission; then `comeapi backend --slots 5` over HTTP."""
+
+from __future__ import annotations
+
+import asyncio
+import statistics
+import threading
+import time
+from collections.abc import AsyncIterator, Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+
+from comeapi.backend.batched import BatchedEngine
+from comeapi.backend.engine import Event, Finished, TextDelta
+from comeapi.backend.slots import LONE_PAD_FROM, PREFILL_CHUNK
+from comeapi.errors import ContextLengthError, ModelNotFoundError, UnavailableError
+from comeapi.protocol.requests import GenerationRequest, parse_request
+from comeapi.settings import load_settings
+from tests.helpers import BUNDLED_MODEL, Proc, comeapi_argv, free_port
+
+pytestmark = pytest.mark.slow
+
+CTX = 512
+# Long enough for three prefill chunks, and for a lone decode to reach llama.cpp's split-KV
+# attention kernel (512 KV cells) unless the engine pads it.
+LONG_PROMPT = "Inventory list. " + " ".join(f"Box {i} holds {i * 7} apples;" for i in range(45))
+PROMPTS = [
+    "The capital of France is",
+    LONG_PROMPT,
+    "def fibonacci(n):",
+    "日本の首都は",
+    "1, 2, 3, 4,",
+]
+
+
+def request(prompt: str, **fields: Any) -> GenerationRequest:
+    body = {"prompt": prompt, "max_tokens": 8, "temperature": 0.0, **fields}
+    return parse_request("completion", body, max_tokens_limit=4096)
+
+
+def start_engine(model_dir: Path, slots: int) -> BatchedEngine:
+    settings = load_settings(model_dir=model_dir, slots=slots, ctx=CTX, threads=2)
+    engine = BatchedEngine(settings)
+    asyncio.run(engine.start())
+    return engine
+
+
+@pytest.fixture(scope="module")
+def engine(model_dir: Path) -> Iterator[BatchedEngine]:
+    engine = start_engine(model_dir, slots=5)
+    yield engine
+    asyncio.run(engine.close())
+
+
+async def run(engine: BatchedEngine, req: GenerationRequest) -> tuple[str, Finished]:
+    pieces: list[str] = []
+    async for event in engine.generate(req, BUNDLED_MODEL):
+        if isinstance(event, TextDelta):
+            assert "\ufffd" not in event.text  # only whole UTF-8 characters
+            pieces.append(event.text)
+        else:
+            return "".join(pieces), event
+    raise AssertionError("no Finished event")
+
+
+Results = list[tuple[str, Finished]]
+
+
+def solo_then_together(
+    engine: BatchedEngine, reqs: list[GenerationRequest]
+) -> tuple[Results, Results]:
+    async def scenario() -> tuple[Results, Results]:
+        solo = [await run(engine, r) for r in reqs]
+        together = await asyncio.gather(*(run(engine, r) for r in reqs))
+        return solo, list(together)
+
+    return asyncio.run(scenario())
+
+
+async def until(condition: Callable[[], bool]) -> None:
+    for _ in range(6000):  # 30 s
+        if condition():
+            return
+        await asyncio.sleep(0.005)
+    raise AssertionError("condition not met in time")
+
+
+def assert_idle(engine: BatchedEngine) -> None:
+    assert engine.in_flight == 0
+    decoder, model = engine._decoder, engine._model
+    assert decoder is not None and model is not None
+    deadline = time.monotonic() + 5
+    while decoder.busy_slots() and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert decoder.busy_slots() == 0
+    assert [model.kv_tokens(s) for s in range(model.n_seq)] == [0] * model.n_seq
+
+
+# --- correctness ---------------------------------------------------------------------------
+
+
+def test_greedy_text_is_the_same_alone_and_in_a_full_batch(engine: BatchedEngine) -> None:
+    tokens = len(engine._model.tokenizer.tokenize(LONG_PROMPT.encode()))  # type: ignore[union-attr]
+    assert tokens > 2 * PREFILL_CHUNK and tokens > LONE_PAD_FROM + 128
+    reqs = [request(p, max_tokens=12) for p in PROMPTS]
+    solo, together = solo_then_together(engine, reqs)
+    for prompt, (solo_text, solo_done), (text, done) in zip(PROMPTS, solo, together, strict=True):
+        assert text == solo_text, prompt[:40]
+        assert done == solo_done
+        assert done.usage.completion_tokens > 0
+    assert len({text for text, _ in together}) == len(PROMPTS)
+    assert_idle(engine)
+
+
+def test_seeds_and_parameters_stay_in_their_own_slot(engine: BatchedEngine) -> None:
+    story = "Once upon a time, in a small village,"
+    reqs = [
+        request(story, temperature=1.0, seed=1, max_tokens=10),
+        request(story, temperature=1.0, seed=2, max_tokens=10),
+        request(story, temperature=1.0, seed=3, max_tokens=10),
+        request(story, temperature=1.3, top_k=5, top_p=0.5, seed=1, max_tokens=6),
+        request("1, 2, 3, 4,", stop=", 8", max_tokens=16),  # greedy: " 5, 6, 7, 8, ..."
+    ]
+    solo, together = solo_then_together(engine, reqs)
+    assert together == solo
+    seeded = [text for text, _ in together[:3]]
+    assert len(set(seeded)) == 3, seeded  # different seeds, different stories
+    text, done = together[4]
+    assert text == " 5, 6, 7" and done.reason == "stop"
+    assert together[3][1].usage.completion_tokens == 6
+    assert_idle(engine)
+
+
+def test_twenty_requests_on_five_slots_all_complete(engine: BatchedEngine) -> None:
+    reqs = [request(f"{PROMPTS[i % 5][:60]} {i}", max_tokens=3) for i in range(20)]
+
+    async def scenario() -> list[tuple[str, Finished]]:
+        tasks = [asyncio.ensure_future(run(engine, r)) for r in reqs]
+        peak = 0
+        while not all(t.done() for t in tasks):
+            peak = max(peak, engine.in_flight)
+            assert engine._decoder is not None and engine._decoder.busy_slots() <= 5
+            await asyncio.sleep(0.005)
+        assert peak > 5  # requests beyond the slots waited inside the engine
+        return [t.result() for t in tasks]
+
+    results = asyncio.run(scenario())
+    assert len(results) == 20
+    for _, done in results:
+        assert done.reason in ("length", "stop") and 0 < done.usage.completion_tokens <= 3
+    assert_idle(engine)
+
+
+def test_cancelled_stream_frees_its_slot_and_waiters_go_in_fifo_order(model_dir: Path) -> None:
+    engine = start_engine(model_dir, slots=2)
+    counting = request("1, 2, 3, 4,", max_tokens=400)  # greedy counting: no early stop
+
+    async def scenario() -> None:
+        firsts: list[str] = []
+
+        async def waiter(name: str) -> None:
+            async for event in engine.generate(request(f"{name}:", max_tokens=2), BUNDLED_MODEL):
+                if not firsts or firsts[-1] != name:
+                    firsts.append(name)
+                if isinstance(event, Finished):
+                    return
+
+        a = engine.generate(counting, BUNDLED_MODEL)
+        b = engine.generate(counting, BUNDLED_MODEL)
+        await anext(a), await anext(b)  # both slots are busy now
+        decoder = engine._decoder
+        assert decoder is not None
+        waiters = []
+        for name in ("w1", "w2", "w3"):
+            waiters.append(asyncio.ensure_future(waiter(name)))
+            await until(lambda: len(decoder._waiting) == len(waiters))  # queued in order
+        assert firsts == [] and engine.in_flight == 5
+        await a.aclose()  # the client of slot "a" is gone
+        await asyncio.gather(*waiters)
+        assert firsts == ["w1", "w2", "w3"]
+        # All three ran through the freed slot while "b" kept generating.
+        event = await anext(b)
+        assert isinstance(event, TextDelta)
+        await b.aclose()
+
+    try:
+        asyncio.run(scenario())
+        assert_idle(engine)
+    finally:
+        asyncio.run(engine.close())
+
+
+def test_close_ends_running_and_waiting_generations(model_dir: Path) -> None:
+    engine = start_engine(model_dir, slots=2)
+    counting = request("1, 2, 3, 4,", max_tokens=400)
+
+    async def scenario() -> list[BaseException | None]:
+        async def consume(gen: AsyncIterator[Event]) -> BaseException | None:
+            try:
+                async for _ in gen:
+                    pass
+            except UnavailableError as exc:
+                return exc
+            return None
+
+        gens = [engine.generate(counting, BUNDLED_MODEL) for _ in range(3)]
+        await anext(gens[0]), await anext(gens[1])
+        tasks = [asyncio.ensure_future(consume(g)) for g in gens]
+        await until(lambda: engine._decoder is not None and len(engine._decoder._waiting) == 1)
+        await engine.close()
+        assert not engine.ready and engine.loaded_models() == []
+        with pytest.raises(UnavailableError):
+            await anext(engine.generate(counting, BUNDLED_MODEL))
+        return await asyncio.gather(*tasks)
+
+    errors = asyncio.run(scenario())
+    assert all(isinstance(e, UnavailableError) for e in errors), errors
+
+
+def test_bad_requests_fail_before_the_first_token(engine: BatchedEngine) -> None:
+    async def first(req: GenerationRequest, model: str = BUNDLED_MODEL) -> Event:
+        gen = engine.generate(req, model)
+        try:
+            return await anext(gen)
+        finally:
+            await gen.aclose()
+
+    with pytest.raises(ContextLengthError):
+        asyncio.run(first(request("Hello", max_tokens=CTX)))
+    with pytest.raises(ContextLengthError):
+        asyncio.run(first(request("word " * (CTX + 10))))
+    with pytest.raises(ModelNotFoundError) as info:
+        asyncio.run(first(request("Hello"), model="other.gguf"))
+    assert info.value.available == [BUNDLED_MODEL]
+    # The model's name without .gguf is the same model.
+    assert isinstance(asyncio.run(first(request("Hello"), BUNDLED_MODEL[:-5])), TextDelta)
+    assert engine.capacity == 5 and engine.context_per_slot == CTX
+    assert_idle(engine)
+
+
+# --- over HTTP: `comeapi backend --slots 5` ---------------------------------------------------
+
+
+def start_backend(spawn: Any, model_dir: Path, slots: int) -> tuple[str, Proc]:
+    port = free_port()
+    argv = comeapi_argv(
+        "backend",
+        "--model-dir", str(model_dir),
+        "--port", str(port),
+        "--slots", str(slots),
+        "--threads", "2",
+        "--ctx", "1024",
+    )  # fmt: skip
+    proc: Proc = spawn(argv, name=f"backend-{slots}")
+    url = f"http://127.0.0.1:{port}"
+    proc.wait_http(url + "/health", timeout=120)
+    return url, proc
+
+
+def rss_mb(pid: int) -> float:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) / 1024
+    raise AssertionError("no VmRSS")
+
+
+def test_five_slots_over_http_stream_together_and_health_stays_prompt(
+    spawn: Any, model_dir: Path
+) -> None:
+    url, _ = start_backend(spawn, model_dir, slots=5)
+    health = httpx.get(url + "/health", timeout=5).json()
+    assert health["capacity"] == 5 and health["available"] == 5
+    results: list[dict[str, Any]] = []
+
+    def stream(i: int) -> None:
+        body = {"prompt": PROMPTS[i], "max_tokens": 32, "temperature": 0.7, "seed": i}
+        with httpx.stream("POST", url + "/v1/completions", json={**body, "stream": True},
+                          timeout=120) as r:  # fmt: skip
+            assert r.status_code == 200
+            data = [line for line in r.iter_lines() if line.startswith("data: ")]
+        results.append({"i": i, "done": data[-1] == "data: [DONE]", "chunks": len(data)})
+
+    workers = [threading.Thread(target=stream, args=(i,)) for i in range(5)]
+    latencies: list[float] = []
+    in_flight: list[int] = []
+    with httpx.Client(timeout=5) as client:
+        for w in workers:
+            w.start()
+        while any(w.is_alive() for w in workers):
+            started = time.perf_counter()
+            probe = client.get(url + "/health")
+            latencies.append(time.perf_counter() - started)
+            assert probe.status_code == 200
+            in_flight.append(probe.json()["in_flight"])
+            time.sleep(0.02)
+    for w in workers:
+        w.join()
+    assert sorted(r["i"] for r in results) == list(range(5))
+    assert all(r["done"] and r["chunks"] > 2 for r in results)
+    assert max(in_flight) == 5, "the five streams never ran together"
+    # The decode loop runs off the event loop: /health answers within 100 ms meanwhile.
+    assert statistics.median(latencies) < 0.1, latencies
+    assert httpx.get(url + "/health", timeout=5).json()["in_flight"] == 0
+
+
+def test_five_slots_hold_one_model_copy(spawn: Any, model_dir: Path) -> None:
+    model_mb = (model_dir / BUNDLED_MODEL).stat().st_size / 2**20
+    rss = {}
+    for slots in (1, 5):
+        url, proc = start_backend(spawn, model_dir, slots)
+        body = {"prompt": "Hello", "max_tokens": 4, "temperature": 0}
+        assert httpx.post(url + "/generate", json=body, timeout=60).status_code == 200
+        rss[slots] = rss_mb(proc.pid)
+        proc.stop()
+    # Five slots add KV cache (a few MB per slot here), not model copies.
+    assert rss[5] < rss[1] + 0.5 * model_mb, rss
+    assert rss[5] < 2 * model_mb + 200, rss
