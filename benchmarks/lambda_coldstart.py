@@ -134,7 +134,7 @@ def cold(runs: int) -> None:
 
 
 def _item_store() -> tuple[dict[str, Any], dict[str, Any], str]:
-    from comeapi.cache.dynamo import Catalogue, encode_catalogue, encode_entry
+    from comeapi.cache.dynamo_items import Catalogue, encode_catalogue, encode_entry
     from comeapi.cache.key import prompt_key
     from comeapi.cache.store import Entry, PromptInfo
 

@@ -12,14 +12,8 @@ from botocore.config import Config
 from botocore.stub import Stubber
 from moto import mock_aws
 
-from comeapi.cache.dynamo import (
-    CATALOGUE_KEY,
-    Catalogue,
-    DynamoStore,
-    create_table,
-    encode_entry,
-    make_client,
-)
+from comeapi.cache.dynamo import DynamoStore, create_table, make_client
+from comeapi.cache.dynamo_items import CATALOGUE_KEY, Catalogue, encode_entry
 from comeapi.cache.open import open_store
 from comeapi.cache.store import Entry
 from comeapi.errors import ConfigError, StoreError, StoreUnavailableError

@@ -15,7 +15,8 @@ import pytest
 from botocore.config import Config
 from botocore.stub import Stubber
 
-from comeapi.cache.dynamo import Catalogue, DynamoStore, encode_catalogue
+from comeapi.cache.dynamo import DynamoStore
+from comeapi.cache.dynamo_items import Catalogue, encode_catalogue
 from comeapi.cache.store import Entry, PromptInfo
 from comeapi.serverless import handler as handler_module
 from comeapi.serverless.events import http_api_event

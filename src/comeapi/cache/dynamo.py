@@ -16,21 +16,29 @@ not there yet; reads write nothing.
 
 from __future__ import annotations
 
-import json
 import os
 import random
 import time
 import urllib.parse
 from collections.abc import Callable, Iterable, Iterator
-from typing import Any, NamedTuple
+from typing import Any
 
 import botocore.exceptions
 from botocore.config import Config
 
+from comeapi.cache.dynamo_items import (
+    CATALOGUE_KEY,
+    MAX_ITEM_BYTES,
+    Catalogue,
+    decode_catalogue,
+    decode_entry,
+    encode_catalogue,
+    encode_entry,
+    item_size,
+)
 from comeapi.cache.store import Entry, PromptInfo, ResponseStore
 from comeapi.errors import ConfigError, StoreError, StoreUnavailableError
 
-CATALOGUE_KEY = "#catalogue"
 KEY_SCHEMA = [
     {"AttributeName": "key", "KeyType": "HASH"},
     {"AttributeName": "variant", "KeyType": "RANGE"},
@@ -40,8 +48,6 @@ ATTRIBUTE_DEFINITIONS = [
     {"AttributeName": "variant", "AttributeType": "N"},
 ]
 BATCH_SIZE = 25  # BatchWriteItem's limit
-MAX_ITEM_BYTES = 400 * 1024  # DynamoDB's item size limit
-CATALOGUE_PROMPT_CHARS = 1000  # longer prompts are listed shortened (the entries keep them whole)
 
 # Error codes that mean "try again later" rather than "this request is wrong".
 TRANSIENT_CODES = frozenset(
@@ -158,16 +164,6 @@ def translate_error(exc: Exception, what: str) -> StoreError:
 
 def _code(exc: botocore.exceptions.ClientError) -> str:
     return str(exc.response.get("Error", {}).get("Code", ""))
-
-
-class Catalogue(NamedTuple):
-    """The catalogue item: every prompt, its variant count, and a revision number."""
-
-    revision: int
-    prompts: tuple[PromptInfo, ...]
-
-    def variants(self) -> dict[str, int]:
-        return {p.key: p.variants for p in self.prompts}
 
 
 class DynamoStore(ResponseStore):
@@ -310,7 +306,7 @@ class DynamoStore(ResponseStore):
     def _put_catalogue(self, catalogue: Catalogue, previous: Catalogue) -> None:
         """Write the catalogue unless another writer replaced ``previous`` meanwhile."""
         item = encode_catalogue(catalogue)
-        size = _item_size(item)
+        size = item_size(item)
         if size > MAX_ITEM_BYTES:
             raise StoreError(
                 f"the catalogue of {len(catalogue.prompts)} prompts needs {size} bytes, over "
@@ -359,103 +355,6 @@ class DynamoStore(ResponseStore):
                 )
 
 
-# --- items <-> entries ------------------------------------------------------------------------
-
-
-def encode_entry(entry: Entry) -> dict[str, Any]:
-    """An entry as a low-level DynamoDB item (params as canonical JSON text)."""
-    item: dict[str, Any] = {
-        "key": {"S": entry.key},
-        "variant": {"N": str(entry.variant)},
-        "kind": {"S": entry.kind},
-        "prompt": {"S": entry.prompt},
-        "answer": {"S": entry.answer},
-        "model": {"S": entry.model},
-        "params": {"S": json.dumps(entry.params, ensure_ascii=False, sort_keys=True)},
-        "finish_reason": {"S": entry.finish_reason},
-        "prompt_tokens": {"N": str(entry.prompt_tokens)},
-        "completion_tokens": {"N": str(entry.completion_tokens)},
-        "created": {"N": repr(float(entry.created))},
-        "checksum": {"S": entry.checksum},
-    }
-    if entry.messages is not None:
-        item["messages"] = {"L": [{"L": [{"S": r}, {"S": c}]} for r, c in entry.messages]}
-    size = _item_size(item)
-    if size > MAX_ITEM_BYTES:
-        raise StoreError(
-            f"entry {entry.key}#{entry.variant} is {size} bytes, over DynamoDB's "
-            f"{MAX_ITEM_BYTES}-byte item limit",
-            code="too_large",
-        )
-    return item
-
-
-def decode_entry(item: dict[str, Any]) -> Entry:
-    try:
-        messages = item.get("messages")
-        return Entry(
-            key=item["key"]["S"],
-            variant=int(item["variant"]["N"]),
-            kind=item["kind"]["S"],
-            prompt=item["prompt"]["S"],
-            answer=item["answer"]["S"],
-            model=item["model"]["S"],
-            messages=(
-                tuple((m["L"][0]["S"], m["L"][1]["S"]) for m in messages["L"])
-                if messages is not None
-                else None
-            ),
-            params=json.loads(item["params"]["S"]),
-            finish_reason=item["finish_reason"]["S"],
-            prompt_tokens=int(item["prompt_tokens"]["N"]),
-            completion_tokens=int(item["completion_tokens"]["N"]),
-            created=float(item["created"]["N"]),
-            checksum=item["checksum"]["S"],
-        )
-    except (KeyError, IndexError, TypeError, ValueError) as exc:
-        where = f"{item.get('key', {}).get('S')}#{item.get('variant', {}).get('N')}"
-        raise StoreError(f"item {where} is not a comeapi entry ({exc!r})", code="corrupt") from None
-
-
-def encode_catalogue(catalogue: Catalogue) -> dict[str, Any]:
-    prompts = [
-        {
-            "M": {
-                "key": {"S": p.key},
-                "kind": {"S": p.kind},
-                "prompt": {"S": _shorten(p.prompt)},
-                "model": {"S": p.model},
-                "variants": {"N": str(p.variants)},
-            }
-        }
-        for p in sorted(catalogue.prompts, key=lambda p: p.key)
-    ]
-    return {
-        "key": {"S": CATALOGUE_KEY},
-        "variant": {"N": "0"},
-        "revision": {"N": str(catalogue.revision)},
-        "updated": {"N": str(int(time.time()))},
-        "prompts": {"L": prompts},
-    }
-
-
-def decode_catalogue(item: dict[str, Any]) -> Catalogue:
-    try:
-        prompts = tuple(
-            PromptInfo(
-                key=m["key"]["S"],
-                kind=m["kind"]["S"],
-                prompt=m["prompt"]["S"],
-                model=m["model"]["S"],
-                variants=int(m["variants"]["N"]),
-            )
-            for m in (p["M"] for p in item["prompts"]["L"])
-        )
-        return Catalogue(int(item["revision"]["N"]), prompts)
-    except (KeyError, TypeError, ValueError) as exc:
-        raise StoreError(f"the catalogue item is malformed ({exc!r})", code="corrupt") from None
-
-
 def _info(entry: Entry, variants: int) -> PromptInfo:
     return PromptInfo(entry.key, entry.kind, entry.prompt, entry.model, variants)
 
@@ -472,18 +371,3 @@ def _count_contiguous(variants: Iterable[int]) -> int:
 def _dedupe(entries: list[Entry]) -> list[Entry]:
     # One BatchWriteItem must not name an item twice; the last write of a (key, variant) wins.
     return list({(e.key, e.variant): e for e in entries}.values())
-
-
-def _shorten(text: str) -> str:
-    if len(text) <= CATALOGUE_PROMPT_CHARS:
-        return text
-    return text[: CATALOGUE_PROMPT_CHARS - 1] + "…"
-
-
-def _item_size(value: Any) -> int:
-    """DynamoDB's item size, closely enough: UTF-8 bytes of names and values."""
-    if isinstance(value, dict):
-        return sum(len(k.encode()) + _item_size(v) for k, v in value.items())
-    if isinstance(value, list):
-        return sum(_item_size(v) for v in value) + 3
-    return len(str(value).encode())

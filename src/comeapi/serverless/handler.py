@@ -22,7 +22,8 @@ import time
 from collections.abc import Callable, Mapping
 from typing import TYPE_CHECKING, Any, NamedTuple
 
-from comeapi.cache.dynamo import Catalogue, DynamoStore, make_client
+from comeapi.cache.dynamo import DynamoStore, make_client
+from comeapi.cache.dynamo_items import Catalogue
 from comeapi.cache.key import request_key
 from comeapi.cache.store import Entry
 from comeapi.errors import (
