@@ -14,6 +14,7 @@ from starlette.types import Message
 from comeapi.balancer.health import HealthChecker
 from comeapi.balancer.pool import BackendPool
 from comeapi.balancer.proxy import DisconnectGuard, Forwarder, UpstreamStream
+from comeapi.errors import UnavailableError
 from tests.balancer.fakes import FakeCluster, eventually
 
 pytestmark = pytest.mark.anyio
@@ -135,6 +136,58 @@ async def test_a_client_leaving_while_waiting_for_an_answer_frees_the_slot(env: 
     response = await asyncio.wait_for(pending, 5)
     assert response.status_code == 499  # type: ignore[attr-defined]
     assert sum(b.in_flight for b in env.pool.backends) == 0
+
+
+async def test_a_client_leaving_the_queue_frees_its_place(env: Env) -> None:
+    for fake in env.fakes.backends:
+        fake.gate = asyncio.Event()
+    busy = [Client() for _ in range(2)]
+    running = [asyncio.create_task(forward(env, c, PLAIN_BODY, stream=False)) for c in busy]
+    await eventually(lambda: env.fakes.total_generations() == 2)
+    waiting = Client()
+    queued = asyncio.create_task(forward(env, waiting, PLAIN_BODY, stream=False))
+    await eventually(lambda: env.pool.queue_depth == 1)
+    waiting.disconnect()
+    response = await asyncio.wait_for(queued, 5)
+    assert response.status_code == 499  # type: ignore[attr-defined]
+    assert env.pool.queue_depth == 0
+    for fake in env.fakes.backends:
+        assert fake.gate is not None
+        fake.gate.set()
+    for task in running:
+        assert (await task).status_code == 200  # type: ignore[attr-defined]
+    assert env.fakes.total_generations() == 2  # the one that left never reached a backend
+    assert sum(b.in_flight for b in env.pool.backends) == 0
+
+
+async def test_cancelled_by_shutdown_a_waiting_request_gets_503(env: Env) -> None:
+    for fake in env.fakes.backends:
+        fake.gate = asyncio.Event()
+    client = Client()
+    pending = asyncio.create_task(forward(env, client, PLAIN_BODY, stream=False))
+    await eventually(lambda: env.fakes.total_generations() == 1)
+    env.forwarder.stopping = True  # the server's grace period began
+    pending.cancel()
+    with pytest.raises(UnavailableError) as caught:
+        await pending
+    assert caught.value.code == "shutting_down"
+    assert sum(b.in_flight for b in env.pool.backends) == 0
+
+
+async def test_cancelled_by_shutdown_a_stream_ends_with_an_error_event(env: Env) -> None:
+    fake = env.fakes.backends[0]
+    fake.hold = asyncio.Event()
+    client = Client()
+    response = await forward(env, client, STREAM_BODY, stream=True)
+    relay = asyncio.create_task(response({"type": "http"}, client.receive, client.send))  # type: ignore[operator]
+    await asyncio.wait_for(client.got_body.wait(), 5)
+    env.forwarder.stopping = True
+    relay.cancel()
+    await relay  # handled: no CancelledError escapes
+    assert b'"code":"shutting_down"' in client.body()
+    assert client.body().endswith(b"data: [DONE]\n\n")
+    assert fake.stream_closed.is_set()
+    assert env.pool.backends[0].in_flight == 0
 
 
 async def test_the_guard_stays_out_of_the_way_of_a_connected_client() -> None:

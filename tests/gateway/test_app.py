@@ -107,6 +107,15 @@ async def test_models_are_the_union_of_the_backends() -> None:
     assert [m["id"] for m in openai["data"]] == ["a.gguf", "b.gguf"]
 
 
+async def test_one_model_by_id() -> None:
+    async with running(FakeCluster(1)) as (client, _):
+        found = await client.get("/v1/models/m")
+        missing = await client.get("/v1/models/nope.gguf")
+    assert found.json()["id"] == "m.gguf"
+    assert missing.status_code == 404
+    assert missing.json()["error"]["available_models"] == ["m.gguf"]
+
+
 # --- routing --------------------------------------------------------------------------------
 
 

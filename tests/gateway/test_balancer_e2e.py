@@ -7,6 +7,7 @@ import asyncio
 import json
 import os
 import signal
+import threading
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -279,3 +280,62 @@ def test_all_down_is_a_fast_503_and_a_restarted_backend_is_used_again(
     assert response.status_code == 200
     assert restarted.proc.popen.poll() is None
     assert gateway.proc.popen.poll() is None  # the same gateway process all along
+
+
+def test_shutdown_lets_in_flight_requests_finish_then_cancels_the_rest(
+    spawn: Spawn, model_dir: Path
+) -> None:
+    backend = start_backend(spawn, model_dir)
+    outcomes: dict[str, Any] = {}
+
+    def generate(gateway: Node, max_tokens: int) -> threading.Thread:
+        body = {"prompt": "Once upon a time", "max_tokens": max_tokens, "temperature": 1.0}
+
+        def run() -> None:
+            try:
+                outcomes[gateway.url] = httpx.post(
+                    gateway.url + "/generate", json=body, timeout=120
+                )
+            except httpx.HTTPError as exc:
+                outcomes[gateway.url] = exc
+
+        worker = threading.Thread(target=run)
+        worker.start()
+        deadline = time.monotonic() + 30
+        while httpx.get(gateway.url + "/status", timeout=5).json()["in_flight"] == 0:
+            assert time.monotonic() < deadline, f"never in flight: {outcomes}"
+            time.sleep(0.02)
+        return worker
+
+    # Within the grace period: the answer arrives, then the gateway exits cleanly.
+    patient = start_gateway(spawn, [backend], "--shutdown-timeout", "60")
+    wait_healthy(patient, 1)
+    worker = generate(patient, 24)
+    os.kill(patient.proc.pid, signal.SIGTERM)
+    worker.join(120)
+    response = outcomes[patient.url]
+    assert isinstance(response, httpx.Response), response
+    assert response.status_code == 200
+    assert response.json()["usage"]["completion_tokens"] == 24
+    assert patient.proc.popen.wait(30) == 0
+    assert "Waiting for connections to close" in patient.proc.log()
+
+    # Past the grace period: the request is cancelled (503), the backend stops generating.
+    hasty = start_gateway(spawn, [backend], "--shutdown-timeout", "1")
+    wait_healthy(hasty, 1)
+    worker = generate(hasty, 200)
+    os.kill(hasty.proc.pid, signal.SIGTERM)
+    assert hasty.proc.popen.wait(30) == 0
+    worker.join(30)
+    response = outcomes[hasty.url]
+    assert isinstance(response, httpx.Response), response
+    assert response.status_code == 503
+    assert response.json()["error"]["code"] == "shutting_down"
+    assert "retry-after" in response.headers
+    assert "timeout graceful shutdown exceeded" in hasty.proc.log()
+    deadline = time.monotonic() + 10
+    while httpx.get(backend.url + "/health", timeout=5).json()["in_flight"]:
+        assert time.monotonic() < deadline, "the backend kept generating for a gone gateway"
+        time.sleep(0.05)
+    log = backend.proc.log()
+    assert int(log.split("generation stopped after ")[-1].split()[0]) < 200

@@ -63,6 +63,9 @@ class Forwarder:
         self.health = health
         self.transport = transport
         self.observer = observer
+        #: Set when the server's grace period begins: requests it then cancels get a 503
+        #: (or an SSE error event) instead of a dropped connection.
+        self.stopping = False
         self._extensions = {
             "timeout": {
                 "connect": connect_timeout,
@@ -84,8 +87,14 @@ class Forwarder:
         receive: Receive,
     ) -> Response:
         """The backend's answer to ``raw`` POSTed at ``path``, as an ASGI response."""
-        async with DisconnectGuard(receive) as guard:
-            return await self._open(path, raw, headers, model, stream)
+        try:
+            async with DisconnectGuard(receive) as guard:
+                return await self._open(path, raw, headers, model, stream)
+        except asyncio.CancelledError:
+            if not self.stopping:
+                raise
+            _uncancel()
+            raise _shutting_down() from None
         assert guard.disconnected
         return Response(status_code=499)  # nobody is listening any more
 
@@ -221,6 +230,13 @@ class UpstreamStream(Response):
                     error = UpstreamError(f"the backend failed mid-stream: {describe(exc)}")
                     await send({"type": "http.response.body", "body": sse_error(error)})
                     return
+                except asyncio.CancelledError:
+                    if not self.forwarder.stopping:
+                        raise
+                    _uncancel()
+                    closing = sse_error(_shutting_down())
+                    await send({"type": "http.response.body", "body": closing})
+                    return
                 await send({"type": "http.response.body", "body": b"", "more_body": False})
                 completed = True
         finally:
@@ -295,6 +311,19 @@ class _EventCounter:
         if self.usage is not None:
             return self.usage
         return max(0, self.events - 1)  # the last event carries the finish reason, no text
+
+
+def _shutting_down() -> UnavailableError:
+    return UnavailableError(
+        "the gateway is shutting down; retry shortly", retry_after=5, code="shutting_down"
+    )
+
+
+def _uncancel() -> None:
+    """We handle this cancellation (by answering), so it must not linger on the task."""
+    task = asyncio.current_task()
+    if task is not None:
+        task.uncancel()
 
 
 def _raw_chunks(response: httpx.Response) -> AsyncIterator[bytes]:

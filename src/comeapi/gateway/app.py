@@ -23,6 +23,7 @@ from comeapi.balancer.health import HealthChecker
 from comeapi.balancer.pool import BackendPool
 from comeapi.balancer.proxy import Forwarder, forward_headers
 from comeapi.balancer.transport import FastTransport
+from comeapi.errors import ModelNotFoundError
 from comeapi.gateway.metrics import CONTENT_TYPE, GatewayMetrics, MetricsMiddleware
 from comeapi.http.auth import APIKeyMiddleware
 from comeapi.http.errors import EXCEPTION_HANDLERS
@@ -119,6 +120,17 @@ class Gateway:
         return JSONResponse({"models": [found[name] for name in sorted(found)]})
 
     async def openai_models(self, request: Request) -> Response:
+        return JSONResponse({"object": "list", "data": await self._openai_model_list(request)})
+
+    async def openai_model(self, request: Request) -> Response:
+        name = request.path_params["model"]
+        models = await self._openai_model_list(request)
+        for model in models:
+            if name in (model["id"], model["id"].removesuffix(".gguf")):
+                return JSONResponse(model)
+        raise ModelNotFoundError(name, [m["id"] for m in models])
+
+    async def _openai_model_list(self, request: Request) -> list[dict[str, Any]]:
         found: dict[str, dict[str, Any]] = {}
         for answer in await self._ask_backends("/v1/models", request):
             for item in answer.get("data") or []:
@@ -128,7 +140,7 @@ class Gateway:
             found.setdefault(
                 name, {"id": name, "object": "model", "created": 0, "owned_by": "comeapi"}
             )
-        return JSONResponse({"object": "list", "data": [found[name] for name in sorted(found)]})
+        return [found[name] for name in sorted(found)]
 
     async def _ask_backends(self, path: str, request: Request) -> list[dict[str, Any]]:
         headers = forward_headers(request.headers)
@@ -186,6 +198,7 @@ def create_app(
         Route("/metrics", gateway.metrics_route),
         Route("/models", gateway.models),
         Route("/v1/models", gateway.openai_models),
+        Route("/v1/models/{model:path}", gateway.openai_model),
         *(Route(path, gateway.generation(path), methods=["POST"]) for path in KINDS),
     ]
 

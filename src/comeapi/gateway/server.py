@@ -16,6 +16,7 @@ import logging
 import math
 import os
 import signal
+import socket
 from collections.abc import Callable, Coroutine, Iterator
 from typing import Any
 
@@ -23,7 +24,7 @@ import uvicorn
 from starlette.applications import Starlette
 
 from comeapi.balancer.pool import BackendPool
-from comeapi.gateway.app import CacheLayer, create_app
+from comeapi.gateway.app import CacheLayer, Gateway, create_app
 from comeapi.settings import Settings
 
 log = logging.getLogger("comeapi.gateway")
@@ -46,11 +47,24 @@ def uvicorn_config(settings: Settings, app: Starlette) -> uvicorn.Config:
 
 
 class GatewayServer(uvicorn.Server):
-    """uvicorn's server, minus its signal handling (``handle_signals`` feeds it instead)."""
+    """uvicorn's server, minus its signal handling (``handle_signals`` feeds it instead),
+    telling the gateway when shutdown begins."""
+
+    def __init__(self, config: uvicorn.Config, gateway: Gateway):
+        super().__init__(config)
+        self.gateway = gateway
 
     @contextlib.contextmanager
     def capture_signals(self) -> Iterator[None]:
         yield
+
+    async def shutdown(self, sockets: list[socket.socket] | None = None) -> None:
+        self.gateway.forwarder.stopping = True
+        await super().shutdown(sockets)
+
+
+def gateway_server(settings: Settings, app: Starlette) -> GatewayServer:
+    return GatewayServer(uvicorn_config(settings, app), app.state.gateway)
 
 
 @contextlib.contextmanager
@@ -71,7 +85,7 @@ async def serve(
     """Serve the gateway in front of ``urls`` (default: the configured backends) until a
     signal, then shut down gracefully."""
     pool = BackendPool.from_settings(settings, urls)
-    server = GatewayServer(uvicorn_config(settings, create_app(settings, pool, cache)))
+    server = gateway_server(settings, create_app(settings, pool, cache))
     log.info(
         "gateway on http://%s:%d in front of %d backend(s), %s routing",
         settings.host,
@@ -110,7 +124,7 @@ async def up(settings: Settings) -> None:
             log.info("backends started: %s", ", ".join(urls))
             watch = asyncio.create_task(supervisor.watch())
             pool = BackendPool.from_settings(settings, urls)
-            server = GatewayServer(uvicorn_config(settings, create_app(settings, pool)))
+            server = gateway_server(settings, create_app(settings, pool))
             await server.serve()
             if not server.started:
                 raise SystemExit(1)
