@@ -16,6 +16,7 @@ import pytest
 
 from comeapi.backend.batched import BatchedEngine
 from comeapi.backend.engine import Event, Finished, TextDelta
+from comeapi.backend.native import Entry, NativeModel, lib
 from comeapi.backend.slots import LONE_PAD_FROM, PREFILL_CHUNK
 from comeapi.errors import ContextLengthError, ModelNotFoundError, UnavailableError
 from comeapi.protocol.requests import GenerationRequest, parse_request
@@ -105,7 +106,8 @@ def assert_idle(engine: BatchedEngine) -> None:
 
 def test_greedy_text_is_the_same_alone_and_in_a_full_batch(engine: BatchedEngine) -> None:
     tokens = len(engine._model.tokenizer.tokenize(LONG_PROMPT.encode()))  # type: ignore[union-attr]
-    assert tokens > 2 * PREFILL_CHUNK and tokens > LONE_PAD_FROM + 128
+    # Over 256 cached tokens llama.cpp attends over 512 cells: its split-KV kernel's threshold.
+    assert tokens > 2 * PREFILL_CHUNK and tokens > 256
     reqs = [request(p, max_tokens=12) for p in PROMPTS]
     solo, together = solo_then_together(engine, reqs)
     for prompt, (solo_text, solo_done), (text, done) in zip(PROMPTS, solo, together, strict=True):
@@ -114,6 +116,89 @@ def test_greedy_text_is_the_same_alone_and_in_a_full_batch(engine: BatchedEngine
         assert done.usage.completion_tokens > 0
     assert len({text for text, _ in together}) == len(PROMPTS)
     assert_idle(engine)
+
+
+def test_gaps_and_a_lone_long_sequence_are_padded(
+    engine: BatchedEngine, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The decode batch covers consecutive streams (llama.cpp would split it into several
+    micro-batches otherwise): a slot still prefilling between two generating ones gets a
+    padding token; so does a second stream next to a lone sequence with a long cache."""
+    model = engine._model
+    assert model is not None
+    batches: list[list[Entry]] = []
+    decode = model.decode
+
+    def recording(entries: Any) -> int:
+        batches.append(list(entries))
+        return int(decode(entries))
+
+    monkeypatch.setattr(model, "decode", recording)
+    short = request("The capital of France is", max_tokens=24)
+    brief = request("Hello", max_tokens=8)
+    long = request(LONG_PROMPT, max_tokens=12)
+
+    async def scenario() -> None:
+        solo = [await run(engine, r) for r in (short, long)]
+        decoder = engine._decoder
+        assert decoder is not None
+        first = asyncio.ensure_future(run(engine, short))
+        await until(lambda: decoder.busy_slots() == 1)
+        second = asyncio.ensure_future(run(engine, brief))
+        await until(lambda: decoder.busy_slots() == 2)
+        third = asyncio.ensure_future(run(engine, short))
+        await until(lambda: decoder.busy_slots() == 3)
+        await second  # slot 1 is free again, slots 0 and 2 keep generating
+        middle = asyncio.ensure_future(run(engine, long))  # prefills in slot 1
+        assert [await first, await middle, await third] == [solo[0], solo[1], solo[0]]
+
+    batches.clear()
+    asyncio.run(scenario())
+    steps = [b for b in batches if len({e.seq for e in b}) == len(b)]  # one token per stream
+    lone_long = [b for b in steps if b[0].pos >= LONE_PAD_FROM and sum(e.logits for e in b) == 1]
+    assert lone_long and all(len(b) == 2 for b in lone_long)
+    gap = [b for b in steps if [e.seq for e in b] == [0, 1, 2] and not b[1].logits]
+    assert gap, "no decode step padded the prefilling slot 1"
+    assert all(b[1].token == model.pad_token and b[1].pos % PREFILL_CHUNK == 0 for b in gap)
+    assert any(b[1].pos > 0 for b in gap), "no padding token while slot 1 was prefilling"
+    assert_idle(engine)
+
+
+def test_padding_gives_a_lone_decode_the_batched_numbers(model_dir: Path) -> None:
+    """Why the lone sequence is padded: with >= 512 KV cells llama.cpp decodes a single
+    stream's single token with a split-KV attention kernel that rounds differently."""
+    model = NativeModel(
+        model_dir / BUNDLED_MODEL, n_seq=3, ctx=1024, batch_size=PREFILL_CHUNK, threads=2
+    )
+    try:
+        vocab_size = lib.llama_vocab_n_tokens(lib.llama_model_get_vocab(model._model))
+        short, long = (model.tokenizer.tokenize(p.encode()) for p in ("Hello there", LONG_PROMPT))
+        for seq, tokens in ((0, short), (1, long)):
+            for start in range(0, len(tokens), PREFILL_CHUNK):
+                chunk = tokens[start : start + PREFILL_CHUNK]
+                entries = [Entry(t, start + j, seq, False) for j, t in enumerate(chunk)]
+                assert model.decode(entries) == 0
+
+        def long_logits(entries: list[Entry]) -> list[float]:
+            """Logits of the long sequence's next token decoded in this batch (then undone)."""
+            assert model.decode(entries) == 0
+            index = next(i for i, e in enumerate(entries) if e.seq == 1)
+            row = lib.llama_get_logits_ith(model.ctx, index)
+            values = [row[i] for i in range(vocab_size)]
+            for e in entries:
+                model.forget(e.seq, e.pos)
+            return values
+
+        step = Entry(100, len(long), 1, True)
+        alone = long_logits([step])
+        batched = long_logits([Entry(200, len(short), 0, True), step])
+        pad_in_free_stream = long_logits([step, Entry(model.pad_token, 0, 2, False)])
+        pad_in_used_stream = long_logits([Entry(model.pad_token, len(short), 0, False), step])
+        assert pad_in_free_stream == batched
+        assert pad_in_used_stream == batched
+        assert alone != batched, "llama.cpp no longer needs the padding (LONE_PAD_FROM)"
+    finally:
+        model.close()
 
 
 def test_seeds_and_parameters_stay_in_their_own_slot(engine: BatchedEngine) -> None:
