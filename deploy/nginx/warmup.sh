@@ -4,7 +4,7 @@
 # comeapi with that variant's seed and stored in both caches; a HIT was already there.
 #
 #   deploy/nginx/warmup.sh [-u URL] [-p PROMPTS] [-n VARIANTS] [-r ROUTES] [-t SECONDS]
-#                          [-k API_KEY] [--verify]
+#                          [-k API_KEY] [--stream] [--verify]
 #
 # Reads the same prompt set file as `comeapi warmup` (comeapi's own parser, so the same
 # validation and normalisation). Exits non-zero if any request fails.
@@ -20,6 +20,7 @@ TIMEOUT=${WARMUP_TIMEOUT:-600}
 # With COMEAPI_API_KEYS set in nginx (and comeapi): one of the keys.
 API_KEY=${WARMUP_API_KEY:-}
 VERIFY=0
+STREAM=0 # also fill the `stream: true` entries (comeapi answers them from its store)
 # A Python that has comeapi installed; may be a command, e.g.
 # "docker compose exec -T comeapi python" (then PROMPTS is a path inside that container).
 REPO_PYTHON="$(cd "$(dirname "$0")/../.." && pwd)/.venv/bin/python"
@@ -40,6 +41,7 @@ while [ $# -gt 0 ]; do
     -t | --timeout) TIMEOUT=$2; shift 2 ;;
     -k | --api-key) API_KEY=$2; shift 2 ;;
     --verify) VERIFY=1; shift ;;
+    --stream) STREAM=1; shift ;;
     -h | --help) usage 0 ;;
     *) echo "warmup.sh: unknown argument $1" >&2; usage ;;
     esac
@@ -54,7 +56,7 @@ read -r -d '' LIST_REQUESTS <<'PY' || true
 import json, sys
 from comeapi.cache.prompts import load_prompt_set
 from pathlib import Path
-path, variants, routes = sys.argv[1], sys.argv[2], sys.argv[3].split()
+path, variants, routes, stream = sys.argv[1], sys.argv[2], sys.argv[3].split(), sys.argv[4]
 prompt_set = load_prompt_set(Path(path) if path else None)
 n = int(variants) if variants else (prompt_set.variants or 5)
 for item in prompt_set.items:
@@ -62,11 +64,13 @@ for item in prompt_set.items:
     body.pop("seed", None)
     label = item.prompt.replace("\t", " ").replace("\n", " ")[:40]
     for route in (["/v1/chat/completions"] if item.kind == "chat" else routes):
-        print(n, route, f"prompts[{item.index}] {label}", json.dumps(body, ensure_ascii=False),
-              sep="\t")
+        for streamed in ([False, True] if stream == "1" else [False]):
+            shown = f"prompts[{item.index}]{' (stream)' if streamed else ''} {label}"
+            sent = {**body, "stream": True} if streamed else body
+            print(n, route, shown, json.dumps(sent, ensure_ascii=False), sep="\t")
 PY
 # shellcheck disable=SC2086  # PYTHON may be a command with arguments
-if ! requests=$($PYTHON -c "$LIST_REQUESTS" "$PROMPTS" "$VARIANTS" "$ROUTES"); then
+if ! requests=$($PYTHON -c "$LIST_REQUESTS" "$PROMPTS" "$VARIANTS" "$ROUTES" "$STREAM"); then
     echo "warmup.sh: cannot read the prompt set with '$PYTHON' (is comeapi installed there?)" >&2
     exit 1
 fi
