@@ -13,7 +13,8 @@ from starlette.types import Message
 
 from comeapi.balancer.health import HealthChecker
 from comeapi.balancer.pool import BackendPool
-from comeapi.balancer.proxy import DisconnectGuard, Forwarder, UpstreamStream
+from comeapi.balancer.proxy import Forwarder
+from comeapi.balancer.relay import UpstreamStream
 from comeapi.errors import UnavailableError
 from tests.balancer.fakes import FakeCluster, eventually
 
@@ -188,13 +189,3 @@ async def test_cancelled_by_shutdown_a_stream_ends_with_an_error_event(env: Env)
     assert client.body().endswith(b"data: [DONE]\n\n")
     assert fake.stream_closed.is_set()
     assert env.pool.backends[0].in_flight == 0
-
-
-async def test_the_guard_stays_out_of_the_way_of_a_connected_client() -> None:
-    client = Client()
-    async with DisconnectGuard(client.receive) as guard:
-        await asyncio.sleep(0.01)
-    assert not guard.disconnected
-    await asyncio.sleep(0.01)  # its watcher is gone: nothing cancels us later
-    client.disconnect()
-    await asyncio.sleep(0.01)

@@ -144,3 +144,20 @@ def test_bench_parallel_reports_failures(spawn: Spawn) -> None:
     assert "succeeded:    0/3" in result.output
     assert "failed:       3/3" in result.output
     assert "HTTP 503" in result.output
+
+
+def test_up_with_a_bad_model_file_is_a_one_line_error(tmp_path: Path) -> None:
+    (tmp_path / "broken.gguf").write_bytes(b"<html>not found</html>")
+    result = subprocess.run(
+        comeapi_argv(
+            "up", "--count", "1", "--model-dir", str(tmp_path),
+            "--base-port", str(free_port()), "--port", str(free_port()),
+        ),
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )  # fmt: skip
+    assert result.returncode == 1
+    assert "Error:" in result.stderr
+    assert "broken.gguf is not a GGUF file" in result.stderr
+    assert "Traceback" not in result.stderr

@@ -11,26 +11,29 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import AsyncIterator, Mapping
-from types import TracebackType
 from typing import Protocol
 
 import httpx
 import orjson
 from starlette.responses import Response
-from starlette.types import Message, Receive, Scope, Send
+from starlette.types import Receive
 
 from comeapi.balancer.backend import Backend
 from comeapi.balancer.health import HealthChecker, describe
 from comeapi.balancer.pool import BackendPool
-from comeapi.errors import UnavailableError, UpstreamError
-from comeapi.protocol.responses import sse_error
+from comeapi.balancer.relay import (
+    UpstreamStream,
+    close_quietly,
+    response_headers,
+    shutting_down,
+    uncancel,
+    usage_tokens,
+)
+from comeapi.errors import UnavailableError
+from comeapi.http.disconnect import DisconnectGuard
 
 # Request headers worth passing on; everything else (host, cookies, hop-by-hop) stays here.
 FORWARD_REQUEST_HEADERS = ("content-type", "authorization", "accept")
-# Response headers the gateway sets itself (or that describe the upstream connection).
-DROP_RESPONSE_HEADERS = frozenset(
-    {"connection", "keep-alive", "transfer-encoding", "content-length", "date", "server"}
-)
 
 
 class ProxyObserver(Protocol):
@@ -93,8 +96,8 @@ class Forwarder:
         except asyncio.CancelledError:
             if not self.stopping:
                 raise
-            _uncancel()
-            raise _shutting_down() from None
+            uncancel()
+            raise shutting_down() from None
         assert guard.disconnected
         return Response(status_code=499)  # nobody is listening any more
 
@@ -116,12 +119,12 @@ class Forwarder:
                 body = b"".join([chunk async for chunk in chunks])
             except httpx.TransportError as exc:
                 if upstream is not None:
-                    await _close_quietly(upstream)
+                    await close_quietly(upstream)
                 self._failed(backend, exc, tried)
                 continue
             except BaseException:
                 if upstream is not None:
-                    await _close_quietly(upstream)
+                    await close_quietly(upstream)
                 self.pool.release(backend, served=False)
                 raise
             if upstream.status_code == 503:
@@ -129,8 +132,8 @@ class Forwarder:
                 continue
             self.pool.release(backend)
             if self.observer is not None and upstream.status_code == 200:
-                self.observer.tokens(_usage_tokens(body))
-            return Response(body, upstream.status_code, _response_headers(upstream))
+                self.observer.tokens(usage_tokens(body))
+            return Response(body, upstream.status_code, response_headers(upstream))
 
     def _request(
         self, backend: Backend, path: str, raw: bytes, headers: dict[str, str]
@@ -186,146 +189,6 @@ class _Attempts:
         self.last = f"{backend.url}: {reason}"
 
 
-class UpstreamStream(Response):
-    """An ASGI response relaying a backend's SSE stream; owns the backend's slot until done."""
-
-    def __init__(
-        self,
-        forwarder: Forwarder,
-        backend: Backend,
-        upstream: httpx.Response,
-        chunks: AsyncIterator[bytes],
-        first: bytes,
-    ):
-        self.forwarder = forwarder
-        self.backend = backend
-        self.upstream = upstream
-        self.chunks = chunks
-        self.first = first
-        self.status_code = upstream.status_code
-        self.background = None
-        self.raw_headers = _raw_headers(upstream)
-
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        completed = False
-        events = _EventCounter()
-        try:
-            async with DisconnectGuard(receive):
-                await send(
-                    {
-                        "type": "http.response.start",
-                        "status": self.status_code,
-                        "headers": self.raw_headers,
-                    }
-                )
-                chunk = self.first
-                try:
-                    while chunk:
-                        events.feed(chunk)
-                        await send({"type": "http.response.body", "body": chunk, "more_body": True})
-                        chunk = await anext(self.chunks, b"")
-                except httpx.TransportError as exc:
-                    # Too late to retry: the client has part of the answer. Say so in-band.
-                    self.forwarder.health.report_failure(self.backend, exc)
-                    error = UpstreamError(f"the backend failed mid-stream: {describe(exc)}")
-                    await send({"type": "http.response.body", "body": sse_error(error)})
-                    return
-                except asyncio.CancelledError:
-                    if not self.forwarder.stopping:
-                        raise
-                    _uncancel()
-                    closing = sse_error(_shutting_down())
-                    await send({"type": "http.response.body", "body": closing})
-                    return
-                await send({"type": "http.response.body", "body": b"", "more_body": False})
-                completed = True
-        finally:
-            await _close_quietly(self.upstream)
-            self.forwarder.pool.release(self.backend, served=completed)
-            observer = self.forwarder.observer
-            if observer is not None:
-                observer.tokens(events.tokens())
-
-
-class DisconnectGuard:
-    """Cancel the enclosed work when the client disconnects, and swallow that cancellation.
-
-    After the request body has been read, the next ``receive()`` returns only when the
-    client goes away (or the response is complete), so one small task can wait for it.
-    """
-
-    def __init__(self, receive: Receive):
-        self._receive = receive
-        self._task: asyncio.Task[object] | None = None
-        self._watcher: asyncio.Task[None] | None = None
-        self.disconnected = False
-
-    async def __aenter__(self) -> DisconnectGuard:
-        self._task = asyncio.current_task()
-        self._watcher = asyncio.create_task(self._watch())
-        return self
-
-    async def __aexit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> bool:
-        assert self._watcher is not None and self._task is not None
-        watcher, self._watcher = self._watcher, None
-        watcher.cancel()
-        if self.disconnected and exc_type is asyncio.CancelledError:
-            self._task.uncancel()
-            return True
-        return False
-
-    async def _watch(self) -> None:
-        message: Message = await self._receive()
-        while message["type"] != "http.disconnect":
-            message = await self._receive()
-        if self._watcher is not None and self._task is not None:
-            self.disconnected = True
-            self._task.cancel()
-
-
-class _EventCounter:
-    """Tokens in a relayed stream: the usage the backend reports at the end, else one per
-    text event (SSE events carry one decoded piece of text each)."""
-
-    __slots__ = ("events", "usage")
-
-    def __init__(self) -> None:
-        self.events = 0
-        self.usage: int | None = None
-
-    def feed(self, chunk: bytes) -> None:
-        self.events += chunk.count(b"data: {")
-        if b'"usage"' in chunk:
-            for line in chunk.split(b"\n"):
-                if line.startswith(b"data: {") and b'"usage"' in line:
-                    count = _usage_tokens(line[6:])
-                    if count:
-                        self.usage = count
-
-    def tokens(self) -> int:
-        if self.usage is not None:
-            return self.usage
-        return max(0, self.events - 1)  # the last event carries the finish reason, no text
-
-
-def _shutting_down() -> UnavailableError:
-    return UnavailableError(
-        "the gateway is shutting down; retry shortly", retry_after=5, code="shutting_down"
-    )
-
-
-def _uncancel() -> None:
-    """We handle this cancellation (by answering), so it must not linger on the task."""
-    task = asyncio.current_task()
-    if task is not None:
-        task.uncancel()
-
-
 def _raw_chunks(response: httpx.Response) -> AsyncIterator[bytes]:
     """The body as sent, chunk by chunk as it arrives."""
     if response.is_stream_consumed:  # built in memory (httpx.MockTransport handlers)
@@ -337,15 +200,6 @@ async def _once(body: bytes) -> AsyncIterator[bytes]:
     yield body
 
 
-def _usage_tokens(body: bytes) -> int:
-    try:
-        usage = orjson.loads(body).get("usage") or {}
-        count = usage.get("completion_tokens", 0)
-    except (orjson.JSONDecodeError, AttributeError):
-        return 0
-    return count if isinstance(count, int) else 0
-
-
 def _error_code(body: bytes) -> str | None:
     """``error.code`` of an OpenAI-shaped error body, if it is one."""
     try:
@@ -355,31 +209,6 @@ def _error_code(body: bytes) -> str | None:
     return code if isinstance(code, str) else None
 
 
-def _response_headers(response: httpx.Response) -> dict[str, str]:
-    return {k: v for k, v in response.headers.items() if k not in DROP_RESPONSE_HEADERS}
-
-
-def _raw_headers(response: httpx.Response) -> list[tuple[bytes, bytes]]:
-    return [
-        (k.lower(), v)
-        for k, v in response.headers.raw
-        if k.lower().decode("latin-1") not in DROP_RESPONSE_HEADERS
-    ]
-
-
 def forward_headers(headers: Mapping[str, str]) -> dict[str, str]:
     """The client's headers worth passing to the backend."""
     return {name: headers[name] for name in FORWARD_REQUEST_HEADERS if name in headers}
-
-
-async def _close_quietly(response: httpx.Response) -> None:
-    # Shielded: this runs while a disconnect is cancelling us, and an unclosed upstream
-    # response would keep the backend generating for nobody.
-    close = asyncio.ensure_future(response.aclose())
-    try:
-        await asyncio.shield(close)
-    except asyncio.CancelledError:
-        await close
-        raise
-    except httpx.HTTPError:
-        pass

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import statistics
 import time
 from dataclasses import asdict, dataclass, field
@@ -140,6 +141,7 @@ def parallel(
     as_json: bool,
 ) -> None:
     """Fire N generations at once (ComeAPI's parallel test); exit 1 if any failed."""
+    logging.getLogger("httpx").setLevel(logging.WARNING)  # one INFO line per request
     echo = (lambda *_: None) if as_json else click.echo
     echo(f"target: {url}   concurrency: {concurrency}")
     try:

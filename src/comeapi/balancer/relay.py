@@ -1,0 +1,160 @@
+"""Relaying a backend's answer to the client: the SSE stream response, and the headers,
+token counts and errors that go with it."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+from typing import TYPE_CHECKING
+
+import httpx
+import orjson
+from starlette.responses import Response
+from starlette.types import Receive, Scope, Send
+
+from comeapi.balancer.backend import Backend
+from comeapi.balancer.health import describe
+from comeapi.errors import UnavailableError, UpstreamError
+from comeapi.http.disconnect import DisconnectGuard
+from comeapi.protocol.responses import sse_error
+
+if TYPE_CHECKING:
+    from comeapi.balancer.proxy import Forwarder
+
+# Response headers the gateway sets itself (or that describe the upstream connection).
+DROP_RESPONSE_HEADERS = frozenset(
+    {"connection", "keep-alive", "transfer-encoding", "content-length", "date", "server"}
+)
+
+
+class UpstreamStream(Response):
+    """An ASGI response relaying a backend's SSE stream; owns the backend's slot until done."""
+
+    def __init__(
+        self,
+        forwarder: Forwarder,
+        backend: Backend,
+        upstream: httpx.Response,
+        chunks: AsyncIterator[bytes],
+        first: bytes,
+    ):
+        self.forwarder = forwarder
+        self.backend = backend
+        self.upstream = upstream
+        self.chunks = chunks
+        self.first = first
+        self.status_code = upstream.status_code
+        self.background = None
+        self.raw_headers = raw_headers(upstream)
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        completed = False
+        events = _EventCounter()
+        try:
+            async with DisconnectGuard(receive):
+                await send(
+                    {
+                        "type": "http.response.start",
+                        "status": self.status_code,
+                        "headers": self.raw_headers,
+                    }
+                )
+                chunk = self.first
+                try:
+                    while chunk:
+                        events.feed(chunk)
+                        await send({"type": "http.response.body", "body": chunk, "more_body": True})
+                        chunk = await anext(self.chunks, b"")
+                except httpx.TransportError as exc:
+                    # Too late to retry: the client has part of the answer. Say so in-band.
+                    self.forwarder.health.report_failure(self.backend, exc)
+                    error = UpstreamError(f"the backend failed mid-stream: {describe(exc)}")
+                    await send({"type": "http.response.body", "body": sse_error(error)})
+                    return
+                except asyncio.CancelledError:
+                    if not self.forwarder.stopping:
+                        raise
+                    uncancel()
+                    closing = sse_error(shutting_down())
+                    await send({"type": "http.response.body", "body": closing})
+                    return
+                await send({"type": "http.response.body", "body": b"", "more_body": False})
+                completed = True
+        finally:
+            await close_quietly(self.upstream)
+            self.forwarder.pool.release(self.backend, served=completed)
+            observer = self.forwarder.observer
+            if observer is not None:
+                observer.tokens(events.tokens())
+
+
+class _EventCounter:
+    """Tokens in a relayed stream: the usage the backend reports at the end, else one per
+    text event (SSE events carry one decoded piece of text each)."""
+
+    __slots__ = ("events", "usage")
+
+    def __init__(self) -> None:
+        self.events = 0
+        self.usage: int | None = None
+
+    def feed(self, chunk: bytes) -> None:
+        self.events += chunk.count(b"data: {")
+        if b'"usage"' in chunk:
+            for line in chunk.split(b"\n"):
+                if line.startswith(b"data: {") and b'"usage"' in line:
+                    count = usage_tokens(line[6:])
+                    if count:
+                        self.usage = count
+
+    def tokens(self) -> int:
+        if self.usage is not None:
+            return self.usage
+        return max(0, self.events - 1)  # the last event carries the finish reason, no text
+
+
+def shutting_down() -> UnavailableError:
+    return UnavailableError(
+        "the gateway is shutting down; retry shortly", retry_after=5, code="shutting_down"
+    )
+
+
+def uncancel() -> None:
+    """We handle this cancellation (by answering), so it must not linger on the task."""
+    task = asyncio.current_task()
+    if task is not None:
+        task.uncancel()
+
+
+def usage_tokens(body: bytes) -> int:
+    try:
+        usage = orjson.loads(body).get("usage") or {}
+        count = usage.get("completion_tokens", 0)
+    except (orjson.JSONDecodeError, AttributeError):
+        return 0
+    return count if isinstance(count, int) else 0
+
+
+def response_headers(response: httpx.Response) -> dict[str, str]:
+    return {k: v for k, v in response.headers.items() if k not in DROP_RESPONSE_HEADERS}
+
+
+def raw_headers(response: httpx.Response) -> list[tuple[bytes, bytes]]:
+    return [
+        (k.lower(), v)
+        for k, v in response.headers.raw
+        if k.lower().decode("latin-1") not in DROP_RESPONSE_HEADERS
+    ]
+
+
+async def close_quietly(response: httpx.Response) -> None:
+    # Shielded: this runs while a disconnect is cancelling us, and an unclosed upstream
+    # response would keep the backend generating for nobody.
+    close = asyncio.ensure_future(response.aclose())
+    try:
+        await asyncio.shield(close)
+    except asyncio.CancelledError:
+        await close
+        raise
+    except httpx.HTTPError:
+        pass
