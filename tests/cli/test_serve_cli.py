@@ -161,3 +161,22 @@ def test_up_with_a_bad_model_file_is_a_one_line_error(tmp_path: Path) -> None:
     assert "Error:" in result.stderr
     assert "broken.gguf is not a GGUF file" in result.stderr
     assert "Traceback" not in result.stderr
+
+
+@pytest.mark.slow
+def test_ctrl_c_to_the_whole_group_stops_up_cleanly(spawn: Spawn, model_dir: Path) -> None:
+    port = free_port()
+    proc = spawn(
+        comeapi_argv(
+            "up", "--count", "1", "--port", str(port), "--base-port", str(free_port()),
+            "--model-dir", str(model_dir), "--threads", "1", "--ctx", "256",
+        ),
+        name="up",
+    )  # fmt: skip
+    proc.wait_http(f"http://127.0.0.1:{port}/health", timeout=180)
+    os.killpg(proc.pid, signal.SIGINT)  # what a terminal's Ctrl-C does
+    assert proc.popen.wait(60) == 0
+    deadline = time.monotonic() + 10
+    while group_alive(proc.pid) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert not group_alive(proc.pid)

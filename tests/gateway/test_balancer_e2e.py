@@ -7,6 +7,7 @@ import asyncio
 import json
 import os
 import signal
+import statistics
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -263,16 +264,20 @@ def test_all_down_is_a_fast_503_and_a_restarted_backend_is_used_again(
     assert httpx.post(gateway.url + "/generate", json=body, timeout=60).status_code == 200
 
     backend.proc.stop()
+    elapsed = []
     with httpx.Client(base_url=gateway.url, timeout=10) as client:
         client.get("/health")  # connection to the gateway is open: time only the request
         for _ in range(5):
             started = time.perf_counter()
             response = client.post("/generate", json=body)
-            elapsed = time.perf_counter() - started
+            elapsed.append(time.perf_counter() - started)
             assert response.status_code == 503
             assert int(response.headers["retry-after"]) >= 1
             assert response.json()["error"]["code"] == "no_backend_available"
-            assert elapsed <= 0.1, f"503 took {elapsed * 1000:.0f} ms"
+    # Decided at once, not after a wait: the median is the figure (a shared CI machine may
+    # deschedule the gateway for one request), and none comes near a timeout.
+    assert statistics.median(elapsed) <= 0.1, elapsed
+    assert max(elapsed) < 1.0, elapsed
 
     restarted = start_backend(spawn, model_dir, port=backend.port)
     wait_healthy(gateway, 1, timeout=60)

@@ -109,14 +109,18 @@ async def up(settings: Settings) -> None:
     )
     stopping = asyncio.Event()
     server: GatewayServer | None = None
+    watch: asyncio.Task[None] | None = None
 
     def on_signal(sig: int) -> None:
         stopping.set()
+        if watch is not None:
+            # A terminal's Ctrl-C reaches the backends too: they are stopping, not crashed,
+            # so they must not be restarted while the gateway drains.
+            watch.cancel()
         if server is not None:
             server.handle_exit(sig, None)
 
     with handle_signals(on_signal):
-        watch: asyncio.Task[None] | None = None
         try:
             if not await _unless(stopping, supervisor.start()):
                 return
