@@ -151,7 +151,9 @@ do_copy() {
 do_remote_import() {
     need_target
     need_file
-    [ -n "$REMOTE" ] && [ -n "$REMOTE_PATH" ] || die "remote-import needs --remote and --remote-path"
+    if [ -z "$REMOTE" ] || [ -z "$REMOTE_PATH" ]; then
+        die "remote-import needs --remote USER@HOST and --remote-path PATH"
+    fi
     local args=(import --file "$REMOTE_PATH/$(basename "$FILE")")
     if [ -n "$DIR" ]; then args+=(--dir "$DIR"); else args+=(--volume "$VOLUME"); fi
     [ -z "$OWNER" ] || args+=(--owner "$OWNER")
