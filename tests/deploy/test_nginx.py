@@ -442,12 +442,13 @@ def test_cache_answers_with_comeapi_stopped_and_survives_a_restart(stack: Stack)
     assert count_entries(stack.nginx.cache_dir) == entries
 
 
-def make(*args: str) -> subprocess.CompletedProcess[str]:
+def make(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
         ["make", "--no-print-directory", "-C", str(REPO), *args],
         capture_output=True,
         text=True,
         timeout=300,
+        env={**os.environ, **(env or {})},
     )
 
 
@@ -485,6 +486,36 @@ def test_export_import_into_a_fresh_directory(stack: Stack) -> None:
         assert refused.returncode != 0 and "nginx is running" in refused.stderr
     finally:
         second.stop()
+
+
+def test_copy_and_import_on_a_remote_host(stack: Stack) -> None:
+    """cache-copy and cache-import with REMOTE_HOST, through ssh/scp stand-ins that run the
+    remote side here: the archive and the script travel as they would over ssh."""
+    bin_dir = stack.base / "fake-ssh"
+    bin_dir.mkdir()
+    remote_root = stack.base / "remote"
+    (bin_dir / "ssh").write_text(
+        "#!/bin/sh\n# ssh [-o OPT] HOST CMD: run CMD here\n"
+        'while [ "$1" = -o ]; do shift 2; done\nshift\nexec sh -c "$*"\n'
+    )
+    (bin_dir / "scp").write_text(
+        '#!/bin/sh\nwhile [ "$1" = -o ]; do shift 2; done\nexec cp "$1" "${2#*:}"\n'
+    )
+    for tool in ("ssh", "scp"):
+        (bin_dir / tool).chmod(0o755)
+    env = {"PATH": f"{bin_dir}:{os.environ['PATH']}"}
+    archive = stack.base / "remote-export.tar.gz"
+    remote = ["REMOTE_HOST=op@far", f"REMOTE_PATH={remote_root / 'incoming'}"]
+    steps = [
+        ("cache-export", f"CACHE_DIR={stack.nginx.cache_dir}", f"EXPORT_FILE={archive}"),
+        ("cache-copy", f"EXPORT_FILE={archive}", *remote),
+        ("cache-import", f"EXPORT_FILE={archive}", f"CACHE_DIR={remote_root / 'cache'}", *remote),
+    ]
+    for step in steps:
+        result = make(*step, env=env)
+        assert result.returncode == 0, step[0] + result.stdout + result.stderr
+    assert (remote_root / "incoming" / archive.name).is_file()
+    assert count_entries(remote_root / "cache") == count_entries(stack.nginx.cache_dir)
 
 
 def test_import_rejects_unsafe_archives(stack: Stack) -> None:
