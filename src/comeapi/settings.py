@@ -99,6 +99,9 @@ class Settings(BaseSettings):
         "forward", description="Unknown prompt: forward to the pool, or 404."
     )
     store_misses: bool = Field(False, description="Store answers of forwarded misses.")
+    cache_refresh: float = Field(
+        5.0, gt=0, description="Seconds between checks for store changes and hit-count writes."
+    )
     variant_secret: str | None = Field(
         None,
         description="Shared secret that lets a trusted proxy (nginx) pick the variant with "
@@ -115,8 +118,9 @@ class Settings(BaseSettings):
     @field_validator("backends_range")
     @classmethod
     def _check_range(cls, value: str | None) -> str | None:
-        if value is not None:
-            parse_backends_range(value)
+        if not value:  # COMEAPI_BACKENDS_RANGE= (empty) means none
+            return None
+        parse_backends_range(value)
         return value
 
     @model_validator(mode="after")

@@ -74,3 +74,14 @@ def test_request_key_dispatches_on_messages() -> None:
     assert request_key(MODEL, messages=[("user", "hi")]) == chat_key([("user", "hi")], MODEL)
     with pytest.raises(ValueError):
         request_key(MODEL)
+
+
+def test_long_runs_of_combining_marks_are_refused() -> None:
+    from comeapi.errors import RequestError
+
+    attack = "a" + "\u0301\u0316" * 60_000  # CPython's NFC of this takes tens of seconds
+    with pytest.raises(RequestError):
+        normalise(attack)
+    # Real text with combining marks (NFD Japanese, stacked accents) is still keyed.
+    assert normalise("か\u3099") == "が"
+    assert normalise("e" + "\u0301" * 30) == "é" + "\u0301" * 29

@@ -19,10 +19,52 @@ from tests.helpers import Proc, comeapi_argv, free_port, group_alive
 Spawn = Callable[..., Proc]
 
 
-def test_serve_without_backends_is_a_usage_error() -> None:
-    result = CliRunner().invoke(main, ["serve"], env={"COMEAPI_BACKENDS": ""})
-    assert result.exit_code == 2
-    assert "no backends" in result.output
+def test_serve_without_backends_serves_the_cache(spawn: Spawn, tmp_path: Path) -> None:
+    """No model, no backend: every shipped prompt is answered from the store, in the three
+    wire formats, and the official openai client gets a cached chat answer."""
+    import openai
+
+    from comeapi.cache.default import shipped_entries
+    from comeapi.cache.prompts import load_prompt_set
+    from comeapi.cache.sqlite import SqliteStore
+
+    with SqliteStore(tmp_path / "c.db") as store:
+        store.put_many(shipped_entries())
+    port = free_port()
+    proc = spawn(
+        comeapi_argv("serve", "--port", str(port), "--store", f"sqlite:{tmp_path / 'c.db'}"),
+        env={"COMEAPI_BACKENDS": "", "COMEAPI_BACKENDS_RANGE": ""},
+        name="serve",
+    )
+    url = f"http://127.0.0.1:{port}"
+    proc.wait_http(url + "/health", timeout=30)
+    prompts = load_prompt_set()
+    answers = {e.answer for e in shipped_entries()}
+    for item in prompts.items:
+        response = httpx.post(url + item.route, json=item.request_body(0), timeout=5)
+        assert response.status_code == 200, response.text
+        assert response.headers["x-cache"] == "HIT"
+        body = response.json()
+        choice = body["choices"][0]
+        assert (choice["message"]["content"] if item.kind == "chat" else choice["text"]) in answers
+    chat = next(item for item in prompts.items if item.kind == "chat")
+    assert chat.messages is not None
+    client = openai.OpenAI(base_url=url + "/v1", api_key="unused", timeout=5, max_retries=0)
+    completion = client.chat.completions.create(
+        model=prompts.model,
+        messages=[{"role": r, "content": c} for r, c in chat.messages],  # type: ignore[misc]
+    )
+    assert completion.choices[0].message.content in answers
+    streamed = client.chat.completions.create(
+        model=prompts.model,
+        messages=[{"role": r, "content": c} for r, c in chat.messages],  # type: ignore[misc]
+        stream=True,
+    )
+    text = "".join(chunk.choices[0].delta.content or "" for chunk in streamed if chunk.choices)
+    assert text in answers
+    unknown = httpx.post(url + "/generate", json={"prompt": "not in the set"}, timeout=5)
+    assert unknown.status_code == 404
+    assert len(unknown.json()["error"]["known_prompts"]) == 10
 
 
 def test_a_bad_backends_range_names_the_setting() -> None:

@@ -5,23 +5,25 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
 from collections.abc import AsyncIterator
+from pathlib import Path
 from typing import Any
 
 import httpx
 import pytest
-from starlette.requests import Request
-from starlette.responses import Response
 
 from comeapi.balancer.pool import BackendPool
+from comeapi.cache.key import prompt_key
+from comeapi.cache.sqlite import SqliteStore
+from comeapi.cache.store import Entry
 from comeapi.gateway.app import Gateway, create_app
-from comeapi.protocol.requests import Kind
+from comeapi.gateway.cache import ResponseCache
 from comeapi.settings import load_settings
 from tests.balancer.fakes import FakeCluster, eventually
 
 pytestmark = pytest.mark.anyio
 
+MODEL = "gemma-3-270m-q4_k_m.gguf"
 GENERATE = {"prompt": "Once upon a time", "max_tokens": 4, "temperature": 0}
 
 
@@ -366,34 +368,82 @@ async def test_each_app_has_its_own_registry() -> None:
 # --- the cache seam -----------------------------------------------------------------------
 
 
-class StubCache:
-    def __init__(self) -> None:
-        self.asked: list[tuple[str, dict[str, Any]]] = []
+def cache_over(tmp_path: Path, **kw: Any) -> ResponseCache:
+    """A real ResponseCache over a SqliteStore holding 3 variants of "cached"."""
+    store = SqliteStore(tmp_path / "cache.db")
+    store.put_many(
+        Entry(prompt_key("cached", MODEL), v, "prompt", "cached", f"from cache {v}", MODEL)
+        for v in range(3)
+    )
+    return ResponseCache(store, variants=3, default_model=MODEL, **kw)
 
-    async def lookup(self, kind: Kind, body: dict[str, Any], request: Request) -> Response | None:
-        self.asked.append((kind, body))
-        if body.get("prompt") == "cached":
-            return Response(json.dumps({"response": "from cache"}), media_type="application/json")
-        return None
 
-
-async def test_the_cache_answers_before_any_backend() -> None:
+async def test_the_cache_answers_before_any_backend(tmp_path: Path) -> None:
     fakes = FakeCluster(1)
-    cache = StubCache()
-    async with running(fakes, cache=cache) as (client, _):
+    async with running(fakes, cache=cache_over(tmp_path)) as (client, _):
         hit = await client.post("/generate", json={"prompt": "cached"})
         miss = await client.post("/generate", json={"prompt": "not cached"})
         skipped = await client.post(
             "/generate", json={"prompt": "cached"}, headers={"Cache-Control": "no-cache"}
         )
-    assert hit.json() == {"response": "from cache"}
+        status = (await client.get("/status")).json()["cache"]
+    assert hit.json()["response"].startswith("from cache")
+    assert hit.headers["x-cache"] == "HIT"
     assert miss.json()["response"] == "from http://backend-0:8000"
+    assert miss.headers["x-cache"] == "MISS"
     assert skipped.json()["response"] == "from http://backend-0:8000"
-    assert cache.asked == [
-        ("generate", {"prompt": "cached"}),
-        ("generate", {"prompt": "not cached"}),
-    ]
     assert fakes.total_generations() == 2
+    assert status["prompts"] == 1 and status["hits"] == 1 and status["misses"] == 1
+
+
+async def test_misses_are_rejected_with_the_known_prompts(tmp_path: Path) -> None:
+    fakes = FakeCluster(1)
+    cache = cache_over(tmp_path)
+    async with running(fakes, cache=cache, on_miss="reject") as (client, _):
+        miss = await client.post("/generate", json={"prompt": "not cached"})
+        forced = await client.post(
+            "/generate", json={"prompt": "not cached"}, headers={"Cache-Control": "no-cache"}
+        )
+        bad = await client.post("/generate", json={"prompt": "not cached", "max_tokens": -1})
+    assert miss.status_code == 404 and forced.status_code == 404
+    assert miss.json()["error"]["code"] == "prompt_not_cached"
+    assert miss.json()["error"]["known_prompts"] == ["cached"]
+    assert bad.status_code == 400  # a malformed request is still told what is wrong
+    assert fakes.total_generations() == 0
+
+
+async def test_without_backends_the_cache_still_answers(tmp_path: Path) -> None:
+    fakes = FakeCluster(0)
+    async with running(fakes, cache=cache_over(tmp_path)) as (client, _):
+        hit = await client.post("/v1/completions", json={"prompt": "cached"})
+        miss = await client.post("/v1/completions", json={"prompt": "unknown"})
+        models = (await client.get("/v1/models")).json()
+    assert hit.status_code == 200 and hit.json()["choices"][0]["text"].startswith("from cache")
+    assert miss.status_code == 404 and miss.json()["error"]["known_prompts"] == ["cached"]
+    assert [m["id"] for m in models["data"]] == [MODEL]
+
+
+async def test_a_trusted_proxy_fills_the_variant_it_chose(tmp_path: Path) -> None:
+    fakes = FakeCluster(1)
+    cache = cache_over(tmp_path, variant_secret="s3cret")
+    trusted = {"X-Comeapi-Variant": "1", "X-Comeapi-Variant-Secret": "s3cret"}
+    async with running(fakes, cache=cache) as (client, _):
+        first = await client.post("/generate", json={"prompt": "fresh"}, headers=trusted)
+        again = await client.post("/generate", json={"prompt": "fresh"}, headers=trusted)
+        spoofed = await client.post(
+            "/generate",
+            json={"prompt": "fresh"},
+            headers={"X-Comeapi-Variant": "2", "X-Comeapi-Variant-Secret": "guess"},
+        )
+    assert first.headers["x-cache"] == "MISS" and first.headers["x-cache-variant"] == "1"
+    assert fakes.backends[0].bodies[0]["seed"] == 1  # generated with the slot's seed
+    assert again.headers["x-cache"] == "HIT" and again.headers["x-cache-variant"] == "1"
+    assert again.json()["response"] == first.json()["response"]
+    assert spoofed.headers["x-cache"] == "HIT"  # served the stored slot, not a forced one
+    with SqliteStore(tmp_path / "cache.db") as store:  # the gateway closed its own
+        stored = store.get(prompt_key("fresh", MODEL), 1)
+    assert stored is not None and stored.answer == "from http://backend-0:8000"
+    assert fakes.total_generations() == 1
 
 
 # --- authentication -----------------------------------------------------------------------

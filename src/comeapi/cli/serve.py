@@ -27,6 +27,12 @@ GATEWAY_FIELDS = (
     "max_body_bytes",
     "max_tokens_limit",
     "log_level",
+    "store",
+    "variants",
+    "on_miss",
+    "store_misses",
+    "variant_secret",
+    "cache_refresh",
 )
 BACKEND_FIELDS = (
     "model_dir",
@@ -48,9 +54,10 @@ FLAGS = {"backends": "--backend", "backends_range": "--backends", "api_keys": "-
 @settings_options("backends", "backends_range", *GATEWAY_FIELDS, "workers", flags=FLAGS)
 @click.pass_context
 def serve(ctx: click.Context, /, **values: Any) -> None:
-    """Run the gateway (load balancer) in front of running backends.
+    """Run the gateway: the response cache, and the load balancer for everything else.
 
     \b
+      comeapi serve                                      # the cache alone (no model needed)
       comeapi serve --backend http://127.0.0.1:8080 --backend http://10.0.0.2:8080
       comeapi serve --backends 127.0.0.1:8080:5          # ComeAPI's HOST:FIRST_PORT:COUNT
       comeapi serve --host 0.0.0.0 --api-key "$KEY" ...  # reachable from other machines
@@ -58,12 +65,12 @@ def serve(ctx: click.Context, /, **values: Any) -> None:
     Listens on 127.0.0.1:9000 unless --host/--port say otherwise.
     """
     settings = build_settings(ctx, values)
-    if not settings.backend_urls():
-        raise click.UsageError(
-            "no backends: give --backend URL (repeatable) or --backends HOST:FIRST_PORT:COUNT "
-            "(or COMEAPI_BACKENDS / COMEAPI_BACKENDS_RANGE)"
-        )
     _log_level(settings)
+    if not settings.backend_urls():
+        logging.getLogger("comeapi.gateway").warning(
+            "no backends (--backend URL or --backends HOST:FIRST_PORT:COUNT): serving the "
+            "cache only; unknown prompts get 404"
+        )
     from comeapi.gateway.server import run_gateway
 
     run_gateway(settings)

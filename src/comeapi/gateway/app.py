@@ -1,18 +1,22 @@
 """The gateway's HTTP app: ComeAPI's and OpenAI's routes in front of the backend pool.
 
-A generation request is read (413 over the size limit), decoded, offered to the optional
-cache layer, validated (a malformed request never reaches a backend), checked against the
-models the backends have, and forwarded through the pool.
+A generation request is read (413 over the size limit), decoded and looked up in the
+response cache; a hit is answered at once. A miss is validated (a malformed request never
+reaches a backend), checked against the models the backends have, and forwarded through the
+pool, or answered 404 with the known prompts when misses are rejected or no backend exists.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 from collections.abc import AsyncIterator, Awaitable, Callable
-from typing import Any, Protocol
+from typing import Any
 
+import anyio.to_thread
 import httpx
+import orjson
 from starlette.applications import Starlette
 from starlette.middleware import Middleware
 from starlette.requests import Request
@@ -23,7 +27,8 @@ from comeapi.balancer.health import HealthChecker
 from comeapi.balancer.pool import BackendPool
 from comeapi.balancer.proxy import Forwarder, forward_headers
 from comeapi.balancer.transport import FastTransport
-from comeapi.errors import ModelNotFoundError
+from comeapi.errors import ModelNotFoundError, PromptNotCachedError
+from comeapi.gateway.cache import Lookup, ResponseCache
 from comeapi.gateway.metrics import CONTENT_TYPE, GatewayMetrics, MetricsMiddleware
 from comeapi.http.auth import APIKeyMiddleware
 from comeapi.http.errors import EXCEPTION_HANDLERS
@@ -31,13 +36,7 @@ from comeapi.http.responses import JSONResponse, read_body
 from comeapi.protocol.requests import KINDS, Kind, decode_json, parse_request
 from comeapi.settings import Settings
 
-
-class CacheLayer(Protocol):
-    """What the gateway asks before forwarding: an answer, or None to forward."""
-
-    async def lookup(
-        self, kind: Kind, body: dict[str, Any], request: Request
-    ) -> Response | None: ...
+log = logging.getLogger("comeapi.gateway")
 
 
 class Gateway:
@@ -47,7 +46,7 @@ class Gateway:
         self,
         settings: Settings,
         pool: BackendPool,
-        cache: CacheLayer | None = None,
+        cache: ResponseCache | None = None,
         *,
         transport: httpx.AsyncBaseTransport | None = None,
     ):
@@ -73,11 +72,32 @@ class Gateway:
             read_timeout=settings.request_timeout,
             observer=self.metrics,
         )
+        self._cache_task: asyncio.Task[None] | None = None
+
+    async def _refresh_cache(self) -> None:
+        """Pick up imports and warmups made by other processes; write hit counts."""
+        assert self.cache is not None
+        while True:
+            await asyncio.sleep(self.settings.cache_refresh)
+            try:
+                await self.cache.refresh()
+            except Exception:
+                log.exception("cache refresh failed; serving the answers already loaded")
 
     async def startup(self) -> None:
+        if self.cache is not None:
+            await anyio.to_thread.run_sync(self.cache.reload)
+            self._cache_task = asyncio.create_task(self._refresh_cache())
         await self.health.start()
 
     async def shutdown(self) -> None:
+        if self._cache_task is not None:
+            self._cache_task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._cache_task
+        if self.cache is not None:
+            await self.cache.flush_hits()
+            self.cache.store.close()
         await self.health.stop()
         self.pool.close()
         await self.probe_client.aclose()
@@ -86,7 +106,10 @@ class Gateway:
     # --- ComeAPI's status routes ---------------------------------------------------------
 
     async def root(self, request: Request) -> Response:
-        return JSONResponse({"message": "ComeAPI Load Balancer", "status": self.pool.summary()})
+        status = self.pool.summary()
+        if self.cache is not None:
+            status["cached_prompts"] = len(self.cache.known_prompts())
+        return JSONResponse({"message": "ComeAPI Load Balancer", "status": status})
 
     async def health_route(self, request: Request) -> Response:
         summary = self.pool.summary()
@@ -101,6 +124,7 @@ class Gateway:
                 "routing": self.pool.routing,
                 "queue_size": self.pool.queue_size,
                 "backends": [b.to_dict() for b in self.pool.backends],
+                "cache": self.cache.status() if self.cache is not None else None,
             }
         )
 
@@ -115,7 +139,7 @@ class Gateway:
             for item in answer.get("models") or []:
                 if isinstance(item, dict) and isinstance(item.get("name"), str):
                     found.setdefault(item["name"], item)
-        for name in self.pool.known_models():
+        for name in self._local_models():
             found.setdefault(name, {"name": name, "size_mb": None})
         return JSONResponse({"models": [found[name] for name in sorted(found)]})
 
@@ -136,11 +160,18 @@ class Gateway:
             for item in answer.get("data") or []:
                 if isinstance(item, dict) and isinstance(item.get("id"), str):
                     found.setdefault(item["id"], item)
-        for name in self.pool.known_models():
+        for name in self._local_models():
             found.setdefault(
                 name, {"id": name, "object": "model", "created": 0, "owned_by": "comeapi"}
             )
         return [found[name] for name in sorted(found)]
+
+    def _local_models(self) -> set[str]:
+        """Models known without asking: the backends' (from /health) and the cached ones."""
+        names = set(self.pool.known_models())
+        if self.cache is not None:
+            names |= self.cache.models()
+        return names
 
     async def _ask_backends(self, path: str, request: Request) -> list[dict[str, Any]]:
         headers = forward_headers(request.headers)
@@ -164,28 +195,73 @@ class Gateway:
         async def handle(request: Request) -> Response:
             raw = await read_body(request, settings.max_body_bytes)
             body = decode_json(raw)
-            if self.cache is not None and not _no_cache(request):
-                answer = await self.cache.lookup(kind, body, request)
-                if answer is not None:
-                    return answer
-            parsed = parse_request(kind, body, max_tokens_limit=settings.max_tokens_limit)
-            self.pool.check_model(parsed.model)
-            return await self.forwarder.forward(
-                path,
-                raw,
-                forward_headers(request.headers),
-                model=parsed.model,
-                stream=parsed.stream,
-                receive=request.receive,
-            )
+            cache = self.cache
+            # Cache-Control: no-cache (warmup) skips the lookup, unless misses are rejected:
+            # then it must not become a way around the rule.
+            if cache is None or (_no_cache(request) and settings.on_miss == "forward"):
+                return await self._forward(path, kind, raw, body, request)
+            found = cache.lookup(kind, body, request.headers)
+            if found.response is not None:
+                return found.response
+            return await self._miss(path, kind, raw, body, request, cache, found)
 
         return handle
+
+    async def _miss(
+        self,
+        path: str,
+        kind: Kind,
+        raw: bytes,
+        body: dict[str, Any],
+        request: Request,
+        cache: ResponseCache,
+        found: Lookup,
+    ) -> Response:
+        forced = found.forced_variant
+        if forced is None and (self.settings.on_miss == "reject" or not self.pool.backends):
+            parse_request(kind, body, max_tokens_limit=self.settings.max_tokens_limit)
+            raise PromptNotCachedError(cache.known_prompts())
+        if forced is not None:
+            # The slot nginx chose is generated with its own seed, as warmup would.
+            body = {**body, "seed": forced}
+            raw = orjson.dumps(body)
+        response = await self._forward(path, kind, raw, body, request)
+        response.headers["X-Cache"] = "MISS"
+        if forced is not None:
+            response.headers["X-Cache-Variant"] = str(forced)
+        fills = forced is not None or cache.store_misses
+        if fills and response.status_code == 200 and not body.get("stream"):
+            try:
+                answer = orjson.loads(response.body)
+            except orjson.JSONDecodeError:
+                return response
+            await cache.store_answer(found, kind, body, answer)
+        return response
+
+    async def _forward(
+        self,
+        path: str,
+        kind: Kind,
+        raw: bytes,
+        body: dict[str, Any],
+        request: Request,
+    ) -> Response:
+        parsed = parse_request(kind, body, max_tokens_limit=self.settings.max_tokens_limit)
+        self.pool.check_model(parsed.model)
+        return await self.forwarder.forward(
+            path,
+            raw,
+            forward_headers(request.headers),
+            model=parsed.model,
+            stream=parsed.stream,
+            receive=request.receive,
+        )
 
 
 def create_app(
     settings: Settings,
     pool: BackendPool,
-    cache: CacheLayer | None = None,
+    cache: ResponseCache | None = None,
     *,
     transport: httpx.AsyncBaseTransport | None = None,
 ) -> Starlette:

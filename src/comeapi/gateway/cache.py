@@ -234,6 +234,9 @@ class ResponseCache:
 
     # --- reporting ------------------------------------------------------------------------
 
+    def models(self) -> set[str]:
+        return {group[0].model for group in self._index.values() if group}
+
     def answer_count(self) -> int:
         return sum(len(group) for group in self._index.values())
 
@@ -307,7 +310,7 @@ def _entry_from_answer(
         kind="chat" if kind == "chat" else "prompt",
         prompt=str(prompt).strip(),
         answer=text,
-        model=str(answer.get("model") or model),
+        model=model,  # the model the key was made with, whatever the backend calls it
         messages=messages,
         params=params,
         finish_reason=str(finish),

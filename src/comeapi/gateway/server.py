@@ -24,7 +24,8 @@ import uvicorn
 from starlette.applications import Starlette
 
 from comeapi.balancer.pool import BackendPool
-from comeapi.gateway.app import CacheLayer, Gateway, create_app
+from comeapi.gateway.app import Gateway, create_app
+from comeapi.gateway.cache import ResponseCache
 from comeapi.settings import Settings
 
 log = logging.getLogger("comeapi.gateway")
@@ -79,19 +80,31 @@ def handle_signals(on_signal: Callable[[int], None]) -> Iterator[None]:
             loop.remove_signal_handler(sig)
 
 
-async def serve(
-    settings: Settings, *, cache: CacheLayer | None = None, urls: list[str] | None = None
-) -> None:
+def build_cache(settings: Settings) -> ResponseCache:
+    """The response cache over the configured store (the default one seeded on first use)."""
+    from comeapi.cache.default import open_configured_store
+
+    return ResponseCache(
+        open_configured_store(settings),
+        variants=settings.variants,
+        default_model=settings.default_model,
+        variant_secret=settings.variant_secret,
+        store_misses=settings.store_misses,
+    )
+
+
+async def serve(settings: Settings, *, urls: list[str] | None = None) -> None:
     """Serve the gateway in front of ``urls`` (default: the configured backends) until a
     signal, then shut down gracefully."""
     pool = BackendPool.from_settings(settings, urls)
-    server = gateway_server(settings, create_app(settings, pool, cache))
+    server = gateway_server(settings, create_app(settings, pool, build_cache(settings)))
     log.info(
-        "gateway on http://%s:%d in front of %d backend(s), %s routing",
+        "gateway on http://%s:%d in front of %d backend(s), %s routing, store %s",
         settings.host,
         settings.port,
         len(pool.backends),
         settings.routing,
+        settings.store,
     )
     with handle_signals(lambda sig: server.handle_exit(sig, None)):
         await server.serve()
@@ -128,7 +141,7 @@ async def up(settings: Settings) -> None:
             log.info("backends started: %s", ", ".join(urls))
             watch = asyncio.create_task(supervisor.watch())
             pool = BackendPool.from_settings(settings, urls)
-            server = gateway_server(settings, create_app(settings, pool))
+            server = gateway_server(settings, create_app(settings, pool, build_cache(settings)))
             await server.serve()
             if not server.started:
                 raise SystemExit(1)
@@ -191,7 +204,7 @@ def run_gateway(settings: Settings) -> None:
 def worker_app() -> Starlette:
     """The app of one ``--workers`` process (uvicorn imports and calls this)."""
     settings = Settings.model_validate_json(os.environ[WORKER_SETTINGS_ENV])
-    return create_app(settings, BackendPool.from_settings(settings))
+    return create_app(settings, BackendPool.from_settings(settings), build_cache(settings))
 
 
 def warn_if_exposed(settings: Settings) -> None:

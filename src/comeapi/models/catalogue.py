@@ -35,7 +35,9 @@ def check_gguf(path: Path) -> None:
 def list_models(model_dir: Path) -> list[ModelFile]:
     """The ``*.gguf`` files of ``model_dir``, sorted by name."""
     if not model_dir.is_dir():
-        raise ConfigError(f"models directory {model_dir} does not exist (run: comeapi models prepare)")
+        raise ConfigError(
+            f"models directory {model_dir} does not exist (run: comeapi models prepare)"
+        )
     return [
         ModelFile(p.name, p, p.stat().st_size)
         for p in sorted(model_dir.glob("*.gguf"))
