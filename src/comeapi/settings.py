@@ -102,6 +102,12 @@ class Settings(BaseSettings):
     cache_refresh: float = Field(
         5.0, gt=0, description="Seconds between checks for store changes and hit-count writes."
     )
+    on_demand: bool = Field(
+        False, description="Start the backend pool on the first miss, stop it when idle."
+    )
+    idle_timeout: float = Field(
+        600.0, gt=0, description="Seconds without a forwarded request before on-demand stop."
+    )
     variant_secret: str | None = Field(
         None,
         description="Shared secret that lets a trusted proxy (nginx) pick the variant with "

@@ -26,6 +26,9 @@ def settings_options(*names: str, flags: dict[str, str] | None = None) -> Callab
             field = Settings.model_fields[name]
             flag = flags.get(name, "--" + name.replace("_", "-"))
             kwargs = _click_type(field.annotation)
+            if field.annotation is bool:  # --store-misses / --no-store-misses
+                flag = f"{flag}/--no-{flag.removeprefix('--')}"
+                kwargs = {}
             default = field.get_default(call_default_factory=True)
             shown = "" if default in (None, [], "") else f" [default: {default}]"
             env = f"COMEAPI_{name.upper()}"

@@ -33,6 +33,8 @@ GATEWAY_FIELDS = (
     "store_misses",
     "variant_secret",
     "cache_refresh",
+    "on_demand",
+    "idle_timeout",
 )
 BACKEND_FIELDS = (
     "model_dir",
@@ -51,13 +53,16 @@ FLAGS = {"backends": "--backend", "backends_range": "--backends", "api_keys": "-
 
 
 @click.command()
-@settings_options("backends", "backends_range", *GATEWAY_FIELDS, "workers", flags=FLAGS)
+@settings_options(
+    "backends", "backends_range", *GATEWAY_FIELDS, "workers", *BACKEND_FIELDS, flags=FLAGS
+)
 @click.pass_context
 def serve(ctx: click.Context, /, **values: Any) -> None:
     """Run the gateway: the response cache, and the load balancer for everything else.
 
     \b
       comeapi serve                                      # the cache alone (no model needed)
+      comeapi serve --on-demand --count 2                # backends started on the first miss
       comeapi serve --backend http://127.0.0.1:8080 --backend http://10.0.0.2:8080
       comeapi serve --backends 127.0.0.1:8080:5          # ComeAPI's HOST:FIRST_PORT:COUNT
       comeapi serve --host 0.0.0.0 --api-key "$KEY" ...  # reachable from other machines
@@ -66,7 +71,12 @@ def serve(ctx: click.Context, /, **values: Any) -> None:
     """
     settings = build_settings(ctx, values)
     _log_level(settings)
-    if not settings.backend_urls():
+    if settings.on_demand and (settings.workers > 1 or settings.backend_urls()):
+        raise click.UsageError(
+            "--on-demand starts its own backends (--count, --base-port, --model-dir ...) and "
+            "runs one gateway worker: drop --backend/--backends/--workers"
+        )
+    if not settings.backend_urls() and not settings.on_demand:
         logging.getLogger("comeapi.gateway").warning(
             "no backends (--backend URL or --backends HOST:FIRST_PORT:COUNT): serving the "
             "cache only; unknown prompts get 404"

@@ -30,6 +30,7 @@ from comeapi.balancer.transport import FastTransport
 from comeapi.errors import ModelNotFoundError, PromptNotCachedError
 from comeapi.gateway.cache import Lookup, ResponseCache
 from comeapi.gateway.metrics import CONTENT_TYPE, GatewayMetrics, MetricsMiddleware
+from comeapi.gateway.ondemand import OnDemandBackends, pool_supervisor
 from comeapi.http.auth import APIKeyMiddleware
 from comeapi.http.errors import EXCEPTION_HANDLERS
 from comeapi.http.responses import JSONResponse, read_body
@@ -73,6 +74,14 @@ class Gateway:
             observer=self.metrics,
         )
         self._cache_task: asyncio.Task[None] | None = None
+        self.on_demand: OnDemandBackends | None = None
+        if settings.on_demand:
+            self.on_demand = OnDemandBackends(
+                lambda: pool_supervisor(settings),
+                pool,
+                self.health,
+                idle_timeout=settings.idle_timeout,
+            )
 
     async def _refresh_cache(self) -> None:
         """Pick up imports and warmups made by other processes; write hit counts."""
@@ -89,8 +98,12 @@ class Gateway:
             await anyio.to_thread.run_sync(self.cache.reload)
             self._cache_task = asyncio.create_task(self._refresh_cache())
         await self.health.start()
+        if self.on_demand is not None:
+            self.on_demand.start_idle_watch()
 
     async def shutdown(self) -> None:
+        if self.on_demand is not None:
+            await self.on_demand.close()
         if self._cache_task is not None:
             self._cache_task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
@@ -125,6 +138,7 @@ class Gateway:
                 "queue_size": self.pool.queue_size,
                 "backends": [b.to_dict() for b in self.pool.backends],
                 "cache": self.cache.status() if self.cache is not None else None,
+                "on_demand": self.on_demand.status() if self.on_demand is not None else None,
             }
         )
 
@@ -247,6 +261,8 @@ class Gateway:
         request: Request,
     ) -> Response:
         parsed = parse_request(kind, body, max_tokens_limit=self.settings.max_tokens_limit)
+        if self.on_demand is not None:
+            self.on_demand.ensure_running()
         self.pool.check_model(parsed.model)
         return await self.forwarder.forward(
             path,

@@ -96,6 +96,10 @@ def build_cache(settings: Settings) -> ResponseCache:
 async def serve(settings: Settings, *, urls: list[str] | None = None) -> None:
     """Serve the gateway in front of ``urls`` (default: the configured backends) until a
     signal, then shut down gracefully."""
+    if urls is None and settings.on_demand:
+        from comeapi.gateway.ondemand import pool_supervisor
+
+        urls = pool_supervisor(settings).urls()
     pool = BackendPool.from_settings(settings, urls)
     server = gateway_server(settings, create_app(settings, pool, build_cache(settings)))
     log.info(
@@ -114,7 +118,11 @@ async def serve(settings: Settings, *, urls: list[str] | None = None) -> None:
 
 async def up(settings: Settings) -> None:
     """Start ``settings.count`` backends, then the gateway in front of them; on a signal stop
-    the gateway (gracefully), then the backends. Nothing is left running."""
+    the gateway (gracefully), then the backends. Nothing is left running. With ``on_demand``
+    the gateway starts them itself on the first miss instead."""
+    if settings.on_demand:
+        await serve(settings)
+        return
     from comeapi.backend.supervisor import Supervisor
 
     supervisor = Supervisor(
