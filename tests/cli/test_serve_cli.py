@@ -127,6 +127,10 @@ def test_serve_with_workers(spawn: Spawn) -> None:
     assert httpx.get(url + "/", timeout=5).json()["status"]["total_backends"] == 1
     os.kill(proc.pid, signal.SIGTERM)
     assert proc.popen.wait(20) == 0
+    # multiprocessing's resource tracker exits when the parent's pipe closes, a moment later
+    deadline = time.monotonic() + 5
+    while group_alive(proc.pid) and time.monotonic() < deadline:
+        time.sleep(0.1)
     assert not group_alive(proc.pid)
 
 
