@@ -72,8 +72,8 @@ def test_choice_is_uniform_over_the_variants(store: SqliteStore) -> None:
     n = 2000
     for _ in range(n):
         found = cache.lookup("generate", {"prompt": PROMPT}, NO_HEADERS)
-        assert found.response is not None
-        counts[int(found.response.headers["x-cache-variant"])] += 1
+        assert found.hit is not None
+        counts[found.hit.variant] += 1
     expected = n / 5
     chi2 = sum((c - expected) ** 2 / expected for c in counts)
     # 4 degrees of freedom: p = 0.001 at 18.47. Every variant must be reachable.
@@ -83,18 +83,18 @@ def test_choice_is_uniform_over_the_variants(store: SqliteStore) -> None:
 
 def test_hit_body_in_each_wire_format(store: SqliteStore) -> None:
     cache = _cache(store)
-    gen = cache.lookup("generate", {"prompt": f"  {PROMPT}\r\n"}, NO_HEADERS).response
-    assert gen is not None and gen.headers["x-cache"] == "HIT"
+    gen = cache.lookup("generate", {"prompt": f"  {PROMPT}\r\n"}, NO_HEADERS).hit
+    assert gen is not None and gen.header("x-cache") == "HIT"
     body = orjson.loads(gen.body)
     assert body["response"].startswith("answer number") and body["model"] == MODEL
-    comp = cache.lookup("completion", {"prompt": PROMPT, "model": MODEL}, NO_HEADERS).response
+    comp = cache.lookup("completion", {"prompt": PROMPT, "model": MODEL}, NO_HEADERS).hit
     assert comp is not None
     assert orjson.loads(comp.body)["choices"][0]["text"].startswith("answer number")
     chat_body = {
         "model": "gemma-3-270m-q4_k_m",
         "messages": [{"role": "user", "content": "Tell me a joke."}],
     }
-    chat = cache.lookup("chat", chat_body, NO_HEADERS).response
+    chat = cache.lookup("chat", chat_body, NO_HEADERS).hit
     assert chat is not None
     assert orjson.loads(chat.body)["choices"][0]["message"]["content"] == "A chat answer."
 
@@ -102,9 +102,9 @@ def test_hit_body_in_each_wire_format(store: SqliteStore) -> None:
 def test_unknown_prompt_or_other_model_is_a_miss(store: SqliteStore) -> None:
     cache = _cache(store)
     miss = cache.lookup("generate", {"prompt": "something else"}, NO_HEADERS)
-    assert miss.response is None and miss.key == prompt_key("something else", MODEL)
+    assert miss.hit is None and miss.key == prompt_key("something else", MODEL)
     other = cache.lookup("generate", {"prompt": PROMPT, "model_name": "other.gguf"}, NO_HEADERS)
-    assert other.response is None
+    assert other.hit is None
     assert cache.lookup("generate", {"prompt": 5}, NO_HEADERS).key is None
 
 
@@ -113,8 +113,8 @@ def test_stream_hit_is_sse_chunks_that_rebuild_the_answer(store: SqliteStore) ->
     found = cache.lookup(
         "completion", {"prompt": PROMPT, "stream": True}, Headers({"x-comeapi-variant": "2"})
     )
-    resp = found.response
-    assert resp is not None and resp.media_type == "text/event-stream"
+    resp = found.hit
+    assert resp is not None and resp.header("content-type") == "text/event-stream"
     events = [e for e in resp.body.decode().split("\n\n") if e]
     assert events[-1] == "data: [DONE]"
     chunks = [orjson.loads(e.removeprefix("data: ")) for e in events[:-1]]
@@ -129,16 +129,16 @@ def test_variant_header_needs_the_secret(store: SqliteStore) -> None:
     body = {"prompt": PROMPT}
     for _ in range(20):
         spoofed = Headers({"x-comeapi-variant": "3", "x-comeapi-variant-secret": "guess"})
-        resp = cache.lookup("generate", body, spoofed).response
+        resp = cache.lookup("generate", body, spoofed).hit
         assert resp is not None
-        if resp.headers["x-cache-variant"] != "3":
+        if resp.variant != 3:
             break
     else:
         pytest.fail("a client without the secret always got the variant it asked for")
     trusted = Headers({"x-comeapi-variant": "3", "x-comeapi-variant-secret": "s3cret"})
     for _ in range(10):
-        resp = cache.lookup("generate", body, trusted).response
-        assert resp is not None and resp.headers["x-cache-variant"] == "3"
+        resp = cache.lookup("generate", body, trusted).hit
+        assert resp is not None and resp.variant == 3
     with pytest.raises(RequestError):
         cache.lookup(
             "generate",
@@ -153,13 +153,13 @@ def test_forced_missing_variant_is_filled_from_the_answer(tmp_path: Path) -> Non
     headers = Headers({"x-comeapi-variant": "4", "x-comeapi-variant-secret": "k"})
     body = {"prompt": "A new prompt", "max_tokens": 8}
     miss = cache.lookup("generate", body, headers)
-    assert miss.response is None and miss.forced_variant == 4
+    assert miss.hit is None and miss.forced_variant == 4
     answer = {"response": "generated", "model": MODEL, "finish_reason": "length", "usage": {}}
     anyio.run(cache.store_answer, miss, "generate", body, answer)
     stored = store.get(prompt_key("A new prompt", MODEL), 4)
     assert stored is not None and stored.answer == "generated" and stored.params["seed"] == 4
-    hit = cache.lookup("generate", body, headers).response
-    assert hit is not None and hit.headers["x-cache-variant"] == "4"
+    hit = cache.lookup("generate", body, headers).hit
+    assert hit is not None and hit.variant == 4
 
 
 def test_hit_counts_reach_the_store(store: SqliteStore) -> None:

@@ -11,12 +11,11 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator
 from typing import Any
 
 import anyio.to_thread
 import httpx
-import orjson
 from starlette.applications import Starlette
 from starlette.middleware import Middleware
 from starlette.requests import Request
@@ -27,14 +26,15 @@ from comeapi.balancer.health import HealthChecker
 from comeapi.balancer.pool import BackendPool
 from comeapi.balancer.proxy import Forwarder, forward_headers
 from comeapi.balancer.transport import FastTransport
-from comeapi.errors import ModelNotFoundError, PromptNotCachedError
-from comeapi.gateway.cache import Lookup, ResponseCache
+from comeapi.errors import ModelNotFoundError
+from comeapi.gateway.cache import ResponseCache
+from comeapi.gateway.generation import GenerationRoutes
 from comeapi.gateway.metrics import CONTENT_TYPE, GatewayMetrics, MetricsMiddleware
 from comeapi.gateway.ondemand import OnDemandBackends, pool_supervisor
 from comeapi.http.auth import APIKeyMiddleware
 from comeapi.http.errors import EXCEPTION_HANDLERS
-from comeapi.http.responses import JSONResponse, read_body
-from comeapi.protocol.requests import KINDS, Kind, decode_json, parse_request
+from comeapi.http.responses import JSONResponse
+from comeapi.protocol.requests import KINDS
 from comeapi.settings import Settings
 
 log = logging.getLogger("comeapi.gateway")
@@ -200,79 +200,6 @@ class Gateway:
 
         return await asyncio.gather(*(ask(b.url) for b in self.pool.healthy()))
 
-    # --- generation ----------------------------------------------------------------------
-
-    def generation(self, path: str) -> Callable[[Request], Awaitable[Response]]:
-        kind = KINDS[path]
-        settings = self.settings
-
-        async def handle(request: Request) -> Response:
-            raw = await read_body(request, settings.max_body_bytes)
-            body = decode_json(raw)
-            cache = self.cache
-            # Cache-Control: no-cache (warmup) skips the lookup, unless misses are rejected:
-            # then it must not become a way around the rule.
-            if cache is None or (_no_cache(request) and settings.on_miss == "forward"):
-                return await self._forward(path, kind, raw, body, request)
-            found = cache.lookup(kind, body, request.headers)
-            if found.response is not None:
-                return found.response
-            return await self._miss(path, kind, raw, body, request, cache, found)
-
-        return handle
-
-    async def _miss(
-        self,
-        path: str,
-        kind: Kind,
-        raw: bytes,
-        body: dict[str, Any],
-        request: Request,
-        cache: ResponseCache,
-        found: Lookup,
-    ) -> Response:
-        forced = found.forced_variant
-        if forced is None and (self.settings.on_miss == "reject" or not self.pool.backends):
-            parse_request(kind, body, max_tokens_limit=self.settings.max_tokens_limit)
-            raise PromptNotCachedError(cache.known_prompts())
-        if forced is not None:
-            # The slot nginx chose is generated with its own seed, as warmup would.
-            body = {**body, "seed": forced}
-            raw = orjson.dumps(body)
-        response = await self._forward(path, kind, raw, body, request)
-        response.headers["X-Cache"] = "MISS"
-        if forced is not None:
-            response.headers["X-Cache-Variant"] = str(forced)
-        fills = forced is not None or cache.store_misses
-        if fills and response.status_code == 200 and not body.get("stream"):
-            try:
-                answer = orjson.loads(response.body)
-            except orjson.JSONDecodeError:
-                return response
-            await cache.store_answer(found, kind, body, answer)
-        return response
-
-    async def _forward(
-        self,
-        path: str,
-        kind: Kind,
-        raw: bytes,
-        body: dict[str, Any],
-        request: Request,
-    ) -> Response:
-        parsed = parse_request(kind, body, max_tokens_limit=self.settings.max_tokens_limit)
-        if self.on_demand is not None:
-            self.on_demand.ensure_running()
-        self.pool.check_model(parsed.model)
-        return await self.forwarder.forward(
-            path,
-            raw,
-            forward_headers(request.headers),
-            model=parsed.model,
-            stream=parsed.stream,
-            receive=request.receive,
-        )
-
 
 def create_app(
     settings: Settings,
@@ -291,7 +218,6 @@ def create_app(
         Route("/models", gateway.models),
         Route("/v1/models", gateway.openai_models),
         Route("/v1/models/{model:path}", gateway.openai_model),
-        *(Route(path, gateway.generation(path), methods=["POST"]) for path in KINDS),
     ]
 
     @contextlib.asynccontextmanager
@@ -305,15 +231,16 @@ def create_app(
     app = Starlette(
         routes=routes,
         middleware=[
-            Middleware(MetricsMiddleware, metrics=gateway.metrics, routes=[r.path for r in routes]),
+            Middleware(
+                MetricsMiddleware,
+                metrics=gateway.metrics,
+                routes=[*KINDS, *(r.path for r in routes)],
+            ),
             Middleware(APIKeyMiddleware, keys=settings.api_keys),
+            Middleware(GenerationRoutes, gateway=gateway),  # innermost: ahead of the router
         ],
         exception_handlers=EXCEPTION_HANDLERS,
         lifespan=lifespan,
     )
     app.state.gateway = gateway
     return app
-
-
-def _no_cache(request: Request) -> bool:
-    return "no-cache" in request.headers.get("cache-control", "")

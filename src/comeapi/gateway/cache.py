@@ -20,7 +20,6 @@ from typing import Any
 import anyio.to_thread
 import orjson
 from starlette.datastructures import Headers
-from starlette.responses import Response
 
 from comeapi.cache.key import request_key
 from comeapi.cache.store import Entry, ResponseStore
@@ -34,20 +33,36 @@ log = logging.getLogger("comeapi.gateway.cache")
 VARIANT_HEADER = "x-comeapi-variant"
 SECRET_HEADER = "x-comeapi-variant-secret"
 _PIECES = re.compile(r"\s*\S{1,4}|\s+$")
-_JSON = "application/json"
-_SSE = "text/event-stream"
+_JSON = b"application/json"
+_SSE = b"text/event-stream"
+
+
+@dataclass(frozen=True, slots=True)
+class Hit:
+    """A cached answer ready to send: the body and its raw ASGI headers (status 200)."""
+
+    body: bytes
+    headers: list[tuple[bytes, bytes]]
+
+    def header(self, name: str) -> str | None:
+        wanted = name.lower().encode()
+        return next((v.decode() for k, v in self.headers if k == wanted), None)
+
+    @property
+    def variant(self) -> int:
+        return int(self.header("x-cache-variant") or -1)
 
 
 @dataclass(frozen=True, slots=True)
 class Lookup:
     """The cache's verdict on one request.
 
-    ``response`` is set on a hit. On a miss, ``key`` is the prompt's key (None when the body
+    ``hit`` is set on a hit. On a miss, ``key`` is the prompt's key (None when the body
     has no usable prompt) and ``forced_variant`` the slot a trusted proxy asked for: the
     gateway generates it with that seed and stores it.
     """
 
-    response: Response | None
+    hit: Hit | None
     key: str | None = None
     model: str | None = None
     forced_variant: int | None = None
@@ -76,6 +91,7 @@ class ResponseCache:
         self._secret = variant_secret.encode() if variant_secret else None
         self._rng = rng or random.SystemRandom()
         self._index: dict[str, tuple[Entry, ...]] = {}
+        self._generate_bodies: dict[tuple[str, int], bytes] = {}
         self._models: dict[str, str] = {}
         self.default_model = default_model or BUNDLED_MODEL
         self._revision: int | None = None
@@ -95,6 +111,7 @@ class ResponseCache:
         aliases.update({m.removesuffix(".gguf"): m for m in models})
         self._stored_hits = self.store.hit_counts()
         self._index, self._models, self._revision = index, aliases, revision
+        self._generate_bodies = {}
         if self._configured_model:
             self.default_model = self._configured_model
         elif len(models) == 1:
@@ -184,7 +201,6 @@ class ResponseCache:
     def _hit(self, kind: Kind, body: Mapping[str, Any], entry: Entry) -> Lookup:
         self.hits += 1
         self._pending_hits[(entry.key, entry.variant)] += 1
-        headers = {"X-Cache": "HIT", "X-Cache-Variant": str(entry.variant)}
         usage = Usage(entry.prompt_tokens, entry.completion_tokens)
         if body.get("stream") is True:
             options = body.get("stream_options")
@@ -193,8 +209,18 @@ class ResponseCache:
             chunks = [enc.start()]
             chunks += [enc.delta(piece) for piece in _PIECES.findall(entry.answer)]
             chunks.append(enc.finish(entry.finish_reason, usage))
-            headers["Cache-Control"] = "no-cache"
-            return Lookup(Response(b"".join(chunks), headers=headers, media_type=_SSE))
+            payload = b"".join(chunks)
+            return Lookup(Hit(payload, _headers(_SSE, payload, entry.variant, stream=True)))
+        if kind == "generate":  # no id or timestamp in ComeAPI's body: encode it once
+            slot = (entry.key, entry.variant)
+            payload = self._generate_bodies.get(slot) or self._encode(kind, entry, usage)
+            self._generate_bodies[slot] = payload
+        else:
+            payload = self._encode(kind, entry, usage)
+        return Lookup(Hit(payload, _headers(_JSON, payload, entry.variant)))
+
+    @staticmethod
+    def _encode(kind: Kind, entry: Entry, usage: Usage) -> bytes:
         doc = full_body(
             kind,
             model=entry.model,
@@ -203,7 +229,7 @@ class ResponseCache:
             usage=usage,
         )
         doc["variant"] = entry.variant
-        return Lookup(Response(orjson.dumps(doc), headers=headers, media_type=_JSON))
+        return orjson.dumps(doc)
 
     # --- filling slots from forwarded answers --------------------------------------------
 
@@ -231,6 +257,7 @@ class ResponseCache:
         await anyio.to_thread.run_sync(self.store.put, entry)
         group = [e for e in self._index.get(entry.key, ()) if e.variant != variant]
         self._index[entry.key] = tuple(sorted([*group, entry], key=lambda e: e.variant))
+        self._generate_bodies.pop((entry.key, variant), None)
 
     # --- reporting ------------------------------------------------------------------------
 
@@ -272,6 +299,20 @@ class ResponseCache:
     def _hit_total(self, key: str, variant: int) -> int:
         slot = (key, variant)
         return self._stored_hits.get(slot, 0) + self._pending_hits.get(slot, 0)
+
+
+def _headers(
+    content_type: bytes, body: bytes, variant: int, *, stream: bool = False
+) -> list[tuple[bytes, bytes]]:
+    headers = [
+        (b"content-type", content_type),
+        (b"content-length", str(len(body)).encode()),
+        (b"x-cache", b"HIT"),
+        (b"x-cache-variant", str(variant).encode()),
+    ]
+    if stream:
+        headers.append((b"cache-control", b"no-cache"))
+    return headers
 
 
 def _entry_from_answer(
