@@ -13,6 +13,10 @@ MODEL  := models/gemma-3-270m-q4_k_m.gguf
 help:
 	@echo "make run    install what is missing, prepare the model and cache, start comeapi"
 	@echo "make test   install test dependencies, run ruff, mypy and the whole test suite"
+	@echo "make check  ruff format --check, ruff check, mypy --strict"
+	@echo "Phase 1 (nginx, docs/nginx.md): make warmup | cache-export | cache-copy | cache-import | all"
+	@echo "            variables: COMPOSE_PROJECT_NAME CACHE_VOLUME_NAME EXPORT_FILE REMOTE_HOST REMOTE_PATH"
+	@echo "            CACHE_DIR=/path uses a host directory instead of the Docker volume"
 
 run: install $(MODEL)
 	$(BIN)/comeapi up
