@@ -116,6 +116,9 @@ class NativeModel:
         cparams.n_seq_max = n_seq
         cparams.n_batch = batch_size
         cparams.n_ubatch = batch_size
+        # One output per sequence at most (a decode step); the graph's logits buffer is
+        # sized by this (262,144 floats per output for Gemma 3), not by the batch size.
+        cparams.n_outputs_max = n_seq
         cparams.n_threads = threads
         cparams.n_threads_batch = threads
         cparams.kv_unified = False
