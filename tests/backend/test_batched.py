@@ -4,6 +4,7 @@ independent and freed at once, FIFO admission; then `comeapi backend --slots 5` 
 from __future__ import annotations
 
 import asyncio
+import os
 import statistics
 import threading
 import time
@@ -404,3 +405,26 @@ def test_five_slots_hold_one_model_copy(spawn: Any, model_dir: Path) -> None:
     # Five slots add KV cache (a few MB per slot here), not model copies.
     assert rss[5] < rss[1] + 0.5 * model_mb, rss
     assert rss[5] < 2 * model_mb + 200, rss
+
+
+def test_a_batched_backend_advertises_only_the_model_it_serves(
+    spawn: Any, model_dir: Path, tmp_path: Path
+) -> None:
+    models = tmp_path / "models"
+    models.mkdir()
+    os.link(model_dir / BUNDLED_MODEL, models / BUNDLED_MODEL)
+    os.link(model_dir / BUNDLED_MODEL, models / "other.gguf")
+    port = free_port()
+    argv = comeapi_argv(
+        "backend", "--model-dir", str(models), "--port", str(port), "--slots", "2",
+        "--threads", "1", "--ctx", "256", "--default-model", BUNDLED_MODEL,
+    )  # fmt: skip
+    proc: Proc = spawn(argv, name="backend-two-models")
+    url = f"http://127.0.0.1:{port}"
+    proc.wait_http(url + "/health", timeout=120)
+    # What /health lists is what a balancer routes here: only the model this engine runs.
+    assert httpx.get(url + "/health", timeout=5).json()["models"] == [BUNDLED_MODEL]
+    other = httpx.post(
+        url + "/generate", json={"prompt": "Hi", "model_name": "other.gguf"}, timeout=30
+    )
+    assert other.status_code == 404 and other.json()["error"]["code"] == "model_not_found"

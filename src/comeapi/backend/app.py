@@ -38,6 +38,10 @@ CLIENT_GONE = 499  # nginx's code for "client closed the request"; nobody reads 
 
 def create_app(settings: Settings, engine: Engine) -> Starlette:
     models, default = check_model_dir(settings)
+    if settings.slots > 1:
+        # The batched engine serves its one model; advertising the others would make a
+        # balancer route requests for them here.
+        models = [default]
     api = BackendAPI(settings, engine, models, default)
     routes = [
         Route("/", api.status),
