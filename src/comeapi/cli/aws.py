@@ -13,7 +13,7 @@ import os
 
 import click
 
-from comeapi.errors import ComeapiError
+from comeapi.cli.options import user_errors
 
 
 @click.group()
@@ -53,11 +53,9 @@ def serve_local(
     env = {**os.environ, "TABLE_NAME": table, "ON_MISS": on_miss}
     if default_model:
         env["DEFAULT_MODEL"] = default_model
-    try:
+    with user_errors():
         client = make_client(region or "us-east-1", endpoint_url)
         app = ServerlessApp.from_env(env, client=client)
-    except ComeapiError as exc:
-        raise click.ClickException(exc.message) from None
     logging.getLogger("comeapi.serverless.local").setLevel(logging.INFO)
     click.echo(f"Lambda handler on http://{host}:{port} (table {table})", err=True)
     serve(app, host, port)

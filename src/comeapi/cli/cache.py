@@ -12,8 +12,6 @@ import json
 import logging
 import shutil
 import subprocess
-from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -30,23 +28,13 @@ from rich.progress import (
 )
 from rich.table import Table
 
-from comeapi.cli.options import build_settings, settings_options
-from comeapi.errors import ComeapiError
+from comeapi.cli.options import build_settings, settings_options, user_errors
 
 # name -> "module:attribute", imported only when the command runs (boto3 is slow to import).
 LAZY_COMMANDS = {
     "push": "comeapi.cli.cache_dynamo:push",
     "pull": "comeapi.cli.cache_dynamo:pull",
 }
-
-
-@contextmanager
-def _errors() -> Iterator[None]:
-    """Errors of ours become a one-line message and exit status 1, never a traceback."""
-    try:
-        yield
-    except ComeapiError as exc:
-        raise click.ClickException(exc.message) from None
 
 
 # --- warmup -------------------------------------------------------------------------------
@@ -107,7 +95,7 @@ def warmup(
     settings = build_settings(ctx, values)
     logging.getLogger("httpx").setLevel(logging.WARNING)  # one line per request is noise here
     err = Console(stderr=True)
-    with _errors():
+    with user_errors():
         prompt_set = load_prompt_set(settings.prompts)
         variants = values.get("variants") or prompt_set.variants or settings.variants
         targets = [u.rstrip("/") for u in urls] or settings.backend_urls()
@@ -234,7 +222,7 @@ def ls(ctx: click.Context, /, as_json: bool, **values: Any) -> None:
     from comeapi.cache.default import open_configured_store
 
     settings = build_settings(ctx, values)
-    with _errors(), open_configured_store(settings) as store:
+    with user_errors(), open_configured_store(settings) as store:
         present = store.variants_by_key()
         hits = store.hit_counts()
         prompts = store.prompts()
@@ -281,7 +269,7 @@ def export(ctx: click.Context, /, file: Path, **values: Any) -> None:
     from comeapi.cache.default import open_configured_store
 
     settings = build_settings(ctx, values)
-    with _errors(), open_configured_store(settings) as store:
+    with user_errors(), open_configured_store(settings) as store:
         entries = list(store.entries())
         if file.name.endswith(".jsonl"):
             write_jsonl(entries, file)
@@ -307,7 +295,7 @@ def import_(ctx: click.Context, /, file: Path, merge: bool, **values: Any) -> No
     from comeapi.cache.open import open_store
 
     settings = build_settings(ctx, values)
-    with _errors():
+    with user_errors():
         entries = read_entries_file(file)  # a bad archive stops here: the store is untouched
         with open_store(settings.store) as store:
             count = store.put_many(entries) if merge else store.replace_all(entries)
@@ -329,7 +317,7 @@ def copy(file: Path, destination: str, timeout: float) -> None:
 
     if ":" not in destination:
         raise click.BadParameter("expected user@host:PATH", param_hint="DESTINATION")
-    with _errors():
+    with user_errors():
         read_entries_file(file)
     scp = shutil.which("scp")
     if scp is None:

@@ -3,15 +3,13 @@ export archive) to a DynamoDB table and back. Imported only when run: boto3 is s
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any, TypeVar
 
 import click
 
-from comeapi.cli.options import build_settings, settings_options
-from comeapi.errors import ComeapiError
+from comeapi.cli.options import build_settings, settings_options, user_errors
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -40,14 +38,6 @@ def dynamodb_options(func: F) -> F:
     for option in reversed(options):
         func = option(func)
     return func
-
-
-@contextmanager
-def _errors() -> Iterator[None]:
-    try:
-        yield
-    except ComeapiError as exc:
-        raise click.ClickException(exc.message) from None
 
 
 @click.command()
@@ -81,7 +71,7 @@ def push(
     from comeapi.cache.dynamo import DynamoStore, create_table, make_client
 
     settings = build_settings(ctx, values)
-    with _errors():
+    with user_errors():
         if from_archive is not None:
             from comeapi.cache.archive import read_entries_file
 
@@ -123,7 +113,7 @@ def pull(
     from comeapi.cache.open import open_store
 
     settings = build_settings(ctx, values)
-    with _errors():
+    with user_errors():
         entries = list(DynamoStore(make_client(region, endpoint_url), table).entries())
         if not entries:
             raise click.ClickException(f"nothing to pull: dynamodb table {table} holds no entries")

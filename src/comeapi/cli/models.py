@@ -8,8 +8,7 @@ import click
 from rich.console import Console
 from rich.table import Table
 
-from comeapi.cli.options import build_settings, settings_options
-from comeapi.errors import ComeapiError
+from comeapi.cli.options import build_settings, settings_options, user_errors
 
 
 @click.group()
@@ -25,10 +24,8 @@ def prepare(ctx: click.Context, /, **values: Any) -> None:
     from comeapi.models.bundled import prepare as prepare_bundled
 
     settings = build_settings(ctx, values)
-    try:
+    with user_errors():
         path = prepare_bundled(settings.model_dir)
-    except ComeapiError as exc:
-        raise click.ClickException(exc.message) from None
     click.echo(str(path))
 
 
@@ -40,10 +37,8 @@ def list_command(ctx: click.Context, /, **values: Any) -> None:
     from comeapi.models.catalogue import list_models
 
     settings = build_settings(ctx, values)
-    try:
+    with user_errors():
         found = list_models(settings.model_dir)
-    except ComeapiError as exc:
-        raise click.ClickException(exc.message) from None
     table = Table(title=f"models in {settings.model_dir}")
     table.add_column("name")
     table.add_column("size MB", justify="right")

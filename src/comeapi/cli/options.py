@@ -1,17 +1,18 @@
 """Click options generated from the Settings fields, so a flag, its help and its type come
-from one place, and every command builds its Settings the same way."""
+from one place, and every command builds its Settings (and reports errors) the same way."""
 
 from __future__ import annotations
 
 import types
 import typing
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Literal, TypeVar
 
 import click
 
-from comeapi.errors import ConfigError
+from comeapi.errors import ComeapiError, ConfigError
 from comeapi.settings import Settings, load_settings
 
 F = TypeVar("F", bound=Callable[..., Any])
@@ -76,3 +77,12 @@ def build_settings(ctx: click.Context, values: dict[str, Any]) -> Settings:
         return load_settings(Path(config) if config else None, **overrides)
     except ConfigError as exc:
         raise click.UsageError(exc.message) from None
+
+
+@contextmanager
+def user_errors() -> Iterator[None]:
+    """Errors of ours become a one-line message and exit status 1, never a traceback."""
+    try:
+        yield
+    except ComeapiError as exc:
+        raise click.ClickException(exc.message) from None
