@@ -19,12 +19,12 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 from comeapi.balancer.proxy import forward_headers
 from comeapi.errors import (
     ComeapiError,
-    PayloadTooLargeError,
     PromptNotCachedError,
     RequestError,
 )
 from comeapi.gateway.cache import Lookup, ResponseCache
 from comeapi.http.errors import error_response
+from comeapi.http.responses import read_asgi_body
 from comeapi.protocol.requests import KINDS, Kind, decode_json, parse_request
 
 if TYPE_CHECKING:
@@ -49,7 +49,7 @@ class GenerationRoutes:
                 error = RequestError(f"method {scope['method']} not allowed on {scope['path']}")
                 error.status = 405
                 raise error
-            raw = await _read_body(scope, receive, self.settings.max_body_bytes)
+            raw = await read_asgi_body(scope, receive, self.settings.max_body_bytes)
             response = await self._answer(scope, receive, send, kind, raw)
         except ClientDisconnect:
             return
@@ -132,27 +132,3 @@ class GenerationRoutes:
             stream=parsed.stream,
             receive=receive,
         )
-
-
-async def _read_body(scope: Scope, receive: Receive, limit: int) -> bytes:
-    """The request body, or PayloadTooLargeError as soon as it is known to exceed ``limit``."""
-    for name, value in scope["headers"]:
-        if name == b"content-length" and value.isdigit() and int(value) > limit:
-            raise _too_large(limit)
-    chunks: list[bytes] = []
-    size = 0
-    while True:
-        message = await receive()
-        if message["type"] == "http.disconnect":
-            raise ClientDisconnect()
-        chunk = message.get("body", b"")
-        size += len(chunk)
-        if size > limit:
-            raise _too_large(limit)
-        chunks.append(chunk)
-        if not message.get("more_body", False):
-            return b"".join(chunks)
-
-
-def _too_large(limit: int) -> PayloadTooLargeError:
-    return PayloadTooLargeError(f"request body is over the limit of {limit} bytes")
