@@ -38,9 +38,26 @@ $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
 
-# llama-cpp-python compiles llama.cpp (about 8 minutes on 2 cores); pip caches the wheel.
-$(VENV)/.installed: pyproject.toml | $(BIN)/python
-	$(BIN)/python -m pip install --quiet -e '.[llama]'
+# llama-cpp-python compiles llama.cpp from its sdist (about 8 minutes on 2 cores), once per
+# version and build flags, into a wheelhouse under ~/.cache/comeapi that every clone shares.
+# The default flags make a portable x86-64-v3 build (AVX2, FMA, F16C) rather than a native
+# one: a native build on a CPU with Intel AMX crashes in virtual machines that do not enable
+# AMX (SIGSEGV at ldtilecfg in ggml_backend_amx_mul_mat, seen on this project's CI kind of
+# machine), and a wheel or image built on one machine must run on another. Override for
+# speed or a GPU, e.g. LLAMA_CMAKE_ARGS="-DGGML_NATIVE=ON" or "-DGGML_CUDA=on" (README, GPU).
+LLAMA_CPP        := $(shell sed -n 's/.*"\(llama-cpp-python==[^"]*\)".*/\1/p' pyproject.toml)
+LLAMA_CMAKE_ARGS ?= -DGGML_NATIVE=OFF
+WHEELHOUSE       ?= $(HOME)/.cache/comeapi/wheels/$(shell printf '%s %s' '$(LLAMA_CPP)' '$(LLAMA_CMAKE_ARGS)' | sha256sum | cut -c1-12)
+
+$(WHEELHOUSE)/.built: | $(BIN)/python
+	@echo "Building $(LLAMA_CPP) with CMAKE_ARGS=\"$(LLAMA_CMAKE_ARGS)\" (about 8 minutes on 2 cores, once)"
+	CMAKE_ARGS="$(LLAMA_CMAKE_ARGS)" $(BIN)/python -m pip wheel --no-cache-dir --no-deps \
+		--wheel-dir $(WHEELHOUSE) '$(LLAMA_CPP)'
+	touch $@
+
+$(VENV)/.installed: pyproject.toml $(WHEELHOUSE)/.built | $(BIN)/python
+	$(BIN)/python -m pip install --quiet --no-deps --force-reinstall $(WHEELHOUSE)/*.whl
+	$(BIN)/python -m pip install --quiet --find-links $(WHEELHOUSE) -e '.[llama]'
 	touch $@
 
 $(VENV)/.installed-dev: pyproject.toml $(VENV)/.installed
