@@ -76,7 +76,7 @@ def test_chat_messages_content_parts_and_max_completion_tokens() -> None:
         ("generate", {"prompt": "x", "max_tokens": "10"}, "max_tokens"),
         ("generate", {"prompt": "x", "temperature": -1}, "temperature"),
         ("generate", {"prompt": "x", "temperature": 2.5}, "temperature"),
-        ("generate", {"prompt": "x", "top_p": 0.0}, "top_p"),
+        ("generate", {"prompt": "x", "top_p": -0.1}, "top_p"),
         ("generate", {"prompt": "x", "top_p": 1.01}, "top_p"),
         ("generate", {"prompt": "x", "top_k": -1}, "top_k"),
         ("generate", {"prompt": "x", "seed": 2**32}, "seed"),
@@ -84,7 +84,7 @@ def test_chat_messages_content_parts_and_max_completion_tokens() -> None:
         ("generate", {"prompt": "x", "stop": 5}, "stop"),
         ("completion", {"prompt": [""]}, "prompt"),
         ("completion", {"prompt": []}, "prompt"),
-        ("completion", {"prompt": "x", "n": 3}, "n"),
+        ("completion", {"prompt": "x", "n": 17}, "n"),
         (
             "completion",
             {"prompt": "x", "stream_options": {"include_usage": "yes"}},

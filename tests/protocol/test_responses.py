@@ -39,7 +39,8 @@ def test_full_bodies() -> None:
         "chat", model="m", text="hi", finish_reason="stop", usage=USAGE, id="x", created=5
     )
     assert (chat["id"], chat["created"], chat["object"]) == ("x", 5, "chat.completion")
-    assert chat["choices"][0]["message"] == {"role": "assistant", "content": "hi"}
+    # OpenAI's schema requires "refusal" on every message; null says there was none.
+    assert chat["choices"][0]["message"] == {"role": "assistant", "content": "hi", "refusal": None}
 
 
 def test_chat_stream() -> None:
@@ -52,7 +53,7 @@ def test_chat_stream() -> None:
     assert all(c["object"] == "chat.completion.chunk" and c["created"] == 7 for c in chunks)
     deltas = [c["choices"][0]["delta"] for c in chunks]
     assert deltas == [
-        {"role": "assistant", "content": ""},
+        {"role": "assistant", "content": "", "refusal": None},
         {"content": "Hel"},
         {"content": "lo"},
         {},
@@ -69,6 +70,19 @@ def test_completion_stream_with_usage_chunk() -> None:
     assert chunks[0]["choices"][0]["text"] == "a"
     assert chunks[1]["choices"][0]["finish_reason"] == "length"
     assert chunks[2]["choices"] == [] and chunks[2]["usage"] == USAGE.to_dict()
+    # With include_usage every other chunk carries "usage": null (OpenAI's schema).
+    assert [c["usage"] for c in chunks[:2]] == [None, None]
+
+
+def test_a_finished_answer_streams_as_word_sized_chunks() -> None:
+    enc = StreamEncoder("chat", "m", include_usage=True)
+    parts = events(enc.answer("Hello there, how are you?", "stop", USAGE))
+    chunks = [orjson.loads(p) for p in parts[:-1]]
+    pieces = [c["choices"][0]["delta"].get("content") for c in chunks if c["choices"]]
+    assert pieces[0] == "" and pieces[-1] is None  # the role chunk and the finish chunk
+    assert "".join(pieces[1:-1]) == "Hello there, how are you?"
+    assert len(pieces) - 2 == 7  # one chunk per word (up to 4 characters each)
+    assert chunks[-1]["usage"] == USAGE.to_dict()
 
 
 def test_generate_stream() -> None:

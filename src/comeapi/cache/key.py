@@ -11,7 +11,8 @@ The key is the lowercase hex SHA-256 of the UTF-8 of a canonical JSON document
 (keys sorted, no spaces, non-ASCII kept as is):
   prompt requests (/generate, /v1/completions): {"model":M,"prompt":P,"v":1}
   chat requests (/v1/chat/completions):         {"messages":[[ROLE,CONTENT],...],"model":M,"v":1}
-M is the model file name (e.g. "gemma-3-270m-q4_k_m.gguf"). A hash keeps every key 64 bytes,
+M is the model file name (e.g. "gemma-3-270m-q4_k_m.gguf"); a name without ".gguf" is the same
+model (``canonical_model``). A hash keeps every key 64 bytes,
 whatever the prompt's length: DynamoDB caps a partition key at 2048 bytes, nginx a cache key
 at proxy_buffer_size.
 """
@@ -22,8 +23,12 @@ import hashlib
 import json
 import unicodedata
 from collections.abc import Iterable, Sequence
+from typing import TYPE_CHECKING
 
 from comeapi.errors import RequestError
+
+if TYPE_CHECKING:
+    from comeapi.protocol.requests import GenerationRequest
 
 KEY_VERSION = 1
 MAX_COMBINING_RUN = 30
@@ -56,12 +61,13 @@ def _check_stream_safe(text: str) -> None:
 
 
 def prompt_key(prompt: str, model: str) -> str:
-    return _digest({"model": model, "prompt": normalise(prompt), "v": KEY_VERSION})
+    doc = {"model": canonical_model(model), "prompt": normalise(prompt), "v": KEY_VERSION}
+    return _digest(doc)
 
 
 def chat_key(messages: Iterable[tuple[str, str]], model: str) -> str:
     canon = [[role, normalise(content)] for role, content in messages]
-    return _digest({"messages": canon, "model": model, "v": KEY_VERSION})
+    return _digest({"messages": canon, "model": canonical_model(model), "v": KEY_VERSION})
 
 
 def request_key(
@@ -73,6 +79,58 @@ def request_key(
     if prompt is None:
         raise ValueError("a key needs a prompt or messages")
     return prompt_key(prompt, model)
+
+
+def canonical_model(name: str) -> str:
+    """The model file a name means: "gemma-3-270m-q4_k_m" is "gemma-3-270m-q4_k_m.gguf"."""
+    return name if name.endswith(".gguf") else name + ".gguf"
+
+
+def choose_default_model(configured: str | None, cached: Iterable[str], bundled: str) -> str:
+    """The model a request that names none means, on every tier: the configured default;
+    else the only model the cache holds; else the bundled model."""
+    if configured:
+        return canonical_model(configured)
+    models = set(cached)
+    return models.pop() if len(models) == 1 else bundled
+
+
+def uncacheable(request: GenerationRequest) -> str | None:
+    """The field that asks for something a stored answer does not carry, or None.
+
+    A cached answer is one text, generated once: it cannot answer a request for several
+    choices, log probabilities, a format, tools, echoed prompts, or about an image. Sampling
+    fields (temperature, top_p, top_k, max_tokens, seed, stop, penalties) are ignored on
+    purpose: the stored variants were generated with warmup's own parameters.
+    """
+    if request.messages is not None:
+        for i, message in enumerate(request.messages):
+            if message.media:
+                return f"messages.{i}.content"
+    if len(request.prompts) > 1:
+        return "prompt"
+    if request.n > 1:
+        return "n"
+    if request.logprobs:
+        return "logprobs"
+    if request.logit_bias:
+        return "logit_bias"
+    if request.response_format is not None:
+        return "response_format"
+    if request.echo:
+        return "echo"
+    if request.tools and request.tool_choice != "none":
+        return "tools"
+    return None
+
+
+def lookup_key(request: GenerationRequest, default_model: str) -> str:
+    """The key of a validated request (check ``uncacheable`` first)."""
+    model = request.model or default_model
+    if request.messages is not None:
+        return chat_key(((m.role, m.content) for m in request.messages), model)
+    assert request.prompt is not None
+    return prompt_key(request.prompt, model)
 
 
 def _digest(doc: dict[str, object]) -> str:

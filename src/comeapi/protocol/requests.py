@@ -1,16 +1,25 @@
-"""Parse and validate generation requests: ComeAPI's /generate and OpenAI's two endpoints.
+"""The front door: every generation request, on every tier, is parsed here and only here.
 
-All three become one ``GenerationRequest``. Invalid input raises ``RequestError`` naming the
-offending field (``param``), so every server answers bad input the same way.
+ComeAPI's ``/generate`` and OpenAI's completions and chat completions become one
+``GenerationRequest``; invalid input raises ``RequestError`` naming the offending field
+(``param``), before anything looks at the cache, so a body is valid or invalid whatever the
+cache holds. The gateway, the backend and the Lambda handler call ``parse_request``; nginx's
+njs (deploy/nginx/njs/comeapi_key.js) mirrors it and tests/conformance checks all of them
+against one table. The rules are written out in docs/cache.md ("What a request means").
+
+Plain Python on purpose: the Lambda handler imports this on its cold path (no pydantic), and
+the gateway runs it on every cache hit (a few microseconds).
 """
 
 from __future__ import annotations
 
+import functools
+import json
+import math
+import re
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Annotated, Any, Literal
-
-import orjson
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from typing import Any, Literal
 
 from comeapi.errors import RequestError
 
@@ -20,20 +29,53 @@ KINDS: dict[str, Kind] = {
     "/v1/completions": "completion",
     "/v1/chat/completions": "chat",
 }
+ROLES = frozenset({"system", "developer", "user", "assistant"})
+# Content parts that carry no text: they never match a text cache entry; a backend whose
+# model cannot take them refuses them (400). "refusal" is an assistant's earlier refusal.
+MEDIA_PARTS = frozenset({"image_url", "input_audio", "file", "refusal"})
+MAX_STOP = 4
+MAX_N = 16
+MAX_PROMPTS = 16
+MAX_TOP_LOGPROBS = 20
+MAX_LOGIT_BIAS = 1024
+SEED_MAX = 2**32 - 1
+TOP_K_MAX = 2**31 - 1
+RESPONSE_FORMATS = frozenset({"text", "json_object", "json_schema"})
+_SURROGATE_ESCAPE = re.compile(r"\\u[dD][89a-fA-F]")
 
 
 @dataclass(frozen=True, slots=True)
 class Message:
+    """One chat message: its role, the text of its text parts (joined), and the types of
+    its other parts, which the cache cannot match and a text-only model cannot read."""
+
     role: str
     content: str
+    media: tuple[str, ...] = ()
 
     def to_dict(self) -> dict[str, str]:
         return {"role": self.role, "content": self.content}
 
 
 @dataclass(frozen=True, slots=True)
+class ResponseFormat:
+    """``response_format``: ``json_object``, or ``json_schema`` with its ``schema``."""
+
+    type: Literal["json_object", "json_schema"]
+    schema: dict[str, Any] | None = None
+    name: str | None = None
+    strict: bool = False
+
+
+@dataclass(frozen=True, slots=True)
 class GenerationRequest:
-    """One validated request. ``prompt`` is set for generate/completion, ``messages`` for chat."""
+    """One validated request.
+
+    ``prompts`` holds the prompt(s) of generate/completion (``prompt`` is the first);
+    ``messages`` is set for chat. ``logprobs`` asks for the sampled tokens' log
+    probabilities, with ``top_logprobs`` alternatives each (completions' integer
+    ``logprobs: k`` is ``logprobs=True, top_logprobs=k``).
+    """
 
     kind: Kind
     prompt: str | None
@@ -47,104 +89,31 @@ class GenerationRequest:
     stop: tuple[str, ...]
     stream: bool
     include_usage: bool = False
+    prompts: tuple[str, ...] = ()
+    n: int = 1
+    logprobs: bool = False
+    top_logprobs: int = 0
+    logit_bias: tuple[tuple[int, float], ...] = ()
+    response_format: ResponseFormat | None = None
+    echo: bool = False
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    tools: tuple[dict[str, Any], ...] = ()
+    tool_choice: str | dict[str, Any] | None = None
 
-
-NonNegFloat = Annotated[float, Field(ge=0.0, le=2.0)]
-TopP = Annotated[float, Field(gt=0.0, le=1.0)]
-PositiveInt = Annotated[int, Field(gt=0)]
-Seed = Annotated[int, Field(ge=0, le=2**32 - 1)]
-
-
-class _Body(BaseModel):
-    # Clients send fields we do not use (user, presence_penalty, ...): ignore them, but
-    # never coerce types: "5" is not a number.
-    model_config = ConfigDict(extra="ignore", strict=True)
-
-    temperature: NonNegFloat
-    top_k: Annotated[int, Field(ge=0)]
-    top_p: TopP
-    seed: Seed | None = None
-    stop: str | list[str] | None = None
-    stream: bool = False
-
-    @field_validator("stop")
-    @classmethod
-    def _stop_strings(cls, value: str | list[str] | None) -> str | list[str] | None:
-        if isinstance(value, list) and (len(value) > 4 or any(not s for s in value)):
-            raise ValueError("stop takes at most 4 non-empty strings")
-        return value
-
-    def stops(self) -> tuple[str, ...]:
-        if self.stop is None:
+    def media(self) -> tuple[tuple[int, str], ...]:
+        """(message index, part type) of every non-text content part."""
+        if self.messages is None:
             return ()
-        return (self.stop,) if isinstance(self.stop, str) else tuple(self.stop)
-
-
-class _GenerateBody(_Body):
-    """ComeAPI's /generate, defaults as ComeAPI documents them."""
-
-    prompt: Annotated[str, Field(min_length=1)]
-    model_name: str | None = None
-    model: str | None = None
-    max_tokens: PositiveInt = 100
-    temperature: NonNegFloat = 0.8
-    top_k: Annotated[int, Field(ge=0)] = 40
-    top_p: TopP = 0.9
-
-
-class _StreamOptions(BaseModel):
-    model_config = ConfigDict(extra="ignore", strict=True)
-    include_usage: bool = False
-
-
-class _OpenAIBody(_Body):
-    model: str | None = None
-    n: Literal[1] = 1
-    temperature: NonNegFloat = 1.0
-    top_k: Annotated[int, Field(ge=0)] = 40
-    top_p: TopP = 1.0
-    stream_options: _StreamOptions | None = None
-
-
-class _CompletionBody(_OpenAIBody):
-    prompt: str | Annotated[list[str], Field(min_length=1, max_length=1)]
-    max_tokens: PositiveInt | None = 16
-
-    def single_prompt(self) -> str:
-        text = self.prompt if isinstance(self.prompt, str) else self.prompt[0]
-        if not text:
-            raise RequestError("prompt must not be empty", param="prompt")
-        return text
-
-
-class _ContentPart(BaseModel):
-    model_config = ConfigDict(extra="ignore", strict=True)
-    type: Literal["text"]
-    text: str
-
-
-class _MessageBody(BaseModel):
-    model_config = ConfigDict(extra="ignore", strict=True)
-    role: Literal["system", "developer", "user", "assistant"]
-    content: str | list[_ContentPart]
-
-    def text(self) -> str:
-        if isinstance(self.content, str):
-            return self.content
-        return "".join(part.text for part in self.content)
-
-
-class _ChatBody(_OpenAIBody):
-    messages: Annotated[list[_MessageBody], Field(min_length=1)]
-    max_tokens: PositiveInt | None = None
-    max_completion_tokens: PositiveInt | None = None
+        return tuple((i, t) for i, m in enumerate(self.messages) for t in m.media)
 
 
 def decode_json(raw: bytes) -> dict[str, Any]:
-    """The body as a JSON object, or RequestError."""
+    """The body as a JSON object, or RequestError. A UTF-8 byte order mark is refused, as
+    by every JSON parser of the other tiers."""
     try:
-        body = orjson.loads(raw)
-    except orjson.JSONDecodeError as exc:
+        body = _loads()(raw)
+    except (ValueError, UnicodeDecodeError, RecursionError) as exc:
         raise RequestError(f"request body is not valid JSON: {exc}", code="invalid_json") from None
     if not isinstance(body, dict):
         raise RequestError("request body must be a JSON object", code="invalid_json")
@@ -152,13 +121,17 @@ def decode_json(raw: bytes) -> dict[str, Any]:
 
 
 def parse_request(kind: Kind, body: dict[str, Any], *, max_tokens_limit: int) -> GenerationRequest:
-    """Validate a decoded body of the given kind; raise RequestError naming the bad field."""
-    try:
-        request = _parse(kind, body)
-    except ValidationError as exc:
-        err = exc.errors()[0]
-        param = ".".join(str(p) for p in err["loc"]) or None
-        raise RequestError(f"{param}: {err['msg']}" if param else err["msg"], param=param) from None
+    """Validate a decoded body of the given kind; RequestError (400) names the bad field.
+
+    ``null`` means "the default" for every optional field. Types are never coerced:
+    ``"5"`` is not a number and ``true`` is not 1.
+    """
+    if kind == "generate":
+        request = _generate(body)
+    elif kind == "completion":
+        request = _completion(body)
+    else:
+        request = _chat(body)
     if request.max_tokens is not None and request.max_tokens > max_tokens_limit:
         raise RequestError(
             f"max_tokens: {request.max_tokens} is above this server's limit of {max_tokens_limit}",
@@ -167,50 +140,375 @@ def parse_request(kind: Kind, body: dict[str, Any], *, max_tokens_limit: int) ->
     return request
 
 
-def _parse(kind: Kind, body: dict[str, Any]) -> GenerationRequest:
-    if kind == "generate":
-        g = _GenerateBody.model_validate(body)
-        return GenerationRequest(
-            kind=kind,
-            prompt=g.prompt,
-            messages=None,
-            model=g.model_name or g.model,
-            max_tokens=g.max_tokens,
-            temperature=g.temperature,
-            top_k=g.top_k,
-            top_p=g.top_p,
-            seed=g.seed,
-            stop=g.stops(),
-            stream=g.stream,
-        )
-    if kind == "completion":
-        c = _CompletionBody.model_validate(body)
-        return GenerationRequest(
-            kind=kind,
-            prompt=c.single_prompt(),
-            messages=None,
-            model=c.model,
-            max_tokens=c.max_tokens,
-            temperature=c.temperature,
-            top_k=c.top_k,
-            top_p=c.top_p,
-            seed=c.seed,
-            stop=c.stops(),
-            stream=c.stream,
-            include_usage=bool(c.stream_options and c.stream_options.include_usage),
-        )
-    ch = _ChatBody.model_validate(body)
+# --- the three bodies -------------------------------------------------------------------
+# Fields are checked one after another in the order written here, and the first bad one is
+# reported: njs checks them in the same order, so every tier names the same ``param``.
+
+
+def _generate(body: dict[str, Any]) -> GenerationRequest:
+    """ComeAPI's /generate, with its documented defaults. Other fields are ignored."""
+    prompt = body.get("prompt")
+    if not isinstance(prompt, str):
+        raise _error("prompt", "is required and must be a string")
+    _nonblank(prompt, "prompt")
+    model = _model(body, "model_name")
+    model = _model(body, "model") if model is None else model
+    max_tokens = _positive(body, "max_tokens", 100)
+    temperature = _number(body, "temperature", 0.8, 0.0, 2.0)
+    top_k = _integer(body, "top_k", 40, 0, TOP_K_MAX)
+    top_p = _number(body, "top_p", 0.9, 0.0, 1.0)
+    seed = _seed(body)
+    stop = _stop(body)
+    stream = _flag(body, "stream")
     return GenerationRequest(
-        kind=kind,
-        prompt=None,
-        messages=tuple(Message(m.role, m.text()) for m in ch.messages),
-        model=ch.model,
-        max_tokens=ch.max_completion_tokens or ch.max_tokens,
-        temperature=ch.temperature,
-        top_k=ch.top_k,
-        top_p=ch.top_p,
-        seed=ch.seed,
-        stop=ch.stops(),
-        stream=ch.stream,
-        include_usage=bool(ch.stream_options and ch.stream_options.include_usage),
+        kind="generate",
+        prompt=prompt,
+        prompts=(prompt,),
+        messages=None,
+        model=model,
+        max_tokens=max_tokens,
+        temperature=temperature,
+        top_k=top_k,
+        top_p=top_p,
+        seed=seed,
+        stop=stop,
+        stream=stream,
     )
+
+
+def _completion(body: dict[str, Any]) -> GenerationRequest:
+    prompts = _prompts(body.get("prompt"))
+    model = _model(body, "model")
+    max_tokens = _positive(body, "max_tokens", 16)
+    logprobs = body.get("logprobs") is not None
+    top_logprobs = _integer(body, "logprobs", 0, 0, MAX_TOP_LOGPROBS)
+    echo = _flag(body, "echo")
+    return GenerationRequest(
+        kind="completion",
+        prompt=prompts[0],
+        prompts=prompts,
+        messages=None,
+        model=model,
+        max_tokens=max_tokens,
+        logprobs=logprobs,
+        top_logprobs=top_logprobs,
+        echo=echo,
+        **_openai_common(body),
+    )
+
+
+def _chat(body: dict[str, Any]) -> GenerationRequest:
+    raw_messages = body.get("messages")
+    if not isinstance(raw_messages, list) or not raw_messages:
+        raise _error("messages", "is required and must be a non-empty list of messages")
+    messages = tuple(_message(m, i) for i, m in enumerate(raw_messages))
+    model = _model(body, "model")
+    max_completion = _positive(body, "max_completion_tokens", None)
+    max_tokens = _positive(body, "max_tokens", None)
+    logprobs = _flag(body, "logprobs")
+    top_logprobs = _integer(body, "top_logprobs", 0, 0, MAX_TOP_LOGPROBS)
+    if body.get("top_logprobs") is not None and not logprobs:
+        raise _error("top_logprobs", "needs logprobs: true")
+    for name in ("functions", "function_call"):
+        if body.get(name) is not None:
+            raise _error(name, "is deprecated and not supported; use tools")
+    if body.get("audio") is not None:
+        raise _error("audio", "is not supported: this server answers with text only")
+    modalities = body.get("modalities")
+    if modalities is not None and modalities != ["text"]:
+        raise _error("modalities", 'only ["text"] is supported')
+    if body.get("web_search_options") is not None:
+        raise _error("web_search_options", "is not supported: this server has no web search")
+    response_format = _response_format(body.get("response_format"))
+    tools = _tools(body.get("tools"))
+    tool_choice = _tool_choice(body.get("tool_choice"))
+    return GenerationRequest(
+        kind="chat",
+        prompt=None,
+        messages=messages,
+        model=model,
+        max_tokens=max_completion if max_completion is not None else max_tokens,
+        logprobs=logprobs,
+        top_logprobs=top_logprobs,
+        response_format=response_format,
+        tools=tools,
+        tool_choice=tool_choice,
+        **_openai_common(body),
+    )
+
+
+def _openai_common(body: dict[str, Any]) -> dict[str, Any]:
+    """The fields completions and chat completions share, with OpenAI's defaults."""
+    fields: dict[str, Any] = {}
+    fields["temperature"] = _number(body, "temperature", 1.0, 0.0, 2.0)
+    fields["top_p"] = _number(body, "top_p", 1.0, 0.0, 1.0)
+    fields["top_k"] = _integer(body, "top_k", 40, 0, TOP_K_MAX)
+    fields["seed"] = _seed(body)
+    fields["stop"] = _stop(body)
+    fields["stream"] = _flag(body, "stream")
+    options = body.get("stream_options")
+    if options is not None and not isinstance(options, dict):
+        raise _error("stream_options", "must be an object")
+    fields["include_usage"] = options is not None and _flag(
+        options, "include_usage", "stream_options."
+    )
+    user = body.get("user")
+    if user is not None and not isinstance(user, str):
+        raise _error("user", "must be a string")
+    fields["n"] = _integer(body, "n", 1, 1, MAX_N)
+    fields["logit_bias"] = _logit_bias(body.get("logit_bias"))
+    fields["presence_penalty"] = _number(body, "presence_penalty", 0.0, -2.0, 2.0)
+    fields["frequency_penalty"] = _number(body, "frequency_penalty", 0.0, -2.0, 2.0)
+    return fields
+
+
+# --- fields -------------------------------------------------------------------------------
+
+
+def _error(param: str, message: str, code: str | None = None) -> RequestError:
+    return RequestError(f"{param}: {message}", param=param, code=code)
+
+
+def _number(body: dict[str, Any], name: str, default: float, lo: float, hi: float) -> float:
+    value = body.get(name)
+    if value is None:
+        return default
+    if type(value) is int:
+        value = float(value)
+    if type(value) is not float:
+        raise _error(name, f"must be a number, got {_json_type(value)}")
+    if not lo <= value <= hi:
+        raise _error(name, f"must be between {lo:g} and {hi:g}, got {value:g}")
+    return value
+
+
+def _integer(
+    body: dict[str, Any], name: str, default: int, lo: int, hi: int | None, prefix: str = ""
+) -> int:
+    value = body.get(name)
+    if value is None:
+        return default
+    if type(value) is float and value.is_integer():
+        value = int(value)  # 5.0 is 5: JavaScript (njs) cannot tell them apart
+    if type(value) is not int:
+        raise _error(prefix + name, f"must be an integer, got {_json_type(value)}")
+    if value < lo or (hi is not None and value > hi):
+        bound = f"between {lo} and {hi}" if hi is not None else f"at least {lo}"
+        raise _error(prefix + name, f"must be {bound}, got {value}")
+    return value
+
+
+def _positive(body: dict[str, Any], name: str, default: int | None) -> int | None:
+    if body.get(name) is None:
+        return default
+    return _integer(body, name, 1, 1, None)
+
+
+def _flag(body: dict[str, Any], name: str, prefix: str = "") -> bool:
+    value = body.get(name)
+    if value is None:
+        return False
+    if type(value) is not bool:
+        raise _error(prefix + name, f"must be true or false, got {_json_type(value)}")
+    return value
+
+
+def _seed(body: dict[str, Any]) -> int | None:
+    if body.get("seed") is None:
+        return None
+    return _integer(body, "seed", 0, 0, SEED_MAX)
+
+
+def _model(body: dict[str, Any], name: str) -> str | None:
+    """The model asked for; "" and null both mean the server's default."""
+    value = body.get(name)
+    if value is None:
+        return None
+    if not isinstance(value, str):
+        raise _error(name, f"must be a string, got {_json_type(value)}")
+    return value or None
+
+
+def _nonblank(text: str, param: str) -> str:
+    if not text.strip():
+        raise _error(param, "must not be empty")
+    return text
+
+
+def _stop(body: dict[str, Any]) -> tuple[str, ...]:
+    value = body.get("stop")
+    if value is None:
+        return ()
+    stops = [value] if isinstance(value, str) else value
+    if not isinstance(stops, list) or not all(isinstance(s, str) for s in stops):
+        raise _error("stop", "must be a string or a list of strings")
+    if len(stops) > MAX_STOP or not all(stops):
+        raise _error("stop", f"takes at most {MAX_STOP} non-empty strings")
+    return tuple(stops)
+
+
+def _prompts(value: Any) -> tuple[str, ...]:
+    if isinstance(value, str):
+        return (_nonblank(value, "prompt"),)
+    if not isinstance(value, list) or not value:
+        raise _error("prompt", "is required: a string or a non-empty list of strings")
+    if not all(isinstance(p, str) for p in value):
+        if all(type(p) is int for p in value) or all(isinstance(p, list) for p in value):
+            raise _error("prompt", "token-id prompts are not supported; send text")
+        raise _error("prompt", "must be a string or a list of strings")
+    if len(value) > MAX_PROMPTS:
+        raise _error("prompt", f"takes at most {MAX_PROMPTS} prompts")
+    for i, p in enumerate(value):
+        _nonblank(p, f"prompt.{i}")
+    return tuple(value)
+
+
+def _message(value: Any, i: int) -> Message:
+    where = f"messages.{i}"
+    if not isinstance(value, dict):
+        raise _error(where, "must be an object with role and content")
+    role = value.get("role")
+    if not isinstance(role, str) or role not in ROLES:
+        raise _error(f"{where}.role", f"must be one of {', '.join(sorted(ROLES))}")
+    name = value.get("name")
+    if name is not None and not isinstance(name, str):
+        raise _error(f"{where}.name", "must be a string")
+    if value.get("tool_calls") is not None:
+        raise _error(f"{where}.tool_calls", "tool calls are not supported")
+    content = value.get("content")
+    if isinstance(content, str):
+        return Message(role, content)
+    if not isinstance(content, list):
+        raise _error(f"{where}.content", "must be a string or a list of content parts")
+    texts: list[str] = []
+    media: list[str] = []
+    for j, part in enumerate(content):
+        at = f"{where}.content.{j}"
+        kind = part.get("type") if isinstance(part, dict) else None
+        if not isinstance(kind, str):
+            kind = None
+        if kind == "text":
+            text = part.get("text")
+            if not isinstance(text, str):
+                raise _error(f"{at}.text", f"must be a string, got {_json_type(text)}")
+            texts.append(text)
+        elif kind in MEDIA_PARTS:
+            if not isinstance(part.get(kind), dict if kind != "refusal" else str):
+                raise _error(f"{at}.{kind}", f"a {kind} part needs its {kind} field")
+            media.append(kind)
+        elif isinstance(part, dict):
+            known = ", ".join(sorted({"text", *MEDIA_PARTS}))
+            raise _error(f"{at}.type", f"must be one of {known}, got {kind!r}")
+        else:
+            raise _error(at, "must be an object with a type")
+    return Message(role, "".join(texts), tuple(media))
+
+
+def _logit_bias(value: Any) -> tuple[tuple[int, float], ...]:
+    if value is None:
+        return ()
+    if not isinstance(value, dict):
+        raise _error("logit_bias", "must be an object mapping token ids to numbers")
+    if len(value) > MAX_LOGIT_BIAS:
+        raise _error("logit_bias", f"takes at most {MAX_LOGIT_BIAS} tokens")
+    out = []
+    for token, bias in value.items():
+        if not token.isdigit() or not token.isascii() or len(token) > 9:
+            raise _error("logit_bias", f"keys must be token ids, got {token!r}")
+        if type(bias) not in (int, float) or not -100 <= bias <= 100:
+            raise _error("logit_bias", f"{token}: the bias must be a number in -100..100")
+        out.append((int(token), float(bias)))
+    return tuple(sorted(out))
+
+
+def _response_format(value: Any) -> ResponseFormat | None:
+    if value is None:
+        return None
+    kind = value.get("type") if isinstance(value, dict) else None
+    if not isinstance(kind, str) or kind not in RESPONSE_FORMATS:
+        raise _error(
+            "response_format.type", f"must be one of {', '.join(sorted(RESPONSE_FORMATS))}"
+        )
+    assert isinstance(value, dict)
+    if kind == "text":
+        return None
+    if kind == "json_object":
+        return ResponseFormat("json_object")
+    spec = value.get("json_schema")
+    if not isinstance(spec, dict):
+        raise _error("response_format.json_schema", "is required for type json_schema")
+    name = spec.get("name")
+    if not isinstance(name, str) or not name:
+        raise _error("response_format.json_schema.name", "is required: a non-empty string")
+    schema = spec.get("schema")
+    if schema is not None and not isinstance(schema, dict):
+        raise _error("response_format.json_schema.schema", "must be a JSON Schema object")
+    strict = _flag(spec, "strict", "response_format.json_schema.")
+    return ResponseFormat("json_schema", schema, name, strict)
+
+
+def _tools(value: Any) -> tuple[dict[str, Any], ...]:
+    if value is None:
+        return ()
+    if not isinstance(value, list) or not all(isinstance(t, dict) for t in value):
+        raise _error("tools", "must be a list of tool objects")
+    return tuple(value)
+
+
+def _tool_choice(value: Any) -> str | dict[str, Any] | None:
+    if value is None or isinstance(value, dict) or value in ("none", "auto", "required"):
+        return value  # type: ignore[no-any-return]
+
+    raise _error("tool_choice", 'must be "none", "auto", "required" or an object')
+
+
+def _json_type(value: Any) -> str:
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return "a boolean"
+    if isinstance(value, int | float):
+        return "a number"
+    if isinstance(value, str):
+        return "a string"
+    return "a list" if isinstance(value, list) else "an object"
+
+
+@functools.cache
+def _loads() -> Callable[[bytes], Any]:
+    """orjson where installed (the gateway, the backend); the Lambda package has json only."""
+    try:
+        import orjson
+    except ImportError:
+        return _json_loads
+    return orjson.loads
+
+
+def _json_loads(raw: bytes) -> Any:
+    """json.loads made to agree with orjson: no byte order mark, NaN, Infinity, numbers
+    beyond a double or lone surrogates; integers beyond 64 bits become floats."""
+    if raw.startswith(b"\xef\xbb\xbf"):
+        raise ValueError("a byte order mark is not JSON")
+    text = raw.decode("utf-8")
+    value = json.loads(
+        text, parse_constant=_no_constant, parse_int=_int64, parse_float=_finite_float
+    )
+    if "\\u" in text and _SURROGATE_ESCAPE.search(text):
+        json.dumps(value, ensure_ascii=False).encode("utf-8")  # a lone surrogate raises
+    return value
+
+
+def _no_constant(name: str) -> Any:
+    raise ValueError(f"{name} is not JSON")
+
+
+def _int64(text: str) -> int | float:
+    value = int(text)
+    return value if -(2**63) <= value < 2**64 else _finite_float(text)
+
+
+def _finite_float(text: str) -> float:
+    value = float(text)
+    if value in (math.inf, -math.inf):
+        raise ValueError(f"number {text[:20]} is out of range")
+    return value

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import functools
 import json
+import re
 import time
 import uuid
 from collections.abc import Callable
@@ -16,10 +17,13 @@ from typing import TYPE_CHECKING, Any
 
 from comeapi.errors import ComeapiError
 
-if TYPE_CHECKING:  # requests.py imports pydantic: the Lambda handler must not pay for it
+if TYPE_CHECKING:
     from comeapi.protocol.requests import Kind
 
 DONE = b"data: [DONE]\n\n"
+# How a cached answer is cut into stream chunks: about one word (a token or two) each, so a
+# client's streaming code sees what a live stream would send.
+_PIECES = re.compile(r"\s*\S{1,4}|\s+$")
 
 
 @dataclass(frozen=True, slots=True)
@@ -91,7 +95,7 @@ def full_body(
         return {**head, "object": "text_completion", "choices": [choice], "usage": usage.to_dict()}
     choice = {
         "index": 0,
-        "message": {"role": "assistant", "content": text},
+        "message": {"role": "assistant", "content": text, "refusal": None},
         "logprobs": None,
         "finish_reason": finish_reason,
     }
@@ -127,7 +131,7 @@ class StreamEncoder:
         """Chat streams open with the assistant role, as OpenAI's do; others send nothing."""
         if self.kind != "chat":
             return b""
-        return self._chunk({"role": "assistant", "content": ""}, None)
+        return self._chunk({"role": "assistant", "content": "", "refusal": None}, None)
 
     def delta(self, text: str) -> bytes:
         if self.kind == "generate":
@@ -135,6 +139,14 @@ class StreamEncoder:
         if self.kind == "completion":
             return self._chunk(text, None)
         return self._chunk({"content": text}, None)
+
+    def answer(self, text: str, finish_reason: str, usage: Usage) -> bytes:
+        """A whole stream for a finished answer (a cached one): the same chunks on every
+        tier that serves it."""
+        pieces = [self.start()]
+        pieces += [self.delta(piece) for piece in _PIECES.findall(text)]
+        pieces.append(self.finish(finish_reason, usage))
+        return b"".join(pieces)
 
     def finish(self, finish_reason: str, usage: Usage) -> bytes:
         if self.kind == "generate":
@@ -156,4 +168,7 @@ class StreamEncoder:
             choice = {"text": delta, "index": 0, "logprobs": None, "finish_reason": finish_reason}
         else:
             choice = {"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish_reason}
-        return sse({**self._head, "choices": [choice]})
+        chunk = {**self._head, "choices": [choice]}
+        if self.include_usage:  # OpenAI: every chunk has "usage", null until the last one
+            chunk["usage"] = None
+        return sse(chunk)
