@@ -13,9 +13,10 @@ import httpx
 import pytest
 
 from comeapi.balancer.pool import BackendPool
-from comeapi.cache.key import prompt_key
+from comeapi.cache.key import chat_key, prompt_key
 from comeapi.cache.sqlite import SqliteStore
 from comeapi.cache.store import Entry
+from comeapi.errors import StoreError
 from comeapi.gateway.app import Gateway, create_app
 from comeapi.gateway.cache import ResponseCache
 from comeapi.settings import load_settings
@@ -368,13 +369,17 @@ async def test_each_app_has_its_own_registry() -> None:
 # --- the cache seam -----------------------------------------------------------------------
 
 
-def cache_over(tmp_path: Path, **kw: Any) -> ResponseCache:
-    """A real ResponseCache over a SqliteStore holding 3 variants of "cached"."""
+def cache_over(tmp_path: Path, kind: str = "prompt", **kw: Any) -> ResponseCache:
+    """A real ResponseCache over a SqliteStore holding 3 variants of "cached" (a prompt, or
+    with kind="chat" a one-message chat)."""
     store = SqliteStore(tmp_path / "cache.db")
+    messages = (("user", "cached"),) if kind == "chat" else None
+    key = chat_key(messages, MODEL) if messages else prompt_key("cached", MODEL)
     store.put_many(
-        Entry(prompt_key("cached", MODEL), v, "prompt", "cached", f"from cache {v}", MODEL)
+        Entry(key, v, "chat" if messages else "prompt", "cached", f"from cache {v}", MODEL,
+              messages=messages)
         for v in range(3)
-    )
+    )  # fmt: skip
     return ResponseCache(store, variants=3, default_model=MODEL, **kw)
 
 
@@ -461,4 +466,45 @@ async def test_api_keys_guard_everything_but_health() -> None:
     assert denied.status_code == 401
     assert denied.json()["error"]["type"] == "authentication_error"
     assert allowed.status_code == 200
+    assert fakes.total_generations() == 1
+
+
+class FullDiskStore(SqliteStore):
+    """A store whose writes fail as a full disk makes them fail (reads work)."""
+
+    def _put_many(self, entries: list[Entry]) -> int:
+        raise StoreError(f"store {self.path}: disk full, cannot write", code="store_full")
+
+
+async def test_a_failed_store_write_still_returns_the_generated_answer(tmp_path: Path) -> None:
+    fakes = FakeCluster(1)
+    cache = ResponseCache(FullDiskStore(tmp_path / "c.db"), variants=3, store_misses=True)
+    async with running(fakes, cache=cache, store_misses=True) as (client, _):
+        r = await client.post("/generate", json={"prompt": "fresh"})
+        metrics = (await client.get("/metrics")).text
+    assert r.status_code == 200 and r.json()["response"] == "from http://backend-0:8000"
+    assert r.headers["x-cache"] == "MISS"
+    assert "comeapi_store_write_failures_total 1.0" in metrics
+
+
+async def test_a_question_about_an_image_is_not_answered_from_the_cache(tmp_path: Path) -> None:
+    fakes = FakeCluster(1)
+    body = {
+        "messages": [
+            {
+                "role": "user",
+                "content": [
+                    {"type": "text", "text": "cached"},
+                    {"type": "image_url", "image_url": {"url": "https://example.com/a.png"}},
+                ],
+            }
+        ]
+    }
+    async with running(fakes, cache=cache_over(tmp_path, kind="chat")) as (client, _):
+        text_only = await client.post(
+            "/v1/chat/completions", json={"messages": [{"role": "user", "content": "cached"}]}
+        )
+        image = await client.post("/v1/chat/completions", json=body)
+    assert text_only.headers["x-cache"] == "HIT"
+    assert image.headers["x-cache"] == "MISS"  # forwarded: the backend decides
     assert fakes.total_generations() == 1

@@ -14,7 +14,8 @@ from comeapi.cache.key import chat_key, prompt_key
 from comeapi.cache.sqlite import SqliteStore
 from comeapi.cache.store import Entry
 from comeapi.errors import RequestError
-from comeapi.gateway.cache import ResponseCache
+from comeapi.gateway.cache import Lookup, ResponseCache
+from comeapi.protocol.requests import Kind, parse_request
 
 MODEL = "gemma-3-270m-q4_k_m.gguf"
 PROMPT = "こんにちは、調子はどうですか？"
@@ -66,12 +67,16 @@ def _cache(store: SqliteStore, **kw: object) -> ResponseCache:
 NO_HEADERS = Headers({})
 
 
+def lookup(cache: ResponseCache, kind: Kind, body: dict[str, object], headers: Headers) -> Lookup:
+    return cache.lookup(parse_request(kind, body, max_tokens_limit=2048), headers)
+
+
 def test_choice_is_uniform_over_the_variants(store: SqliteStore) -> None:
     cache = _cache(store, rng=random.Random(1234))
     counts = [0] * 5
     n = 2000
     for _ in range(n):
-        found = cache.lookup("generate", {"prompt": PROMPT}, NO_HEADERS)
+        found = lookup(cache, "generate", {"prompt": PROMPT}, NO_HEADERS)
         assert found.hit is not None
         counts[found.hit.variant] += 1
     expected = n / 5
@@ -83,35 +88,50 @@ def test_choice_is_uniform_over_the_variants(store: SqliteStore) -> None:
 
 def test_hit_body_in_each_wire_format(store: SqliteStore) -> None:
     cache = _cache(store)
-    gen = cache.lookup("generate", {"prompt": f"  {PROMPT}\r\n"}, NO_HEADERS).hit
+    gen = lookup(cache, "generate", {"prompt": f"  {PROMPT}\r\n"}, NO_HEADERS).hit
     assert gen is not None and gen.header("x-cache") == "HIT"
     body = orjson.loads(gen.body)
     assert body["response"].startswith("answer number") and body["model"] == MODEL
-    comp = cache.lookup("completion", {"prompt": PROMPT, "model": MODEL}, NO_HEADERS).hit
+    comp = lookup(cache, "completion", {"prompt": PROMPT, "model": MODEL}, NO_HEADERS).hit
     assert comp is not None
     assert orjson.loads(comp.body)["choices"][0]["text"].startswith("answer number")
     chat_body = {
         "model": "gemma-3-270m-q4_k_m",
         "messages": [{"role": "user", "content": "Tell me a joke."}],
     }
-    chat = cache.lookup("chat", chat_body, NO_HEADERS).hit
+    chat = lookup(cache, "chat", chat_body, NO_HEADERS).hit
     assert chat is not None
     assert orjson.loads(chat.body)["choices"][0]["message"]["content"] == "A chat answer."
 
 
 def test_unknown_prompt_or_other_model_is_a_miss(store: SqliteStore) -> None:
     cache = _cache(store)
-    miss = cache.lookup("generate", {"prompt": "something else"}, NO_HEADERS)
+    miss = lookup(cache, "generate", {"prompt": "something else"}, NO_HEADERS)
     assert miss.hit is None and miss.key == prompt_key("something else", MODEL)
-    other = cache.lookup("generate", {"prompt": PROMPT, "model_name": "other.gguf"}, NO_HEADERS)
+    other = lookup(cache, "generate", {"prompt": PROMPT, "model_name": "other.gguf"}, NO_HEADERS)
     assert other.hit is None
-    assert cache.lookup("generate", {"prompt": 5}, NO_HEADERS).key is None
+    image = {
+        "messages": [
+            {
+                "role": "user",
+                "content": [
+                    {"type": "text", "text": "Tell me a joke."},
+                    {"type": "image_url", "image_url": {"url": "https://example.com/a.png"}},
+                ],
+            }
+        ]
+    }
+    # A question about an image is never answered by the text-only entry it contains.
+    assert lookup(cache, "chat", image, NO_HEADERS) == Lookup(None)
 
 
 def test_stream_hit_is_sse_chunks_that_rebuild_the_answer(store: SqliteStore) -> None:
     cache = _cache(store)
-    found = cache.lookup(
-        "completion", {"prompt": PROMPT, "stream": True}, Headers({"x-comeapi-variant": "2"})
+    found = lookup(
+        cache,
+        "completion",
+        {"prompt": PROMPT, "stream": True},
+        Headers({"x-comeapi-variant": "2"}),
     )
     resp = found.hit
     assert resp is not None and resp.header("content-type") == "text/event-stream"
@@ -129,7 +149,7 @@ def test_variant_header_needs_the_secret(store: SqliteStore) -> None:
     body = {"prompt": PROMPT}
     for _ in range(20):
         spoofed = Headers({"x-comeapi-variant": "3", "x-comeapi-variant-secret": "guess"})
-        resp = cache.lookup("generate", body, spoofed).hit
+        resp = lookup(cache, "generate", body, spoofed).hit
         assert resp is not None
         if resp.variant != 3:
             break
@@ -137,10 +157,11 @@ def test_variant_header_needs_the_secret(store: SqliteStore) -> None:
         pytest.fail("a client without the secret always got the variant it asked for")
     trusted = Headers({"x-comeapi-variant": "3", "x-comeapi-variant-secret": "s3cret"})
     for _ in range(10):
-        resp = cache.lookup("generate", body, trusted).hit
+        resp = lookup(cache, "generate", body, trusted).hit
         assert resp is not None and resp.variant == 3
     with pytest.raises(RequestError):
-        cache.lookup(
+        lookup(
+            cache,
             "generate",
             body,
             Headers({"x-comeapi-variant": "9", "x-comeapi-variant-secret": "s3cret"}),
@@ -152,20 +173,21 @@ def test_forced_missing_variant_is_filled_from_the_answer(tmp_path: Path) -> Non
     cache = _cache(store, variant_secret="k")
     headers = Headers({"x-comeapi-variant": "4", "x-comeapi-variant-secret": "k"})
     body = {"prompt": "A new prompt", "max_tokens": 8}
-    miss = cache.lookup("generate", body, headers)
+    miss = lookup(cache, "generate", body, headers)
     assert miss.hit is None and miss.forced_variant == 4
     answer = {"response": "generated", "model": MODEL, "finish_reason": "length", "usage": {}}
-    anyio.run(cache.store_answer, miss, "generate", body, answer)
+    request = parse_request("generate", body, max_tokens_limit=2048)
+    anyio.run(cache.store_answer, miss, request, answer)
     stored = store.get(prompt_key("A new prompt", MODEL), 4)
     assert stored is not None and stored.answer == "generated" and stored.params["seed"] == 4
-    hit = cache.lookup("generate", body, headers).hit
+    hit = lookup(cache, "generate", body, headers).hit
     assert hit is not None and hit.variant == 4
 
 
 def test_hit_counts_reach_the_store(store: SqliteStore) -> None:
     cache = _cache(store)
     for _ in range(7):
-        cache.lookup("generate", {"prompt": PROMPT}, NO_HEADERS)
+        lookup(cache, "generate", {"prompt": PROMPT}, NO_HEADERS)
     anyio.run(cache.flush_hits)
     assert sum(store.hit_counts().values()) == 7
     status = cache.status()

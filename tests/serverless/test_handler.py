@@ -78,6 +78,7 @@ def test_http_api_v2_generate(store: DynamoStore) -> None:
             "completion_tokens": 7 + variant,
             "total_tokens": 12 + variant,
         },
+        "variant": variant,
     }
 
 
@@ -93,6 +94,7 @@ def test_http_api_v2_chat_with_a_stage_and_a_base64_body(store: DynamoStore) -> 
     assert body["choices"][0]["message"] == {
         "role": "assistant",
         "content": f"chat answer {variant}",
+        "refusal": None,
     }
     assert body["choices"][0]["finish_reason"] == "stop"
 
@@ -223,9 +225,9 @@ def test_a_push_after_the_catalogue_was_read(store: DynamoStore, entries: list[E
         ("/generate", {"model_name": MODEL}, "invalid_value", "prompt"),
         ("/generate", {"prompt": ""}, "invalid_value", "prompt"),
         ("/generate", {"prompt": 5}, "invalid_value", "prompt"),
-        ("/generate", {"prompt": "x", "model_name": 3}, "invalid_value", "model"),
+        ("/generate", {"prompt": "x", "model_name": 3}, "invalid_value", "model_name"),
         ("/generate", {"prompt": "x", "stream": "yes"}, "invalid_value", "stream"),
-        ("/v1/completions", {"prompt": ["a", "b"]}, "invalid_value", "prompt"),
+        ("/v1/completions", {"prompt": ["a", "b"]}, "not_cacheable", "prompt"),
         ("/v1/chat/completions", {"messages": []}, "invalid_value", "messages"),
         (
             "/v1/chat/completions",
@@ -237,7 +239,13 @@ def test_a_push_after_the_catalogue_was_read(store: DynamoStore, entries: list[E
             "/v1/chat/completions",
             {"messages": [{"role": "user", "content": [{"type": "image_url"}]}]},
             "invalid_value",
-            "messages.0.content",
+            "messages.0.content.0.image_url",
+        ),
+        (
+            "/v1/chat/completions",
+            {"messages": [{"role": "user", "content": [{"type": "text", "text": 5}]}]},
+            "invalid_value",
+            "messages.0.content.0.text",
         ),
     ],
 )
@@ -361,7 +369,7 @@ def test_the_handler_module_stays_light() -> None:
     code = (
         "import sys, comeapi.serverless.handler\n"
         "heavy = ['pydantic', 'starlette', 'orjson', 'click', 'httpx', 'uvicorn', 'yaml',"
-        " 'llama_cpp', 'comeapi.settings', 'comeapi.protocol.requests']\n"
+        " 'llama_cpp', 'comeapi.settings']\n"
         "print([m for m in heavy if m in sys.modules])"
     )
     out = subprocess.run(

@@ -237,7 +237,16 @@ def create_app(
                 routes=[*KINDS, *(r.path for r in routes)],
             ),
             Middleware(APIKeyMiddleware, keys=settings.api_keys),
-            Middleware(GenerationRoutes, gateway=gateway),  # innermost: ahead of the router
+            # innermost: ahead of the router
+            Middleware(
+                GenerationRoutes,
+                settings=settings,
+                pool=pool,
+                forwarder=gateway.forwarder,
+                metrics=gateway.metrics,
+                cache=cache,
+                on_demand=gateway.on_demand,
+            ),
         ],
         exception_handlers=EXCEPTION_HANDLERS,
         lifespan=lifespan,

@@ -10,7 +10,6 @@ from __future__ import annotations
 import hmac
 import logging
 import random
-import re
 import time
 from collections import Counter
 from collections.abc import Mapping
@@ -21,18 +20,17 @@ import anyio.to_thread
 import orjson
 from starlette.datastructures import Headers
 
-from comeapi.cache.key import request_key
+from comeapi.cache.key import canonical_model, choose_default_model, lookup_key, uncacheable
+from comeapi.cache.replies import hit_body, hit_stream
 from comeapi.cache.store import Entry, ResponseStore
 from comeapi.errors import RequestError
 from comeapi.models.bundled import BUNDLED_MODEL
-from comeapi.protocol.requests import Kind
-from comeapi.protocol.responses import StreamEncoder, Usage, full_body
+from comeapi.protocol.requests import GenerationRequest
 
 log = logging.getLogger("comeapi.gateway.cache")
 
 VARIANT_HEADER = "x-comeapi-variant"
 SECRET_HEADER = "x-comeapi-variant-secret"
-_PIECES = re.compile(r"\s*\S{1,4}|\s+$")
 _JSON = b"application/json"
 _SSE = b"text/event-stream"
 
@@ -57,14 +55,13 @@ class Hit:
 class Lookup:
     """The cache's verdict on one request.
 
-    ``hit`` is set on a hit. On a miss, ``key`` is the prompt's key (None when the body
-    has no usable prompt) and ``forced_variant`` the slot a trusted proxy asked for: the
-    gateway generates it with that seed and stores it.
+    ``hit`` is set on a hit. On a miss, ``key`` is the prompt's key (None when the request
+    asks for what no stored answer carries) and ``forced_variant`` the slot a trusted proxy
+    asked for: the gateway generates it with that seed and stores it.
     """
 
     hit: Hit | None
     key: str | None = None
-    model: str | None = None
     forced_variant: int | None = None
 
 
@@ -92,8 +89,7 @@ class ResponseCache:
         self._rng = rng or random.SystemRandom()
         self._index: dict[str, tuple[Entry, ...]] = {}
         self._generate_bodies: dict[tuple[str, int], bytes] = {}
-        self._models: dict[str, str] = {}
-        self.default_model = default_model or BUNDLED_MODEL
+        self.default_model = canonical_model(default_model or BUNDLED_MODEL)
         self._revision: int | None = None
         self._pending_hits: Counter[tuple[str, int]] = Counter()
         self._stored_hits: dict[tuple[str, int], int] = {}
@@ -107,15 +103,10 @@ class ResponseCache:
         revision = self.store.revision()
         index = self.store.load_index()
         models = {e.model for group in index.values() for e in group}
-        aliases = {m: m for m in models}
-        aliases.update({m.removesuffix(".gguf"): m for m in models})
         self._stored_hits = self.store.hit_counts()
-        self._index, self._models, self._revision = index, aliases, revision
+        self._index, self._revision = index, revision
         self._generate_bodies = {}
-        if self._configured_model:
-            self.default_model = self._configured_model
-        elif len(models) == 1:
-            self.default_model = next(iter(models))
+        self.default_model = choose_default_model(self._configured_model, models, BUNDLED_MODEL)
         log.info("cache: %d prompts, %d answers loaded", len(index), self.answer_count())
 
     async def refresh(self) -> None:
@@ -140,48 +131,24 @@ class ResponseCache:
 
     # --- the hit path --------------------------------------------------------------------
 
-    def lookup(self, kind: Kind, body: Mapping[str, Any], headers: Headers) -> Lookup:
-        key, model = self._key(kind, body)
-        if key is None:
+    def lookup(self, request: GenerationRequest, headers: Headers) -> Lookup:
+        """A hit, or the miss's key. ``request`` is already validated: the verdict on a
+        body never depends on what the cache holds."""
+        if uncacheable(request) is not None:
             return MISS_UNKEYED
+        key = lookup_key(request, self.default_model)
         group = self._index.get(key, ())
         forced = self._forced_variant(headers)
         if forced is not None:
             for entry in group:
                 if entry.variant == forced:
-                    return self._hit(kind, body, entry)
+                    return self._hit(request, entry)
             self.misses += 1
-            return Lookup(None, key, model, forced)
+            return Lookup(None, key, forced)
         if group:
-            return self._hit(kind, body, group[self._rng.randrange(len(group))])
+            return self._hit(request, group[self._rng.randrange(len(group))])
         self.misses += 1
-        return Lookup(None, key, model)
-
-    def _key(self, kind: Kind, body: Mapping[str, Any]) -> tuple[str | None, str]:
-        asked = (body.get("model_name") or body.get("model")) if kind == "generate" else None
-        asked = asked or body.get("model")
-        model = self._models.get(asked, asked) if isinstance(asked, str) else self.default_model
-        if kind == "chat":
-            messages = body.get("messages")
-            if not isinstance(messages, list) or not messages:
-                return None, model
-            pairs = []
-            for m in messages:
-                if not isinstance(m, dict):
-                    return None, model
-                role, content = m.get("role"), m.get("content")
-                if isinstance(content, list):  # OpenAI content parts
-                    content = "".join(p.get("text", "") for p in content if isinstance(p, dict))
-                if not isinstance(role, str) or not isinstance(content, str):
-                    return None, model
-                pairs.append((role, content))
-            return request_key(model, messages=pairs), model
-        prompt = body.get("prompt")
-        if isinstance(prompt, list) and len(prompt) == 1:
-            prompt = prompt[0]
-        if not isinstance(prompt, str) or not prompt.strip():
-            return None, model
-        return request_key(model, prompt=prompt), model
+        return Lookup(None, key)
 
     def _forced_variant(self, headers: Headers) -> int | None:
         """The variant a trusted proxy chose; the header is ignored from anyone else."""
@@ -198,38 +165,19 @@ class ResponseCache:
             )
         return int(raw)
 
-    def _hit(self, kind: Kind, body: Mapping[str, Any], entry: Entry) -> Lookup:
+    def _hit(self, request: GenerationRequest, entry: Entry) -> Lookup:
         self.hits += 1
         self._pending_hits[(entry.key, entry.variant)] += 1
-        usage = Usage(entry.prompt_tokens, entry.completion_tokens)
-        if body.get("stream") is True:
-            options = body.get("stream_options")
-            include_usage = isinstance(options, dict) and options.get("include_usage") is True
-            enc = StreamEncoder(kind, entry.model, include_usage=include_usage)
-            chunks = [enc.start()]
-            chunks += [enc.delta(piece) for piece in _PIECES.findall(entry.answer)]
-            chunks.append(enc.finish(entry.finish_reason, usage))
-            payload = b"".join(chunks)
+        if request.stream:
+            payload = hit_stream(request, entry)
             return Lookup(Hit(payload, _headers(_SSE, payload, entry.variant, stream=True)))
-        if kind == "generate":  # no id or timestamp in ComeAPI's body: encode it once
+        if request.kind == "generate":  # no id or timestamp in ComeAPI's body: encode it once
             slot = (entry.key, entry.variant)
-            payload = self._generate_bodies.get(slot) or self._encode(kind, entry, usage)
+            payload = self._generate_bodies.get(slot) or orjson.dumps(hit_body("generate", entry))
             self._generate_bodies[slot] = payload
         else:
-            payload = self._encode(kind, entry, usage)
+            payload = orjson.dumps(hit_body(request.kind, entry))
         return Lookup(Hit(payload, _headers(_JSON, payload, entry.variant)))
-
-    @staticmethod
-    def _encode(kind: Kind, entry: Entry, usage: Usage) -> bytes:
-        doc = full_body(
-            kind,
-            model=entry.model,
-            text=entry.answer,
-            finish_reason=entry.finish_reason,
-            usage=usage,
-        )
-        doc["variant"] = entry.variant
-        return orjson.dumps(doc)
 
     # --- filling slots from forwarded answers --------------------------------------------
 
@@ -239,18 +187,20 @@ class ResponseCache:
         return next((v for v in range(self.variants) if v not in present), None)
 
     async def store_answer(
-        self, lookup: Lookup, kind: Kind, body: Mapping[str, Any], answer: Mapping[str, Any]
+        self, lookup: Lookup, request: GenerationRequest, answer: Mapping[str, Any]
     ) -> None:
         """Store a forwarded answer: in the slot a trusted proxy chose, or (with store_misses)
-        in the lowest free slot. The in-memory index follows at once."""
-        if lookup.key is None or lookup.model is None:
+        in the lowest free slot. The in-memory index follows at once. StoreError if the
+        store refuses the write."""
+        if lookup.key is None:
             return
         variant = lookup.forced_variant
         if variant is None and self.store_misses:
             variant = self.slot_to_fill(lookup.key)
         if variant is None:
             return
-        entry = _entry_from_answer(lookup.key, variant, lookup.model, kind, body, answer)
+        model = canonical_model(request.model or self.default_model)
+        entry = _entry_from_answer(lookup.key, variant, model, request, answer)
         if entry is None:
             return
         entry = entry.sealed()
@@ -316,14 +266,10 @@ def _headers(
 
 
 def _entry_from_answer(
-    key: str,
-    variant: int,
-    model: str,
-    kind: Kind,
-    body: Mapping[str, Any],
-    answer: Mapping[str, Any],
+    key: str, variant: int, model: str, request: GenerationRequest, answer: Mapping[str, Any]
 ) -> Entry | None:
     """An Entry from a backend's JSON answer, or None when the answer is not one."""
+    kind = request.kind
     try:
         if kind == "generate":
             text, finish = answer["response"], answer.get("finish_reason", "stop")
@@ -332,36 +278,37 @@ def _entry_from_answer(
             text = choice["text"] if kind == "completion" else choice["message"]["content"]
             finish = choice.get("finish_reason") or "stop"
         usage = answer.get("usage") or {}
-    except (KeyError, IndexError, TypeError):
+        prompt_tokens = int(usage.get("prompt_tokens", 0))
+        completion_tokens = int(usage.get("completion_tokens", 0))
+    except (KeyError, IndexError, TypeError, ValueError):
         return None
     if not isinstance(text, str):
         return None
     messages = None
-    if kind == "chat":
-        messages = tuple((str(m["role"]), _content(m["content"])) for m in body["messages"])
+    if request.messages is not None:
+        messages = tuple((m.role, m.content) for m in request.messages)
         prompt = next((c for r, c in reversed(messages) if r == "user"), messages[-1][1])
     else:
-        raw = body["prompt"]
-        prompt = raw[0] if isinstance(raw, list) else raw
-    params = {k: body[k] for k in ("max_tokens", "temperature", "top_k", "top_p") if k in body}
-    params["seed"] = body.get("seed", variant)
+        assert request.prompt is not None
+        prompt = request.prompt
+    params: dict[str, Any] = {
+        "max_tokens": request.max_tokens,
+        "temperature": request.temperature,
+        "top_k": request.top_k,
+        "top_p": request.top_p,
+        "seed": request.seed if request.seed is not None else variant,
+    }
     return Entry(
         key=key,
         variant=variant,
-        kind="chat" if kind == "chat" else "prompt",
-        prompt=str(prompt).strip(),
+        kind="chat" if messages is not None else "prompt",
+        prompt=prompt.strip(),
         answer=text,
         model=model,  # the model the key was made with, whatever the backend calls it
         messages=messages,
-        params=params,
+        params={k: v for k, v in params.items() if v is not None},
         finish_reason=str(finish),
-        prompt_tokens=int(usage.get("prompt_tokens", 0)),
-        completion_tokens=int(usage.get("completion_tokens", 0)),
+        prompt_tokens=prompt_tokens,
+        completion_tokens=completion_tokens,
         created=time.time(),
     )
-
-
-def _content(content: Any) -> str:
-    if isinstance(content, list):
-        return "".join(p.get("text", "") for p in content if isinstance(p, dict))
-    return str(content)

@@ -4,8 +4,12 @@ A plain handler, no web framework: cold start is the cost that matters, so this 
 imports boto3, the standard library and comeapi's light modules only (no pydantic,
 starlette, orjson or click; ``python -X importtime -c "import comeapi.serverless.handler"``).
 
+Requests are parsed by ``comeapi.protocol.requests`` and keyed by ``comeapi.cache.key``, as on
+the gateway and in nginx.
+
 Environment: TABLE_NAME (required), DEFAULT_MODEL, ON_MISS (``reject`` or ``start-backend``,
-see ``ondemand``), API_KEYS (comma-separated bearer tokens; empty: open), CATALOGUE_TTL (s).
+see ``ondemand``), API_KEYS (comma-separated bearer tokens; empty: open), CATALOGUE_TTL (s),
+MAX_TOKENS_LIMIT (as the gateway's ``max_tokens_limit``, default 2048).
 """
 
 from __future__ import annotations
@@ -20,11 +24,12 @@ import os
 import secrets
 import time
 from collections.abc import Callable, Mapping
-from typing import TYPE_CHECKING, Any, NamedTuple
+from typing import Any
 
 from comeapi.cache.dynamo import DynamoStore, make_client
 from comeapi.cache.dynamo_items import Catalogue
-from comeapi.cache.key import request_key
+from comeapi.cache.key import choose_default_model, lookup_key, uncacheable
+from comeapi.cache.replies import hit_body, hit_stream
 from comeapi.cache.store import Entry
 from comeapi.errors import (
     AuthenticationError,
@@ -35,107 +40,19 @@ from comeapi.errors import (
     PromptNotCachedError,
     RequestError,
 )
-from comeapi.protocol.responses import StreamEncoder, Usage, full_body
+from comeapi.models.bundled import BUNDLED_MODEL
+from comeapi.protocol.requests import KINDS, GenerationRequest, decode_json, parse_request
 from comeapi.serverless.events import HttpRequest, Reply, parse_event, to_result
-
-if TYPE_CHECKING:
-    from comeapi.protocol.requests import Kind
 
 log = logging.getLogger(__name__)
 
-DEFAULT_MODEL = "gemma-3-270m-q4_k_m.gguf"
-ROUTES: dict[str, Kind] = {
-    "/generate": "generate",
-    "/v1/completions": "completion",
-    "/v1/chat/completions": "chat",
-}
-ROLES = frozenset({"system", "developer", "user", "assistant"})
 MAX_BODY_BYTES = 256 * 1024
+MAX_TOKENS_LIMIT = 2048
 JSON = "application/json"
 
 
 # What answers a prompt the cache does not hold (e.g. a backend started on demand).
 MissHandler = Callable[[HttpRequest], Reply]
-
-
-class Lookup(NamedTuple):
-    """The parts of a generation request the cache looks at. Sampling fields are ignored:
-    cached answers were generated once, by warmup, with its own parameters."""
-
-    kind: Kind
-    model: str
-    prompt: str | None
-    messages: tuple[tuple[str, str], ...] | None
-    stream: bool
-    include_usage: bool
-
-    def key(self) -> str:
-        return request_key(self.model, self.prompt, self.messages)
-
-
-def parse_lookup(kind: Kind, raw: bytes, default_model: str) -> Lookup:
-    """Validate what the cache needs from a body; RequestError (400) naming the bad field."""
-    try:
-        body = json.loads(raw)
-    except (ValueError, UnicodeDecodeError) as exc:
-        raise RequestError(f"request body is not valid JSON: {exc}", code="invalid_json") from None
-    if not isinstance(body, dict):
-        raise RequestError("request body must be a JSON object", code="invalid_json")
-    model = body.get("model_name") or body.get("model") if kind == "generate" else body.get("model")
-    if model is not None and not isinstance(model, str):
-        raise RequestError("model: must be a string", param="model")
-    prompt: str | None = None
-    messages: tuple[tuple[str, str], ...] | None = None
-    if kind == "chat":
-        messages = _messages(body.get("messages"))
-    else:
-        prompt = _prompt(body.get("prompt"), kind)
-    stream = body.get("stream", False)
-    if not isinstance(stream, bool):
-        raise RequestError("stream: must be a boolean", param="stream")
-    options = body.get("stream_options") or {}
-    include_usage = isinstance(options, dict) and options.get("include_usage") is True
-    return Lookup(kind, model or default_model, prompt, messages, stream, include_usage)
-
-
-def _prompt(value: Any, kind: Kind) -> str:
-    if kind == "completion" and isinstance(value, list) and len(value) == 1:
-        value = value[0]
-    if not isinstance(value, str):
-        expected = "a string" if kind == "generate" else "a string or a list of one string"
-        raise RequestError(f"prompt: must be {expected}", param="prompt")
-    if not value:
-        raise RequestError("prompt: must not be empty", param="prompt")
-    return value
-
-
-def _messages(value: Any) -> tuple[tuple[str, str], ...]:
-    if not isinstance(value, list) or not value:
-        raise RequestError("messages: must be a non-empty list", param="messages")
-    out = []
-    for i, message in enumerate(value):
-        role = message.get("role") if isinstance(message, dict) else None
-        if role not in ROLES:
-            raise RequestError(
-                f"messages.{i}.role: must be one of {', '.join(sorted(ROLES))}",
-                param=f"messages.{i}.role",
-            )
-        content = message.get("content")
-        if isinstance(content, list):  # content parts: only text can match a cached prompt
-            parts = [p.get("text") if isinstance(p, dict) else None for p in content]
-            if not all(isinstance(p, str) for p in parts):
-                raise RequestError(
-                    f"messages.{i}.content: only text parts are supported",
-                    param=f"messages.{i}.content",
-                )
-            content = "".join(parts)  # type: ignore[arg-type]
-        if not isinstance(content, str):
-            raise RequestError(
-                f"messages.{i}.content: must be a string or a list of text parts",
-                param=f"messages.{i}.content",
-            )
-        out.append((role, content))
-    return tuple(out)
 
 
 class ServerlessApp:
@@ -146,7 +63,8 @@ class ServerlessApp:
         self,
         store: DynamoStore,
         *,
-        default_model: str = DEFAULT_MODEL,
+        default_model: str | None = None,
+        max_tokens_limit: int = MAX_TOKENS_LIMIT,
         on_miss: MissHandler | None = None,
         api_keys: tuple[str, ...] = (),
         catalogue_ttl: float = 60.0,
@@ -155,7 +73,9 @@ class ServerlessApp:
         clock: Callable[[], float] = time.monotonic,
     ):
         self.store = store
-        self.default_model = default_model
+        self.configured_model = default_model
+        self.default_model = choose_default_model(default_model, (), BUNDLED_MODEL)
+        self.max_tokens_limit = max_tokens_limit
         self.on_miss = on_miss
         self.api_keys = tuple(k.encode() for k in api_keys)
         self.catalogue_ttl = catalogue_ttl
@@ -185,10 +105,14 @@ class ServerlessApp:
             ttl = float(environ.get("CATALOGUE_TTL", "60"))
         except ValueError:
             raise ConfigError("CATALOGUE_TTL must be a number of seconds") from None
+        limit = environ.get("MAX_TOKENS_LIMIT", str(MAX_TOKENS_LIMIT))
+        if not limit.isdigit() or int(limit) < 1:
+            raise ConfigError("MAX_TOKENS_LIMIT must be a positive whole number")
         keys = tuple(k.strip() for k in environ.get("API_KEYS", "").split(",") if k.strip())
         return cls(
             DynamoStore(client, table),
-            default_model=environ.get("DEFAULT_MODEL") or DEFAULT_MODEL,
+            default_model=environ.get("DEFAULT_MODEL") or None,
+            max_tokens_limit=int(limit),
             on_miss=on_miss,
             api_keys=keys,
             catalogue_ttl=ttl,
@@ -207,17 +131,31 @@ class ServerlessApp:
     def handle(self, request: HttpRequest) -> Reply:
         if self.api_keys:
             self._authenticate(request)
-        kind = ROUTES.get(request.path)
+        kind = KINDS.get(request.path)
         if kind is not None and request.method == "POST":
             if len(request.body) > MAX_BODY_BYTES:
                 raise PayloadTooLargeError(f"request body is over {MAX_BODY_BYTES} bytes")
-            return self._answer(request, parse_lookup(kind, request.body, self.default_model))
+            body = decode_json(request.body)
+            parsed = parse_request(kind, body, max_tokens_limit=self.max_tokens_limit)
+            return self._answer(request, parsed)
         if request.method == "GET" and request.path in ("/", "/status", "/models", "/v1/models"):
             return self._info(request.path)
         raise NotFoundError(f"no route {request.method} {request.path}")
 
-    def _answer(self, request: HttpRequest, lookup: Lookup) -> Reply:
-        key = lookup.key()
+    def _answer(self, request: HttpRequest, parsed: GenerationRequest) -> Reply:
+        param = uncacheable(parsed)
+        if param is not None:
+            if self.on_miss is not None:
+                return self.on_miss(request)
+            raise RequestError(
+                f"{param}: a cached answer cannot carry this, and this function answers "
+                "from its cache only",
+                param=param,
+                code="not_cacheable",
+            )
+        if self._catalogue is None:
+            self._load_catalogue()  # the default model may depend on what is cached
+        key = lookup_key(parsed, self.default_model)
         for attempt in range(2):
             n = self._variants_of(key, refresh_on_miss=attempt == 0)
             if not n:
@@ -225,7 +163,7 @@ class ServerlessApp:
             variant = self._randbelow(n)
             entry = self.store.get(key, variant)
             if entry is not None:
-                return _hit(lookup, entry, variant)
+                return _hit(parsed, entry, variant)
             self._load_catalogue()  # pushed over since we read the catalogue: read it again
         return self._miss(request)
 
@@ -250,6 +188,8 @@ class ServerlessApp:
         self._catalogue = self.store.catalogue()
         self._variants = self._catalogue.variants()
         self._loaded_at = self._clock()
+        models = (p.model for p in self._catalogue.prompts)
+        self.default_model = choose_default_model(self.configured_model, models, BUNDLED_MODEL)
 
     def _authenticate(self, request: HttpRequest) -> None:
         scheme, _, token = request.headers.get("authorization", "").partition(" ")
@@ -281,27 +221,13 @@ class ServerlessApp:
         return json_reply(200, {"message": "ComeAPI (serverless)", "status": status})
 
 
-def _hit(lookup: Lookup, entry: Entry, variant: int) -> Reply:
-    usage = Usage(entry.prompt_tokens, entry.completion_tokens)
+def _hit(request: GenerationRequest, entry: Entry, variant: int) -> Reply:
     headers = {"X-Cache": "HIT", "X-Cache-Variant": str(variant)}
-    if lookup.stream:
+    if request.stream:
         # API Gateway buffers a Lambda's answer, so the whole stream goes as one SSE body.
-        encoder = StreamEncoder(lookup.kind, entry.model, include_usage=lookup.include_usage)
-        events = (
-            encoder.start()
-            + encoder.delta(entry.answer)
-            + encoder.finish(entry.finish_reason, usage)
-        )
         headers.update({"Content-Type": "text/event-stream", "Cache-Control": "no-cache"})
-        return Reply(200, events.decode("utf-8"), headers)
-    body = full_body(
-        lookup.kind,
-        model=entry.model,
-        text=entry.answer,
-        finish_reason=entry.finish_reason,
-        usage=usage,
-    )
-    return json_reply(200, body, headers)
+        return Reply(200, hit_stream(request, entry).decode("utf-8"), headers)
+    return json_reply(200, hit_body(request.kind, entry), headers)
 
 
 def json_reply(status: int, body: Any, headers: dict[str, str] | None = None) -> Reply:
