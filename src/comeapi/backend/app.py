@@ -20,11 +20,11 @@ from starlette.routing import Route
 from starlette.types import Receive, Scope, Send
 
 from comeapi.backend.engine import Engine, Event, Finished, TextDelta
-from comeapi.backend.engines import check_model_dir
+from comeapi.backend.support import refuse_unsupported
 from comeapi.errors import ComeapiError, QueueFullError, UnavailableError
 from comeapi.http.errors import EXCEPTION_HANDLERS
 from comeapi.http.responses import JSONResponse, read_body
-from comeapi.models.catalogue import ModelFile, resolve
+from comeapi.models.catalogue import ModelFile, check_model_dir, resolve
 from comeapi.protocol.requests import KINDS, GenerationRequest, decode_json, parse_request
 from comeapi.protocol.responses import StreamEncoder, full_body, sse_error
 from comeapi.settings import Settings
@@ -114,6 +114,7 @@ class BackendAPI:
             return Response(status_code=CLIENT_GONE)
         body = decode_json(raw)
         gen = parse_request(kind, body, max_tokens_limit=self._settings.max_tokens_limit)
+        refuse_unsupported(gen)
         model = resolve(self._models, gen.model, self._default.name)
         release = self._admit()
         try:

@@ -17,10 +17,10 @@ from typing import TYPE_CHECKING, cast
 
 from comeapi.backend.decoding import ChatTemplate, completion_budget, prompt_tokens
 from comeapi.backend.engine import Event, Finished
-from comeapi.backend.engines import check_model_dir
 from comeapi.backend.native import NativeModel, quiet_llama_logs
 from comeapi.backend.slots import PREFILL_CHUNK, DecodeLoop, Sequence
 from comeapi.errors import ComeapiError, ModelNotFoundError, UnavailableError
+from comeapi.models.catalogue import check_model_dir
 from comeapi.protocol.requests import GenerationRequest
 from comeapi.settings import Settings
 

@@ -21,9 +21,8 @@ import llama_cpp
 
 from comeapi.backend.decoding import ChatTemplate, TextAssembler, completion_budget, prompt_tokens
 from comeapi.backend.engine import Event, Finished, TextDelta
-from comeapi.backend.engines import check_model_dir
 from comeapi.errors import ComeapiError, ConfigError, ModelNotFoundError
-from comeapi.models.catalogue import ModelFile, check_gguf
+from comeapi.models.catalogue import ModelFile, check_gguf, check_model_dir
 from comeapi.protocol.requests import GenerationRequest
 from comeapi.protocol.responses import Usage
 from comeapi.settings import Settings

@@ -6,6 +6,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from comeapi.errors import ConfigError, ModelNotFoundError
+from comeapi.settings import Settings
 
 GGUF_MAGIC = b"GGUF"
 
@@ -56,3 +57,28 @@ def resolve(models: list[ModelFile], name: str | None, default: str | None = Non
         if wanted in (m.name, m.name.removesuffix(".gguf")):
             return m
     raise ModelNotFoundError(wanted, [m.name for m in models])
+
+
+def check_model_dir(settings: Settings) -> tuple[list[ModelFile], ModelFile]:
+    """Every GGUF file of the models directory and the default one, or ConfigError.
+
+    The default serves requests that name no model: ``default_model``, else the only file,
+    else the first by name.
+
+    Each file's magic is checked now, so a truncated download or a stray non-GGUF file is one
+    clear start-up error instead of a backend that crashes on its first request.
+    """
+    models = list_models(settings.model_dir)
+    if not models:
+        raise ConfigError(
+            f"no *.gguf model in {settings.model_dir} (run: comeapi models prepare "
+            f"--model-dir {settings.model_dir})"
+        )
+    for model in models:
+        check_gguf(model.path)
+    if settings.default_model is None:
+        return models, models[0]  # the only one, or the first by name
+    try:
+        return models, resolve(models, settings.default_model)
+    except ModelNotFoundError as exc:
+        raise ConfigError(f"default_model: {exc.message}") from None
