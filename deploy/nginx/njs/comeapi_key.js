@@ -1,17 +1,22 @@
-// The nginx cache key of a generation request: the same normalisation and SHA-256 as
-// comeapi.cache.key (NFC, CRLF/CR -> LF, Python's str.strip), computed by njs from the
-// request body, so `{"prompt":" Hi\r\n"}` and `{"prompt": "Hi"}` share one cache entry.
+// nginx's front door for the generation routes, line for line what comeapi does: the request
+// is validated as comeapi.protocol.requests validates it (400 with the same `param`), then
+// keyed as comeapi.cache.key keys it (NFC, CRLF/CR -> LF, Python's str.strip, SHA-256), so
+// `{"prompt":" Hi\r\n"}` and `{"prompt": "Hi"}` share one cache entry and a body is invalid
+// in nginx exactly when it is invalid in comeapi. tests/conformance runs one table against
+// both.
 //
-// js_set $comeapi_cache_key comeapi.cache_key;  ->  "<sha256 of comeapi's key>:<format>"
-// or "" when the body is not a request comeapi could cache (nginx then bypasses the cache).
-// <format> separates answers whose bytes differ for one prompt: "j" (JSON), "s" (SSE
-// stream), "su" (SSE stream with usage). The route ($uri) is added by nginx.conf.
+// js_content comeapi.front_door;  sets js_var $comeapi_cache_key to
+// "<sha256 of comeapi's key>:<format>", or "" when no stored answer fits the request (nginx
+// then bypasses the cache). <format> separates answers whose bytes differ for one prompt:
+// "j" (JSON), "s" (SSE stream), "su" (SSE stream with usage). The route ($uri) is added by
+// comeapi-locations.conf.
 
 import crypto from 'crypto';
 import nfcData from 'nfc_data.js';
 
 const KEY_VERSION = 1;
 const DEFAULT_MODEL_VAR = 'comeapi_default_model';
+const MAX_TOKENS_VAR = 'comeapi_max_tokens_limit';
 // njs strings count code points; QuickJS (and browsers) count UTF-16 units.
 const UTF16 = String.fromCodePoint(0x1F600).length === 2;
 // What Python's str.isspace() accepts, hence what str.strip() removes (JavaScript's trim()
@@ -189,8 +194,27 @@ function nfc(text) {
     return fromCodePoints(res);
 }
 
+// More than 30 combining marks in a row (UAX #15's stream-safe limit) in text that is not
+// already NFC: refused, as comeapi.cache.key refuses it (CPython's NFC is quadratic there).
+const MAX_COMBINING_RUN = 30;
+
+function checkStreamSafe(text) {
+    const t = nfcTables();
+    let run = 0;
+    codePoints(text).forEach(function (cp) {
+        run = t.ccc[cp] ? run + 1 : 0;
+        if (run > MAX_COMBINING_RUN) {
+            fail('prompt', 'the prompt has more than ' + MAX_COMBINING_RUN
+                + ' combining marks in a row', 'invalid_unicode');
+        }
+    });
+}
+
 function normalise(text) {
     let s = nfc(text);
+    if (s !== text) {
+        checkStreamSafe(text);
+    }
     if (s.indexOf('\r') >= 0) {
         s = s.split('\r\n').join('\n').split('\r').join('\n');
     }
@@ -208,122 +232,553 @@ function strip(s) {
     return end === s.length ? s : s.slice(0, end);
 }
 
-function modelFile(name, r) {
-    const wanted = name || r.variables[DEFAULT_MODEL_VAR] || '';
-    if (!wanted) {
-        return null;
-    }
-    return wanted.endsWith('.gguf') ? wanted : wanted + '.gguf';
+// --- the front door: src/comeapi/protocol/requests.py, line for line ---------------------
+// Fields are checked in the same order as there, so both name the same `param`; the same
+// table (tests/conformance/requests.jsonl) runs against both.
+
+const ROLES = {system: 1, developer: 1, user: 1, assistant: 1};
+const MEDIA_PARTS = {image_url: 1, input_audio: 1, file: 1, refusal: 1};
+const PART_TYPES = 'file, image_url, input_audio, refusal, text';
+const RESPONSE_FORMATS = {text: 1, json_object: 1, json_schema: 1};
+const MAX_STOP = 4, MAX_N = 16, MAX_PROMPTS = 16, MAX_TOP_LOGPROBS = 20;
+const MAX_LOGIT_BIAS = 1024, SEED_MAX = 4294967295, TOP_K_MAX = 2147483647;
+
+function RequestError(param, message, code) {
+    this.param = param;
+    this.message = param === null ? message : param + ': ' + message;
+    this.code = code || 'invalid_value';
 }
 
-function messageText(content) {
-    if (typeof content === 'string') {
-        return content;
+function fail(param, message, code) {
+    throw new RequestError(param, message, code);
+}
+
+function has(obj, name) {
+    return obj[name] !== undefined && obj[name] !== null;
+}
+
+function isObject(v) {
+    return v !== null && typeof v === 'object' && !Array.isArray(v);
+}
+
+function jsonType(v) {
+    if (v === null || v === undefined) {
+        return 'null';
     }
-    if (!Array.isArray(content)) {
+    if (typeof v === 'boolean') {
+        return 'a boolean';
+    }
+    if (typeof v === 'number') {
+        return 'a number';
+    }
+    if (typeof v === 'string') {
+        return 'a string';
+    }
+    return Array.isArray(v) ? 'a list' : 'an object';
+}
+
+function number(body, name, dflt, lo, hi) {
+    if (!has(body, name)) {
+        return dflt;
+    }
+    const v = body[name];
+    if (typeof v !== 'number') {
+        fail(name, 'must be a number, got ' + jsonType(v));
+    }
+    if (!(v >= lo && v <= hi)) {
+        fail(name, 'must be between ' + lo + ' and ' + hi);
+    }
+    return v;
+}
+
+function integer(body, name, dflt, lo, hi, prefix) {
+    const param = (prefix || '') + name;
+    if (!has(body, name)) {
+        return dflt;
+    }
+    const v = body[name];
+    if (typeof v !== 'number' || !Number.isInteger(v)) {
+        fail(param, 'must be an integer, got ' + jsonType(v));
+    }
+    if (v < lo || (hi !== null && v > hi)) {
+        fail(param, hi !== null ? 'must be between ' + lo + ' and ' + hi : 'must be at least ' + lo);
+    }
+    return v;
+}
+
+function positive(body, name, dflt) {
+    return has(body, name) ? integer(body, name, 1, 1, null) : dflt;
+}
+
+function flag(body, name, prefix) {
+    if (!has(body, name)) {
+        return false;
+    }
+    if (typeof body[name] !== 'boolean') {
+        fail((prefix || '') + name, 'must be true or false, got ' + jsonType(body[name]));
+    }
+    return body[name];
+}
+
+function seed(body) {
+    return has(body, 'seed') ? integer(body, 'seed', 0, 0, SEED_MAX) : null;
+}
+
+function model(body, name) {
+    if (!has(body, name)) {
         return null;
     }
-    let text = '';
-    for (let i = 0; i < content.length; i++) {
-        const part = content[i];
-        if (part === null || typeof part !== 'object' || typeof part.text !== 'string') {
-            return null;
-        }
-        text += part.text;
+    if (typeof body[name] !== 'string') {
+        fail(name, 'must be a string, got ' + jsonType(body[name]));
+    }
+    return body[name] || null;
+}
+
+function nonblank(text, param) {
+    if (strip(text) === '') {
+        fail(param, 'must not be empty');
     }
     return text;
 }
 
-// comeapi's key document, serialised exactly like json.dumps(sort_keys=True,
-// separators=(",", ":"), ensure_ascii=False), or null if the body has no cacheable prompt.
-function keyDocument(route, body, r) {
-    if (body === null || typeof body !== 'object' || Array.isArray(body)) {
+function stop(body) {
+    if (!has(body, 'stop')) {
+        return;
+    }
+    const v = body.stop;
+    const stops = typeof v === 'string' ? [v] : v;
+    if (!Array.isArray(stops) || !stops.every(function (s) { return typeof s === 'string'; })) {
+        fail('stop', 'must be a string or a list of strings');
+    }
+    if (stops.length > MAX_STOP || !stops.every(function (s) { return s.length > 0; })) {
+        fail('stop', 'takes at most ' + MAX_STOP + ' non-empty strings');
+    }
+}
+
+function prompts(v) {
+    if (typeof v === 'string') {
+        return [nonblank(v, 'prompt')];
+    }
+    if (!Array.isArray(v) || v.length === 0) {
+        fail('prompt', 'is required: a string or a non-empty list of strings');
+    }
+    if (!v.every(function (p) { return typeof p === 'string'; })) {
+        if (v.every(function (p) { return typeof p === 'number' && Number.isInteger(p); })
+            || v.every(Array.isArray)) {
+            fail('prompt', 'token-id prompts are not supported; send text');
+        }
+        fail('prompt', 'must be a string or a list of strings');
+    }
+    if (v.length > MAX_PROMPTS) {
+        fail('prompt', 'takes at most ' + MAX_PROMPTS + ' prompts');
+    }
+    v.forEach(function (p, i) { nonblank(p, 'prompt.' + i); });
+    return v;
+}
+
+function message(v, i) {
+    const where = 'messages.' + i;
+    if (!isObject(v)) {
+        fail(where, 'must be an object with role and content');
+    }
+    if (typeof v.role !== 'string' || !ROLES[v.role]) {
+        fail(where + '.role', 'must be one of assistant, developer, system, user');
+    }
+    if (has(v, 'name') && typeof v.name !== 'string') {
+        fail(where + '.name', 'must be a string');
+    }
+    if (has(v, 'tool_calls')) {
+        fail(where + '.tool_calls', 'tool calls are not supported');
+    }
+    const content = v.content;
+    if (typeof content === 'string') {
+        return {role: v.role, content: content, media: 0};
+    }
+    if (!Array.isArray(content)) {
+        fail(where + '.content', 'must be a string or a list of content parts');
+    }
+    let text = '', media = 0;
+    for (let j = 0; j < content.length; j++) {
+        const at = where + '.content.' + j, part = content[j];
+        const kind = isObject(part) && typeof part.type === 'string' ? part.type : null;
+        if (kind === 'text') {
+            if (typeof part.text !== 'string') {
+                fail(at + '.text', 'must be a string, got ' + jsonType(part.text));
+            }
+            text += part.text;
+        } else if (kind !== null && MEDIA_PARTS[kind]) {
+            const ok = kind === 'refusal' ? typeof part[kind] === 'string' : isObject(part[kind]);
+            if (!ok) {
+                fail(at + '.' + kind, 'a ' + kind + ' part needs its ' + kind + ' field');
+            }
+            media++;
+        } else if (isObject(part)) {
+            fail(at + '.type', 'must be one of ' + PART_TYPES);
+        } else {
+            fail(at, 'must be an object with a type');
+        }
+    }
+    return {role: v.role, content: text, media: media};
+}
+
+function logitBias(v) {
+    if (v === undefined || v === null) {
+        return 0;
+    }
+    if (!isObject(v)) {
+        fail('logit_bias', 'must be an object mapping token ids to numbers');
+    }
+    const tokens = Object.keys(v);
+    if (tokens.length > MAX_LOGIT_BIAS) {
+        fail('logit_bias', 'takes at most ' + MAX_LOGIT_BIAS + ' tokens');
+    }
+    tokens.forEach(function (t) {
+        if (!/^[0-9]{1,9}$/.test(t)) {
+            fail('logit_bias', 'keys must be token ids');
+        }
+        const b = v[t];
+        if (typeof b !== 'number' || !(b >= -100 && b <= 100)) {
+            fail('logit_bias', t + ': the bias must be a number in -100..100');
+        }
+    });
+    return tokens.length;
+}
+
+function responseFormat(v) {
+    if (v === undefined || v === null) {
         return null;
     }
-    const q = JSON.stringify;
-    if (route === '/v1/chat/completions') {
-        const model = modelFile(typeof body.model === 'string' ? body.model : null, r);
-        if (!model || !Array.isArray(body.messages) || body.messages.length === 0) {
-            return null;
+    const kind = isObject(v) && typeof v.type === 'string' ? v.type : null;
+    if (kind === null || !RESPONSE_FORMATS[kind]) {
+        fail('response_format.type', 'must be one of json_object, json_schema, text');
+    }
+    if (kind === 'text') {
+        return null;
+    }
+    if (kind === 'json_schema') {
+        const spec = v.json_schema;
+        if (!isObject(spec)) {
+            fail('response_format.json_schema', 'is required for type json_schema');
         }
-        const parts = [];
-        for (let i = 0; i < body.messages.length; i++) {
-            const m = body.messages[i];
-            const text = m && typeof m.role === 'string' ? messageText(m.content) : null;
-            if (text === null) {
-                return null;
+        if (typeof spec.name !== 'string' || spec.name === '') {
+            fail('response_format.json_schema.name', 'is required: a non-empty string');
+        }
+        if (has(spec, 'schema') && !isObject(spec.schema)) {
+            fail('response_format.json_schema.schema', 'must be a JSON Schema object');
+        }
+        flag(spec, 'strict', 'response_format.json_schema.');
+    }
+    return kind;
+}
+
+function tools(v) {
+    if (v === undefined || v === null) {
+        return 0;
+    }
+    if (!Array.isArray(v) || !v.every(isObject)) {
+        fail('tools', 'must be a list of tool objects');
+    }
+    return v.length;
+}
+
+function toolChoice(v) {
+    if (v === undefined || v === null || isObject(v)
+        || v === 'none' || v === 'auto' || v === 'required') {
+        return v === undefined ? null : v;
+    }
+    fail('tool_choice', 'must be "none", "auto", "required" or an object');
+}
+
+function openaiCommon(body, req) {
+    number(body, 'temperature', 1, 0, 2);
+    number(body, 'top_p', 1, 0, 1);
+    integer(body, 'top_k', 40, 0, TOP_K_MAX);
+    seed(body);
+    stop(body);
+    req.stream = flag(body, 'stream');
+    const options = body.stream_options;
+    if (has(body, 'stream_options') && !isObject(options)) {
+        fail('stream_options', 'must be an object');
+    }
+    req.includeUsage = has(body, 'stream_options') && flag(options, 'include_usage',
+        'stream_options.');
+    if (has(body, 'user') && typeof body.user !== 'string') {
+        fail('user', 'must be a string');
+    }
+    req.n = integer(body, 'n', 1, 1, MAX_N);
+    req.logitBias = logitBias(body.logit_bias);
+    number(body, 'presence_penalty', 0, -2, 2);
+    number(body, 'frequency_penalty', 0, -2, 2);
+}
+
+function parseGenerate(body, req) {
+    if (typeof body.prompt !== 'string') {
+        fail('prompt', 'is required and must be a string');
+    }
+    req.prompts = [nonblank(body.prompt, 'prompt')];
+    req.model = model(body, 'model_name');
+    if (req.model === null) {
+        req.model = model(body, 'model');
+    }
+    req.maxTokens = positive(body, 'max_tokens', 100);
+    number(body, 'temperature', 0.8, 0, 2);
+    integer(body, 'top_k', 40, 0, TOP_K_MAX);
+    number(body, 'top_p', 0.9, 0, 1);
+    seed(body);
+    stop(body);
+    req.stream = flag(body, 'stream');
+}
+
+function parseCompletion(body, req) {
+    req.prompts = prompts(body.prompt);
+    req.model = model(body, 'model');
+    req.maxTokens = positive(body, 'max_tokens', 16);
+    req.logprobs = has(body, 'logprobs');
+    integer(body, 'logprobs', 0, 0, MAX_TOP_LOGPROBS);
+    req.echo = flag(body, 'echo');
+    openaiCommon(body, req);
+}
+
+function parseChat(body, req) {
+    if (!Array.isArray(body.messages) || body.messages.length === 0) {
+        fail('messages', 'is required and must be a non-empty list of messages');
+    }
+    req.messages = body.messages.map(message);
+    req.model = model(body, 'model');
+    const maxCompletion = positive(body, 'max_completion_tokens', null);
+    const maxTokens = positive(body, 'max_tokens', null);
+    req.maxTokens = maxCompletion !== null ? maxCompletion : maxTokens;
+    req.logprobs = flag(body, 'logprobs');
+    integer(body, 'top_logprobs', 0, 0, MAX_TOP_LOGPROBS);
+    if (has(body, 'top_logprobs') && !req.logprobs) {
+        fail('top_logprobs', 'needs logprobs: true');
+    }
+    ['functions', 'function_call'].forEach(function (name) {
+        if (has(body, name)) {
+            fail(name, 'is deprecated and not supported; use tools');
+        }
+    });
+    if (has(body, 'audio')) {
+        fail('audio', 'is not supported: this server answers with text only');
+    }
+    const m = body.modalities;
+    if (has(body, 'modalities') && !(Array.isArray(m) && m.length === 1 && m[0] === 'text')) {
+        fail('modalities', 'only ["text"] is supported');
+    }
+    if (has(body, 'web_search_options')) {
+        fail('web_search_options', 'is not supported: this server has no web search');
+    }
+    req.responseFormat = responseFormat(body.response_format);
+    req.tools = tools(body.tools);
+    req.toolChoice = toolChoice(body.tool_choice);
+    openaiCommon(body, req);
+}
+
+const PARSERS = {
+    '/generate': parseGenerate,
+    '/v1/completions': parseCompletion,
+    '/v1/chat/completions': parseChat,
+};
+
+// The validated request (what the key and the response format need), or a RequestError.
+function parseRequest(route, body, maxTokensLimit) {
+    if (!isObject(body)) {
+        fail(null, 'request body must be a JSON object', 'invalid_json');
+    }
+    const req = {
+        prompts: [], messages: null, model: null, maxTokens: null, stream: false,
+        includeUsage: false, n: 1, logprobs: false, logitBias: 0, responseFormat: null,
+        echo: false, tools: 0, toolChoice: null,
+    };
+    PARSERS[route](body, req);
+    if (req.maxTokens !== null && req.maxTokens > maxTokensLimit) {
+        fail('max_tokens', req.maxTokens + " is above this server's limit of " + maxTokensLimit);
+    }
+    return req;
+}
+
+// comeapi.cache.key.uncacheable: the field a stored answer cannot satisfy, or null.
+function uncacheable(req) {
+    if (req.messages !== null) {
+        for (let i = 0; i < req.messages.length; i++) {
+            if (req.messages[i].media) {
+                return 'messages.' + i + '.content';
             }
-            parts.push('[' + q(m.role) + ',' + q(normalise(text)) + ']');
         }
-        return '{"messages":[' + parts.join(',') + '],"model":' + q(model)
+    }
+    if (req.prompts.length > 1) {
+        return 'prompt';
+    }
+    if (req.n > 1) {
+        return 'n';
+    }
+    if (req.logprobs) {
+        return 'logprobs';
+    }
+    if (req.logitBias) {
+        return 'logit_bias';
+    }
+    if (req.responseFormat !== null) {
+        return 'response_format';
+    }
+    if (req.echo) {
+        return 'echo';
+    }
+    if (req.tools && req.toolChoice !== 'none') {
+        return 'tools';
+    }
+    return null;
+}
+
+function canonicalModel(name) {
+    return name.endsWith('.gguf') ? name : name + '.gguf';
+}
+
+// comeapi's key document, serialised exactly like json.dumps(sort_keys=True,
+// separators=(",", ":"), ensure_ascii=False).
+function keyDocument(req, defaultModel) {
+    const q = JSON.stringify;
+    const name = canonicalModel(req.model || defaultModel);
+    if (req.messages !== null) {
+        const parts = req.messages.map(function (m) {
+            return '[' + q(m.role) + ',' + q(normalise(m.content)) + ']';
+        });
+        return '{"messages":[' + parts.join(',') + '],"model":' + q(name)
             + ',"v":' + KEY_VERSION + '}';
     }
-    let name = typeof body.model === 'string' ? body.model : null;
-    if (route === '/generate' && typeof body.model_name === 'string' && body.model_name) {
-        name = body.model_name;
-    }
-    let prompt = body.prompt;
-    if (route === '/v1/completions' && Array.isArray(prompt) && prompt.length === 1) {
-        prompt = prompt[0];
-    }
-    const model = modelFile(name, r);
-    const text = typeof prompt === 'string' ? normalise(prompt) : '';
-    if (!text || !model) {
-        return null;
-    }
-    return '{"model":' + q(model) + ',"prompt":' + q(text) + ',"v":' + KEY_VERSION + '}';
+    return '{"model":' + q(name) + ',"prompt":' + q(normalise(req.prompts[0]))
+        + ',"v":' + KEY_VERSION + '}';
 }
 
-function responseFormat(body) {
-    if (body.stream !== true) {
+// The cache entries of one prompt differ by the bytes of the answer: "j" (JSON), "s" (SSE
+// stream), "su" (SSE stream with usage).
+function answerFormat(req) {
+    if (!req.stream) {
         return 'j';
     }
-    const opts = body.stream_options;
-    return opts && typeof opts === 'object' && opts.include_usage === true ? 'su' : 's';
+    return req.includeUsage ? 'su' : 's';
 }
 
-function parsedBody(r) {
-    const text = r.requestText;
-    if (typeof text !== 'string') {
-        // Only when the body went to a temporary file: client_body_buffer_size must equal
-        // client_max_body_size. Never guess a key from a body we cannot see.
+// JSON as strict as comeapi's orjson: valid UTF-8 (TextDecoder, fatal), no byte order mark
+// (ignoreBOM keeps it for JSON.parse to refuse), no number beyond a double, no lone surrogate escape (JSON.parse
+// would turn it into U+FFFD).
+const UTF8 = new TextDecoder('utf-8', {fatal: true, ignoreBOM: true});
+
+function finiteNumbers(key, value) {
+    if (typeof value === 'number' && !isFinite(value)) {
+        throw new SyntaxError('number out of range');
+    }
+    return value;
+}
+
+function loneSurrogateEscape(text) {
+    const re = /(\\+)u([dD][89a-fA-F][0-9a-fA-F]{2})/g;
+    let m, pendingHighEnd = -1;
+    while ((m = re.exec(text)) !== null) {
+        if (m[1].length % 2 === 0) {
+            continue;  // an escaped backslash followed by the letter u
+        }
+        const start = m.index + m[1].length - 1, code = parseInt(m[2], 16);
+        if (code < 0xDC00) {
+            if (pendingHighEnd >= 0) {
+                return true;
+            }
+            pendingHighEnd = start + 6;
+        } else if (pendingHighEnd !== start) {
+            return true;
+        } else {
+            pendingHighEnd = -1;
+        }
+    }
+    return pendingHighEnd >= 0;
+}
+
+function decodeBody(buffer) {
+    try {
+        const text = buffer === undefined ? '' : UTF8.decode(buffer);
+        if (text.indexOf('\\u') >= 0 && loneSurrogateEscape(text)) {
+            throw new SyntaxError('lone surrogate escape');
+        }
+        return {body: JSON.parse(text, finiteNumbers)};
+    } catch (e) {
+        return {error: new RequestError(null, 'request body is not valid JSON: ' + e.message,
+            'invalid_json')};
+    }
+}
+
+// One verdict for a request body: {error}, {uncacheable: param}, or {key, format, document}.
+function verdict(route, buffer, r) {
+    const decoded = decodeBody(buffer);
+    if (decoded.error) {
+        return {error: decoded.error};
+    }
+    const limit = parseInt(r.variables[MAX_TOKENS_VAR] || '2048', 10);
+    try {
+        const req = parseRequest(route, decoded.body, limit);
+        const blocker = uncacheable(req);
+        if (blocker !== null) {
+            return {uncacheable: blocker};
+        }
+        const doc = keyDocument(req, r.variables[DEFAULT_MODEL_VAR] || '');
+        return {key: digest(doc), format: answerFormat(req), document: doc};
+    } catch (e) {
+        if (e instanceof RequestError) {
+            return {error: e};
+        }
+        throw e;
+    }
+}
+
+function errorBody(e) {
+    return JSON.stringify({error: {message: e.message, type: 'invalid_request_error',
+        param: e.param, code: e.code}});
+}
+
+// The body as nginx holds it, or null when it went to a temporary file (only if
+// client_body_buffer_size were smaller than client_max_body_size): then comeapi decides.
+function requestBody(r) {
+    if (r.requestBuffer === undefined && r.headersIn['Content-Length'] > 0) {
         r.warn('comeapi: request body not in memory, cache bypassed');
         return null;
     }
-    try {
-        return JSON.parse(text);
-    } catch (e) {
-        return null;
-    }
+    return r.requestBuffer;
 }
 
 function digest(doc) {
     return crypto.createHash('sha256').update(doc).digest('hex');
 }
 
-// js_set handler: "" means "do not cache" (proxy_cache_bypass / proxy_no_cache).
-function cache_key(r) {
-    if (r.method !== 'POST') {
-        return '';
+// js_content handler of the generation routes: nginx reads the body, answers 400 itself for
+// a request comeapi would refuse (so that comeapi may be stopped), and otherwise sets
+// $comeapi_cache_key (js_var: "<key>:<format>", or "" for "do not cache": a body no stored
+// answer fits) and goes on to the cached proxy in the named location.
+function front_door(r) {
+    const body = r.method === 'POST' ? requestBody(r) : null;
+    const v = body === null ? {} : verdict(r.uri, body, r);
+    if (v.error) {
+        r.headersOut['Content-Type'] = 'application/json';
+        r.return(400, errorBody(v.error) + '\n');
+        return;
     }
-    const body = parsedBody(r);
-    const doc = keyDocument(r.uri, body, r);
-    return doc === null ? '' : digest(doc) + ':' + responseFormat(body);
+    r.variables.comeapi_cache_key = v.key ? v.key + ':' + v.format : '';
+    r.internalRedirect('@comeapi_generation');
 }
 
-// js_content handler for the internal listener: which key nginx computes for a body.
+// js_content handler for the internal listener: nginx's verdict on a body.
 function show_key(r) {
-    const body = parsedBody(r);
     const route = r.args.route || '/generate';
-    const doc = keyDocument(route, body, r);
+    const body = requestBody(r);
+    const v = body === null ? {} : verdict(route, body, r);
     const out = {
-        key: doc === null ? null : digest(doc),
-        format: doc === null ? null : responseFormat(body),
-        document: doc,
+        key: v.key || null,
+        format: v.format || null,
+        document: v.document || null,
+        uncacheable: v.uncacheable || null,
+        error: v.error ? JSON.parse(errorBody(v.error)).error : null,
         unicode: nfcData.unicode,
     };
     r.headersOut['Content-Type'] = 'application/json';
-    r.return(doc === null ? 422 : 200, JSON.stringify(out) + '\n');
+    r.return(200, JSON.stringify(out) + '\n');
 }
 
-export default {cache_key, show_key, normalise, nfc, keyDocument};
+export default {front_door, show_key, normalise, nfc, verdict};
