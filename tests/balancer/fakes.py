@@ -14,7 +14,9 @@ from typing import Any
 
 import httpx
 
-GENERATION_PATHS = ("/generate", "/v1/completions", "/v1/chat/completions")
+from comeapi.protocol.requests import KINDS
+
+GENERATION_PATHS = tuple(KINDS)
 
 
 async def eventually(predicate: Callable[[], bool], seconds: float = 5.0) -> None:
@@ -42,11 +44,13 @@ class FakeBackend:
         self.stream_closed = asyncio.Event()
         self.fail_after: int | None = None
         self.hold: asyncio.Event | None = None
+        self.authorizations: list[tuple[str, str | None]] = []  # (path, Authorization)
 
     async def handle(self, request: httpx.Request) -> httpx.Response:
         if not self.up:
             raise httpx.ConnectError("[Errno 111] Connection refused", request=request)
         path = request.url.path
+        self.authorizations.append((path, request.headers.get("authorization")))
         if path == "/health":
             return await self._health()
         if path == "/models":

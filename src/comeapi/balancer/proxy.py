@@ -209,6 +209,10 @@ def _error_code(body: bytes) -> str | None:
     return code if isinstance(code, str) else None
 
 
-def forward_headers(headers: Mapping[str, str]) -> dict[str, str]:
-    """The client's headers worth passing to the backend."""
-    return {name: headers[name] for name in FORWARD_REQUEST_HEADERS if name in headers}
+def forward_headers(headers: Mapping[str, str], api_key: str | None = None) -> dict[str, str]:
+    """The client's headers worth passing to the backend. With ``api_key`` (the backends'
+    key) that is sent instead of the client's Authorization, which was for the gateway."""
+    out = {name: headers[name] for name in FORWARD_REQUEST_HEADERS if name in headers}
+    if api_key:
+        out["authorization"] = f"Bearer {api_key}"
+    return out

@@ -29,10 +29,12 @@ from comeapi.balancer.transport import FastTransport
 from comeapi.errors import ModelNotFoundError
 from comeapi.gateway.cache import ResponseCache
 from comeapi.gateway.generation import GenerationRoutes
-from comeapi.gateway.metrics import CONTENT_TYPE, GatewayMetrics, MetricsMiddleware
+from comeapi.gateway.metrics import GatewayMetrics
 from comeapi.gateway.ondemand import OnDemandBackends, pool_supervisor
 from comeapi.http.auth import APIKeyMiddleware
+from comeapi.http.cors import cors_middleware
 from comeapi.http.errors import EXCEPTION_HANDLERS
+from comeapi.http.metrics import CONTENT_TYPE, MetricsMiddleware
 from comeapi.http.responses import JSONResponse
 from comeapi.protocol.requests import KINDS
 from comeapi.settings import Settings
@@ -148,6 +150,14 @@ class Gateway:
     # --- model lists: the union of the backends' ------------------------------------------
 
     async def models(self, request: Request) -> Response:
+        """``GET /models``: OpenAI's list (``object``, ``data``: SDKs whose base_url lacks
+        /v1) and ComeAPI's ``models`` in one body; each client reads its own keys."""
+        comeapi, openai = await asyncio.gather(
+            self._comeapi_model_list(request), self._openai_model_list(request)
+        )
+        return JSONResponse({"object": "list", "data": openai, "models": comeapi})
+
+    async def _comeapi_model_list(self, request: Request) -> list[dict[str, Any]]:
         found: dict[str, dict[str, Any]] = {}
         for answer in await self._ask_backends("/models", request):
             for item in answer.get("models") or []:
@@ -155,7 +165,7 @@ class Gateway:
                     found.setdefault(item["name"], item)
         for name in self._local_models():
             found.setdefault(name, {"name": name, "size_mb": None})
-        return JSONResponse({"models": [found[name] for name in sorted(found)]})
+        return [found[name] for name in sorted(found)]
 
     async def openai_models(self, request: Request) -> Response:
         return JSONResponse({"object": "list", "data": await self._openai_model_list(request)})
@@ -188,7 +198,7 @@ class Gateway:
         return names
 
     async def _ask_backends(self, path: str, request: Request) -> list[dict[str, Any]]:
-        headers = forward_headers(request.headers)
+        headers = forward_headers(request.headers, self.settings.backend_api_key)
 
         async def ask(url: str) -> dict[str, Any]:
             try:
@@ -216,6 +226,7 @@ def create_app(
         Route("/status", gateway.status),
         Route("/metrics", gateway.metrics_route),
         Route("/models", gateway.models),
+        Route("/models/{model:path}", gateway.openai_model),
         Route("/v1/models", gateway.openai_models),
         Route("/v1/models/{model:path}", gateway.openai_model),
     ]
@@ -236,6 +247,8 @@ def create_app(
                 metrics=gateway.metrics,
                 routes=[*KINDS, *(r.path for r in routes)],
             ),
+            # Preflights are answered before the key check; none without --cors-origin.
+            *cors_middleware(settings.cors_origins),
             Middleware(APIKeyMiddleware, keys=settings.api_keys),
             # innermost: ahead of the router
             Middleware(

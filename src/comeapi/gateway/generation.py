@@ -153,7 +153,7 @@ class GenerationRoutes:
         return await self.forwarder.forward(
             scope["path"],
             raw,
-            forward_headers(headers),
+            forward_headers(headers, self.settings.backend_api_key),
             model=request.model,
             stream=request.stream,
             receive=receive,
