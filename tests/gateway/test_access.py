@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import httpx
 import pytest
 
 from tests.balancer.fakes import FakeCluster
@@ -78,6 +79,27 @@ async def test_other_origins_get_no_cors_headers_and_a_refused_preflight() -> No
     assert "access-control-allow-origin" not in preflight.headers
     assert actual.status_code == 200  # a browser, not the server, enforces CORS
     assert "access-control-allow-origin" not in actual.headers
+
+
+class CorsBackends(FakeCluster):
+    """Backends that run CORS of their own for some other origin."""
+
+    async def handle(self, request: httpx.Request) -> httpx.Response:
+        response = await super().handle(request)
+        response.headers["Access-Control-Allow-Origin"] = "https://backend-page.example"
+        response.headers["Vary"] = "Origin"
+        return response
+
+
+async def test_a_backends_cors_headers_are_not_relayed() -> None:
+    async with running(CorsBackends(1), **KEYED) as (client, _):
+        r = await client.post("/generate", json=GENERATE, headers={"Origin": ORIGIN, **AUTH})
+        stream = await client.post(
+            "/generate", json={**GENERATE, "stream": True}, headers={"Origin": ORIGIN, **AUTH}
+        )
+    for response in (r, stream):
+        assert response.headers.get_list("access-control-allow-origin") == [ORIGIN]
+        assert response.headers.get_list("vary") == ["Origin"]
 
 
 async def test_without_cors_origins_nothing_is_allowed() -> None:

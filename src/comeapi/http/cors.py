@@ -5,6 +5,12 @@ at all, so the gateway's cache-hit path does not pay for it. It sits in front of
 check, because a browser sends its preflight (OPTIONS with Access-Control-Request-Method)
 without credentials: the preflight is answered here, and every actual answer (a cache hit, a
 stream, a 401 or any other error) gets Access-Control-Allow-Origin on its way out.
+
+Starlette answers the preflight and decides which origins are allowed. The headers of actual
+answers are added here, pre-encoded: Starlette's way (MutableHeaders, which scans and
+rebuilds the header list for every header set) cost 25-45 us per request, most of a cache
+hit, against about 2 us here (``python benchmarks/cors_overhead.py``, docs/backend.md).
+``tests/http/test_cors.py`` checks these headers against Starlette's own for each case.
 """
 
 from __future__ import annotations
@@ -15,6 +21,7 @@ from starlette.datastructures import Headers
 from starlette.middleware import Middleware
 from starlette.middleware import cors as starlette_cors
 from starlette.responses import Response
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from comeapi.errors import RequestError
 from comeapi.http.responses import JSONResponse
@@ -27,9 +34,50 @@ ALLOW_HEADERS = ("*",)
 # Headers a page may read: which answer the cache gave, and when to come back after a 503.
 EXPOSE_HEADERS = ("X-Cache", "X-Cache-Variant", "Retry-After")
 
+RawHeaders = list[tuple[bytes, bytes]]
+
 
 class CORSMiddleware(starlette_cors.CORSMiddleware):
-    """Starlette's middleware; a refused preflight is a 400 in OpenAI's error shape."""
+    """Starlette's middleware with pre-encoded headers on actual answers; a refused
+    preflight is a 400 in OpenAI's error shape."""
+
+    def __init__(self, app: ASGIApp, **kwargs: object) -> None:
+        super().__init__(app, **kwargs)  # type: ignore[arg-type]
+        encoded = [(k.lower().encode(), v.encode()) for k, v in self.simple_headers.items()]
+        self._no_origin: RawHeaders = [(b"vary", b"Origin")]
+        self._origin: RawHeaders = [*encoded, (b"vary", b"Origin")]
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        origin: bytes | None = None
+        preflight = False
+        for name, value in scope["headers"]:
+            if name == b"origin":
+                origin = value
+            elif name == b"access-control-request-method":
+                preflight = True
+        if origin is not None and preflight and scope["method"] == "OPTIONS":
+            response = self.preflight_response(request_headers=Headers(scope=scope))
+            await response(scope, receive, send)
+            return
+        extra = self._answer_headers(origin)
+
+        async def send_with_cors(message: Message) -> None:
+            if message["type"] == "http.response.start":
+                message = {**message, "headers": [*message.get("headers", ()), *extra]}
+            await send(message)
+
+        await self.app(scope, receive, send_with_cors)
+
+    def _answer_headers(self, origin: bytes | None) -> RawHeaders:
+        """What Starlette's ``send`` adds for this Origin (none: not a cross-origin call)."""
+        if origin is None:
+            return self._no_origin
+        if not self.allow_all_origins and self.is_allowed_origin(origin.decode("latin-1")):
+            return [(b"access-control-allow-origin", origin), *self._origin]
+        return self._origin  # with "*" it holds Access-Control-Allow-Origin: *
 
     def preflight_response(self, request_headers: Headers) -> Response:
         response = super().preflight_response(request_headers)
