@@ -41,8 +41,21 @@ class CORSMiddleware(starlette_cors.CORSMiddleware):
     """Starlette's middleware with pre-encoded headers on actual answers; a refused
     preflight is a 400 in OpenAI's error shape."""
 
-    def __init__(self, app: ASGIApp, **kwargs: object) -> None:
-        super().__init__(app, **kwargs)  # type: ignore[arg-type]
+    def __init__(
+        self,
+        app: ASGIApp,
+        allow_origins: Collection[str] = (),
+        allow_methods: Collection[str] = ALLOW_METHODS,
+        allow_headers: Collection[str] = ALLOW_HEADERS,
+        expose_headers: Collection[str] = EXPOSE_HEADERS,
+    ) -> None:
+        super().__init__(
+            app,
+            allow_origins=allow_origins,
+            allow_methods=allow_methods,
+            allow_headers=allow_headers,
+            expose_headers=expose_headers,
+        )
         encoded = [(k.lower().encode(), v.encode()) for k, v in self.simple_headers.items()]
         self._no_origin: RawHeaders = [(b"vary", b"Origin")]
         self._origin: RawHeaders = [*encoded, (b"vary", b"Origin")]
@@ -96,12 +109,4 @@ def cors_middleware(origins: Collection[str]) -> list[Middleware]:
     """The CORS layer for ``origins`` (``*``: any), or nothing when there are none."""
     if not origins:
         return []
-    return [
-        Middleware(
-            CORSMiddleware,
-            allow_origins=list(origins),
-            allow_methods=ALLOW_METHODS,
-            allow_headers=ALLOW_HEADERS,
-            expose_headers=EXPOSE_HEADERS,
-        )
-    ]
+    return [Middleware(CORSMiddleware, allow_origins=list(origins))]
