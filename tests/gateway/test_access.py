@@ -6,10 +6,11 @@ from __future__ import annotations
 from pathlib import Path
 
 import httpx
+import openai
 import pytest
 
 from tests.balancer.fakes import FakeCluster
-from tests.gateway.test_app import GENERATE, cache_over, running
+from tests.gateway.test_app import GENERATE, MODEL, cache_over, running
 
 pytestmark = pytest.mark.anyio
 
@@ -156,3 +157,31 @@ async def test_routes_without_v1_are_forwarded_and_cached_as_with_it(tmp_path: P
     assert miss.headers["x-cache"] == "MISS"
     assert fakes.backends[0].bodies == [{"prompt": "fresh"}]
     assert ("/completions", None) in fakes.backends[0].authorizations
+
+
+async def test_the_official_client_without_v1_and_a_comeapi_client(tmp_path: Path) -> None:
+    """openai's client with a base_url that lacks /v1: models.list(), models.retrieve(),
+    completions and chat (cached answers); a ComeAPI client reads "models" from /models."""
+    fakes = FakeCluster(1)
+    store = cache_over(tmp_path)
+    (tmp_path / "chat").mkdir()
+    chat_store = cache_over(tmp_path / "chat", kind="chat")
+    async with running(fakes, cache=store) as (client, _):
+        api = openai.AsyncOpenAI(
+            base_url="http://gateway", api_key="unused", http_client=client, max_retries=0
+        )
+        listed = (await api.models.list()).data
+        assert [m.id for m in listed] == [MODEL, "m.gguf"]  # the cached model and the backend's
+        assert (await api.models.retrieve("m.gguf")).id == "m.gguf"
+        completion = await api.completions.create(model=MODEL, prompt="cached", max_tokens=4)
+        assert completion.choices[0].text.startswith("from cache")
+        comeapi_models = (await client.get("/models")).json()["models"]
+        assert [m["name"] for m in comeapi_models] == [MODEL, "m.gguf"]
+    async with running(fakes, cache=chat_store) as (client, _):
+        api = openai.AsyncOpenAI(
+            base_url="http://gateway", api_key="unused", http_client=client, max_retries=0
+        )
+        chat = await api.chat.completions.create(
+            model=MODEL, messages=[{"role": "user", "content": "cached"}]
+        )
+        assert chat.choices[0].message.content.startswith("from cache")
