@@ -21,11 +21,11 @@ from collections.abc import Callable, Coroutine, Iterator
 from typing import Any
 
 import uvicorn
-from starlette.applications import Starlette
 
 from comeapi.balancer.pool import BackendPool
 from comeapi.gateway.app import Gateway, create_app
 from comeapi.gateway.cache import ResponseCache
+from comeapi.gateway.generation import GenerationRoutes
 from comeapi.settings import Settings
 
 log = logging.getLogger("comeapi.gateway")
@@ -35,7 +35,7 @@ WORKER_SETTINGS_ENV = "_COMEAPI_GATEWAY_SETTINGS"
 SIGNALS = (signal.SIGINT, signal.SIGTERM)
 
 
-def uvicorn_config(settings: Settings, app: Starlette) -> uvicorn.Config:
+def uvicorn_config(settings: Settings, app: GenerationRoutes) -> uvicorn.Config:
     return uvicorn.Config(
         app,
         host=settings.host,
@@ -64,7 +64,7 @@ class GatewayServer(uvicorn.Server):
         await super().shutdown(sockets)
 
 
-def gateway_server(settings: Settings, app: Starlette) -> GatewayServer:
+def gateway_server(settings: Settings, app: GenerationRoutes) -> GatewayServer:
     return GatewayServer(uvicorn_config(settings, app), app.state.gateway)
 
 
@@ -209,7 +209,7 @@ def run_gateway(settings: Settings) -> None:
     )
 
 
-def worker_app() -> Starlette:
+def worker_app() -> GenerationRoutes:
     """The app of one ``--workers`` process (uvicorn imports and calls this)."""
     settings = Settings.model_validate_json(os.environ[WORKER_SETTINGS_ENV])
     return create_app(settings, BackendPool.from_settings(settings), build_cache(settings))
