@@ -226,3 +226,45 @@ def test_ctrl_c_to_the_whole_group_stops_up_cleanly(spawn: Spawn, model_dir: Pat
     while group_alive(proc.pid) and time.monotonic() < deadline:
         time.sleep(0.1)
     assert not group_alive(proc.pid)
+
+
+def test_serve_with_a_store_it_cannot_open_is_a_one_line_error(tmp_path: Path) -> None:
+    """Fault: a traceback instead of one line."""
+    (tmp_path / "not-a-db").write_bytes(b"this is not SQLite" * 100)
+    for store in (f"sqlite:{tmp_path / 'not-a-db'}", "sqlite:/proc/nope/x.db"):
+        result = subprocess.run(
+            comeapi_argv("serve", "--port", str(free_port()), "--store", store),
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+        assert result.returncode == 1, result.stderr
+        lines = result.stderr.strip().splitlines()
+        assert lines[-1].startswith("Error: store") and "Traceback" not in result.stderr, lines
+
+
+@pytest.mark.slow
+def test_a_second_up_on_the_same_ports_fails_with_one_line(spawn: Spawn, model_dir: Path) -> None:
+    """Fault: a second `comeapi up` found the ports taken, its backends died with EADDRINUSE,
+    and it reported "2 backends healthy", serving through the first instance's backends."""
+    port, base = free_port(), free_port()
+    argv = comeapi_argv(
+        "up", "--count", "1", "--port", str(port), "--base-port", str(base),
+        "--model-dir", str(model_dir), "--threads", "1", "--ctx", "256",
+    )  # fmt: skip
+    first = spawn(argv, name="up-first")
+    first.wait_http(f"http://127.0.0.1:{port}/health", timeout=180)
+
+    for second_argv, taken in (
+        (argv, f"port {port}"),  # everything the same, as `make run` twice
+        ([*argv, "--port", str(free_port())], f"port {base}"),  # only the backends clash
+    ):
+        started = time.monotonic()
+        second = subprocess.run(second_argv, capture_output=True, text=True, timeout=120)
+        assert second.returncode == 1, second.stderr
+        assert time.monotonic() - started < 30
+        last = second.stderr.strip().splitlines()[-1]
+        assert last.startswith("Error: ") and taken in last and "already in use" in last, last
+        assert "backends healthy" not in second.stderr and "Traceback" not in second.stderr
+    assert first.popen.poll() is None  # the first instance is left alone
+    assert httpx.get(f"http://127.0.0.1:{port}/status", timeout=5).json()["healthy_backends"] == 1
