@@ -290,13 +290,19 @@ def export(ctx: click.Context, /, file: Path, **values: Any) -> None:
 @settings_options("store")
 @click.pass_context
 def import_(ctx: click.Context, /, file: Path, merge: bool, **values: Any) -> None:
-    """Load FILE (.tar.gz archive or .jsonl) into the store, after validating all of it."""
+    """Load FILE (.tar.gz archive or .jsonl) into the store, after validating all of it.
+
+    All or nothing: a truncated, tampered or empty FILE changes nothing.
+    """
     from comeapi.cache.archive import read_entries_file
     from comeapi.cache.open import open_store
+    from comeapi.errors import ArchiveError
 
     settings = build_settings(ctx, values)
     with user_errors():
         entries = read_entries_file(file)  # a bad archive stops here: the store is untouched
+        if not entries:  # --replace would empty the store: never by accident
+            raise ArchiveError(f"{file} holds no entries: nothing imported, the store is unchanged")
         with open_store(settings.store) as store:
             count = store.put_many(entries) if merge else store.replace_all(entries)
     prompts = len({e.key for e in entries})
