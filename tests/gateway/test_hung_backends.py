@@ -80,7 +80,7 @@ def test_a_stream_from_a_backend_that_hangs_midway_ends_with_an_error_event(
     backend = start_backend(spawn, model_dir)
     gateway = start_gateway(spawn, [backend], *FLAGS)
     wait_healthy(gateway, 1)
-    body = {"prompt": "Once upon a time", "max_tokens": 400, "temperature": 1.0, "stream": True}
+    body = {"prompt": "Once upon a time", "max_tokens": 200, "temperature": 1.0, "stream": True}
     received = b""
     with (
         httpx.Client(timeout=60) as client,
