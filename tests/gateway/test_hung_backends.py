@@ -16,7 +16,7 @@ import httpx
 import pytest
 
 from tests.gateway.test_balancer_e2e import Node, start_backend, start_gateway, wait_healthy
-from tests.helpers import Proc
+from tests.helpers import Proc, comeapi_argv, free_port
 
 pytestmark = pytest.mark.slow
 
@@ -100,3 +100,25 @@ def test_a_stream_from_a_backend_that_hangs_midway_ends_with_an_error_event(
     assert received.endswith(b"data: [DONE]\n\n")
     entry = backend_status(gateway, backend.url)
     assert entry["healthy"] is False and entry["reason"] in ("stalled", "timeout")
+
+
+def test_an_idle_hung_backend_is_marked_down_within_seconds_by_default(
+    spawn: Spawn, model_dir: Path, stopped: list[int]
+) -> None:
+    """Fault: a hung backend was marked down only 16 s later (probes every 30 s). With the
+    default settings it is out within health_interval + health_timeout (5 + 2 s)."""
+    backend = start_backend(spawn, model_dir)
+    port = free_port()
+    gateway = Node(
+        f"http://127.0.0.1:{port}",
+        port,
+        spawn(comeapi_argv("serve", "--port", str(port), "--backend", backend.url), name="gw"),
+    )
+    wait_healthy(gateway, 1)
+    os.kill(backend.proc.pid, signal.SIGSTOP)
+    stopped.append(backend.proc.pid)
+    started = time.monotonic()
+    while backend_status(gateway, backend.url)["healthy"]:
+        assert time.monotonic() - started < 5 + 2 + 5, "still healthy"
+        time.sleep(0.2)
+    assert backend_status(gateway, backend.url)["reason"] == "timeout"
