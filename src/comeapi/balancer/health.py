@@ -14,6 +14,7 @@ import asyncio
 import contextlib
 import logging
 import time
+from typing import Any
 
 import httpx
 
@@ -73,9 +74,10 @@ class HealthChecker:
             self._tasks.append(asyncio.create_task(self._watch(backend)))
 
     async def stop(self) -> None:
-        for task in self._tasks:
+        tasks: list[asyncio.Future[Any]] = [*self._tasks, *self._confirming.values()]
+        for task in tasks:
             task.cancel()
-        for task in self._tasks:
+        for task in tasks:
             with contextlib.suppress(asyncio.CancelledError):
                 await task
         self._tasks.clear()
