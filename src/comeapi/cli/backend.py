@@ -11,7 +11,7 @@ import click
 from rich.console import Console
 from rich.table import Table
 
-from comeapi.cli.options import build_settings, settings_options
+from comeapi.cli.options import build_settings, one_line, settings_options
 from comeapi.errors import ConfigError
 from comeapi.settings import Settings
 
@@ -65,7 +65,7 @@ def backend(
     try:
         serve(settings, parent_pid=parent_pid, instance=instance_id)
     except ConfigError as exc:
-        click.echo(f"Error: {exc.message}", err=True)
+        click.echo(f"Error: {one_line(exc.message)}", err=True)
         ctx.exit(EXIT_CONFIG)
 
 
@@ -94,7 +94,7 @@ def start(ctx: click.Context, /, **values: Any) -> None:
     try:
         asyncio.run(_run_pool(settings))
     except ConfigError as exc:
-        click.echo(f"Error: {exc.message}", err=True)
+        click.echo(f"Error: {one_line(exc.message)}", err=True)
         ctx.exit(1)
 
 
