@@ -82,7 +82,10 @@ def post(
 def test_health_contract(backend: Backend) -> None:
     r = httpx.get(backend.url + "/health", timeout=5)
     assert r.status_code == 200
-    assert r.json() == {
+    body = r.json()
+    instance = body.pop("instance")  # random per process start: who answers on this port
+    assert isinstance(instance, str) and len(instance) == 16
+    assert body == {
         "status": "ok",
         "capacity": 1,
         "in_flight": 0,

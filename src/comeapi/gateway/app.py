@@ -70,6 +70,7 @@ class Gateway:
             self.transport,
             connect_timeout=settings.connect_timeout,
             read_timeout=settings.request_timeout,
+            stall_timeout=settings.stall_timeout,
             observer=self.metrics,
         )
         self._cache_task: asyncio.Task[None] | None = None

@@ -243,6 +243,7 @@ class ResponseCache:
             "hits": self.hits,
             "misses": self.misses,
             "hit_ratio": round(self.hits / looked_up, 4) if looked_up else None,
+            "store_problem": self.store.problem,
             "by_prompt": sorted(prompts, key=lambda p: p["prompt"]),
         }
 

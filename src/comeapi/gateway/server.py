@@ -23,6 +23,7 @@ from typing import Any
 import uvicorn
 
 from comeapi.balancer.pool import BackendPool
+from comeapi.errors import ConfigError
 from comeapi.gateway.app import Gateway, create_app
 from comeapi.gateway.cache import ResponseCache
 from comeapi.gateway.generation import GenerationRoutes
@@ -123,8 +124,15 @@ async def up(settings: Settings) -> None:
     if settings.on_demand:
         await serve(settings)
         return
-    from comeapi.backend.supervisor import Supervisor
+    from comeapi.backend.supervisor import Supervisor, port_taken
 
+    problem = port_taken(settings.host, settings.port)
+    if problem:  # checked before any backend starts (a second `comeapi up`, say)
+        raise ConfigError(
+            f"the gateway's port {settings.port} on {settings.host} is already in use "
+            f"({problem}): is another `comeapi up` or `comeapi serve` running? Stop it, or "
+            "choose another --port"
+        )
     supervisor = Supervisor(
         settings, host=settings.backend_host, base_port=settings.base_port, count=settings.count
     )
