@@ -31,6 +31,7 @@ from comeapi.http.errors import EXCEPTION_HANDLERS
 from comeapi.http.metrics import CONTENT_TYPE, MetricsMiddleware
 from comeapi.http.responses import JSONResponse, read_body
 from comeapi.models.catalogue import ModelFile, check_model_dir, resolve
+from comeapi.protocol.health import health_document, new_instance_id
 from comeapi.protocol.requests import KINDS, GenerationRequest, decode_json, parse_request
 from comeapi.protocol.responses import StreamEncoder, full_body, sse_error
 from comeapi.settings import Settings
@@ -42,14 +43,18 @@ SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
 CLIENT_GONE = 499  # nginx's code for "client closed the request"; nobody reads it
 
 
-def create_app(settings: Settings, engine: Engine) -> Starlette:
+def create_app(settings: Settings, engine: Engine, *, instance: str | None = None) -> Starlette:
+    """The app; ``instance`` (random when not given) identifies this process in /health, so a
+    supervisor can tell its own backend from another one holding the port."""
     models, default = check_model_dir(settings)
     if settings.slots > 1:
         # The batched engine serves its one model; advertising the others would make a
         # balancer route requests for them here.
         models = [default]
     metrics = BackendMetrics(engine)
-    api = BackendAPI(settings, MeteredEngine(engine, metrics), models, default)
+    api = BackendAPI(
+        settings, MeteredEngine(engine, metrics), models, default, instance or new_instance_id()
+    )
 
     async def metrics_route(request: Request) -> Response:
         return Response(metrics.render(), media_type=CONTENT_TYPE)
@@ -78,12 +83,18 @@ class BackendAPI:
     """Route handlers over one engine; state is the engine's counters and an admission count."""
 
     def __init__(
-        self, settings: Settings, engine: Engine, models: list[ModelFile], default: ModelFile
+        self,
+        settings: Settings,
+        engine: Engine,
+        models: list[ModelFile],
+        default: ModelFile,
+        instance: str,
     ):
         self._settings = settings
         self._engine = engine
         self._models = models
         self._default = default
+        self._instance = instance
         self._admitted = 0
 
     # --- status ---------------------------------------------------------------------------
@@ -99,9 +110,16 @@ class BackendAPI:
         }
 
     async def health(self, request: Request) -> Response:
-        if self._engine.ready:
-            return JSONResponse({"status": "ok", **self._load()})
-        return JSONResponse({"status": "loading", **self._load()}, status_code=503)
+        engine = self._engine
+        status, body = health_document(
+            ready=engine.ready,
+            capacity=engine.capacity,
+            in_flight=engine.in_flight,
+            models=[m.name for m in self._models],
+            loaded_models=engine.loaded_models(),
+            instance=self._instance,
+        )
+        return JSONResponse(body, status_code=status)
 
     async def status(self, request: Request) -> Response:
         load = self._load()

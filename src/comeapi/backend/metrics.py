@@ -20,7 +20,7 @@ from prometheus_client.core import GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
 from comeapi.backend.engine import Engine, Event, Finished
-from comeapi.http.metrics import LATENCY_BUCKETS
+from comeapi.http.metrics import RequestStats
 from comeapi.protocol.requests import GenerationRequest
 
 # A token is out within milliseconds on a GPU, or after a long prompt and a queue on a CPU.
@@ -32,19 +32,8 @@ class BackendMetrics:
 
     def __init__(self, engine: Engine):
         self.registry = CollectorRegistry()
-        self.requests = Counter(
-            "comeapi_requests",
-            "HTTP requests answered, by route and status code.",
-            ["route", "status"],
-            registry=self.registry,
-        )
-        self.latency = Histogram(
-            "comeapi_request_duration_seconds",
-            "Time from request to the last byte of the answer, by route.",
-            ["route"],
-            buckets=LATENCY_BUCKETS,
-            registry=self.registry,
-        )
+        self.requests = RequestStats()
+        self.registry.register(self.requests)
         self.prompt_tokens = Counter(
             "comeapi_prompt_tokens",
             "Prompt tokens of finished generations.",
@@ -74,8 +63,7 @@ class BackendMetrics:
         self.registry.register(EngineCollector(engine))
 
     def observe(self, route: str, status: int, seconds: float) -> None:
-        self.requests.labels(route, str(status)).inc()
-        self.latency.labels(route).observe(seconds)
+        self.requests.record(route, status, seconds)
 
     def finished(self, done: Finished, decoding: float | None) -> None:
         self.prompt_tokens.inc(done.usage.prompt_tokens)

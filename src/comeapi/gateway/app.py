@@ -11,7 +11,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Collection
 from typing import Any
 
 import anyio.to_thread
@@ -32,11 +32,10 @@ from comeapi.gateway.generation import GenerationRoutes
 from comeapi.gateway.metrics import GatewayMetrics
 from comeapi.gateway.ondemand import OnDemandBackends, pool_supervisor
 from comeapi.http.auth import APIKeyMiddleware
-from comeapi.http.cors import cors_middleware
+from comeapi.http.cors import CORSMiddleware
 from comeapi.http.errors import EXCEPTION_HANDLERS
 from comeapi.http.metrics import CONTENT_TYPE, MetricsMiddleware
 from comeapi.http.responses import JSONResponse
-from comeapi.protocol.requests import KINDS
 from comeapi.settings import Settings
 
 log = logging.getLogger("comeapi.gateway")
@@ -73,6 +72,7 @@ class Gateway:
             self.transport,
             connect_timeout=settings.connect_timeout,
             read_timeout=settings.request_timeout,
+            stall_timeout=settings.stall_timeout,
             observer=self.metrics,
         )
         self._cache_task: asyncio.Task[None] | None = None
@@ -217,8 +217,9 @@ def create_app(
     cache: ResponseCache | None = None,
     *,
     transport: httpx.AsyncBaseTransport | None = None,
-) -> Starlette:
-    """The gateway app. ``transport`` replaces the network (tests use httpx.MockTransport)."""
+) -> GatewayApp:
+    """The gateway app: [CORS,] the generation routes in front of a Starlette app for the rest.
+    ``transport`` replaces the network (tests use httpx.MockTransport)."""
     gateway = Gateway(settings, pool, cache, transport=transport)
     routes = [
         Route("/", gateway.root),
@@ -242,27 +243,36 @@ def create_app(
     app = Starlette(
         routes=routes,
         middleware=[
-            Middleware(
-                MetricsMiddleware,
-                metrics=gateway.metrics,
-                routes=[*KINDS, *(r.path for r in routes)],
-            ),
-            # Preflights are answered before the key check; none without --cors-origin.
-            *cors_middleware(settings.cors_origins),
+            Middleware(MetricsMiddleware, metrics=gateway.metrics, routes=[r.path for r in routes]),
             Middleware(APIKeyMiddleware, keys=settings.api_keys),
-            # innermost: ahead of the router
-            Middleware(
-                GenerationRoutes,
-                settings=settings,
-                pool=pool,
-                forwarder=gateway.forwarder,
-                metrics=gateway.metrics,
-                cache=cache,
-                on_demand=gateway.on_demand,
-            ),
         ],
         exception_handlers=EXCEPTION_HANDLERS,
         lifespan=lifespan,
     )
     app.state.gateway = gateway
-    return app
+    generation = GenerationRoutes(
+        app,
+        settings=settings,
+        pool=pool,
+        forwarder=gateway.forwarder,
+        metrics=gateway.metrics,
+        cache=cache,
+        on_demand=gateway.on_demand,
+    )
+    if not settings.cors_origins:
+        return generation  # no CORS layer at all on the hit path
+    return CORSGateway(generation, settings.cors_origins)
+
+
+class CORSGateway(CORSMiddleware):
+    """CORS in front of the whole gateway, generation routes included (they answer before
+    the Starlette app's middleware); preflights are answered before any key check. Only
+    built with --cors-origin."""
+
+    def __init__(self, app: GenerationRoutes, origins: Collection[str]):
+        super().__init__(app, allow_origins=origins)
+        self.state = app.state
+
+
+# What create_app returns: both have the Starlette app's ``state`` (``state.gateway``).
+GatewayApp = GenerationRoutes | CORSGateway

@@ -1,21 +1,21 @@
 """Prometheus metrics of the gateway, in a registry of its own (no module-level state).
 
-Request counts and latencies are recorded by ``comeapi.http.metrics.MetricsMiddleware``;
-backend and queue figures are read from the pool when /metrics is scraped, so the request
-path never updates them.
+Request counts and latencies go into ``comeapi.http.metrics.RequestStats`` (plain counts,
+turned into Prometheus families at scrape time). Backend and queue figures are read from
+the pool at scrape time too.
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterator
 
-from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
+from prometheus_client import CollectorRegistry, Counter, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
 from comeapi.balancer.backend import Backend
 from comeapi.balancer.pool import BackendPool
-from comeapi.http.metrics import LATENCY_BUCKETS
+from comeapi.http.metrics import RequestStats
 
 
 class GatewayMetrics:
@@ -23,19 +23,8 @@ class GatewayMetrics:
 
     def __init__(self, pool: BackendPool):
         self.registry = CollectorRegistry()
-        self.requests = Counter(
-            "comeapi_requests",
-            "HTTP requests answered, by route and status code.",
-            ["route", "status"],
-            registry=self.registry,
-        )
-        self.latency = Histogram(
-            "comeapi_request_duration_seconds",
-            "Time from request to the last byte of the answer, by route.",
-            ["route"],
-            buckets=LATENCY_BUCKETS,
-            registry=self.registry,
-        )
+        self.requests = RequestStats()
+        self.registry.register(self.requests)
         self.retries = Counter(
             "comeapi_backend_retries",
             "Requests moved to another backend before any byte reached the client.",
@@ -56,8 +45,7 @@ class GatewayMetrics:
         self.registry.register(PoolCollector(pool))
 
     def observe(self, route: str, status: int, seconds: float) -> None:
-        self.requests.labels(route, str(status)).inc()
-        self.latency.labels(route).observe(seconds)
+        self.requests.record(route, status, seconds)
 
     def retried(self, backend: Backend, reason: str) -> None:
         self.retries.labels(backend.url, reason).inc()

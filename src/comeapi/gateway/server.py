@@ -21,10 +21,10 @@ from collections.abc import Callable, Coroutine, Iterator
 from typing import Any
 
 import uvicorn
-from starlette.applications import Starlette
 
 from comeapi.balancer.pool import BackendPool
-from comeapi.gateway.app import Gateway, create_app
+from comeapi.errors import ConfigError
+from comeapi.gateway.app import Gateway, GatewayApp, create_app
 from comeapi.gateway.cache import ResponseCache
 from comeapi.http.auth import warn_if_open
 from comeapi.settings import Settings
@@ -36,7 +36,7 @@ WORKER_SETTINGS_ENV = "_COMEAPI_GATEWAY_SETTINGS"
 SIGNALS = (signal.SIGINT, signal.SIGTERM)
 
 
-def uvicorn_config(settings: Settings, app: Starlette) -> uvicorn.Config:
+def uvicorn_config(settings: Settings, app: GatewayApp) -> uvicorn.Config:
     return uvicorn.Config(
         app,
         host=settings.host,
@@ -65,7 +65,7 @@ class GatewayServer(uvicorn.Server):
         await super().shutdown(sockets)
 
 
-def gateway_server(settings: Settings, app: Starlette) -> GatewayServer:
+def gateway_server(settings: Settings, app: GatewayApp) -> GatewayServer:
     return GatewayServer(uvicorn_config(settings, app), app.state.gateway)
 
 
@@ -138,8 +138,16 @@ async def up(settings: Settings) -> None:
     if settings.on_demand:
         await serve(settings)
         return
+    from comeapi.backend.supervisor import port_taken
     from comeapi.gateway.ondemand import pool_supervisor
 
+    problem = port_taken(settings.host, settings.port)
+    if problem:  # checked before any backend starts (a second `comeapi up`, say)
+        raise ConfigError(
+            f"the gateway's port {settings.port} on {settings.host} is already in use "
+            f"({problem}): is another `comeapi up` or `comeapi serve` running? Stop it, or "
+            "choose another --port"
+        )
     settings = with_backend_key(settings)
     supervisor = pool_supervisor(settings)
     stopping = asyncio.Event()
@@ -223,7 +231,7 @@ def run_gateway(settings: Settings) -> None:
     )
 
 
-def worker_app() -> Starlette:
+def worker_app() -> GatewayApp:
     """The app of one ``--workers`` process (uvicorn imports and calls this)."""
     settings = Settings.model_validate_json(os.environ[WORKER_SETTINGS_ENV])
     return create_app(settings, BackendPool.from_settings(settings), build_cache(settings))

@@ -1,15 +1,22 @@
 """Requests by route and status, timed to their last byte: the same for every comeapi app.
 
 Each app keeps its metrics in a registry of its own (the gateway's ``GatewayMetrics``, the
-backend's ``BackendMetrics``); this middleware only reports to it.
+backend's ``BackendMetrics``), with a ``RequestStats`` in it: two dict updates per request,
+turned into Prometheus families only when /metrics is scraped (prometheus_client's labelled
+Counter and Histogram cost about 5 us per request, as much as the rest of a cache hit).
+``MetricsMiddleware`` reports to it; the gateway's generation routes record their own.
 """
 
 from __future__ import annotations
 
+import bisect
 import time
-from collections.abc import Collection
+from collections import Counter as Tally
+from collections.abc import Collection, Iterator
 from typing import Protocol
 
+from prometheus_client.core import CounterMetricFamily, HistogramMetricFamily, Metric
+from prometheus_client.registry import Collector
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
@@ -35,6 +42,51 @@ LATENCY_BUCKETS = (
     120.0,
     300.0,
 )
+
+
+class RequestStats(Collector):
+    """Requests by route and status, and their latency by route, as plain counts."""
+
+    def __init__(self, buckets: tuple[float, ...] = LATENCY_BUCKETS):
+        self.buckets = buckets
+        self.counts: Tally[tuple[str, int]] = Tally()
+        # Per route: one count per bucket (the last is +Inf), and the sum of seconds.
+        self.histograms: dict[str, list[float]] = {}
+
+    def record(self, route: str, status: int, seconds: float) -> None:
+        self.counts[(route, status)] += 1
+        histogram = self.histograms.get(route)
+        if histogram is None:
+            histogram = self.histograms[route] = [0.0] * (len(self.buckets) + 2)
+        histogram[bisect.bisect_left(self.buckets, seconds)] += 1
+        histogram[-1] += seconds
+
+    def collect(self) -> Iterator[Metric]:
+        requests = CounterMetricFamily(
+            "comeapi_requests",
+            "HTTP requests answered, by route and status code.",
+            labels=["route", "status"],
+        )
+        for (route, status), n in sorted(self.counts.items()):
+            requests.add_metric([route, str(status)], n)
+        yield requests
+        latency = HistogramMetricFamily(
+            "comeapi_request_duration_seconds",
+            "Time from request to the last byte of the answer, by route.",
+            labels=["route"],
+        )
+        for route, histogram in sorted(self.histograms.items()):
+            cumulative: list[tuple[str, float]] = []
+            running = 0.0
+            for bound, count in zip((*self.buckets, float("inf")), histogram[:-1], strict=True):
+                running += count
+                cumulative.append((_bound(bound), running))
+            latency.add_metric([route], cumulative, sum_value=histogram[-1])
+        yield latency
+
+
+def _bound(value: float) -> str:
+    return "+Inf" if value == float("inf") else repr(value)
 
 
 class RequestObserver(Protocol):
