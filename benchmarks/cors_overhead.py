@@ -21,10 +21,8 @@ from pathlib import Path
 from typing import Any
 
 import orjson
-from starlette.middleware import Middleware
 from starlette.middleware.cors import CORSMiddleware as StarletteCORS
 
-import comeapi.gateway.app
 from comeapi.balancer.pool import BackendPool
 from comeapi.cache.key import prompt_key
 from comeapi.cache.sqlite import SqliteStore
@@ -40,29 +38,22 @@ BODY = orjson.dumps({"prompt": "cached"})
 
 
 def make_app(db: Path, origins: list[str], *, stock: bool = False) -> Any:
-    settings = load_settings(None, cors_origins=origins, log_level="warning")
+    """The gateway app; with ``stock`` the same without CORS, wrapped in Starlette's own."""
+    settings = load_settings(None, cors_origins=[] if stock else origins, log_level="warning")
     store = SqliteStore(db)
     cache = ResponseCache(store, variants=3, default_model=MODEL)
+    app = create_app(settings, BackendPool.from_settings(settings, []), cache)
     if not stock:
-        return create_app(settings, BackendPool.from_settings(settings, []), cache)
-    ours = comeapi.gateway.app.cors_middleware
-    comeapi.gateway.app.cors_middleware = stock_cors  # type: ignore[assignment]
-    try:
-        return create_app(settings, BackendPool.from_settings(settings, []), cache)
-    finally:
-        comeapi.gateway.app.cors_middleware = ours
-
-
-def stock_cors(origins: list[str]) -> list[Middleware]:
-    return [
-        Middleware(
-            StarletteCORS,
-            allow_origins=origins,
-            allow_methods=ALLOW_METHODS,
-            allow_headers=ALLOW_HEADERS,
-            expose_headers=EXPOSE_HEADERS,
-        )
-    ]
+        return app
+    wrapped = StarletteCORS(
+        app,
+        allow_origins=origins,
+        allow_methods=ALLOW_METHODS,
+        allow_headers=ALLOW_HEADERS,
+        expose_headers=EXPOSE_HEADERS,
+    )
+    wrapped.state = app.state  # type: ignore[attr-defined]
+    return wrapped
 
 
 def scope(origin: bool) -> dict[str, Any]:

@@ -2,14 +2,15 @@
 
 Nothing is allowed by default: without configured origins the middleware is not installed
 at all, so the gateway's cache-hit path does not pay for it. It sits in front of the API-key
-check, because a browser sends its preflight (OPTIONS with Access-Control-Request-Method)
-without credentials: the preflight is answered here, and every actual answer (a cache hit, a
-stream, a 401 or any other error) gets Access-Control-Allow-Origin on its way out.
+check (on the gateway, in front of its generation routes: ``gateway.app.CORSGateway``),
+because a browser sends its preflight (OPTIONS with Access-Control-Request-Method) without
+credentials: the preflight is answered here, and every actual answer (a cache hit, a stream,
+a 401 or any other error) gets Access-Control-Allow-Origin on its way out.
 
 Starlette answers the preflight and decides which origins are allowed. The headers of actual
 answers are added here, pre-encoded: Starlette's way (MutableHeaders, which scans and
-rebuilds the header list for every header set) added 22-29 us of CPU to a 65 us cache hit,
-this way about 10 us (``python benchmarks/cors_overhead.py``, docs/balancer.md).
+rebuilds the header list for every header set) adds 19-25 us of CPU to a 22 us cache hit,
+this way 2-7 us (``python benchmarks/cors_overhead.py``, docs/balancer.md).
 ``tests/http/test_cors.py`` checks these headers against Starlette's own for each case.
 """
 
