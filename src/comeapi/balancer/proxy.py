@@ -11,11 +11,11 @@ the upstream response, so the backend stops generating.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Mapping
 from typing import Protocol
 
 import httpx
 import orjson
+from starlette.datastructures import Headers
 from starlette.responses import Response
 from starlette.types import Receive
 
@@ -26,7 +26,7 @@ from comeapi.balancer.relay import (
     StreamOwner,
     UpstreamStream,
     close_quietly,
-    response_headers,
+    raw_headers,
     shutting_down,
     uncancel,
     usage_tokens,
@@ -38,6 +38,7 @@ from comeapi.http.disconnect import DisconnectGuard
 
 # Request headers worth passing on; everything else (host, cookies, hop-by-hop) stays here.
 FORWARD_REQUEST_HEADERS = ("content-type", "authorization", "accept")
+_FORWARD_RAW = frozenset(name.encode() for name in FORWARD_REQUEST_HEADERS)
 
 
 class ProxyObserver(Protocol):
@@ -130,7 +131,9 @@ class Forwarder(StreamOwner):
             self.pool.release(backend)
             if self.observer is not None and upstream.status == 200:
                 self.observer.tokens(usage_tokens(body))
-            return Response(body, upstream.status, response_headers(upstream.headers))
+            response = Response(body, upstream.status)
+            response.raw_headers += raw_headers(upstream.headers)
+            return response
 
     # --- StreamOwner ---------------------------------------------------------------------
 
@@ -206,9 +209,11 @@ def _error_code(body: bytes) -> str | None:
     return code if isinstance(code, str) else None
 
 
-def forward_headers(headers: Mapping[str, str]) -> dict[str, str]:
+def forward_headers(headers: Headers) -> dict[str, str]:
     """The client's headers worth passing to the backend."""
-    found = {name: headers[name] for name in FORWARD_REQUEST_HEADERS if name in headers}
     # Bodies are relayed byte for byte: they must arrive as the backend sent them.
-    found["accept-encoding"] = "identity"
+    found = {"accept-encoding": "identity"}
+    for name, value in headers.raw:  # one pass over the raw list; the first value wins
+        if name in _FORWARD_RAW and name.decode() not in found:
+            found[name.decode()] = value.decode("latin-1")
     return found

@@ -165,10 +165,6 @@ def raw_headers(headers: Sequence[tuple[bytes, bytes]]) -> list[tuple[bytes, byt
     return [(k.lower(), v) for k, v in headers if k.lower() not in _DROP_RAW]
 
 
-def response_headers(headers: Sequence[tuple[bytes, bytes]]) -> dict[str, str]:
-    return {k.decode("latin-1"): v.decode("latin-1") for k, v in raw_headers(headers)}
-
-
 async def close_quietly(response: UpstreamResponse) -> None:
     # Shielded: this runs while a disconnect is cancelling us, and an unclosed upstream
     # response would keep the backend generating for nobody.

@@ -56,7 +56,7 @@ class _Connection(asyncio.Protocol):
         self.chunks: deque[bytes] = deque()
         self.buffered = 0
         self.paused = False
-        self.waiter: asyncio.Future[None] | None = None
+        self.waiter: asyncio.Future[bool] | None = None  # its result: timed out
 
     # --- asyncio.Protocol ----------------------------------------------------------------
 
@@ -138,15 +138,19 @@ class _Connection(asyncio.Protocol):
         """Until something happens (headers, a chunk, the end, an error, room to write)."""
         if self.error is not None:
             raise self.error
-        self.waiter = asyncio.get_running_loop().create_future()
+        loop = asyncio.get_running_loop()
+        waiter = self.waiter = loop.create_future()
+        # A bare timer, not asyncio.timeout(): this runs once or twice per forwarded request.
+        timer = None if limit is None else loop.call_later(limit, _expire, waiter)
         try:
-            async with asyncio.timeout(limit):
-                await self.waiter
-        except TimeoutError:
-            self.close()
-            raise timed_out(f"no progress within {limit:g} s") from None
+            expired = await waiter
         finally:
             self.waiter = None
+            if timer is not None:
+                timer.cancel()
+        if expired:
+            self.close()
+            raise timed_out(f"no progress within {limit:g} s")
         if self.error is not None:
             raise self.error
 
@@ -178,7 +182,7 @@ class _Connection(asyncio.Protocol):
 
     def _wake(self) -> None:
         if self.waiter is not None and not self.waiter.done():
-            self.waiter.set_result(None)
+            self.waiter.set_result(False)
 
 
 class _Response:
@@ -368,6 +372,11 @@ class FastUpstream:
     def _forget(self, origin: Origin) -> None:
         self._open[origin] -= 1
         self._room(origin)
+
+
+def _expire(waiter: asyncio.Future[bool]) -> None:
+    if not waiter.done():
+        waiter.set_result(True)
 
 
 def _target(url: str) -> tuple[Origin, bytes]:
