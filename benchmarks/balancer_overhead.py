@@ -258,7 +258,7 @@ def serve_stub(port: int) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--rounds", type=int, default=400)
+    parser.add_argument("--rounds", "--requests", type=int, default=400, dest="rounds")
     parser.add_argument("--backend", choices=["real", "stub", "both"], default="both")
     parser.add_argument("--transports", default=",".join(TRANSPORTS))
     parser.add_argument("--model-dir", default=str(REPO / "models"))
