@@ -11,7 +11,7 @@ same round; its median is the figure. The gateway's CPU time per forwarded reque
 from /proc. ``stub`` is a backend that answers at once (the gateway's own cost, without
 inference noise); ``real`` is ``comeapi backend --threads 1`` with the bundled model.
 
-The transports: ``fast`` is the hand-written HTTP/1.1 client on httptools (FastTransport),
+The clients: ``fast`` is the hand-written HTTP/1.1 client on httptools (FastUpstream),
 ``aiohttp`` is aiohttp's ClientSession, ``httpx`` is httpx's default transport (httpcore).
 Goal (issue 14): added p50 <= 0.3 ms with the stub, <= 0.5 ms with a real backend.
 """
