@@ -14,8 +14,10 @@ from typing import Any
 
 import httpx
 
+from comeapi.balancer.upstream import HttpxUpstream, Timeouts
 from comeapi.protocol.requests import KINDS
 
+TIMEOUTS = Timeouts(connect=2.0, read=600.0, write=600.0, pool=2.0)
 GENERATION_PATHS = tuple(KINDS)
 
 
@@ -189,6 +191,10 @@ class FakeCluster:
 
     def transport(self) -> httpx.MockTransport:
         return httpx.MockTransport(self.handle)
+
+    def upstream(self) -> HttpxUpstream:
+        """The forwarder's client, reaching these fakes."""
+        return HttpxUpstream(self.transport(), TIMEOUTS)
 
     async def handle(self, request: httpx.Request) -> httpx.Response:
         return await self._by_host[request.url.host].handle(request)

@@ -33,7 +33,7 @@ async def env() -> AsyncIterator[Env]:
     async with httpx.AsyncClient(transport=transport) as client:
         health = HealthChecker(pool, client, interval=30.0, timeout=PROBE_TIMEOUT)
         await health.start()
-        forwarder = Forwarder(pool, health, transport, read_timeout=600.0, stall_timeout=STALL)
+        forwarder = Forwarder(pool, health, fakes.upstream(), stall_timeout=STALL)
         yield Env(fakes, pool, forwarder)
         await health.stop()
 

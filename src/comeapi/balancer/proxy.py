@@ -11,11 +11,11 @@ the upstream response, so the backend stops generating.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator, Mapping
 from typing import Protocol
 
 import httpx
 import orjson
+from starlette.datastructures import Headers
 from starlette.responses import Response
 from starlette.types import Receive
 
@@ -26,17 +26,19 @@ from comeapi.balancer.relay import (
     StreamOwner,
     UpstreamStream,
     close_quietly,
-    response_headers,
+    raw_headers,
     shutting_down,
     uncancel,
     usage_tokens,
 )
 from comeapi.balancer.stall import StallGuard
+from comeapi.balancer.upstream import Upstream, UpstreamResponse
 from comeapi.errors import UnavailableError
 from comeapi.http.disconnect import DisconnectGuard
 
 # Request headers worth passing on; everything else (host, cookies, hop-by-hop) stays here.
 FORWARD_REQUEST_HEADERS = ("content-type", "authorization", "accept")
+_FORWARD_RAW = frozenset(name.encode() for name in FORWARD_REQUEST_HEADERS)
 
 
 class ProxyObserver(Protocol):
@@ -48,42 +50,27 @@ class ProxyObserver(Protocol):
 
 
 class Forwarder(StreamOwner):
-    """Sends requests to the pool's backends through one shared httpx transport.
-
-    Requests go straight to ``transport.handle_async_request``: httpx.AsyncClient's extras
-    (cookies, redirects, auth, URL merging) cost more CPU per request than the whole
-    forwarding path may add, and a proxy needs none of them.
-    """
+    """Sends requests to the pool's backends through one shared ``Upstream`` client."""
 
     def __init__(
         self,
         pool: BackendPool,
         health: HealthChecker,
-        transport: httpx.AsyncBaseTransport,
+        upstream: Upstream,
         *,
-        connect_timeout: float = 2.0,
-        read_timeout: float = 600.0,
         stall_timeout: float | None = None,
         observer: ProxyObserver | None = None,
     ):
         self.pool = pool
         self.health = health
-        self.transport = transport
+        self.upstream = upstream
         self.observer = observer
         #: Silence from a backend (s) after which it is asked whether it is alive.
         self.stall_timeout = stall_timeout
         #: Set when the server's grace period begins: requests it then cancels get a 503
         #: (or an SSE error event) instead of a dropped connection.
         self.stopping = False
-        self._extensions = {
-            "timeout": {
-                "connect": connect_timeout,
-                "read": read_timeout,
-                "write": read_timeout,
-                "pool": None,
-            }
-        }
-        self._urls: dict[tuple[str, str], httpx.URL] = {}
+        self._urls: dict[tuple[str, str], str] = {}
 
     async def forward(
         self,
@@ -113,15 +100,13 @@ class Forwarder(StreamOwner):
         tried = _Attempts()
         while True:
             backend = await self._acquire(model, tried)
-            upstream: httpx.Response | None = None
+            upstream: UpstreamResponse | None = None
             try:
                 with self.stall_guard(backend) as stall:
-                    upstream = await self.transport.handle_async_request(
-                        self._request(backend, path, raw, headers)
-                    )
+                    upstream = await self.upstream.post(self._url(backend, path), raw, headers)
                     stall.touch()
-                    chunks = _raw_chunks(upstream)
-                    if stream and upstream.status_code == 200:
+                    chunks = upstream.chunks()
+                    if stream and upstream.status == 200:
                         first = await anext(chunks, b"")
                         return UpstreamStream(self, backend, upstream, chunks, first)
                     parts: list[bytes] = []
@@ -139,13 +124,16 @@ class Forwarder(StreamOwner):
                     await close_quietly(upstream)
                 self.pool.release(backend, served=False)
                 raise
-            if upstream.status_code == 503:
+            await upstream.aclose()  # the body is all in: the connection goes back to the pool
+            if upstream.status == 503:
                 self._refused(backend, body, tried)
                 continue
             self.pool.release(backend)
-            if self.observer is not None and upstream.status_code == 200:
+            if self.observer is not None and upstream.status == 200:
                 self.observer.tokens(usage_tokens(body))
-            return Response(body, upstream.status_code, response_headers(upstream))
+            response = Response(body, upstream.status)
+            response.raw_headers += raw_headers(upstream.headers)
+            return response
 
     # --- StreamOwner ---------------------------------------------------------------------
 
@@ -162,15 +150,11 @@ class Forwarder(StreamOwner):
 
     # --- internals -----------------------------------------------------------------------
 
-    def _request(
-        self, backend: Backend, path: str, raw: bytes, headers: dict[str, str]
-    ) -> httpx.Request:
+    def _url(self, backend: Backend, path: str) -> str:
         url = self._urls.get((backend.url, path))
         if url is None:
-            url = self._urls[backend.url, path] = httpx.URL(backend.url + path)
-        # Bodies are relayed byte for byte: they must arrive as the backend sent them.
-        headers = {**headers, "accept-encoding": "identity"}
-        return httpx.Request("POST", url, headers=headers, content=raw, extensions=self._extensions)
+            url = self._urls[backend.url, path] = backend.url + path
+        return url
 
     async def _acquire(self, model: str | None, tried: _Attempts) -> Backend:
         try:
@@ -216,17 +200,6 @@ class _Attempts:
         self.last = f"{backend.url}: {reason}"
 
 
-def _raw_chunks(response: httpx.Response) -> AsyncIterator[bytes]:
-    """The body as sent, chunk by chunk as it arrives."""
-    if response.is_stream_consumed:  # built in memory (httpx.MockTransport handlers)
-        return _once(response.content)
-    return response.aiter_raw()
-
-
-async def _once(body: bytes) -> AsyncIterator[bytes]:
-    yield body
-
-
 def _error_code(body: bytes) -> str | None:
     """``error.code`` of an OpenAI-shaped error body, if it is one."""
     try:
@@ -236,10 +209,14 @@ def _error_code(body: bytes) -> str | None:
     return code if isinstance(code, str) else None
 
 
-def forward_headers(headers: Mapping[str, str], api_key: str | None = None) -> dict[str, str]:
+def forward_headers(headers: Headers, api_key: str | None = None) -> dict[str, str]:
     """The client's headers worth passing to the backend. With ``api_key`` (the backends'
     key) that is sent instead of the client's Authorization, which was for the gateway."""
-    out = {name: headers[name] for name in FORWARD_REQUEST_HEADERS if name in headers}
+    # Bodies are relayed byte for byte: they must arrive as the backend sent them.
+    found = {"accept-encoding": "identity"}
+    for name, value in headers.raw:  # one pass over the raw list; the first value wins
+        if name in _FORWARD_RAW and name.decode() not in found:
+            found[name.decode()] = value.decode("latin-1")
     if api_key:
-        out["authorization"] = f"Bearer {api_key}"
-    return out
+        found["authorization"] = f"Bearer {api_key}"
+    return found

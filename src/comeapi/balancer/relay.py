@@ -8,7 +8,7 @@ module needs nothing from ``proxy.py``, which imports it.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Sequence
 from typing import Protocol
 
 import httpx
@@ -19,6 +19,7 @@ from starlette.types import Receive, Scope, Send
 from comeapi.balancer.backend import Backend
 from comeapi.balancer.health import describe
 from comeapi.balancer.stall import StallGuard
+from comeapi.balancer.upstream import UpstreamResponse
 from comeapi.errors import UnavailableError, UpstreamError
 from comeapi.http.disconnect import DisconnectGuard
 from comeapi.protocol.responses import sse_error
@@ -53,6 +54,7 @@ DROP_RESPONSE_HEADERS = frozenset(
         "access-control-expose-headers",
     }
 )
+_DROP_RAW = frozenset(name.encode() for name in DROP_RESPONSE_HEADERS)
 
 
 class UpstreamStream(Response):
@@ -62,7 +64,7 @@ class UpstreamStream(Response):
         self,
         owner: StreamOwner,
         backend: Backend,
-        upstream: httpx.Response,
+        upstream: UpstreamResponse,
         chunks: AsyncIterator[bytes],
         first: bytes,
     ):
@@ -71,9 +73,9 @@ class UpstreamStream(Response):
         self.upstream = upstream
         self.chunks = chunks
         self.first = first
-        self.status_code = upstream.status_code
+        self.status_code = upstream.status
         self.background = None
-        self.raw_headers = raw_headers(upstream)
+        self.raw_headers = raw_headers(upstream.headers)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         completed = False
@@ -164,19 +166,12 @@ def usage_tokens(body: bytes) -> int:
     return count if isinstance(count, int) else 0
 
 
-def response_headers(response: httpx.Response) -> dict[str, str]:
-    return {k: v for k, v in response.headers.items() if k not in DROP_RESPONSE_HEADERS}
+def raw_headers(headers: Sequence[tuple[bytes, bytes]]) -> list[tuple[bytes, bytes]]:
+    """The backend's response headers worth passing on, names in lower case."""
+    return [(k.lower(), v) for k, v in headers if k.lower() not in _DROP_RAW]
 
 
-def raw_headers(response: httpx.Response) -> list[tuple[bytes, bytes]]:
-    return [
-        (k.lower(), v)
-        for k, v in response.headers.raw
-        if k.lower().decode("latin-1") not in DROP_RESPONSE_HEADERS
-    ]
-
-
-async def close_quietly(response: httpx.Response) -> None:
+async def close_quietly(response: UpstreamResponse) -> None:
     # Shielded: this runs while a disconnect is cancelling us, and an unclosed upstream
     # response would keep the backend generating for nobody.
     close = asyncio.ensure_future(response.aclose())

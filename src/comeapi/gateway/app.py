@@ -25,7 +25,8 @@ from starlette.routing import Route
 from comeapi.balancer.health import HealthChecker
 from comeapi.balancer.pool import BackendPool
 from comeapi.balancer.proxy import Forwarder, forward_headers
-from comeapi.balancer.transport import FastTransport
+from comeapi.balancer.transport import default_upstream
+from comeapi.balancer.upstream import HttpxUpstream, Timeouts, Upstream
 from comeapi.errors import ModelNotFoundError
 from comeapi.gateway.cache import ResponseCache
 from comeapi.gateway.generation import GenerationRoutes
@@ -51,14 +52,26 @@ class Gateway:
         cache: ResponseCache | None = None,
         *,
         transport: httpx.AsyncBaseTransport | None = None,
+        upstream: Upstream | None = None,
     ):
         self.settings = settings
         self.pool = pool
         self.cache = cache
-        self.transport = transport or FastTransport()
-        self.probe_client = httpx.AsyncClient(
-            transport=transport or FastTransport(), timeout=settings.health_timeout
+        timeouts = Timeouts(
+            connect=settings.connect_timeout,
+            read=settings.request_timeout,
+            write=settings.request_timeout,
+            pool=settings.connect_timeout,
         )
+        if upstream is None:
+            upstream = (
+                default_upstream(timeouts)
+                if transport is None
+                else HttpxUpstream(transport, timeouts)
+            )
+        self.upstream = upstream
+        # Probes and model lists: httpx's own client; speed does not matter there.
+        self.probe_client = httpx.AsyncClient(transport=transport, timeout=settings.health_timeout)
         self.health = HealthChecker(
             pool,
             self.probe_client,
@@ -69,9 +82,7 @@ class Gateway:
         self.forwarder = Forwarder(
             pool,
             self.health,
-            self.transport,
-            connect_timeout=settings.connect_timeout,
-            read_timeout=settings.request_timeout,
+            self.upstream,
             stall_timeout=settings.stall_timeout,
             observer=self.metrics,
         )
@@ -116,7 +127,7 @@ class Gateway:
         await self.health.stop()
         self.pool.close()
         await self.probe_client.aclose()
-        await self.transport.aclose()
+        await self.upstream.aclose()
 
     # --- ComeAPI's status routes ---------------------------------------------------------
 
@@ -217,10 +228,12 @@ def create_app(
     cache: ResponseCache | None = None,
     *,
     transport: httpx.AsyncBaseTransport | None = None,
+    upstream: Upstream | None = None,
 ) -> GatewayApp:
     """The gateway app: [CORS,] the generation routes in front of a Starlette app for the rest.
-    ``transport`` replaces the network (tests use httpx.MockTransport)."""
-    gateway = Gateway(settings, pool, cache, transport=transport)
+    ``transport`` replaces the network (tests use httpx.MockTransport); ``upstream`` only the
+    client requests are forwarded with (benchmarks/balancer_overhead.py compares them)."""
+    gateway = Gateway(settings, pool, cache, transport=transport, upstream=upstream)
     routes = [
         Route("/", gateway.root),
         Route("/health", gateway.health_route),
