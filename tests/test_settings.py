@@ -63,6 +63,17 @@ def test_comma_lists_from_environment(monkeypatch: pytest.MonkeyPatch) -> None:
     assert settings.backend_urls() == ["http://127.0.0.1:8080", "http://10.0.0.2:8080"]
 
 
+def test_keys_and_origins_from_environment(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("COMEAPI_API_KEYS", "k1, k2")
+    monkeypatch.setenv("COMEAPI_CORS_ORIGINS", "https://a.example,https://b.example")
+    monkeypatch.setenv("COMEAPI_BACKEND_API_KEY", "")
+    settings = load_settings()
+    assert settings.api_keys == ["k1", "k2"]
+    assert settings.cors_origins == ["https://a.example", "https://b.example"]
+    assert settings.backend_api_key is None  # empty means none, not the key ""
+    assert load_settings(backend_api_key="b").backend_api_key == "b"
+
+
 @pytest.mark.parametrize(
     ("source", "key"),
     [("flag", "ctx"), ("env", "threads"), ("toml", "slots")],

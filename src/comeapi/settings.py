@@ -152,12 +152,29 @@ class Settings(BaseSettings):
         "X-Comeapi-Variant; without it the header is ignored.",
     )
 
-    @field_validator("backends", "api_keys", mode="before")
+    # --- HTTP: keys between the tiers, browsers ---------------------------------------
+    backend_api_key: str | None = Field(
+        None,
+        description="Bearer token sent to the backends (by the gateway and warmup); `comeapi "
+        "up` and --on-demand generate one per run when unset. The backends accept api_keys.",
+    )
+    cors_origins: CommaList = Field(
+        default_factory=list,
+        description="Origins a browser page may call from (CORS), e.g. https://app.example, "
+        "or * for any (empty: none).",
+    )
+
+    @field_validator("backends", "api_keys", "cors_origins", mode="before")
     @classmethod
     def _split_commas(cls, value: Any) -> Any:
         if isinstance(value, str):
             return [part.strip() for part in value.split(",") if part.strip()]
         return value
+
+    @field_validator("backend_api_key")
+    @classmethod
+    def _empty_is_none(cls, value: str | None) -> str | None:
+        return value or None  # COMEAPI_BACKEND_API_KEY= (empty) means none
 
     @field_validator("backends_range")
     @classmethod

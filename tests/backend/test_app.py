@@ -103,7 +103,7 @@ def test_status_and_model_listings(backend: Backend) -> None:
     assert httpx.get(backend.url + "/status", timeout=5).json()["status"] == "idle"
 
     models = httpx.get(backend.url + "/models", timeout=5).json()
-    assert models == {"models": [{"name": BUNDLED_MODEL, "size_mb": pytest.approx(241.4, abs=1)}]}
+    assert models["models"] == [{"name": BUNDLED_MODEL, "size_mb": pytest.approx(241.4, abs=1)}]
 
     listing = httpx.get(backend.url + "/v1/models", timeout=5).json()
     assert listing["object"] == "list"

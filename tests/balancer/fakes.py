@@ -15,9 +15,10 @@ from typing import Any
 import httpx
 
 from comeapi.balancer.upstream import HttpxUpstream, Timeouts
+from comeapi.protocol.requests import KINDS
 
 TIMEOUTS = Timeouts(connect=2.0, read=600.0, write=600.0, pool=2.0)
-GENERATION_PATHS = ("/generate", "/v1/completions", "/v1/chat/completions")
+GENERATION_PATHS = tuple(KINDS)
 
 
 async def eventually(predicate: Callable[[], bool], seconds: float = 5.0) -> None:
@@ -45,6 +46,7 @@ class FakeBackend:
         self.stream_closed = asyncio.Event()
         self.fail_after: int | None = None
         self.hold: asyncio.Event | None = None
+        self.authorizations: list[tuple[str, str | None]] = []  # (path, Authorization)
         self._awake = asyncio.Event()
         self._awake.set()
         #: Hang after this many stream events (the stream then says nothing more).
@@ -56,6 +58,7 @@ class FakeBackend:
             raise httpx.ConnectError("[Errno 111] Connection refused", request=request)
         await self.unless_hung()
         path = request.url.path
+        self.authorizations.append((path, request.headers.get("authorization")))
         if path == "/health":
             return await self._health()
         if path == "/models":

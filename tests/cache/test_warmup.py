@@ -120,6 +120,14 @@ def test_fills_every_variant_with_seed_params_and_usage(store: SqliteStore) -> N
     assert chat[0]["messages"] == [{"role": "user", "content": "こんにちは"}]
 
 
+def test_keyed_backends_get_the_key(store: SqliteStore) -> None:
+    fake = FakeBackends({"http://a:1": 1})
+    assert warm(store, fake, ["http://a:1"], api_key="backend-key").ok
+    assert fake.requests
+    for _, _body, headers in fake.requests:
+        assert headers["authorization"] == "Bearer backend-key"
+
+
 def test_a_rerun_fills_only_what_is_missing(store: SqliteStore) -> None:
     fake = FakeBackends({"http://a:1": 1})
     warm(store, fake, ["http://a:1"], variants=2)

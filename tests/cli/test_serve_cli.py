@@ -136,33 +136,61 @@ def test_serve_with_workers(spawn: Spawn) -> None:
 
 @pytest.mark.slow
 def test_up_runs_backends_and_gateway_and_leaves_nothing_behind(
-    spawn: Spawn, model_dir: Path
+    spawn: Spawn, model_dir: Path, tmp_path: Path
 ) -> None:
     port, base = free_port(), free_port()
     proc = spawn(
         comeapi_argv(
             "up", "--count", "1", "--port", str(port), "--base-port", str(base),
             "--model-dir", str(model_dir), "--threads", "1", "--ctx", "256",
-            "--health-interval", "1",
+            "--health-interval", "1", "--store", f"sqlite:{tmp_path / 'cache.db'}",
         ),
+        env={"COMEAPI_API_KEYS": "gateway-key"},
         name="up",
     )  # fmt: skip
     url = f"http://127.0.0.1:{port}"
+    auth = {"Authorization": "Bearer gateway-key"}
     proc.wait_http(url + "/health", timeout=180)
-    assert httpx.get(url + "/status", timeout=5).json()["healthy_backends"] == 1
+    assert httpx.get(url + "/status", headers=auth, timeout=5).json()["healthy_backends"] == 1
+    # The backends take a key generated for this run, not the gateway's (nor none): only the
+    # gateway can use them. Their /health stays open for probes.
+    backend = f"http://127.0.0.1:{base}"
+    assert httpx.get(backend + "/health", timeout=5).status_code == 200
+    for headers in ({}, auth):
+        assert httpx.get(backend + "/models", headers=headers, timeout=5).status_code == 401
 
     bench = subprocess.run(
-        comeapi_argv("bench", "parallel", "--url", url, "--concurrency", "2", "--max-tokens", "2"),
+        comeapi_argv(
+            "bench", "parallel", "--url", url, "--concurrency", "2", "--max-tokens", "2",
+            "--api-key", "gateway-key",
+        ),
         capture_output=True,
         text=True,
         timeout=120,
-    )
+    )  # fmt: skip
     assert bench.returncode == 0, bench.stdout + bench.stderr
     assert "connected: 1/1 backends healthy" in bench.stdout
     assert "gemma-3-270m-q4_k_m.gguf" in bench.stdout
     assert "succeeded:    2/2" in bench.stdout
     assert "failed:       0/2" in bench.stdout
     assert "tokens/s aggregate" in bench.stdout
+
+    # Warmup through the gateway (the default target) with the gateway's key, which the
+    # gateway swaps for its backends' key.
+    prompts = tmp_path / "prompts.yaml"
+    prompts.write_text("variants: 2\nmax_tokens: 2\nprompts:\n  - prompt: Hello there\n")
+    warmup = subprocess.run(
+        comeapi_argv(
+            "warmup", "--prompts", str(prompts),
+            "--store", f"sqlite:{tmp_path / 'warm.db'}",
+        ),
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env={**os.environ, "COMEAPI_API_KEYS": "gateway-key", "COMEAPI_PORT": str(port)},
+    )  # fmt: skip
+    assert warmup.returncode == 0, warmup.stdout + warmup.stderr
+    assert "2 generated" in warmup.stdout
 
     os.kill(proc.pid, signal.SIGTERM)  # the parent only: it must stop its backends itself
     assert proc.popen.wait(60) == 0

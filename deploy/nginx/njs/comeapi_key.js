@@ -578,6 +578,8 @@ const PARSERS = {
     '/generate': parseGenerate,
     '/v1/completions': parseCompletion,
     '/v1/chat/completions': parseChat,
+    '/completions': parseCompletion,
+    '/chat/completions': parseChat,
 };
 
 // The validated request (what the key and the response format need), or a RequestError.

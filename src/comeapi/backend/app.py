@@ -2,7 +2,8 @@
 
 ``/health`` and the status routes read plain counters only, so they answer at once even
 while a generation holds the engine. A request beyond capacity waits its turn in a small
-queue (``backend_queue``); beyond that it gets 503 with Retry-After.
+queue (``backend_queue``); beyond that it gets 503 with Retry-After. With ``api_keys`` every
+route but ``/health`` needs ``Authorization: Bearer <key>``; ``/metrics`` is Prometheus'.
 """
 
 from __future__ import annotations
@@ -14,15 +15,20 @@ from collections.abc import AsyncGenerator, AsyncIterator, Callable, Coroutine
 from typing import Any, TypeVar
 
 from starlette.applications import Starlette
+from starlette.middleware import Middleware
 from starlette.requests import ClientDisconnect, Request
 from starlette.responses import Response, StreamingResponse
 from starlette.routing import Route
 from starlette.types import Receive, Scope, Send
 
 from comeapi.backend.engine import Engine, Event, Finished, TextDelta
+from comeapi.backend.metrics import BackendMetrics, MeteredEngine
 from comeapi.backend.support import refuse_unsupported
 from comeapi.errors import ComeapiError, QueueFullError, UnavailableError
+from comeapi.http.auth import APIKeyMiddleware
+from comeapi.http.cors import cors_middleware
 from comeapi.http.errors import EXCEPTION_HANDLERS
+from comeapi.http.metrics import CONTENT_TYPE, MetricsMiddleware
 from comeapi.http.responses import JSONResponse, read_body
 from comeapi.models.catalogue import ModelFile, check_model_dir, resolve
 from comeapi.protocol.health import health_document, new_instance_id
@@ -45,17 +51,32 @@ def create_app(settings: Settings, engine: Engine, *, instance: str | None = Non
         # The batched engine serves its one model; advertising the others would make a
         # balancer route requests for them here.
         models = [default]
-    api = BackendAPI(settings, engine, models, default, instance or new_instance_id())
+    metrics = BackendMetrics(engine)
+    api = BackendAPI(
+        settings, MeteredEngine(engine, metrics), models, default, instance or new_instance_id()
+    )
+
+    async def metrics_route(request: Request) -> Response:
+        return Response(metrics.render(), media_type=CONTENT_TYPE)
+
     routes = [
         Route("/", api.status),
         Route("/status", api.status),
         Route("/health", api.health),
+        Route("/metrics", metrics_route),
         Route("/models", api.list_models),
+        Route("/models/{model:path}", api.openai_model),
         Route("/v1/models", api.openai_models),
         Route("/v1/models/{model:path}", api.openai_model),
         *(Route(path, api.generate, methods=["POST"]) for path in KINDS),
     ]
-    return Starlette(routes=routes, exception_handlers=EXCEPTION_HANDLERS)
+    middleware = [
+        Middleware(MetricsMiddleware, metrics=metrics, routes=[r.path for r in routes]),
+        # Preflights are answered before the key check; none without --cors-origin.
+        *cors_middleware(settings.cors_origins),
+        Middleware(APIKeyMiddleware, keys=settings.api_keys),
+    ]
+    return Starlette(routes=routes, middleware=middleware, exception_handlers=EXCEPTION_HANDLERS)
 
 
 class BackendAPI:
@@ -109,8 +130,14 @@ class BackendAPI:
         return JSONResponse({**body, **load})
 
     async def list_models(self, request: Request) -> Response:
+        """``GET /models``: OpenAI's list (for SDKs whose base_url lacks /v1) and ComeAPI's
+        ``models`` in one body; each client reads its own keys."""
         return JSONResponse(
-            {"models": [{"name": m.name, "size_mb": m.size_mb} for m in self._models]}
+            {
+                "object": "list",
+                "data": [_openai_model(m) for m in self._models],
+                "models": [{"name": m.name, "size_mb": m.size_mb} for m in self._models],
+            }
         )
 
     async def openai_models(self, request: Request) -> Response:

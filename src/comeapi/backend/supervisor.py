@@ -13,8 +13,9 @@ Interface (the ``comeapi backends start`` command and ``comeapi up`` both use it
                                              # liveness_failures health probes in a row
     await sup.stop()      # SIGTERM all, wait shutdown_timeout + 5 s, SIGKILL stragglers
 
-``async with Supervisor(...) as sup:`` does start() and stop(). Children pass the settings on
-as explicit flags; without ``threads`` each gets ``cores // count`` llama.cpp threads.
+``async with Supervisor(...) as sup:`` does start() and stop(). Children get the settings as
+explicit flags, and ``api_keys`` / ``cors_origins`` (the given ones, not the parent's) in
+their environment; without ``threads`` each gets ``cores // count`` llama.cpp threads.
 
 Each child is started with a random instance id that its /health reports: a backend that
 answers on the port with another id is someone else's (a second ``comeapi up``), and start()
@@ -99,6 +100,8 @@ class Supervisor:
         count: int,
         argv_extra: Sequence[str] = (),
         start_timeout: float = START_TIMEOUT,
+        api_keys: Sequence[str] = (),
+        cors_origins: Sequence[str] = (),
     ):
         if count < 1 or base_port + count - 1 > 65535:
             raise ConfigError(f"cannot run {count} backends from port {base_port}")
@@ -106,6 +109,15 @@ class Supervisor:
         self._host = host
         self._argv_extra = list(argv_extra)
         self._start_timeout = start_timeout
+        # In the environment rather than on the command line, where `ps` would show keys.
+        # Always set, so that nothing meant for the parent (COMEAPI_API_KEYS of a gateway)
+        # is inherited.
+        self._env = {
+            **os.environ,
+            "PYTHONUNBUFFERED": "1",
+            "COMEAPI_API_KEYS": ",".join(api_keys),
+            "COMEAPI_CORS_ORIGINS": ",".join(cors_origins),
+        }
         url_host = f"[{host}]" if ":" in host else host
         self._children = [
             _Child(i, base_port + i, f"http://{url_host}:{base_port + i}") for i in range(count)
@@ -219,7 +231,7 @@ class Supervisor:
             stdin=asyncio.subprocess.DEVNULL,
             stdout=asyncio.subprocess.PIPE,
             stderr=asyncio.subprocess.STDOUT,
-            env={**os.environ, "PYTHONUNBUFFERED": "1"},
+            env=self._env,
             preexec_fn=_die_with_parent(),
         )
         child.process = process

@@ -209,11 +209,14 @@ def _error_code(body: bytes) -> str | None:
     return code if isinstance(code, str) else None
 
 
-def forward_headers(headers: Headers) -> dict[str, str]:
-    """The client's headers worth passing to the backend."""
+def forward_headers(headers: Headers, api_key: str | None = None) -> dict[str, str]:
+    """The client's headers worth passing to the backend. With ``api_key`` (the backends'
+    key) that is sent instead of the client's Authorization, which was for the gateway."""
     # Bodies are relayed byte for byte: they must arrive as the backend sent them.
     found = {"accept-encoding": "identity"}
     for name, value in headers.raw:  # one pass over the raw list; the first value wins
         if name in _FORWARD_RAW and name.decode() not in found:
             found[name.decode()] = value.decode("latin-1")
+    if api_key:
+        found["authorization"] = f"Bearer {api_key}"
     return found

@@ -46,7 +46,13 @@ class StreamOwner(Protocol):
 
 # Response headers the gateway sets itself (or that describe the upstream connection).
 DROP_RESPONSE_HEADERS = frozenset(
-    {"connection", "keep-alive", "transfer-encoding", "content-length", "date", "server"}
+    {
+        *("connection", "keep-alive", "transfer-encoding", "content-length", "date", "server"),
+        # A backend's CORS answer is for its own callers; the gateway's CORS layer decides
+        # for the gateway's.
+        *("vary", "access-control-allow-origin", "access-control-allow-credentials"),
+        "access-control-expose-headers",
+    }
 )
 _DROP_RAW = frozenset(name.encode() for name in DROP_RESPONSE_HEADERS)
 

@@ -169,6 +169,7 @@ async def run_warmup(
     connect_timeout: float = 5.0,
     request_timeout: float = 600.0,
     health_timeout: float = 2.0,
+    api_key: str | None = None,
     wait: float = 60.0,
     on_start: Callable[[int], None] | None = None,
     on_result: OnResult | None = None,
@@ -180,7 +181,8 @@ async def run_warmup(
     present = await asyncio.to_thread(store.variants_by_key)
     rows, jobs = plan(prompt_set, present, variants, force=force)
     timeout = httpx.Timeout(request_timeout, connect=connect_timeout)
-    async with httpx.AsyncClient(timeout=timeout, transport=transport, headers=HEADERS) as client:
+    headers = {**HEADERS, **({"Authorization": f"Bearer {api_key}"} if api_key else {})}
+    async with httpx.AsyncClient(timeout=timeout, transport=transport, headers=headers) as client:
         targets: list[Target] = []
         if jobs:
             targets = await probe_targets(

@@ -13,6 +13,7 @@ from rich.table import Table
 
 from comeapi.cli.options import build_settings, one_line, settings_options
 from comeapi.errors import ConfigError
+from comeapi.http.auth import warn_if_open
 from comeapi.settings import Settings
 
 if TYPE_CHECKING:
@@ -41,12 +42,18 @@ def _configure_logging(settings: Settings) -> None:
     logging.getLogger("httpx").setLevel(logging.WARNING)
 
 
+# What a backend lets in: bearer keys (every route but /health) and browser origins (CORS).
+ACCESS_FIELDS = ("api_keys", "cors_origins")
+ACCESS_FLAGS = {"api_keys": "--api-key", "cors_origins": "--cors-origin"}
+
+
 @click.command()
 @settings_options(
     "backend_host",
     "backend_port",
     *BACKEND_FIELDS,
-    flags={"backend_host": "--host", "backend_port": "--port"},
+    *ACCESS_FIELDS,
+    flags={"backend_host": "--host", "backend_port": "--port", **ACCESS_FLAGS},
 )
 @click.option("--parent-pid", type=int, default=None, hidden=True)
 @click.option("--instance-id", default=None, hidden=True)
@@ -56,10 +63,12 @@ def backend(
 ) -> None:
     """Serve GGUF models with llama.cpp: ComeAPI's API and OpenAI's.
 
-    /health answers 503 while the default model loads, then 200.
+    /health answers 503 while the default model loads, then 200. With --api-key (repeatable)
+    every other route needs 'Authorization: Bearer KEY'.
     """
     settings = build_settings(ctx, values)
     _configure_logging(settings)
+    warn_if_open(settings.backend_host, settings.api_keys, logging.getLogger("comeapi.backend"))
     from comeapi.backend.server import EXIT_CONFIG, serve
 
     try:
@@ -84,7 +93,8 @@ def backends() -> None:
     "health_interval",
     "health_timeout",
     "liveness_failures",
-    flags={"backend_host": "--host"},
+    *ACCESS_FIELDS,
+    flags={"backend_host": "--host", **ACCESS_FLAGS},
 )
 @click.pass_context
 def start(ctx: click.Context, /, **values: Any) -> None:
@@ -102,7 +112,12 @@ async def _run_pool(settings: Settings) -> None:
     from comeapi.backend.supervisor import Supervisor
 
     supervisor = Supervisor(
-        settings, host=settings.backend_host, base_port=settings.base_port, count=settings.count
+        settings,
+        host=settings.backend_host,
+        base_port=settings.base_port,
+        count=settings.count,
+        api_keys=settings.api_keys,
+        cors_origins=settings.cors_origins,
     )
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()

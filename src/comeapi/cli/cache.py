@@ -42,6 +42,7 @@ LAZY_COMMANDS = {
     "connect_timeout",
     "request_timeout",
     "health_timeout",
+    "backend_api_key",
     flags={"backends": "--backend", "backends_range": "--backends"},
 )
 @click.option(
@@ -92,8 +93,12 @@ def warmup(
         prompt_set = load_prompt_set(settings.prompts)
         variants = values.get("variants") or prompt_set.variants or settings.variants
         targets = [u.rstrip("/") for u in urls] or settings.backend_urls()
+        gateway_key = next(iter(settings.api_keys), None)
+        api_key = settings.backend_api_key or gateway_key
         if not targets:
+            # Through the gateway, which sends its backends the key they take.
             targets = [f"http://{settings.host}:{settings.port}"]
+            api_key = gateway_key or settings.backend_api_key
         store = open_configured_store(settings)
         err.print(
             f"warmup: {len(prompt_set.items)} prompts x {variants} variants "
@@ -129,6 +134,7 @@ def warmup(
                     connect_timeout=settings.connect_timeout,
                     request_timeout=settings.request_timeout,
                     health_timeout=settings.health_timeout,
+                    api_key=api_key,
                     wait=wait,
                     on_start=on_start,
                     on_result=on_result,

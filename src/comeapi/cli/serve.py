@@ -24,6 +24,8 @@ GATEWAY_FIELDS = (
     "stall_timeout",
     "shutdown_timeout",
     "api_keys",
+    "backend_api_key",
+    "cors_origins",
     "max_body_bytes",
     "max_tokens_limit",
     "log_level",
@@ -50,7 +52,12 @@ BACKEND_FIELDS = (
     "max_loaded_models",
     "liveness_failures",
 )
-FLAGS = {"backends": "--backend", "backends_range": "--backends", "api_keys": "--api-key"}
+FLAGS = {
+    "backends": "--backend",
+    "backends_range": "--backends",
+    "api_keys": "--api-key",
+    "cors_origins": "--cors-origin",
+}
 
 
 @click.command()
@@ -99,7 +106,8 @@ def up(ctx: click.Context, /, **values: Any) -> None:
       comeapi up                       # 2 backends on 8080-8081, gateway on 127.0.0.1:9000
       comeapi up --count 5 --threads 1 # ComeAPI's layout: 5 single-thread backends
 
-    Ctrl-C (or SIGTERM) stops the gateway gracefully, then every backend.
+    Ctrl-C (or SIGTERM) stops the gateway gracefully, then every backend. The backends
+    accept only --backend-api-key, which the gateway sends them (a new one each run if unset).
     """
     settings = build_settings(ctx, values)
     _log_level(settings)

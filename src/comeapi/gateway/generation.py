@@ -40,7 +40,7 @@ _HIT_HEADERS = frozenset({_CACHE_CONTROL, VARIANT_HEADER.encode(), SECRET_HEADER
 
 
 class GenerationRoutes:
-    """POST /generate, /v1/completions, /v1/chat/completions, in front of ``app``."""
+    """The generation routes (``protocol.requests.KINDS``), in front of ``app``."""
 
     def __init__(
         self,
@@ -186,7 +186,7 @@ class GenerationRoutes:
         return await self.forwarder.forward(
             scope["path"],
             raw,
-            forward_headers(Headers(scope=scope)),
+            forward_headers(Headers(scope=scope), self.settings.backend_api_key),
             model=request.model,
             stream=request.stream,
             receive=receive,

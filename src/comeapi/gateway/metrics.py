@@ -1,54 +1,21 @@
 """Prometheus metrics of the gateway, in a registry of its own (no module-level state).
 
-Request counts and latencies go into ``RequestStats``: two dict updates per request, turned
-into Prometheus families only when /metrics is scraped (prometheus_client's labelled
-Counter and Histogram cost about 5 us per request, as much as the rest of a cache hit).
-Backend and queue figures are read from the pool at scrape time too.
+Request counts and latencies go into ``comeapi.http.metrics.RequestStats`` (plain counts,
+turned into Prometheus families at scrape time). Backend and queue figures are read from
+the pool at scrape time too.
 """
 
 from __future__ import annotations
 
-import bisect
-import time
-from collections import Counter as Tally
-from collections.abc import Collection, Iterator
+from collections.abc import Iterator
 
 from prometheus_client import CollectorRegistry, Counter, generate_latest
-from prometheus_client.core import (
-    CounterMetricFamily,
-    GaugeMetricFamily,
-    HistogramMetricFamily,
-    Metric,
-)
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
-from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from comeapi.balancer.backend import Backend
 from comeapi.balancer.pool import BackendPool
-
-CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
-
-# From a cache hit (well under a millisecond) to a long generation (minutes).
-LATENCY_BUCKETS = (
-    0.0005,
-    0.001,
-    0.0025,
-    0.005,
-    0.01,
-    0.025,
-    0.05,
-    0.1,
-    0.25,
-    0.5,
-    1.0,
-    2.5,
-    5.0,
-    10.0,
-    30.0,
-    60.0,
-    120.0,
-    300.0,
-)
+from comeapi.http.metrics import RequestStats
 
 
 class GatewayMetrics:
@@ -89,51 +56,6 @@ class GatewayMetrics:
 
     def render(self) -> bytes:
         return generate_latest(self.registry)
-
-
-class RequestStats(Collector):
-    """Requests by route and status, and their latency by route, as plain counts."""
-
-    def __init__(self, buckets: tuple[float, ...] = LATENCY_BUCKETS):
-        self.buckets = buckets
-        self.counts: Tally[tuple[str, int]] = Tally()
-        # Per route: one count per bucket (the last is +Inf), and the sum of seconds.
-        self.histograms: dict[str, list[float]] = {}
-
-    def record(self, route: str, status: int, seconds: float) -> None:
-        self.counts[(route, status)] += 1
-        histogram = self.histograms.get(route)
-        if histogram is None:
-            histogram = self.histograms[route] = [0.0] * (len(self.buckets) + 2)
-        histogram[bisect.bisect_left(self.buckets, seconds)] += 1
-        histogram[-1] += seconds
-
-    def collect(self) -> Iterator[Metric]:
-        requests = CounterMetricFamily(
-            "comeapi_requests",
-            "HTTP requests answered, by route and status code.",
-            labels=["route", "status"],
-        )
-        for (route, status), n in sorted(self.counts.items()):
-            requests.add_metric([route, str(status)], n)
-        yield requests
-        latency = HistogramMetricFamily(
-            "comeapi_request_duration_seconds",
-            "Time from request to the last byte of the answer, by route.",
-            labels=["route"],
-        )
-        for route, histogram in sorted(self.histograms.items()):
-            cumulative: list[tuple[str, float]] = []
-            running = 0.0
-            for bound, count in zip((*self.buckets, float("inf")), histogram[:-1], strict=True):
-                running += count
-                cumulative.append((_bound(bound), running))
-            latency.add_metric([route], cumulative, sum_value=histogram[-1])
-        yield latency
-
-
-def _bound(value: float) -> str:
-    return "+Inf" if value == float("inf") else repr(value)
 
 
 class PoolCollector(Collector):
@@ -186,36 +108,3 @@ class PoolCollector(Collector):
             "Healthy backends.",
             value=len(self.pool.healthy()),
         )
-
-
-class MetricsMiddleware:
-    """Counts every HTTP request by route and status, and times it to its last byte.
-
-    Only known routes become label values (anything else is "other"), so a scanner probing
-    random paths cannot blow up the number of series.
-    """
-
-    def __init__(self, app: ASGIApp, metrics: GatewayMetrics, routes: Collection[str]):
-        self.app = app
-        self.metrics = metrics
-        self.routes = frozenset(routes)
-
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http":
-            await self.app(scope, receive, send)
-            return
-        started = time.perf_counter()
-        status = 500
-
-        async def send_status(message: Message) -> None:
-            nonlocal status
-            if message["type"] == "http.response.start":
-                status = message["status"]
-            await send(message)
-
-        try:
-            await self.app(scope, receive, send_status)
-        finally:
-            path = scope["path"]
-            route = path if path in self.routes else "other"
-            self.metrics.observe(route, status, time.perf_counter() - started)

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import hashlib
 import hmac
+import ipaddress
+import logging
 from collections.abc import Collection, Iterable
 
 from starlette.types import ASGIApp, Receive, Scope, Send
@@ -85,3 +87,22 @@ def _bearer_token(headers: Iterable[tuple[bytes, bytes]]) -> bytes | None:
                 return token.strip()
             return None
     return None
+
+
+def warn_if_open(host: str, keys: Collection[str], log: logging.Logger) -> None:
+    """Log a warning when a server listens beyond loopback without keys."""
+    if not keys and not _is_loopback(host):
+        log.warning(
+            "listening on %s without API keys: anyone who can reach this port can use it "
+            "(set --api-key or COMEAPI_API_KEYS)",
+            host,
+        )
+
+
+def _is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False

@@ -24,10 +24,13 @@ from typing import Any, Literal
 from comeapi.errors import RequestError
 
 Kind = Literal["generate", "completion", "chat"]
+# OpenAI's routes also without /v1: an SDK whose base_url lacks it (llama-server answers both).
 KINDS: dict[str, Kind] = {
     "/generate": "generate",
     "/v1/completions": "completion",
     "/v1/chat/completions": "chat",
+    "/completions": "completion",
+    "/chat/completions": "chat",
 }
 ROLES = frozenset({"system", "developer", "user", "assistant"})
 # Content parts that carry no text: they never match a text cache entry; a backend whose
