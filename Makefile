@@ -137,10 +137,12 @@ nginx-config:
 # Wheels for building the comeapi image without PyPI and without compiling llama.cpp again
 # (pip reuses its cached llama-cpp-python wheel); the Dockerfile installs from them alone.
 # Built with the venv's Python: it must be the image's (3.11).
-wheelhouse: install
+wheelhouse: $(WHEELHOUSE)/.complete
+$(WHEELHOUSE)/.complete: pyproject.toml | $(VENV)/.installed
 	$(BIN)/python -m pip wheel --quiet --wheel-dir $(WHEELHOUSE) '.[llama]' 'setuptools>=69' wheel
 	rm -f $(WHEELHOUSE)/comeapi-*.whl
+	touch $@
 
 clean:
 	rm -rf $(VENV) build dist src/*.egg-info .mypy_cache .ruff_cache .pytest_cache
-	rm -f $(WHEELHOUSE)/*.whl
+	rm -f $(WHEELHOUSE)/*.whl $(WHEELHOUSE)/.complete
