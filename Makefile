@@ -55,18 +55,18 @@ LLAMA_CMAKE_ARGS ?= -DGGML_NATIVE=OFF
 # pip shows a build backend's output only with -v: the cmake/compiler lines ([ 42%] Building
 # ...) are the progress of those 8 minutes.
 LLAMA_BUILD_VERBOSITY ?= -v
-WHEELHOUSE       ?= $(HOME)/.cache/comeapi/wheels/$(shell printf '%s %s' '$(LLAMA_CPP)' '$(LLAMA_CMAKE_ARGS)' | sha256sum | cut -c1-12)
+LLAMA_WHEELHOUSE ?= $(HOME)/.cache/comeapi/wheels/$(shell printf '%s %s' '$(LLAMA_CPP)' '$(LLAMA_CMAKE_ARGS)' | sha256sum | cut -c1-12)
 
-$(WHEELHOUSE)/.built: | $(BIN)/python
+$(LLAMA_WHEELHOUSE)/.built: | $(BIN)/python
 	@echo "Building $(LLAMA_CPP) with CMAKE_ARGS=\"$(LLAMA_CMAKE_ARGS)\" (about 8 minutes on 2 cores, once)"
 	@echo "(the compiler's progress follows; LLAMA_BUILD_VERBOSITY= hides it)"
 	CMAKE_ARGS="$(LLAMA_CMAKE_ARGS)" $(BIN)/python -m pip wheel $(LLAMA_BUILD_VERBOSITY) \
-		--no-cache-dir --no-deps --wheel-dir $(WHEELHOUSE) '$(LLAMA_CPP)'
+		--no-cache-dir --no-deps --wheel-dir $(LLAMA_WHEELHOUSE) '$(LLAMA_CPP)'
 	touch $@
 
-$(VENV)/.installed: pyproject.toml $(WHEELHOUSE)/.built | $(BIN)/python
-	$(BIN)/python -m pip install --quiet --no-deps --force-reinstall $(WHEELHOUSE)/*.whl
-	$(BIN)/python -m pip install --quiet --find-links $(WHEELHOUSE) -e '.[llama]'
+$(VENV)/.installed: pyproject.toml $(LLAMA_WHEELHOUSE)/.built | $(BIN)/python
+	$(BIN)/python -m pip install --quiet --no-deps --force-reinstall $(LLAMA_WHEELHOUSE)/*.whl
+	$(BIN)/python -m pip install --quiet --find-links $(LLAMA_WHEELHOUSE) -e '.[llama]'
 	touch $@
 
 $(VENV)/.installed-dev: pyproject.toml $(VENV)/.installed
@@ -131,7 +131,7 @@ CACHE_FLAGS           = $(call CACHE_WHERE,$(1)) --file $(EXPORT_FILE) $(if $(CA
 # The prompt set is read by comeapi's parser: in Docker mode in a one-off comeapi container
 # (so comeapi itself may be stopped when every answer is already in nginx's cache).
 WARMUP_PYTHON        ?= $(if $(CACHE_DIR),$(BIN)/python,$(COMPOSE) run --rm --no-deps -T comeapi python)
-WHEELHOUSE           := deploy/nginx/wheelhouse
+DOCKER_WHEELHOUSE    := deploy/nginx/wheelhouse
 
 .PHONY: warmup cache-export cache-copy cache-import all nginx-config wheelhouse
 
@@ -158,14 +158,17 @@ nginx-config:
 	@deploy/nginx/render.sh $(NGINX_CONF_DIR)
 
 # Wheels for building the comeapi image without PyPI and without compiling llama.cpp again
-# (pip reuses its cached llama-cpp-python wheel); the Dockerfile installs from them alone.
-# Built with the venv's Python: it must be the image's (3.11).
-wheelhouse: $(WHEELHOUSE)/.complete
-$(WHEELHOUSE)/.complete: pyproject.toml | $(VENV)/.installed
-	$(BIN)/python -m pip wheel --quiet --wheel-dir $(WHEELHOUSE) '.[llama]' 'setuptools>=69' wheel
-	rm -f $(WHEELHOUSE)/comeapi-*.whl
+# (llama-cpp-python comes from LLAMA_WHEELHOUSE, built with LLAMA_CMAKE_ARGS: the image's
+# llama.cpp is the same portable build); the Dockerfile installs from them alone. Built with
+# the venv's Python: it must be the image's (3.11).
+wheelhouse: $(DOCKER_WHEELHOUSE)/.complete
+$(DOCKER_WHEELHOUSE)/.complete: pyproject.toml $(LLAMA_WHEELHOUSE)/.built | $(VENV)/.installed
+	rm -f $(DOCKER_WHEELHOUSE)/llama_cpp_python-*.whl
+	$(BIN)/python -m pip wheel --quiet --find-links $(LLAMA_WHEELHOUSE) \
+		--wheel-dir $(DOCKER_WHEELHOUSE) '.[llama]' 'setuptools>=69' wheel
+	rm -f $(DOCKER_WHEELHOUSE)/comeapi-*.whl
 	touch $@
 
 clean:
 	rm -rf $(VENV) build dist src/*.egg-info .mypy_cache .ruff_cache .pytest_cache
-	rm -f $(WHEELHOUSE)/*.whl $(WHEELHOUSE)/.complete
+	rm -f $(DOCKER_WHEELHOUSE)/*.whl $(DOCKER_WHEELHOUSE)/.complete
