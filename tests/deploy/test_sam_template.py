@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import importlib
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -130,6 +131,36 @@ def test_the_snapshot_is_inside_the_package(
     assert (code / SNAPSHOT_DIR / ARCHIVE).is_file()
     # sam build drops compiled files (its Python builder's exclusions); none are shipped.
     assert not list(code.rglob("__pycache__"))
+
+
+def test_sam_builds_the_package_with_its_makefile(
+    template: dict[str, Any], package: tuple[Path, str], tmp_path: Path
+) -> None:
+    """What `sam build` does with BuildMethod: makefile: copy CodeUri to a scratch directory,
+    run `make build-CacheFunction` there with ARTIFACTS_DIR set. The build then holds the
+    package compiled for the runtime (here this interpreter stands in for python3.12)."""
+    copied, table = package
+    function = template["Resources"]["CacheFunction"]
+    assert function["Metadata"]["BuildMethod"] == "makefile"
+    runtime = function["Properties"]["Runtime"].removeprefix("python")
+    assert (
+        f"RUNTIME ?= {runtime}"
+        in (copied.parent / function["Properties"]["CodeUri"] / "Makefile").read_text()
+    )
+    scratch, artifacts = tmp_path / "scratch", tmp_path / "artifacts"
+    shutil.copytree(copied.parent / function["Properties"]["CodeUri"], scratch)
+    artifacts.mkdir()
+    version = f"{sys.version_info[0]}.{sys.version_info[1]}"
+    subprocess.run(
+        ["make", "-s", "build-CacheFunction", f"PYTHON={sys.executable}", f"RUNTIME={version}"],
+        cwd=scratch, env={**os.environ, "ARTIFACTS_DIR": str(artifacts)},
+        check=True, capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert sorted(p.name for p in artifacts.iterdir()) == ["comeapi", SNAPSHOT_DIR]
+    tag = sys.implementation.cache_tag
+    assert (artifacts / "comeapi" / "serverless" / "__pycache__" / f"handler.{tag}.pyc").is_file()
+    result = cold_start(artifacts, table, "日本の首都はどこですか")
+    assert (result["status"], result["cache"], result["loaded"]) == (200, "HIT", [])
 
 
 def test_the_packaged_handler_answers_a_cold_hit_without_boto3(
