@@ -22,6 +22,8 @@ from comeapi.serverless.handler import ServerlessApp
 from comeapi.serverless.package import build_package
 from comeapi.serverless.snapshot import ARCHIVE, META, load_snapshot, write_snapshot
 from tests.aws_local import REGION, dummy_credentials, prompt_entries, start_moto_server
+from tests.conformance.table import CASES, check_reply
+from tests.conformance.table import entries as conformance_entries
 from tests.helpers import Proc, free_port
 from tests.serverless.conftest import GENERATE_PROMPT, cold_start
 
@@ -253,6 +255,23 @@ def test_from_env_uses_the_snapshot_of_its_table_only(
         other = ServerlessApp.from_env({**env, "TABLE_NAME": "another-table"})
     assert other.snapshot is None
     assert "of table" in caplog.text
+
+
+def test_the_conformance_table_from_a_snapshot(endpoint: str, tmp_path: Path) -> None:
+    """Every case of tests/conformance/requests.jsonl, answered from a snapshot of the
+    conformance tier's table: the same outcomes as from the table itself."""
+    client = make_client(REGION, endpoint)
+    create_table(client, "snapshot-conformance")
+    store = DynamoStore(client, "snapshot-conformance")
+    store.replace_all(conformance_entries())
+    snapshot = write_snapshot(store, tmp_path)
+    app = ServerlessApp(lambda: store, snapshot=snapshot, default_model=None, background=False)
+    for case in CASES:
+        result = app(http_api_event("POST", case.route, body=case.raw))
+        headers = {k.lower(): v for k, v in result["headers"].items()}
+        body = result["body"].encode("utf-8")
+        check_reply(case, result["statusCode"], headers, body, tier="lambda, snapshot")
+    assert app.snapshot is snapshot  # answered from it throughout
 
 
 # --- a cold start in a fresh interpreter -------------------------------------------------
