@@ -292,3 +292,27 @@ def test_without_its_snapshot_the_package_needs_boto3(store: DynamoStore, tmp_pa
     with pytest.raises(subprocess.CalledProcessError) as info:
         cold_start(package, store.table, GENERATE_PROMPT)
     assert "No module named 'boto" in info.value.stderr
+
+
+def test_the_package_command(store: DynamoStore, tmp_path: Path) -> None:
+    from click.testing import CliRunner
+
+    from comeapi.cli import main
+
+    where = ["--endpoint-url", store.client.meta.endpoint_url, "--region", REGION]
+    out = tmp_path / "CacheFunction"
+    refused = CliRunner().invoke(main, ["aws", "package", str(out)])
+    assert refused.exit_code == 2 and "--table is required" in refused.output
+    done = CliRunner().invoke(main, ["aws", "package", str(out), "--table", store.table, *where])
+    assert done.exit_code == 0, done.output
+    assert "at catalogue revision 1: 5 answers to 1 prompts" in done.output
+    assert (out / "Makefile").is_file() and (out / "comeapi-snapshot" / META).is_file()
+    bare = CliRunner().invoke(main, ["aws", "package", str(out), "--no-snapshot"])
+    assert bare.exit_code == 0 and "without a snapshot" in bare.output
+    assert not (out / "comeapi-snapshot").exists()
+    assert "comeapi-snapshot" not in (out / "Makefile").read_text()
+    (tmp_path / "mine").mkdir()
+    (tmp_path / "mine" / "notes.txt").write_text("keep me")
+    kept = CliRunner().invoke(main, ["aws", "package", str(tmp_path / "mine"), "--no-snapshot"])
+    assert kept.exit_code != 0 and "not a function package" in kept.output
+    assert (tmp_path / "mine" / "notes.txt").read_text() == "keep me"
