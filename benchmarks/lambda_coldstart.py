@@ -23,16 +23,17 @@ CPU is over --max-load at the start or the end, the times are printed but the ra
 A real Lambda at 256 MB gets a fraction of a core, so its times are several times these; the
 ratio is what transfers.
 
-    .venv/bin/python benchmarks/lambda_coldstart.py [--runs 21] [--warm 5000]
+    .venv/bin/python benchmarks/lambda_coldstart.py [--runs 21] [--warm 5000] [--python PY]
+
+--python runs the cold programs with another interpreter, e.g. Python 3.12 as on Lambda (it
+needs boto3: ``python3.12 -m venv /tmp/py312 && /tmp/py312/bin/pip install boto3``).
 """
 
 from __future__ import annotations
 
 import argparse
-import compileall
 import json
 import os
-import py_compile
 import statistics
 import subprocess
 import sys
@@ -121,23 +122,23 @@ def moto_table(root: Path) -> Iterator[tuple[str, DynamoStore]]:
         proc.stop()
 
 
-def compiled(package: Path) -> Path:
-    compileall.compile_dir(
-        package, quiet=1, invalidation_mode=py_compile.PycInvalidationMode.UNCHECKED_HASH
-    )
+def compiled(package: Path, python: str) -> Path:
+    """``package`` with .pyc files for ``python``, as the package's Makefile compiles it."""
+    argv = [python, "-m", "compileall", "-q", "--invalidation-mode", "unchecked-hash"]
+    subprocess.run([*argv, str(package)], check=True, timeout=300)
     return package
 
 
-def child(code: str, env: dict[str, str], *args: str) -> tuple[float, float]:
+def child(python: str, code: str, env: dict[str, str], *args: str) -> tuple[float, float]:
     """(wall, CPU) seconds the child spent; CPU time is what a busy machine disturbs least."""
-    argv = [sys.executable, "-c", code, *args]
+    argv = [python, "-c", code, *args]
     out = subprocess.run(argv, env=env, capture_output=True, text=True, check=True, timeout=60)
     wall, cpu = out.stdout.split()
     return float(wall), float(cpu)
 
 
 def cold(
-    runs: int, root: Path, endpoint: str, store: DynamoStore
+    runs: int, python: str, root: Path, endpoint: str, store: DynamoStore
 ) -> dict[str, tuple[float, float]]:
     env = {**os.environ, **CHILD_ENV, "DYNAMODB_ENDPOINT_URL": endpoint}
     packages: dict[str, Path] = {}
@@ -145,7 +146,7 @@ def cold(
         for form in ("source", "with .pyc"):
             out = root / f"{mode.split()[0]}-{form.split()[-1]}"
             build_package(out, source)
-            packages[f"{mode}, {form}"] = compiled(out) if form == "with .pyc" else out
+            packages[f"{mode}, {form}"] = compiled(out, python) if form == "with .pyc" else out
     programs: dict[str, tuple[str, dict[str, str], tuple[str, ...]]] = {
         "import boto3 + DynamoDB client": (BASELINE, env, ())
     }
@@ -154,14 +155,14 @@ def cold(
         body = json.dumps({"prompt": PROMPT})
         programs[name] = (HANDLER, {**env, "PYTHONPATH": str(package)}, (str(package), mode, body))
     for code, program_env, args in programs.values():
-        child(code, program_env, *args)  # warm the OS file cache first
+        child(python, code, program_env, *args)  # warm the OS file cache first
     samples: dict[str, list[tuple[float, float]]] = {name: [] for name in programs}
     for _ in range(runs):
         for name, (code, program_env, args) in programs.items():
-            samples[name].append(child(code, program_env, *args))
+            samples[name].append(child(python, code, program_env, *args))
     snapshot_env = {**env, "PYTHONPATH": str(packages["snapshot, with .pyc"])}
     modules = subprocess.run(
-        [sys.executable, "-c", MODULES], env=snapshot_env, capture_output=True, text=True,
+        [python, "-c", MODULES], env=snapshot_env, capture_output=True, text=True,
         check=True, timeout=60,
     ).stdout.strip()  # fmt: skip
     print(f"  modules the snapshot path imports, comeapi's included: {modules}")
@@ -240,13 +241,18 @@ def main() -> None:
         "--max-load", type=float, default=0.5, help="1-min load average per CPU above which "
         "ratios are not reported",
     )  # fmt: skip
+    parser.add_argument("--python", default=sys.executable, help="interpreter of the cold runs")
     args = parser.parse_args()
     cpus = os.cpu_count() or 1
     start_load = os.getloadavg()
-    print(f"python {sys.version.split()[0]}, {cpus} CPUs, model {MODEL}")
+    version = subprocess.run(
+        [args.python, "-c", "import sys, boto3; print(sys.version.split()[0], boto3.__version__)"],
+        capture_output=True, text=True, check=True, timeout=60,
+    ).stdout.split()  # fmt: skip
+    print(f"cold runs: python {version[0]}, boto3 {version[1]}; {cpus} CPUs; model {MODEL}")
     print(f"load average at start: {start_load[0]:.2f} {start_load[1]:.2f} {start_load[2]:.2f}")
     with tempfile.TemporaryDirectory() as tmp, moto_table(Path(tmp)) as (endpoint, store):
-        results = cold(args.runs, Path(tmp), endpoint, store)
+        results = cold(args.runs, args.python, Path(tmp), endpoint, store)
         end_load = os.getloadavg()[0]
         busy = max(start_load[0], end_load) / cpus > args.max_load
         print_cold(results, args.runs, ratios=not busy)
