@@ -238,7 +238,7 @@ def main() -> None:
     parser.add_argument("--runs", type=int, default=21, help="cold start samples per program")
     parser.add_argument("--warm", type=int, default=5000, help="warm invocations")
     parser.add_argument(
-        "--max-load", type=float, default=0.5, help="1-min load average per CPU above which "
+        "--max-load", type=float, default=1.0, help="1-min load average per CPU above which "
         "ratios are not reported",
     )  # fmt: skip
     parser.add_argument("--python", default=sys.executable, help="interpreter of the cold runs")

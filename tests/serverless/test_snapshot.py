@@ -251,7 +251,7 @@ def test_from_env_uses_the_snapshot_of_its_table_only(
     }
     assert ServerlessApp.from_env(env).snapshot is not None
     assert ServerlessApp.from_env({**env, "SNAPSHOT": "off"}).snapshot is None
-    with caplog.at_level(logging.ERROR, logger="comeapi.serverless.handler"):
+    with caplog.at_level(logging.ERROR, logger="comeapi.serverless.snapshot"):
         other = ServerlessApp.from_env({**env, "TABLE_NAME": "another-table"})
     assert other.snapshot is None
     assert "of table" in caplog.text

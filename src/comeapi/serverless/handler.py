@@ -53,7 +53,7 @@ from comeapi.errors import (
 from comeapi.models.bundled import BUNDLED_MODEL
 from comeapi.protocol.requests import KINDS, GenerationRequest, decode_json, parse_request
 from comeapi.serverless.events import HttpRequest, Reply, parse_event, to_result
-from comeapi.serverless.snapshot import Snapshot, load_snapshot, package_dir
+from comeapi.serverless.snapshot import Snapshot, snapshot_from_env
 
 if TYPE_CHECKING:
     from comeapi.cache.dynamo import DynamoStore
@@ -141,7 +141,7 @@ class ServerlessApp:
         table = environ.get("TABLE_NAME")
         if not table:
             raise ConfigError("TABLE_NAME is not set: the DynamoDB table holding the cache")
-        snapshot = _snapshot_from_env(environ, table)
+        snapshot = snapshot_from_env(environ, table)
 
         def make_store() -> DynamoStore:
             from comeapi.cache.dynamo import DynamoStore, make_client
@@ -372,26 +372,6 @@ def json_reply(status: int, body: Any, headers: dict[str, str] | None = None) ->
 def error_reply(exc: ComeapiError) -> Reply:
     """Every error in the gateway's shape: OpenAI's ``{"error": {...}}`` plus its headers."""
     return json_reply(exc.status, exc.to_dict(), exc.headers())
-
-
-def _snapshot_from_env(environ: Mapping[str, str], table: str) -> Snapshot | None:
-    """The package's snapshot of ``table``, unless SNAPSHOT=off. One that does not verify,
-    or is of another table, is logged and left unused: the table answers instead."""
-    mode = environ.get("SNAPSHOT", "auto")
-    if mode not in ("auto", "off"):
-        raise ConfigError(f"SNAPSHOT={mode!r}: expected auto or off")
-    if mode == "off":
-        return None
-    directory = environ.get("SNAPSHOT_DIR") or package_dir()
-    try:
-        snapshot = load_snapshot(directory)
-    except ComeapiError as exc:
-        log.error("not using the cache snapshot: %s", exc.message)
-        return None
-    if snapshot is not None and snapshot.table != table:
-        log.error("not using the cache snapshot: it is of table %s, not %s", snapshot.table, table)
-        return None
-    return snapshot
 
 
 @functools.cache

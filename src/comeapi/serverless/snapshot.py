@@ -15,14 +15,16 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
+from collections.abc import Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from comeapi.cache.archive import read_archive, write_archive
 from comeapi.cache.dynamo_items import Catalogue
 from comeapi.cache.store import Entry, PromptInfo
-from comeapi.errors import StoreError
+from comeapi.errors import ComeapiError, ConfigError, StoreError
 
 if TYPE_CHECKING:
     from comeapi.cache.dynamo import DynamoStore
@@ -98,6 +100,28 @@ def load_snapshot(directory: str) -> Snapshot | None:
     if missing:
         raise _corrupt(directory, f"the catalogue lists {missing}, which the archive lacks")
     return Snapshot(table, catalogue, entries)
+
+
+def snapshot_from_env(environ: Mapping[str, str], table: str) -> Snapshot | None:
+    """The package's snapshot of ``table``, unless SNAPSHOT=off. One that does not verify,
+    or is of another table, is logged and left unused: the table answers instead."""
+    mode = environ.get("SNAPSHOT", "auto")
+    if mode not in ("auto", "off"):
+        raise ConfigError(f"SNAPSHOT={mode!r}: expected auto or off")
+    if mode == "off":
+        return None
+    directory = environ.get("SNAPSHOT_DIR") or package_dir()
+    try:
+        snapshot = load_snapshot(directory)
+    except ComeapiError as exc:
+        logging.getLogger(__name__).error("not using the cache snapshot: %s", exc.message)
+        return None
+    if snapshot is not None and snapshot.table != table:
+        logging.getLogger(__name__).error(
+            "not using the cache snapshot: it is of table %s, not %s", snapshot.table, table
+        )
+        return None
+    return snapshot
 
 
 def write_snapshot(store: DynamoStore, directory: Path, *, attempts: int = 3) -> Snapshot:
