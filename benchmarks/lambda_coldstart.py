@@ -9,6 +9,8 @@ Cold: a fresh interpreter per sample, the programs interleaved, time measured in
              event for a cached prompt: two GetItems (catalogue, entry) to moto's server
   snapshot   the package ``comeapi aws package`` writes: import, load and verify the snapshot,
              the same event answered from it; boto3 is not imported
+  https      the alternative not taken, a hand-signed DynamoDB client: only the imports it
+             would need (ssl with its default context, http.client, hmac), no request yet
 The packages are built by ``comeapi.serverless.package.build_package`` from a table on moto's
 server (a real process on loopback), as ``make lambda-package`` builds them. Each runs as plain
 source (Lambda's /var/task is read-only, so Python compiles it at every cold start) and with
@@ -90,6 +92,13 @@ assert h.__file__.startswith(sys.argv[1]), h.__file__
 assert ("boto3" in sys.modules) == (sys.argv[2] == "table"), sorted(sys.modules)
 print(wall, cpu)
 """
+HTTPS = """
+import sys, time
+t, c = time.perf_counter(), time.process_time()
+import datetime, hashlib, hmac, http.client, json, ssl
+ssl.create_default_context()
+print(time.perf_counter() - t, time.process_time() - c)
+"""
 MODULES = """
 import sys
 before = set(sys.modules)
@@ -154,6 +163,7 @@ def cold(
         mode = "table" if name.startswith("table") else "snapshot"
         body = json.dumps({"prompt": PROMPT})
         programs[name] = (HANDLER, {**env, "PYTHONPATH": str(package)}, (str(package), mode, body))
+    programs["https client imports (not taken)"] = (HTTPS, env, ())
     for code, program_env, args in programs.values():
         child(python, code, program_env, *args)  # warm the OS file cache first
     samples: dict[str, list[tuple[float, float]]] = {name: [] for name in programs}
