@@ -2,7 +2,9 @@
 DynamoDB client, measured side by side in one run; and the warm hit.
 
 Cold: a fresh interpreter per sample, the programs interleaved, time measured inside the child
-(interpreter start-up excluded: Lambda's init phase starts after it), medians:
+(interpreter start-up excluded: Lambda's init phase starts after it; so are the modules Lambda's
+Python runtime, awslambdaric's bootstrap, has imported before it imports a handler: json,
+logging, traceback, importlib), medians:
   baseline   ``import boto3; boto3.client("dynamodb")``: what any Python Lambda on DynamoDB pays
   table      the package without a snapshot (the handler before issue 15): import the handler,
              which builds its DynamoDB client at init as in Lambda, then one API Gateway v2
@@ -68,16 +70,21 @@ CHILD_ENV = {
     "TABLE_NAME": TABLE,
     "PYTHONDONTWRITEBYTECODE": "1",
 }
-BASELINE = """
-import sys, time
+# What Lambda's Python runtime has imported before the handler (awslambdaric/bootstrap.py).
+RUNTIME = "import importlib, json, logging, os, sys, time, traceback\n"
+BASELINE = (
+    RUNTIME
+    + """
 t, c = time.perf_counter(), time.process_time()
 import boto3
 boto3.client("dynamodb")
 print(time.perf_counter() - t, time.process_time() - c)
 """
+)
 # The event is built before the clock starts: API Gateway makes it, not the function.
-HANDLER = """
-import sys, time
+HANDLER = (
+    RUNTIME
+    + """
 event = {"version": "2.0", "routeKey": "$default", "rawPath": "/generate",
          "rawQueryString": "", "headers": {"content-type": "application/json"},
          "requestContext": {"http": {"method": "POST", "path": "/generate"},
@@ -92,19 +99,24 @@ assert h.__file__.startswith(sys.argv[1]), h.__file__
 assert ("boto3" in sys.modules) == (sys.argv[2] == "table"), sorted(sys.modules)
 print(wall, cpu)
 """
-HTTPS = """
-import sys, time
+)
+HTTPS = (
+    RUNTIME
+    + """
 t, c = time.perf_counter(), time.process_time()
 import datetime, hashlib, hmac, http.client, json, ssl
 ssl.create_default_context()
 print(time.perf_counter() - t, time.process_time() - c)
 """
-MODULES = """
-import sys
+)
+MODULES = (
+    RUNTIME
+    + """
 before = set(sys.modules)
 import comeapi.serverless.handler
 print(len(set(sys.modules) - before))
 """
+)
 
 
 def load_per_cpu() -> float:
@@ -175,7 +187,7 @@ def cold(
         [python, "-c", MODULES], env=snapshot_env, capture_output=True, text=True,
         check=True, timeout=60,
     ).stdout.strip()  # fmt: skip
-    print(f"  modules the snapshot path imports, comeapi's included: {modules}")
+    print(f"  modules the snapshot path imports after the runtime's, comeapi's included: {modules}")
     return {
         name: (
             statistics.median(s[0] for s in values),
