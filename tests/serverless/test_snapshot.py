@@ -217,6 +217,28 @@ def test_a_miss_on_a_current_snapshot_is_404_and_keeps_it(
     assert app.snapshot is snapshot
 
 
+def test_a_miss_with_a_snapshot_goes_to_the_backend_after_looking_at_the_table(
+    store: DynamoStore, tmp_path: Path
+) -> None:
+    from comeapi.serverless.events import HttpRequest, Reply
+
+    snapshot = write_snapshot(store, tmp_path)
+    forwarded: list[str] = []
+
+    def backend(request: HttpRequest) -> Reply:
+        forwarded.append(json.loads(request.body)["prompt"])
+        return Reply(200, json.dumps({"response": "generated"}), {"X-Cache": "MISS"})
+
+    calls: list[str] = []
+    app = ServerlessApp(
+        lambda: reader_of(store, calls), snapshot=snapshot, on_miss=backend, background=False
+    )
+    assert answer(app, "never pushed") == (200, "generated")
+    assert calls == ["GetItem"]  # the table was asked first: it might have been pushed
+    assert answer(app, GENERATE_PROMPT)[0] == 200  # a hit never reaches the backend
+    assert forwarded == ["never pushed"]
+
+
 def test_the_check_runs_in_a_thread_after_the_answer(store: DynamoStore, tmp_path: Path) -> None:
     snapshot = write_snapshot(store, tmp_path)
     store.replace_all(renamed(prompt_entries(GENERATE_PROMPT, 5), "new answer"))
