@@ -42,10 +42,16 @@ class FakeBackend:
         self.stream_closed = asyncio.Event()
         self.fail_after: int | None = None
         self.hold: asyncio.Event | None = None
+        self._awake = asyncio.Event()
+        self._awake.set()
+        #: Hang after this many stream events (the stream then says nothing more).
+        self.hang_after: int | None = None
+        self.generate_delay = 0.0
 
     async def handle(self, request: httpx.Request) -> httpx.Response:
         if not self.up:
             raise httpx.ConnectError("[Errno 111] Connection refused", request=request)
+        await self.unless_hung()
         path = request.url.path
         if path == "/health":
             return await self._health()
@@ -62,6 +68,21 @@ class FakeBackend:
         if path in GENERATION_PATHS:
             return await self._generate(request)
         return httpx.Response(404, json={"error": {"message": "no route", "code": "not_found"}})
+
+    @property
+    def hung(self) -> bool:
+        """Hung (as if SIGSTOPped): nothing it is asked answers, /health included."""
+        return not self._awake.is_set()
+
+    @hung.setter
+    def hung(self, value: bool) -> None:
+        if value:
+            self._awake.clear()
+        else:
+            self._awake.set()
+
+    async def unless_hung(self) -> None:
+        await self._awake.wait()
 
     async def _health(self) -> httpx.Response:
         self.health_checks += 1
@@ -86,6 +107,8 @@ class FakeBackend:
         try:
             if self.gate is not None:
                 await self.gate.wait()
+            if self.generate_delay:
+                await asyncio.sleep(self.generate_delay)
             if body.get("prompt") == "reject me":
                 return httpx.Response(
                     400,
@@ -134,6 +157,9 @@ class FakeStream(httpx.AsyncByteStream):
         for index, piece in enumerate(self.pieces):
             if backend.fail_after == index:
                 raise httpx.ReadError("connection reset by peer")
+            if backend.hang_after == index:
+                backend.hung = True
+            await backend.unless_hung()
             yield b"data: " + json.dumps({"response": piece}).encode() + b"\n\n"
             await asyncio.sleep(0)
         if backend.hold is not None:

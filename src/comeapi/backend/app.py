@@ -25,6 +25,7 @@ from comeapi.errors import ComeapiError, QueueFullError, UnavailableError
 from comeapi.http.errors import EXCEPTION_HANDLERS
 from comeapi.http.responses import JSONResponse, read_body
 from comeapi.models.catalogue import ModelFile, check_model_dir, resolve
+from comeapi.protocol.health import health_document, new_instance_id
 from comeapi.protocol.requests import KINDS, GenerationRequest, decode_json, parse_request
 from comeapi.protocol.responses import StreamEncoder, full_body, sse_error
 from comeapi.settings import Settings
@@ -36,13 +37,15 @@ SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
 CLIENT_GONE = 499  # nginx's code for "client closed the request"; nobody reads it
 
 
-def create_app(settings: Settings, engine: Engine) -> Starlette:
+def create_app(settings: Settings, engine: Engine, *, instance: str | None = None) -> Starlette:
+    """The app; ``instance`` (random when not given) identifies this process in /health, so a
+    supervisor can tell its own backend from another one holding the port."""
     models, default = check_model_dir(settings)
     if settings.slots > 1:
         # The batched engine serves its one model; advertising the others would make a
         # balancer route requests for them here.
         models = [default]
-    api = BackendAPI(settings, engine, models, default)
+    api = BackendAPI(settings, engine, models, default, instance or new_instance_id())
     routes = [
         Route("/", api.status),
         Route("/status", api.status),
@@ -59,12 +62,18 @@ class BackendAPI:
     """Route handlers over one engine; state is the engine's counters and an admission count."""
 
     def __init__(
-        self, settings: Settings, engine: Engine, models: list[ModelFile], default: ModelFile
+        self,
+        settings: Settings,
+        engine: Engine,
+        models: list[ModelFile],
+        default: ModelFile,
+        instance: str,
     ):
         self._settings = settings
         self._engine = engine
         self._models = models
         self._default = default
+        self._instance = instance
         self._admitted = 0
 
     # --- status ---------------------------------------------------------------------------
@@ -80,9 +89,16 @@ class BackendAPI:
         }
 
     async def health(self, request: Request) -> Response:
-        if self._engine.ready:
-            return JSONResponse({"status": "ok", **self._load()})
-        return JSONResponse({"status": "loading", **self._load()}, status_code=503)
+        engine = self._engine
+        status, body = health_document(
+            ready=engine.ready,
+            capacity=engine.capacity,
+            in_flight=engine.in_flight,
+            models=[m.name for m in self._models],
+            loaded_models=engine.loaded_models(),
+            instance=self._instance,
+        )
+        return JSONResponse(body, status_code=status)
 
     async def status(self, request: Request) -> Response:
         load = self._load()

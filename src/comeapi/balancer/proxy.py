@@ -2,9 +2,10 @@
 
 A request may be retried on another backend as long as nothing has been sent to the client:
 for a plain answer that is until the whole body has arrived, for a stream until its first
-chunk has. After that a failure ends the stream with an SSE error event. Streams pass
-through chunk by chunk; a client that disconnects closes the upstream response, so the
-backend stops generating.
+chunk has. After that a failure ends the stream with an SSE error event. A backend that
+hangs counts as failed once it has been silent for ``stall_timeout`` and misses a health
+probe (``stall.py``). Streams pass through chunk by chunk; a client that disconnects closes
+the upstream response, so the backend stops generating.
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ from comeapi.balancer.backend import Backend
 from comeapi.balancer.health import HealthChecker, describe
 from comeapi.balancer.pool import BackendPool
 from comeapi.balancer.relay import (
+    StreamOwner,
     UpstreamStream,
     close_quietly,
     response_headers,
@@ -29,6 +31,7 @@ from comeapi.balancer.relay import (
     uncancel,
     usage_tokens,
 )
+from comeapi.balancer.stall import StallGuard
 from comeapi.errors import UnavailableError
 from comeapi.http.disconnect import DisconnectGuard
 
@@ -44,7 +47,7 @@ class ProxyObserver(Protocol):
     def tokens(self, count: int) -> None: ...
 
 
-class Forwarder:
+class Forwarder(StreamOwner):
     """Sends requests to the pool's backends through one shared httpx transport.
 
     Requests go straight to ``transport.handle_async_request``: httpx.AsyncClient's extras
@@ -60,12 +63,15 @@ class Forwarder:
         *,
         connect_timeout: float = 2.0,
         read_timeout: float = 600.0,
+        stall_timeout: float | None = None,
         observer: ProxyObserver | None = None,
     ):
         self.pool = pool
         self.health = health
         self.transport = transport
         self.observer = observer
+        #: Silence from a backend (s) after which it is asked whether it is alive.
+        self.stall_timeout = stall_timeout
         #: Set when the server's grace period begins: requests it then cancels get a 503
         #: (or an SSE error event) instead of a dropped connection.
         self.stopping = False
@@ -109,15 +115,21 @@ class Forwarder:
             backend = await self._acquire(model, tried)
             upstream: httpx.Response | None = None
             try:
-                upstream = await self.transport.handle_async_request(
-                    self._request(backend, path, raw, headers)
-                )
-                chunks = _raw_chunks(upstream)
-                if stream and upstream.status_code == 200:
-                    first = await anext(chunks, b"")
-                    return UpstreamStream(self, backend, upstream, chunks, first)
-                body = b"".join([chunk async for chunk in chunks])
-            except httpx.TransportError as exc:
+                with self.stall_guard(backend) as stall:
+                    upstream = await self.transport.handle_async_request(
+                        self._request(backend, path, raw, headers)
+                    )
+                    stall.touch()
+                    chunks = _raw_chunks(upstream)
+                    if stream and upstream.status_code == 200:
+                        first = await anext(chunks, b"")
+                        return UpstreamStream(self, backend, upstream, chunks, first)
+                    parts: list[bytes] = []
+                    async for chunk in chunks:
+                        stall.touch()
+                        parts.append(chunk)
+                    body = b"".join(parts)
+            except httpx.TransportError as exc:  # includes BackendStalled
                 if upstream is not None:
                     await close_quietly(upstream)
                 self._failed(backend, exc, tried)
@@ -134,6 +146,21 @@ class Forwarder:
             if self.observer is not None and upstream.status_code == 200:
                 self.observer.tokens(usage_tokens(body))
             return Response(body, upstream.status_code, response_headers(upstream))
+
+    # --- StreamOwner ---------------------------------------------------------------------
+
+    def stall_guard(self, backend: Backend) -> StallGuard:
+        return StallGuard(self.stall_timeout, lambda: self.health.confirm_alive(backend))
+
+    def stream_failed(self, backend: Backend, exc: BaseException) -> None:
+        self.health.report_failure(backend, exc)
+
+    def stream_done(self, backend: Backend, *, completed: bool, tokens: int) -> None:
+        self.pool.release(backend, served=completed)
+        if self.observer is not None:
+            self.observer.tokens(tokens)
+
+    # --- internals -----------------------------------------------------------------------
 
     def _request(
         self, backend: Backend, path: str, raw: bytes, headers: dict[str, str]

@@ -1,11 +1,15 @@
 """Relaying a backend's answer to the client: the SSE stream response, and the headers,
-token counts and errors that go with it."""
+token counts and errors that go with it.
+
+The stream reports back through ``StreamOwner`` (the forwarder implements it), so this
+module needs nothing from ``proxy.py``, which imports it.
+"""
 
 from __future__ import annotations
 
 import asyncio
 from collections.abc import AsyncIterator
-from typing import TYPE_CHECKING
+from typing import Protocol
 
 import httpx
 import orjson
@@ -14,12 +18,30 @@ from starlette.types import Receive, Scope, Send
 
 from comeapi.balancer.backend import Backend
 from comeapi.balancer.health import describe
+from comeapi.balancer.stall import StallGuard
 from comeapi.errors import UnavailableError, UpstreamError
 from comeapi.http.disconnect import DisconnectGuard
 from comeapi.protocol.responses import sse_error
 
-if TYPE_CHECKING:
-    from comeapi.balancer.proxy import Forwarder
+
+class StreamOwner(Protocol):
+    """What a relayed stream needs from whoever opened it."""
+
+    #: True once the server's grace period has begun (a cancellation is then a shutdown).
+    stopping: bool
+
+    def stall_guard(self, backend: Backend) -> StallGuard:
+        """A guard that ends the wait for ``backend``'s next bytes if it has hung."""
+        ...
+
+    def stream_failed(self, backend: Backend, exc: BaseException) -> None:
+        """``backend`` failed mid-stream (the client has part of the answer)."""
+        ...
+
+    def stream_done(self, backend: Backend, *, completed: bool, tokens: int) -> None:
+        """The stream is over: give the backend's slot back, count the tokens."""
+        ...
+
 
 # Response headers the gateway sets itself (or that describe the upstream connection).
 DROP_RESPONSE_HEADERS = frozenset(
@@ -32,13 +54,13 @@ class UpstreamStream(Response):
 
     def __init__(
         self,
-        forwarder: Forwarder,
+        owner: StreamOwner,
         backend: Backend,
         upstream: httpx.Response,
         chunks: AsyncIterator[bytes],
         first: bytes,
     ):
-        self.forwarder = forwarder
+        self.owner = owner
         self.backend = backend
         self.upstream = upstream
         self.chunks = chunks
@@ -61,18 +83,22 @@ class UpstreamStream(Response):
                 )
                 chunk = self.first
                 try:
-                    while chunk:
-                        events.feed(chunk)
-                        await send({"type": "http.response.body", "body": chunk, "more_body": True})
-                        chunk = await anext(self.chunks, b"")
-                except httpx.TransportError as exc:
+                    with self.owner.stall_guard(self.backend) as stall:
+                        while chunk:
+                            events.feed(chunk)
+                            await send(
+                                {"type": "http.response.body", "body": chunk, "more_body": True}
+                            )
+                            stall.touch()
+                            chunk = await anext(self.chunks, b"")
+                except httpx.TransportError as exc:  # a lost connection, or a stall
                     # Too late to retry: the client has part of the answer. Say so in-band.
-                    self.forwarder.health.report_failure(self.backend, exc)
+                    self.owner.stream_failed(self.backend, exc)
                     error = UpstreamError(f"the backend failed mid-stream: {describe(exc)}")
                     await send({"type": "http.response.body", "body": sse_error(error)})
                     return
                 except asyncio.CancelledError:
-                    if not self.forwarder.stopping:
+                    if not self.owner.stopping:
                         raise
                     uncancel()
                     closing = sse_error(shutting_down())
@@ -82,10 +108,7 @@ class UpstreamStream(Response):
                 completed = True
         finally:
             await close_quietly(self.upstream)
-            self.forwarder.pool.release(self.backend, served=completed)
-            observer = self.forwarder.observer
-            if observer is not None:
-                observer.tokens(events.tokens())
+            self.owner.stream_done(self.backend, completed=completed, tokens=events.tokens())
 
 
 class _EventCounter:

@@ -11,7 +11,7 @@ import click
 from rich.console import Console
 from rich.table import Table
 
-from comeapi.cli.options import build_settings, settings_options
+from comeapi.cli.options import build_settings, one_line, settings_options
 from comeapi.errors import ConfigError
 from comeapi.settings import Settings
 
@@ -49,8 +49,11 @@ def _configure_logging(settings: Settings) -> None:
     flags={"backend_host": "--host", "backend_port": "--port"},
 )
 @click.option("--parent-pid", type=int, default=None, hidden=True)
+@click.option("--instance-id", default=None, hidden=True)
 @click.pass_context
-def backend(ctx: click.Context, /, parent_pid: int | None, **values: Any) -> None:
+def backend(
+    ctx: click.Context, /, parent_pid: int | None, instance_id: str | None, **values: Any
+) -> None:
     """Serve GGUF models with llama.cpp: ComeAPI's API and OpenAI's.
 
     /health answers 503 while the default model loads, then 200.
@@ -60,9 +63,9 @@ def backend(ctx: click.Context, /, parent_pid: int | None, **values: Any) -> Non
     from comeapi.backend.server import EXIT_CONFIG, serve
 
     try:
-        serve(settings, parent_pid=parent_pid)
+        serve(settings, parent_pid=parent_pid, instance=instance_id)
     except ConfigError as exc:
-        click.echo(f"Error: {exc.message}", err=True)
+        click.echo(f"Error: {one_line(exc.message)}", err=True)
         ctx.exit(EXIT_CONFIG)
 
 
@@ -78,7 +81,9 @@ def backends() -> None:
     "count",
     *BACKEND_FIELDS,
     "restart_backoff_max",
+    "health_interval",
     "health_timeout",
+    "liveness_failures",
     flags={"backend_host": "--host"},
 )
 @click.pass_context
@@ -89,7 +94,7 @@ def start(ctx: click.Context, /, **values: Any) -> None:
     try:
         asyncio.run(_run_pool(settings))
     except ConfigError as exc:
-        click.echo(f"Error: {exc.message}", err=True)
+        click.echo(f"Error: {one_line(exc.message)}", err=True)
         ctx.exit(1)
 
 

@@ -34,7 +34,6 @@ from comeapi.gateway.ondemand import OnDemandBackends, pool_supervisor
 from comeapi.http.auth import APIKeyMiddleware
 from comeapi.http.errors import EXCEPTION_HANDLERS
 from comeapi.http.responses import JSONResponse
-from comeapi.protocol.requests import KINDS
 from comeapi.settings import Settings
 
 log = logging.getLogger("comeapi.gateway")
@@ -71,6 +70,7 @@ class Gateway:
             self.transport,
             connect_timeout=settings.connect_timeout,
             read_timeout=settings.request_timeout,
+            stall_timeout=settings.stall_timeout,
             observer=self.metrics,
         )
         self._cache_task: asyncio.Task[None] | None = None
@@ -207,8 +207,9 @@ def create_app(
     cache: ResponseCache | None = None,
     *,
     transport: httpx.AsyncBaseTransport | None = None,
-) -> Starlette:
-    """The gateway app. ``transport`` replaces the network (tests use httpx.MockTransport)."""
+) -> GenerationRoutes:
+    """The gateway app: the generation routes in front of a Starlette app for the rest.
+    ``transport`` replaces the network (tests use httpx.MockTransport)."""
     gateway = Gateway(settings, pool, cache, transport=transport)
     routes = [
         Route("/", gateway.root),
@@ -231,25 +232,19 @@ def create_app(
     app = Starlette(
         routes=routes,
         middleware=[
-            Middleware(
-                MetricsMiddleware,
-                metrics=gateway.metrics,
-                routes=[*KINDS, *(r.path for r in routes)],
-            ),
+            Middleware(MetricsMiddleware, metrics=gateway.metrics, routes=[r.path for r in routes]),
             Middleware(APIKeyMiddleware, keys=settings.api_keys),
-            # innermost: ahead of the router
-            Middleware(
-                GenerationRoutes,
-                settings=settings,
-                pool=pool,
-                forwarder=gateway.forwarder,
-                metrics=gateway.metrics,
-                cache=cache,
-                on_demand=gateway.on_demand,
-            ),
         ],
         exception_handlers=EXCEPTION_HANDLERS,
         lifespan=lifespan,
     )
     app.state.gateway = gateway
-    return app
+    return GenerationRoutes(
+        app,
+        settings=settings,
+        pool=pool,
+        forwarder=gateway.forwarder,
+        metrics=gateway.metrics,
+        cache=cache,
+        on_demand=gateway.on_demand,
+    )

@@ -21,11 +21,12 @@ from collections.abc import Callable, Coroutine, Iterator
 from typing import Any
 
 import uvicorn
-from starlette.applications import Starlette
 
 from comeapi.balancer.pool import BackendPool
+from comeapi.errors import ConfigError
 from comeapi.gateway.app import Gateway, create_app
 from comeapi.gateway.cache import ResponseCache
+from comeapi.gateway.generation import GenerationRoutes
 from comeapi.settings import Settings
 
 log = logging.getLogger("comeapi.gateway")
@@ -35,7 +36,7 @@ WORKER_SETTINGS_ENV = "_COMEAPI_GATEWAY_SETTINGS"
 SIGNALS = (signal.SIGINT, signal.SIGTERM)
 
 
-def uvicorn_config(settings: Settings, app: Starlette) -> uvicorn.Config:
+def uvicorn_config(settings: Settings, app: GenerationRoutes) -> uvicorn.Config:
     return uvicorn.Config(
         app,
         host=settings.host,
@@ -64,7 +65,7 @@ class GatewayServer(uvicorn.Server):
         await super().shutdown(sockets)
 
 
-def gateway_server(settings: Settings, app: Starlette) -> GatewayServer:
+def gateway_server(settings: Settings, app: GenerationRoutes) -> GatewayServer:
     return GatewayServer(uvicorn_config(settings, app), app.state.gateway)
 
 
@@ -123,8 +124,15 @@ async def up(settings: Settings) -> None:
     if settings.on_demand:
         await serve(settings)
         return
-    from comeapi.backend.supervisor import Supervisor
+    from comeapi.backend.supervisor import Supervisor, port_taken
 
+    problem = port_taken(settings.host, settings.port)
+    if problem:  # checked before any backend starts (a second `comeapi up`, say)
+        raise ConfigError(
+            f"the gateway's port {settings.port} on {settings.host} is already in use "
+            f"({problem}): is another `comeapi up` or `comeapi serve` running? Stop it, or "
+            "choose another --port"
+        )
     supervisor = Supervisor(
         settings, host=settings.backend_host, base_port=settings.base_port, count=settings.count
     )
@@ -209,7 +217,7 @@ def run_gateway(settings: Settings) -> None:
     )
 
 
-def worker_app() -> Starlette:
+def worker_app() -> GenerationRoutes:
     """The app of one ``--workers`` process (uvicorn imports and calls this)."""
     settings = Settings.model_validate_json(os.environ[WORKER_SETTINGS_ENV])
     return create_app(settings, BackendPool.from_settings(settings), build_cache(settings))

@@ -44,7 +44,10 @@ RESPONSE_FORMATS = frozenset({"text", "json_object", "json_schema"})
 _SURROGATE_ESCAPE = re.compile(r"\\u[dD][89a-fA-F]")
 
 
-@dataclass(frozen=True, slots=True)
+# Not frozen: a frozen dataclass's __init__ sets each field through object.__setattr__, five
+# times the cost of a plain one, and every cache hit builds a GenerationRequest (timeit of
+# GenerationRequest(...) with its 23 fields, one run: 4.3 us plain, 22 us frozen).
+@dataclass(slots=True)
 class Message:
     """One chat message: its role, the text of its text parts (joined), and the types of
     its other parts, which the cache cannot match and a text-only model cannot read."""
@@ -57,7 +60,7 @@ class Message:
         return {"role": self.role, "content": self.content}
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class ResponseFormat:
     """``response_format``: ``json_object``, or ``json_schema`` with its ``schema``."""
 
@@ -67,7 +70,7 @@ class ResponseFormat:
     strict: bool = False
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class GenerationRequest:
     """One validated request.
 
