@@ -69,9 +69,9 @@ def package_dir() -> str:
 
 
 def load_snapshot(directory: str) -> Snapshot | None:
-    """The snapshot in ``directory``; None if there is none; StoreError (code ``corrupt``)
-    if it is there but does not verify: its archive checksum, every entry's checksum and
-    key, and one entry for every variant the catalogue lists."""
+    """The snapshot in ``directory``; None if there is none; StoreError (code ``corrupt``),
+    or ArchiveError from the archive's reader, if it is there but does not verify: the
+    archive's SHA-256, every entry's checksum and key, one entry per variant listed."""
     meta_path = os.path.join(directory, META)
     try:
         with open(meta_path, "rb") as fh:
