@@ -172,3 +172,15 @@ $(DOCKER_WHEELHOUSE)/.complete: pyproject.toml $(LLAMA_WHEELHOUSE)/.built | $(VE
 clean:
 	rm -rf $(VENV) build dist src/*.egg-info .mypy_cache .ruff_cache .pytest_cache
 	rm -f $(DOCKER_WHEELHOUSE)/*.whl $(DOCKER_WHEELHOUSE)/.complete
+
+# --- Phase 2: the Lambda function package (docs/aws.md) ----------------------------------
+# The directory deploy/aws/template.yaml's CodeUri names: comeapi and a snapshot of the
+# table, taken with your AWS credentials (AWS_REGION). Run it before `sam build`, and again
+# after each `comeapi cache push`. LAMBDA_PACKAGE_ARGS: e.g. --endpoint-url URL, --no-snapshot.
+LAMBDA_TABLE        ?= comeapi-cache
+LAMBDA_PACKAGE      ?= deploy/aws/build/CacheFunction
+LAMBDA_PACKAGE_ARGS ?=
+
+.PHONY: lambda-package
+lambda-package: install
+	$(BIN)/comeapi aws package $(LAMBDA_PACKAGE) --table $(LAMBDA_TABLE) $(LAMBDA_PACKAGE_ARGS)
