@@ -77,7 +77,7 @@
     $("healthy").className = "value " + (pool.total_backends ? healthClass : "");
     $("routing").textContent = data.routing;
     $("slots").textContent = `${pool.in_flight} / ${pool.capacity}`;
-    $("slots-note").textContent = "in flight / capacity of healthy backends";
+    $("slots-note").textContent = "in flight / capacity";
     const queue = data.queue;
     $("queue").textContent = `${queue.depth} / ${queue.limit}`;
     $("queue-bar").style.width = (queue.limit ? Math.min(100, (100 * queue.depth) / queue.limit) : 0) + "%";
