@@ -8,11 +8,13 @@ the figure is process CPU time per hit (no sockets, no HTTP parsing), the median
 ``--rounds`` alternating rounds. Access lines go through the ``comeapi.access`` logger to a
 StreamHandler on /dev/null: the formatting, the logging call and the write are counted, a
 disk is not. With ``--wrk``, the same three modes as ``comeapi serve`` processes (stdout to
-/dev/null) under ``wrk -t1 -c32``, alternating. The load average is printed with each set:
-the machine is shared, so read the differences within one run.
+/dev/null) under ``wrk -t1 -c32``, alternating: requests per second and the server's CPU
+time per request (from /proc). The load average is printed with each set: the machine is
+shared, so read the differences within one run.
 
-Run against a tree without the request log (``PYTHONPATH=/path/to/other/src``), only the
-"off" row is measured: the cost of the record itself is the difference of the two runs.
+The record itself (made on every request, access log or not) is timed alone beside a plain
+tuple appended to a deque, the least any record could cost. Run against a tree without the
+request log (``PYTHONPATH=/path/to/other/src``), only the "off" row is measured.
 """
 
 from __future__ import annotations
@@ -27,6 +29,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections import deque
 from pathlib import Path
 from typing import Any
 
@@ -37,6 +40,7 @@ from comeapi.gateway.cache import ResponseCache
 from comeapi.settings import Settings, load_settings
 from nginx_vs_gateway import (
     SHIPPED_CACHE,
+    WrkResult,
     free_port,
     lua_script,
     request_bodies,
@@ -148,6 +152,36 @@ def in_process(store_url: str, bodies: list[tuple[str, str]], args: argparse.Nam
         )
 
 
+def record_alone(args: argparse.Namespace) -> None:
+    """The request log's own work per hit with the access log off: make the record, note the
+    request and the hit, add it to the ring."""
+    import timeit
+
+    from comeapi.gateway.requestlog import RequestLog, RequestRecord
+
+    log = RequestLog(200)
+    scope = Client(None, [("/generate", "{}")]).requests[0][0]
+    request, hit = object(), object()
+
+    def one() -> None:
+        record = RequestRecord(scope)
+        record.request = request  # type: ignore[assignment]
+        record.outcome = hit  # type: ignore[assignment]
+        log.add(record, 200, 0.0001)
+
+    ring: deque[tuple[Any, ...]] = deque(maxlen=200)
+
+    def plain_tuple() -> None:  # the least a record could cost, for scale
+        ring.append((time.time(), scope["method"], scope["path"], scope["client"], 200, 0.1))
+
+    for name, func in (
+        ("the record (make, fill, add)", one),
+        ("a tuple into a deque", plain_tuple),
+    ):
+        best = min(timeit.repeat(func, number=args.hits, repeat=args.rounds)) / args.hits * 1e6
+        print(f"  {name}: {best:.2f} us per request (best of {args.rounds})")
+
+
 def with_wrk(store_url: str, base: Path, bodies: list[tuple[str, str]], args: Any) -> None:
     if shutil.which("wrk") is None:
         raise SystemExit("wrk is not installed (make system-deps)")
@@ -166,22 +200,23 @@ def with_wrk(store_url: str, base: Path, bodies: list[tuple[str, str]], args: An
         for proc, port in zip(procs, ports.values(), strict=True):
             wait_port(port, proc)
         print(f"wrk -t1 -c{args.connections} -d{args.duration}s; load average before: {load()}")
-        results: dict[str, list[float]] = {mode: [] for mode in MODES}
+        results: dict[str, list[WrkResult]] = {mode: [] for mode in MODES}
         for _ in range(args.rounds):
-            for mode, port in ports.items():
-                result = run_wrk(f"http://127.0.0.1:{port}", script, args)
-                results[mode].append(result.requests_per_s)
+            for proc, (mode, port) in zip(procs, ports.items(), strict=True):
+                url = f"http://127.0.0.1:{port}"
+                results[mode].append(run_wrk(url, script, args, proc.pid))
         print(f"load average after: {load()}")
     finally:
         for server in reversed(servers):
             server.__exit__(None, None, None)
-    base_rps = statistics.median(results["off"])
-    for mode, values in results.items():
-        median = statistics.median(values)
-        rounds = " ".join(f"{v:.0f}" for v in values)
+    base_cpu = statistics.median(r.cpu_us for r in results["off"])
+    for mode, runs in results.items():
+        rps = statistics.median(r.requests_per_s for r in runs)
+        cpu = statistics.median(r.cpu_us for r in runs)
+        errors = "; ".join(sorted({r.errors for r in runs if r.errors}))
         print(
-            f"  access log {mode:4}: {median:8.0f} req/s (median; rounds {rounds})"
-            f"  {median / base_rps:.2f}x off"
+            f"  access log {mode:4}: {rps:7.0f} req/s, server CPU {cpu:5.1f} us per request "
+            f"(medians; {cpu - base_cpu:+.1f} us vs off){'  [' + errors + ']' if errors else ''}"
         )
 
 
@@ -205,6 +240,8 @@ def main() -> None:
         )
         bodies = request_bodies()
         in_process(store_url, bodies, args)
+        if len(MODES) > 1:
+            record_alone(args)
         if args.wrk:
             with_wrk(store_url, base, bodies, args)
     finally:

@@ -114,9 +114,10 @@ class RequestRecord:
         self.request: GenerationRequest | None = None
         #: The cache's hit, or the ``Miss``; None where the cache had no part.
         self.outcome: Hit | Miss | None = None
-        self.time = 0.0
-        self.status = 0
-        self.seconds = 0.0
+        # time, status and seconds are set when the request ends (RequestLog.add).
+        self.time: float
+        self.status: int
+        self.seconds: float
 
     def fields(self) -> dict[str, Any]:
         """The record as ``FIELDS``; None where a field does not apply or is not known."""
