@@ -28,6 +28,7 @@ pytestmark = pytest.mark.slow
 
 KEY = "dashboard-test-key"
 AUTH = {"Authorization": f"Bearer {KEY}"}
+MARKUP = '<img src=x onerror="document.title=1">'
 #: Set to a path (docs/dashboard.png) to keep the screenshot the test takes.
 SCREENSHOT_ENV = "COMEAPI_DASHBOARD_SCREENSHOT"
 
@@ -54,6 +55,8 @@ def drive_traffic(url: str) -> dict[str, Any]:
     chat = next(item for item in items if item.messages is not None)
     hits: list[int] = []
     with httpx.Client(base_url=url, headers=AUTH, timeout=120) as client:
+        # A path made to be markup: the page must show it as text.
+        assert client.get("/" + MARKUP).status_code == 404
         for _ in range(20):
             response = client.post("/generate", json={"prompt": prompt.prompt})
             assert response.headers["x-cache"] == "HIT", response.text
@@ -75,7 +78,7 @@ def drive_traffic(url: str) -> dict[str, Any]:
             stream.read()
         # A stream is recorded once its relay has finished, which may be just after the
         # client has the last byte: wait, so the table's order is the order made here.
-        wait_recorded(client, 26)
+        wait_recorded(client, 27)
         bad = client.post("/v1/completions", json={"prompt": 12})
         assert bad.status_code == 400
     unauthorized = httpx.post(url + "/generate", json={"prompt": prompt.prompt}, timeout=10)
@@ -212,6 +215,10 @@ def check_requests(browser: Browser, made: dict[str, Any], backends: list[Node])
     for c in cells[5:28]:
         assert c["backend"] == "–" and c["model"] == "gemma-3-270m-q4_k_m.gguf"
         assert c["duration"].endswith("ms")
+    markup = rows[28]
+    assert markup["data"]["path"] == "/" + MARKUP and markup["cells"][1] == "GET /" + MARKUP
+    assert browser.script("return document.querySelectorAll('#requests img').length") == 0
+    assert browser.driver.title == "comeapi dashboard"
 
 
 def check_access_log(gateway: Node, made: dict[str, Any]) -> None:

@@ -130,7 +130,7 @@
       tr.append(cell(b.failures, "num" + (b.failures ? " warn" : "")));
       tr.append(cell(b.restarts === undefined ? null : b.restarts, "num"));
       tr.append(cell(b.last_check ? ago(data.time - b.last_check) : "never"));
-      tr.append(cell((b.loaded_models.length ? b.loaded_models : b.models).join(", ")));
+      tr.append(cell((b.loaded_models.length ? b.loaded_models : b.models).join(", "), "wide"));
       return tr;
     });
     if (!rows.length) {
@@ -160,7 +160,7 @@
       `${cache.prompts} prompts, ${cache.answers} answers (${variants} variants each)` +
       (shown.length < cache.prompts ? `; the ${shown.length} most hit shown` : "");
     const head = document.createElement("tr");
-    head.append(th("Prompt"), th("Model"));
+    head.append(th("Prompt"), th("Model", "wide"));
     for (let v = 0; v < variants; v++) head.append(th("v" + v, "num"));
     head.append(th("Total", "num"));
     table.tHead.replaceChildren(head);
@@ -169,7 +169,7 @@
       tr.dataset.key = p.key;
       const prompt = cell(p.prompt, "prompt");
       prompt.title = p.prompt;
-      tr.append(prompt, cell(p.model));
+      tr.append(prompt, cell(p.model, "wide"));
       for (let v = 0; v < variants; v++) {
         const hits = p.hits_by_variant[String(v)];
         const td = cell(hits === undefined ? "·" : hits, "num" + (hits ? "" : " zero"));
