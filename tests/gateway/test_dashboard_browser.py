@@ -78,7 +78,7 @@ def drive_traffic(url: str) -> dict[str, Any]:
             stream.read()
         # A stream is recorded once its relay has finished, which may be just after the
         # client has the last byte: wait, so the table's order is the order made here.
-        wait_recorded(client, 27)
+        wait_recorded(client, "/v1/completions")
         bad = client.post("/v1/completions", json={"prompt": 12})
         assert bad.status_code == 400
     unauthorized = httpx.post(url + "/generate", json={"prompt": prompt.prompt}, timeout=10)
@@ -86,10 +86,14 @@ def drive_traffic(url: str) -> dict[str, Any]:
     return {"prompt": prompt.prompt, "hits": hits, "misses": misses}
 
 
-def wait_recorded(client: httpx.Client, count: int, timeout: float = 30.0) -> None:
+def wait_recorded(client: httpx.Client, path: str, timeout: float = 30.0) -> None:
+    """Until the newest record is a request to ``path``."""
     deadline = time.monotonic() + timeout
-    while client.get("/dashboard/data", params={"rows": 0}).json()["requests"]["total"] < count:
-        assert time.monotonic() < deadline, f"fewer than {count} requests recorded"
+    while (
+        client.get("/dashboard/data", params={"rows": 1}).json()["requests"]["recent"][0]["path"]
+        != path
+    ):
+        assert time.monotonic() < deadline, f"no record of {path}"
         time.sleep(0.05)
 
 
