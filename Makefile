@@ -78,13 +78,16 @@ $(MODEL): | $(VENV)/.installed
 
 # From Debian's packages: nginx (with njs, for the cache key) and wrk for the nginx tests and
 # the benchmarks; the Docker engine, debootstrap (the Docker tests' base images) and sshd
-# (their "other machine") for the Docker tests.
+# (their "other machine") for the Docker tests; Chromium and its driver for the dashboard's
+# browser test.
 NGINX_JS_MODULE ?= /usr/lib/nginx/modules/ngx_http_js_module.so
-SYSTEM_PACKAGES := nginx libnginx-mod-http-js wrk curl docker.io debootstrap openssh-server
+SYSTEM_PACKAGES := nginx libnginx-mod-http-js wrk curl docker.io debootstrap openssh-server \
+                   chromium chromium-driver
 system-deps:
 	@if ! command -v nginx >/dev/null || ! command -v wrk >/dev/null || [ ! -f $(NGINX_JS_MODULE) ] \
 		|| ! command -v curl >/dev/null || ! command -v dockerd >/dev/null \
-		|| ! command -v debootstrap >/dev/null || [ ! -x /usr/sbin/sshd ]; then \
+		|| ! command -v debootstrap >/dev/null || [ ! -x /usr/sbin/sshd ] \
+		|| ! command -v chromium >/dev/null || ! command -v chromedriver >/dev/null; then \
 		if [ "$$(id -u)" = 0 ]; then apt-get update -qq && DEBIAN_FRONTEND=noninteractive \
 			apt-get install -y -qq --no-install-recommends $(SYSTEM_PACKAGES) >/dev/null; \
 		else echo "missing: sudo apt-get install $(SYSTEM_PACKAGES)"; exit 1; fi; \

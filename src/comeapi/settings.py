@@ -122,6 +122,14 @@ class Settings(BaseSettings):
     )
     workers: int = Field(1, ge=1, le=64, description="Gateway worker processes.")
     log_level: Literal["critical", "error", "warning", "info", "debug"] = "info"
+    access_log: Literal["off", "text", "json"] = Field(
+        "off",
+        description="One line per request on stdout: off, text (common log format with "
+        "key=value fields) or json.",
+    )
+    request_log_size: int = Field(
+        200, ge=1, le=100_000, description="Recent requests kept in memory for /dashboard."
+    )
 
     # --- the response cache --------------------------------------------------------------
     store: str = Field(

@@ -20,6 +20,7 @@ from typing import Any
 import httpx
 import openai
 import pytest
+from starlette.applications import Starlette
 from starlette.routing import Route
 
 from comeapi.balancer.pool import BackendPool
@@ -207,8 +208,10 @@ def test_timeout_is_504_json_with_retry_after(base: Path) -> None:
 def comeapi_routes() -> list[str]:
     """Every route of comeapi's gateway, read from its app (so a new route is checked too)."""
     settings = load_settings(None, backends=["http://127.0.0.1:9"])
-    app = create_app(settings, BackendPool.from_settings(settings))
-    paths = [route.path for route in app.routes if isinstance(route, Route)] + list(KINDS)
+    app = create_app(settings, BackendPool.from_settings(settings))  # no CORS: GenerationRoutes
+    router = app.app  # the Starlette app behind the generation routes
+    assert isinstance(router, Starlette)
+    paths = [route.path for route in router.routes if isinstance(route, Route)] + list(KINDS)
     return [p.replace("{model:path}", BUNDLED_MODEL) for p in paths]
 
 

@@ -41,6 +41,12 @@ FORWARD_REQUEST_HEADERS = ("content-type", "authorization", "accept")
 _FORWARD_RAW = frozenset(name.encode() for name in FORWARD_REQUEST_HEADERS)
 
 
+class ForwardReport(Protocol):
+    """Told the backend a forwarded request went to (the gateway's request log)."""
+
+    backend: str | None
+
+
 class ProxyObserver(Protocol):
     """What the proxy reports for metrics."""
 
@@ -81,11 +87,13 @@ class Forwarder(StreamOwner):
         model: str | None,
         stream: bool,
         receive: Receive,
+        report: ForwardReport | None = None,
     ) -> Response:
-        """The backend's answer to ``raw`` POSTed at ``path``, as an ASGI response."""
+        """The backend's answer to ``raw`` POSTed at ``path``, as an ASGI response; the
+        backend that answered (or was tried last) goes into ``report``."""
         try:
             async with DisconnectGuard(receive) as guard:
-                return await self._open(path, raw, headers, model, stream)
+                return await self._open(path, raw, headers, model, stream, report)
         except asyncio.CancelledError:
             if not self.stopping:
                 raise
@@ -95,11 +103,19 @@ class Forwarder(StreamOwner):
         return Response(status_code=499)  # nobody is listening any more
 
     async def _open(
-        self, path: str, raw: bytes, headers: dict[str, str], model: str | None, stream: bool
+        self,
+        path: str,
+        raw: bytes,
+        headers: dict[str, str],
+        model: str | None,
+        stream: bool,
+        report: ForwardReport | None,
     ) -> Response:
         tried = _Attempts()
         while True:
             backend = await self._acquire(model, tried)
+            if report is not None:
+                report.backend = backend.url
             upstream: UpstreamResponse | None = None
             try:
                 with self.stall_guard(backend) as stall:

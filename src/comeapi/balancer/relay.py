@@ -60,6 +60,9 @@ _DROP_RAW = frozenset(name.encode() for name in DROP_RESPONSE_HEADERS)
 class UpstreamStream(Response):
     """An ASGI response relaying a backend's SSE stream; owns the backend's slot until done."""
 
+    #: What the stream carried (tokens, usage), once it is being sent: the request log reads it.
+    events: _EventCounter | None = None
+
     def __init__(
         self,
         owner: StreamOwner,
@@ -79,7 +82,7 @@ class UpstreamStream(Response):
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         completed = False
-        events = _EventCounter()
+        events = self.events = _EventCounter()
         try:
             async with DisconnectGuard(receive):
                 await send(
@@ -123,11 +126,13 @@ class _EventCounter:
     """Tokens in a relayed stream: the usage the backend reports at the end, else one per
     text event (SSE events carry one decoded piece of text each)."""
 
-    __slots__ = ("events", "usage")
+    __slots__ = ("events", "usage", "usage_line")
 
     def __init__(self) -> None:
         self.events = 0
         self.usage: int | None = None
+        #: The JSON of the event that carried the usage, if one did.
+        self.usage_line = b""
 
     def feed(self, chunk: bytes) -> None:
         self.events += chunk.count(b"data: {")
@@ -137,6 +142,7 @@ class _EventCounter:
                     count = usage_tokens(line[6:])
                     if count:
                         self.usage = count
+                        self.usage_line = line[6:]
 
     def tokens(self) -> int:
         if self.usage is not None:

@@ -29,6 +29,8 @@ GATEWAY_FIELDS = (
     "max_body_bytes",
     "max_tokens_limit",
     "log_level",
+    "access_log",
+    "request_log_size",
     "store",
     "variants",
     "on_miss",

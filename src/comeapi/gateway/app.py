@@ -29,10 +29,12 @@ from comeapi.balancer.transport import default_upstream
 from comeapi.balancer.upstream import HttpxUpstream, Timeouts, Upstream
 from comeapi.errors import ModelNotFoundError
 from comeapi.gateway.cache import ResponseCache
+from comeapi.gateway.dashboard import PAGE_PATHS, UNLISTED_PATHS, Dashboard
 from comeapi.gateway.generation import GenerationRoutes
 from comeapi.gateway.metrics import GatewayMetrics
 from comeapi.gateway.ondemand import OnDemandBackends, pool_supervisor
-from comeapi.http.auth import APIKeyMiddleware
+from comeapi.gateway.requestlog import RequestLog, RequestLogMiddleware
+from comeapi.http.auth import PUBLIC_PATHS, APIKeyMiddleware
 from comeapi.http.cors import CORSMiddleware
 from comeapi.http.errors import EXCEPTION_HANDLERS
 from comeapi.http.metrics import CONTENT_TYPE, MetricsMiddleware
@@ -79,6 +81,7 @@ class Gateway:
             timeout=settings.health_timeout,
         )
         self.metrics = GatewayMetrics(pool)
+        self.requests = RequestLog(settings.request_log_size, settings.access_log)
         self.forwarder = Forwarder(
             pool,
             self.health,
@@ -244,6 +247,10 @@ def create_app(
         Route("/v1/models", gateway.openai_models),
         Route("/v1/models/{model:path}", gateway.openai_model),
     ]
+    dashboard = Dashboard(
+        settings, pool, gateway.metrics, gateway.requests, cache, gateway.on_demand
+    )
+    routes += dashboard.routes()
 
     @contextlib.asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
@@ -256,8 +263,9 @@ def create_app(
     app = Starlette(
         routes=routes,
         middleware=[
+            Middleware(RequestLogMiddleware, log=gateway.requests, unlisted=UNLISTED_PATHS),
             Middleware(MetricsMiddleware, metrics=gateway.metrics, routes=[r.path for r in routes]),
-            Middleware(APIKeyMiddleware, keys=settings.api_keys),
+            Middleware(APIKeyMiddleware, keys=settings.api_keys, public=PUBLIC_PATHS | PAGE_PATHS),
         ],
         exception_handlers=EXCEPTION_HANDLERS,
         lifespan=lifespan,
@@ -269,6 +277,7 @@ def create_app(
         pool=pool,
         forwarder=gateway.forwarder,
         metrics=gateway.metrics,
+        requests=gateway.requests,
         cache=cache,
         on_demand=gateway.on_demand,
     )

@@ -36,10 +36,12 @@ _SSE = b"text/event-stream"
 
 @dataclass(frozen=True, slots=True)
 class Hit:
-    """A cached answer ready to send: the body and its raw ASGI headers (status 200)."""
+    """A cached answer ready to send: the body and its raw ASGI headers (status 200), and
+    the entry it came from (for the request log)."""
 
     body: bytes
     headers: list[tuple[bytes, bytes]]
+    entry: Entry
 
     def header(self, name: str) -> str | None:
         wanted = name.lower().encode()
@@ -170,14 +172,14 @@ class ResponseCache:
         self._pending_hits[(entry.key, entry.variant)] += 1
         if request.stream:
             payload = hit_stream(request, entry)
-            return Lookup(Hit(payload, _headers(_SSE, payload, entry.variant, stream=True)))
+            return Lookup(Hit(payload, _headers(_SSE, payload, entry.variant, stream=True), entry))
         if request.kind == "generate":  # no id or timestamp in ComeAPI's body: encode it once
             slot = (entry.key, entry.variant)
             payload = self._generate_bodies.get(slot) or orjson.dumps(hit_body("generate", entry))
             self._generate_bodies[slot] = payload
         else:
             payload = orjson.dumps(hit_body(request.kind, entry))
-        return Lookup(Hit(payload, _headers(_JSON, payload, entry.variant)))
+        return Lookup(Hit(payload, _headers(_JSON, payload, entry.variant), entry))
 
     # --- filling slots from forwarded answers --------------------------------------------
 

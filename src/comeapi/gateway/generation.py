@@ -26,6 +26,7 @@ from comeapi.errors import ComeapiError, PromptNotCachedError, RequestError, Sto
 from comeapi.gateway.cache import SECRET_HEADER, VARIANT_HEADER, Lookup, ResponseCache
 from comeapi.gateway.metrics import GatewayMetrics
 from comeapi.gateway.ondemand import OnDemandBackends
+from comeapi.gateway.requestlog import Miss, RequestLog, RequestRecord
 from comeapi.http.auth import APIKeys, auth_error_response
 from comeapi.http.errors import error_response
 from comeapi.http.responses import read_asgi_body
@@ -50,6 +51,7 @@ class GenerationRoutes:
         pool: BackendPool,
         forwarder: Forwarder,
         metrics: GatewayMetrics,
+        requests: RequestLog,
         cache: ResponseCache | None = None,
         on_demand: OnDemandBackends | None = None,
     ):
@@ -58,6 +60,7 @@ class GenerationRoutes:
         self.pool = pool
         self.forwarder = forwarder
         self.metrics = metrics
+        self.requests = requests
         self.cache = cache
         self.on_demand = on_demand
         self.keys = APIKeys(settings.api_keys)
@@ -73,13 +76,18 @@ class GenerationRoutes:
             await self.app(scope, receive, send)
             return
         started = time.perf_counter()
+        record = RequestRecord(scope)
         status = 500
         try:
-            status = await self._route(scope, receive, send)
+            status = await self._route(scope, receive, send, record)
         finally:
-            self.metrics.observe(scope["path"], status, time.perf_counter() - started)
+            seconds = time.perf_counter() - started
+            self.metrics.observe(scope["path"], status, seconds)
+            self.requests.add(record, status, seconds)
 
-    async def _route(self, scope: Scope, receive: Receive, send: Send) -> int:
+    async def _route(
+        self, scope: Scope, receive: Receive, send: Send, record: RequestRecord
+    ) -> int:
         """Answer one generation request; returns the status sent."""
         try:
             denied = self.keys.check(scope)
@@ -96,7 +104,8 @@ class GenerationRoutes:
                     decode_json(raw),
                     max_tokens_limit=self.settings.max_tokens_limit,
                 )
-                response = await self._answer(scope, receive, send, request, raw)
+                record.request = request
+                response = await self._answer(scope, receive, send, request, raw, record)
                 if response is None:
                     return 200
         except ClientDisconnect:
@@ -111,7 +120,13 @@ class GenerationRoutes:
         return response.status_code
 
     async def _answer(
-        self, scope: Scope, receive: Receive, send: Send, request: GenerationRequest, raw: bytes
+        self,
+        scope: Scope,
+        receive: Receive,
+        send: Send,
+        request: GenerationRequest,
+        raw: bytes,
+        record: RequestRecord,
     ) -> Response | None:
         """None once a hit is sent; otherwise the response to send."""
         cache = self.cache
@@ -120,7 +135,8 @@ class GenerationRoutes:
         # then it must not become a way around the rule.
         bypass = b"no-cache" in found.get(_CACHE_CONTROL, b"")
         if cache is None or (bypass and self.settings.on_miss == "forward"):
-            return await self._forward(scope, receive, request, raw)
+            record.outcome = miss = Miss(looked_up=False)
+            return await self._forward(scope, receive, request, raw, miss)
         forced = cache.forced_variant(
             found.get(VARIANT_HEADER.encode()), found.get(SECRET_HEADER.encode(), b"")
         )
@@ -129,8 +145,10 @@ class GenerationRoutes:
         if hit is not None:
             await send({"type": "http.response.start", "status": 200, "headers": hit.headers})
             await send({"type": "http.response.body", "body": hit.body})
+            record.outcome = hit
             return None
-        return await self._miss(scope, receive, request, raw, cache, lookup)
+        record.outcome = miss = Miss(looked_up=True, variant=lookup.forced_variant)
+        return await self._miss(scope, receive, request, raw, cache, lookup, miss)
 
     async def _miss(
         self,
@@ -140,6 +158,7 @@ class GenerationRoutes:
         raw: bytes,
         cache: ResponseCache,
         found: Lookup,
+        miss: Miss,
     ) -> Response:
         forced = found.forced_variant
         if forced is None and (self.settings.on_miss == "reject" or not self.pool.backends):
@@ -155,7 +174,7 @@ class GenerationRoutes:
         if forced is not None:
             # The slot nginx chose is generated with its own seed, as warmup would.
             raw = orjson.dumps({**orjson.loads(raw), "seed": forced})
-        response = await self._forward(scope, receive, request, raw)
+        response = await self._forward(scope, receive, request, raw, miss)
         response.headers["X-Cache"] = "MISS"
         if forced is not None:
             response.headers["X-Cache-Variant"] = str(forced)
@@ -178,16 +197,18 @@ class GenerationRoutes:
             log.warning("answer sent but not stored: %s", exc.message)
 
     async def _forward(
-        self, scope: Scope, receive: Receive, request: GenerationRequest, raw: bytes
+        self, scope: Scope, receive: Receive, request: GenerationRequest, raw: bytes, miss: Miss
     ) -> Response:
         if self.on_demand is not None:
             self.on_demand.ensure_running()
         self.pool.check_model(request.model)
-        return await self.forwarder.forward(
+        miss.response = await self.forwarder.forward(
             scope["path"],
             raw,
             forward_headers(Headers(scope=scope), self.settings.backend_api_key),
             model=request.model,
             stream=request.stream,
             receive=receive,
+            report=miss,
         )
+        return miss.response
