@@ -76,8 +76,14 @@ def raw_request(port: int, data: bytes) -> tuple[int, bytes, bytes]:
 
 def test_comeapi_down_is_502_json_with_retry_after(lone_nginx: Nginx) -> None:
     for url in (lone_nginx.url, lone_nginx.warmup_url):
-        for path in ("/generate", "/v1/completions", "/v1/chat/completions"):
-            r = httpx.post(url + path, json={"prompt": "not cached"}, timeout=30)
+        chat = {"messages": [{"role": "user", "content": "not cached"}]}
+        for path, body in (
+            ("/generate", {"prompt": "not cached"}),
+            ("/v1/completions", {"prompt": "not cached"}),
+            ("/v1/chat/completions", chat),
+            ("/chat/completions", chat),
+        ):
+            r = httpx.post(url + path, json=body, timeout=30)
             error = assert_openai_error(r, 502, "backend_unavailable")
             assert error["type"] == "upstream_error"
             assert r.headers["retry-after"] == "5"
