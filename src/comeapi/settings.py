@@ -71,6 +71,18 @@ class Settings(BaseSettings):
     max_body_bytes: int = Field(
         256 * 1024, ge=1024, description="Largest request body accepted (413 above)."
     )
+    header_timeout: float = Field(
+        10.0,
+        gt=0,
+        description="A connection's request headers must be complete this long after it opens "
+        "or the request's first byte arrives, or it is closed (s).",
+    )
+    body_timeout: float = Field(
+        30.0, gt=0, description="Longest wait for the rest of a request body (s; 408 after)."
+    )
+    max_connections: int = Field(
+        1000, ge=1, description="Connections (and requests) a server takes at once; 503 above."
+    )
     backend_queue: int = Field(
         4, ge=0, description="Requests a backend holds waiting beyond its capacity (503 above)."
     )

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import math
 import os
 import socket
 import time
@@ -20,6 +19,7 @@ from comeapi.backend.app import create_app
 from comeapi.backend.engine import Engine
 from comeapi.backend.engines import make_engine
 from comeapi.errors import ComeapiError, ConfigError
+from comeapi.http.server import server_config
 from comeapi.settings import Settings
 
 log = logging.getLogger("comeapi.backend")
@@ -80,7 +80,8 @@ def serve(
     ``instance`` is the id /health reports (random when not given)."""
     engine = make_engine(settings)
     app = create_app(settings, engine, instance=instance)
-    config = uvicorn.Config(
+    config = server_config(
+        settings,
         app,
         host=settings.backend_host,
         port=settings.backend_port,
@@ -88,7 +89,6 @@ def serve(
         log_config=None,  # the CLI configured logging
         access_log=settings.log_level == "debug",
         lifespan="off",
-        timeout_graceful_shutdown=math.ceil(settings.shutdown_timeout),
     )
     server = BackendServer(config, engine, parent_pid=parent_pid)
     log.info(

@@ -12,7 +12,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import math
 import os
 import secrets
 import signal
@@ -21,12 +20,14 @@ from collections.abc import Callable, Coroutine, Iterator
 from typing import Any
 
 import uvicorn
+from uvicorn.supervisors import Multiprocess
 
 from comeapi.balancer.pool import BackendPool
 from comeapi.errors import ConfigError
 from comeapi.gateway.app import Gateway, GatewayApp, create_app
 from comeapi.gateway.cache import ResponseCache
 from comeapi.http.auth import warn_if_open
+from comeapi.http.server import server_config
 from comeapi.settings import Settings
 
 log = logging.getLogger("comeapi.gateway")
@@ -36,15 +37,16 @@ WORKER_SETTINGS_ENV = "_COMEAPI_GATEWAY_SETTINGS"
 SIGNALS = (signal.SIGINT, signal.SIGTERM)
 
 
-def uvicorn_config(settings: Settings, app: GatewayApp) -> uvicorn.Config:
-    return uvicorn.Config(
+def uvicorn_config(settings: Settings, app: GatewayApp | str, **options: Any) -> uvicorn.Config:
+    return server_config(
+        settings,
         app,
         host=settings.host,
         port=settings.port,
         log_level=settings.log_level,
-        access_log=False,  # per-request logging costs more than the cache hit it records
-        timeout_graceful_shutdown=math.ceil(settings.shutdown_timeout),
+        access_log=False,  # comeapi's own --access-log, measured: off by default
         lifespan="on",
+        **options,
     )
 
 
@@ -219,16 +221,11 @@ def run_gateway(settings: Settings) -> None:
         run(serve(settings))
         return
     os.environ[WORKER_SETTINGS_ENV] = settings.model_dump_json()
-    uvicorn.run(
-        f"{__name__}:worker_app",
-        factory=True,
-        workers=settings.workers,
-        host=settings.host,
-        port=settings.port,
-        log_level=settings.log_level,
-        access_log=False,
-        timeout_graceful_shutdown=math.ceil(settings.shutdown_timeout),
+    # What uvicorn.run does for workers, with comeapi's own configuration class.
+    config = uvicorn_config(
+        settings, f"{__name__}:worker_app", factory=True, workers=settings.workers
     )
+    Multiprocess(config, sockets=[config.bind_socket()]).run()
 
 
 def worker_app() -> GatewayApp:
