@@ -167,6 +167,8 @@ class Sampler:
             if size == len(cur) or (self._needed > 0 and allowed.size >= self._needed):
                 if allowed.size == 0:
                     raise RuntimeError("the grammar allows no token")
+                # Best first, ties by id: the chain sees the same array from any shortlist.
+                allowed = allowed[np.lexsort((allowed["id"], -allowed["logit"]))]
                 return self._apply(self._chain, allowed)
         raise AssertionError("unreachable")
 
