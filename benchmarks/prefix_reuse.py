@@ -29,7 +29,7 @@ import orjson
 
 REPO = Path(__file__).resolve().parent.parent
 MODEL = "gemma-3-270m-q4_k_m.gguf"
-RULES = " ".join(f"Rule {i}: answer item {i} with care and {i * 3} words." for i in range(22))
+RULES = " ".join(f"Rule {i}: answer item {i} with care and {i * 3} words." for i in range(23))
 QUESTIONS = [
     "What is the capital of France?",
     "Name a red fruit.",
