@@ -18,8 +18,10 @@ help:
 	@echo "            variables: COMPOSE_PROJECT_NAME CACHE_VOLUME_NAME EXPORT_FILE REMOTE_HOST REMOTE_PATH"
 	@echo "            CACHE_DIR=/path uses a host directory instead of the Docker volume"
 
+# The models directory is the repo's (where $(MODEL) is prepared); the store is the default
+# one in the per-user data directory (~/.local/share/comeapi/cache.db, docs/cache.md).
 run: install $(MODEL)
-	$(BIN)/comeapi up
+	$(BIN)/comeapi up --model-dir models
 
 test: install-dev $(MODEL) system-deps check unit
 
@@ -47,12 +49,16 @@ $(BIN)/python:
 # speed or a GPU, e.g. LLAMA_CMAKE_ARGS="-DGGML_NATIVE=ON" or "-DGGML_CUDA=on" (README, GPU).
 LLAMA_CPP        := $(shell sed -n 's/.*"\(llama-cpp-python==[^"]*\)".*/\1/p' pyproject.toml)
 LLAMA_CMAKE_ARGS ?= -DGGML_NATIVE=OFF
+# pip shows a build backend's output only with -v: the cmake/compiler lines ([ 42%] Building
+# ...) are the progress of those 8 minutes.
+LLAMA_BUILD_VERBOSITY ?= -v
 WHEELHOUSE       ?= $(HOME)/.cache/comeapi/wheels/$(shell printf '%s %s' '$(LLAMA_CPP)' '$(LLAMA_CMAKE_ARGS)' | sha256sum | cut -c1-12)
 
 $(WHEELHOUSE)/.built: | $(BIN)/python
 	@echo "Building $(LLAMA_CPP) with CMAKE_ARGS=\"$(LLAMA_CMAKE_ARGS)\" (about 8 minutes on 2 cores, once)"
-	CMAKE_ARGS="$(LLAMA_CMAKE_ARGS)" $(BIN)/python -m pip wheel --no-cache-dir --no-deps \
-		--wheel-dir $(WHEELHOUSE) '$(LLAMA_CPP)'
+	@echo "(the compiler's progress follows; LLAMA_BUILD_VERBOSITY= hides it)"
+	CMAKE_ARGS="$(LLAMA_CMAKE_ARGS)" $(BIN)/python -m pip wheel $(LLAMA_BUILD_VERBOSITY) \
+		--no-cache-dir --no-deps --wheel-dir $(WHEELHOUSE) '$(LLAMA_CPP)'
 	touch $@
 
 $(VENV)/.installed: pyproject.toml $(WHEELHOUSE)/.built | $(BIN)/python

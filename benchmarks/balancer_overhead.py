@@ -1,17 +1,26 @@
-"""Balancer overhead: latency of POST /generate (max_tokens=1) straight to a backend vs
-through ``comeapi serve``, requests interleaved in one run so both see the same machine.
+"""Balancer overhead: latency of POST /generate (max_tokens=1) straight to a backend and
+through the gateway forwarding with each HTTP client, interleaved in one run.
 
-    .venv/bin/python benchmarks/balancer_overhead.py [--requests 400] [--backend real|stub|both]
+    .venv/bin/python benchmarks/balancer_overhead.py [--rounds 400] [--backend stub|real|both]
+        [--transports fast,aiohttp,httpx]
 
-``real`` is ``comeapi backend`` with the bundled model (what users see); ``stub`` is a
-backend that answers at once (a tiny uvicorn app in this file), so the difference is the
-gateway's own cost without inference noise. Goal: <= 0.5 ms added at p50.
+One gateway process per transport runs in front of the same backend; every round sends one
+request to the backend directly and one through each gateway, in a rotating order, so all
+see the same machine. ``added`` is a gateway's latency less the direct request's of the
+same round; its median is the figure. The gateway's CPU time per forwarded request comes
+from /proc. ``stub`` is a backend that answers at once (the gateway's own cost, without
+inference noise); ``real`` is ``comeapi backend --threads 1`` with the bundled model.
+
+The clients: ``fast`` is the hand-written HTTP/1.1 client on httptools (FastUpstream),
+``aiohttp`` is aiohttp's ClientSession, ``httpx`` is httpx's default transport (httpcore).
+Goal (issue 14): added p50 <= 0.3 ms with the stub, <= 0.5 ms with a real backend.
 """
 
 from __future__ import annotations
 
 import argparse
 import contextlib
+import http.client
 import os
 import signal
 import socket
@@ -21,14 +30,21 @@ import sys
 import tempfile
 import time
 from collections.abc import Iterator
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import httpx
 
+from comeapi.balancer.upstream import HttpxUpstream, Timeouts, Upstream
+from comeapi.settings import Settings
+from machine import Load, process_cpu_seconds  # benchmarks/machine.py (the script's folder)
+
 REPO = Path(__file__).resolve().parent.parent
-BODY = {"prompt": "Hi", "max_tokens": 1, "temperature": 0}
-# The gateway may have a response cache in front of the pool: measure the pool path.
-HEADERS = {"Cache-Control": "no-cache"}
+BODY = b'{"prompt": "Hi", "max_tokens": 1, "temperature": 0}'
+# The gateway has a response cache in front of the pool: measure the pool path.
+HEADERS = {"Content-Type": "application/json", "Cache-Control": "no-cache"}
+TRANSPORTS = ("fast", "aiohttp", "httpx")
+WARMUP = 30
 
 
 def free_port() -> int:
@@ -38,8 +54,9 @@ def free_port() -> int:
 
 
 @contextlib.contextmanager
-def running(argv: list[str], ready_url: str, timeout: float = 300.0) -> Iterator[None]:
-    """Run ``argv`` in its own process group until the block ends; wait for ``ready_url``."""
+def running(argv: list[str], ready_url: str, timeout: float = 300.0) -> Iterator[int]:
+    """Run ``argv`` in its own process group until the block ends; wait for ``ready_url``.
+    Yields the process id."""
     with tempfile.TemporaryFile() as log:
         proc = subprocess.Popen(
             argv, stdout=log, stderr=subprocess.STDOUT, cwd=REPO, start_new_session=True
@@ -56,7 +73,7 @@ def running(argv: list[str], ready_url: str, timeout: float = 300.0) -> Iterator
                 if time.monotonic() > deadline:
                     raise SystemExit(f"{ready_url} not ready after {timeout} s")
                 time.sleep(0.1)
-            yield
+            yield proc.pid
         finally:
             with contextlib.suppress(ProcessLookupError):
                 os.killpg(proc.pid, signal.SIGTERM)
@@ -71,30 +88,47 @@ def wait_gateway_ready(url: str) -> None:
     deadline = time.monotonic() + 60
     while httpx.get(url + "/status", timeout=2).json()["healthy_backends"] < 1:
         if time.monotonic() > deadline:
-            raise SystemExit("the gateway never saw its backend healthy")
+            raise SystemExit(f"the gateway {url} never saw its backend healthy")
         time.sleep(0.1)
 
 
-def measure(direct: str, gateway: str, requests: int) -> tuple[list[float], list[float]]:
-    """Latencies (s) of ``requests`` POSTs to each, alternating, on keep-alive connections."""
-    times: dict[str, list[float]] = {direct: [], gateway: []}
-    with (
-        httpx.Client(timeout=60, headers=HEADERS) as a,
-        httpx.Client(timeout=60, headers=HEADERS) as b,
-    ):
-        clients = {direct: a, gateway: b}
-        for url, client in clients.items():  # warm up connections, caches, the model
-            for _ in range(20):
-                client.post(url + "/generate", json=BODY).raise_for_status()
-        for i in range(requests):
-            order = (direct, gateway) if i % 2 == 0 else (gateway, direct)
-            for url in order:
-                started = time.perf_counter()
-                response = clients[url].post(url + "/generate", json=BODY)
-                elapsed = time.perf_counter() - started
-                response.raise_for_status()
-                times[url].append(elapsed)
-    return times[direct], times[gateway]
+@dataclass
+class Target:
+    """A URL to POST at, over one kept-alive connection, and what it measured."""
+
+    name: str
+    port: int
+    pid: int | None = None  # the gateway's, for its CPU time
+    times: list[float] = field(default_factory=list)
+    cpu: float = 0.0
+    conn: http.client.HTTPConnection | None = None
+
+    def post(self) -> float:
+        if self.conn is None:
+            self.conn = http.client.HTTPConnection("127.0.0.1", self.port, timeout=60)
+        started = time.perf_counter()
+        self.conn.request("POST", "/generate", BODY, HEADERS)
+        response = self.conn.getresponse()
+        body = response.read()
+        elapsed = time.perf_counter() - started
+        if response.status != 200:
+            raise SystemExit(f"{self.name}: {response.status} {body[:200]!r}")
+        return elapsed
+
+
+def measure(targets: list[Target], rounds: int) -> None:
+    """``rounds`` rounds of one request to each target, in a rotating order."""
+    for target in targets:
+        for _ in range(WARMUP):
+            target.post()
+    cpu_before = {t.name: process_cpu_seconds(t.pid) for t in targets if t.pid is not None}
+    for i in range(rounds):
+        shift = i % len(targets)
+        for target in targets[shift:] + targets[:shift]:
+            target.times.append(target.post())
+    for target in targets:
+        if target.pid is not None:
+            target.cpu = (process_cpu_seconds(target.pid) - cpu_before[target.name]) / rounds
 
 
 def percentile(values: list[float], q: float) -> float:
@@ -102,26 +136,35 @@ def percentile(values: list[float], q: float) -> float:
     return ordered[min(len(ordered) - 1, round(q * (len(ordered) - 1)))]
 
 
-def report(kind: str, direct: list[float], through: list[float]) -> None:
-    rows = []
-    for name, q in (("p50", 0.50), ("p90", 0.90), ("p99", 0.99)):
-        d, g = percentile(direct, q) * 1000, percentile(through, q) * 1000
-        rows.append(
-            f"  {name}: direct {d:8.3f} ms   through gateway {g:8.3f} ms   added {g - d:+.3f} ms"
+def report(kind: str, targets: list[Target]) -> dict[str, float]:
+    """Print the table; returns each gateway's median added latency (ms)."""
+    direct = targets[0]
+    print(f"\n{kind} backend, {len(direct.times)} interleaved rounds:")
+    print(
+        f"  {'':<16}{'p50':>9}{'p99':>9}   {'added p50':>10}{'added p99':>10}"
+        f"{'paired med':>11}{'CPU/req':>10}"
+    )
+    d50, d99 = percentile(direct.times, 0.5) * 1e3, percentile(direct.times, 0.99) * 1e3
+    print(f"  {'direct':<16}{d50:8.3f} {d99:8.3f}")
+    added: dict[str, float] = {}
+    for target in targets[1:]:
+        g50, g99 = percentile(target.times, 0.5) * 1e3, percentile(target.times, 0.99) * 1e3
+        # Round i through the gateway ran right next to direct round i: their difference
+        # cancels most of the machine's drift.
+        paired = statistics.median(g - d for d, g in zip(direct.times, target.times, strict=True))
+        added[target.name] = paired * 1e3
+        print(
+            f"  {'via ' + target.name:<16}{g50:8.3f} {g99:8.3f}   {g50 - d50:+9.3f} "
+            f"{g99 - d99:+9.3f} {paired * 1e3:+10.3f} {target.cpu * 1e3:8.3f} ms"
         )
-    mean_added = (statistics.fmean(through) - statistics.fmean(direct)) * 1000
-    # Request i through the gateway ran right next to direct request i: their difference
-    # cancels most of the machine's drift.
-    paired = statistics.median(g - d for d, g in zip(direct, through, strict=True)) * 1000
-    print(f"{kind} backend, {len(direct)} requests each (interleaved):")
-    print("\n".join(rows))
-    print(f"  mean added: {mean_added:+.3f} ms   median of paired differences: {paired:+.3f} ms")
+    return added
 
 
-def run(kind: str, requests: int, model_dir: str) -> None:
-    backend_port, gateway_port = free_port(), free_port()
+def run(
+    kind: str, transports: list[str], rounds: int, model_dir: str, tmp: str
+) -> dict[str, float]:
+    backend_port = free_port()
     backend = f"http://127.0.0.1:{backend_port}"
-    gateway = f"http://127.0.0.1:{gateway_port}"
     if kind == "real":
         backend_argv = [
             sys.executable, "-m", "comeapi", "backend", "--model-dir", model_dir,
@@ -129,14 +172,61 @@ def run(kind: str, requests: int, model_dir: str) -> None:
         ]  # fmt: skip
     else:
         backend_argv = [sys.executable, __file__, "--serve-stub", str(backend_port)]
-    gateway_argv = [
-        sys.executable, "-m", "comeapi", "serve", "--port", str(gateway_port),
-        "--backend", backend, "--log-level", "warning",
-    ]  # fmt: skip
-    with running(backend_argv, backend + "/health"), running(gateway_argv, gateway + "/health"):
-        wait_gateway_ready(gateway)
-        direct, through = measure(backend, gateway, requests)
-    report(kind, direct, through)
+    targets = [Target("direct", backend_port)]
+    with contextlib.ExitStack() as stack:
+        stack.enter_context(running(backend_argv, backend + "/health"))
+        for name in transports:
+            port = free_port()
+            argv = [
+                sys.executable, __file__, "--serve-gateway", str(port), "--via", name,
+                "--backend-url", backend, "--store", f"sqlite:{tmp}/{kind}-{name}.db",
+            ]  # fmt: skip
+            pid = stack.enter_context(running(argv, f"http://127.0.0.1:{port}/health"))
+            wait_gateway_ready(f"http://127.0.0.1:{port}")
+            targets.append(Target(name, port, pid))
+        measure(targets, rounds)
+    return report(kind, targets)
+
+
+def make_upstream(name: str, settings: Settings) -> Upstream:
+    """The client the gateway forwards with."""
+    timeouts = Timeouts(
+        connect=settings.connect_timeout,
+        read=settings.request_timeout,
+        write=settings.request_timeout,
+        pool=settings.connect_timeout,
+    )
+    if name == "fast":
+        from comeapi.balancer.transport import FastUpstream
+
+        return FastUpstream(timeouts)
+    if name == "aiohttp":
+        from aiohttp_upstream import AiohttpUpstream  # benchmarks/aiohttp_upstream.py
+
+        return AiohttpUpstream(timeouts)
+    if name == "httpx":
+        return HttpxUpstream(
+            httpx.AsyncHTTPTransport(limits=httpx.Limits(keepalive_expiry=4.0)), timeouts
+        )
+    raise SystemExit(f"unknown transport {name}")
+
+
+def serve_gateway(port: int, via: str, backend: str, store: str) -> None:
+    """``comeapi serve`` (same app, same server and event loop) forwarding through ``via``."""
+    from comeapi.balancer.pool import BackendPool
+    from comeapi.gateway.app import create_app
+    from comeapi.gateway.server import build_cache, gateway_server
+    from comeapi.gateway.server import run as run_loop
+
+    settings = Settings(port=port, backends=[backend], log_level="warning", store=store)
+
+    async def main() -> None:
+        pool = BackendPool.from_settings(settings)
+        upstream = make_upstream(via, settings)
+        app = create_app(settings, pool, build_cache(settings), upstream=upstream)
+        await gateway_server(settings, app).serve()
+
+    run_loop(main())
 
 
 def serve_stub(port: int) -> None:
@@ -168,17 +258,39 @@ def serve_stub(port: int) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--requests", type=int, default=400)
+    parser.add_argument("--rounds", "--requests", type=int, default=400, dest="rounds")
     parser.add_argument("--backend", choices=["real", "stub", "both"], default="both")
+    parser.add_argument("--transports", default=",".join(TRANSPORTS))
     parser.add_argument("--model-dir", default=str(REPO / "models"))
     parser.add_argument("--serve-stub", type=int, help=argparse.SUPPRESS)
+    parser.add_argument("--serve-gateway", type=int, help=argparse.SUPPRESS)
+    parser.add_argument("--via", help=argparse.SUPPRESS)
+    parser.add_argument("--backend-url", help=argparse.SUPPRESS)
+    parser.add_argument("--store", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.serve_stub:
         serve_stub(args.serve_stub)
         return
-    print(f"cpus: {os.cpu_count()}  load average: {os.getloadavg()[0]:.2f}")
-    for kind in ("stub", "real") if args.backend == "both" else (args.backend,):
-        run(kind, args.requests, args.model_dir)
+    if args.serve_gateway:
+        serve_gateway(args.serve_gateway, args.via, args.backend_url, args.store)
+        return
+    transports = [t for t in args.transports.split(",") if t]
+    # The client, a gateway and the backend take turns: about one CPU busy at a time.
+    load = Load(own=1.0)
+    added: dict[str, dict[str, float]] = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        for kind in ("stub", "real") if args.backend == "both" else (args.backend,):
+            added[kind] = run(kind, transports, args.rounds, args.model_dir, tmp)
+    load.finish()
+    print()
+    for kind, figures in added.items():
+        best = min(figures, key=figures.__getitem__)
+        others = ", ".join(
+            f"{name} {value / figures[best]:.2f}x"
+            for name, value in figures.items()
+            if name != best
+        )
+        print(load.verdict(f"{kind}: least added p50 {best} {figures[best]:+.3f} ms; {others}"))
 
 
 if __name__ == "__main__":

@@ -1,12 +1,19 @@
 """Cache hits per second: nginx's proxy_cache (Phase 1) beside `comeapi serve`'s own hit path.
 
-    .venv/bin/python benchmarks/nginx_vs_gateway.py [--duration 10] [--connections 32]
+    .venv/bin/python benchmarks/nginx_vs_gateway.py [--gateway-workers 1|2] [--duration 10]
 
 Both serve the 50 shipped answers (10 prompts x 5 variants, imported into a fresh SQLite
-store, so no model runs): comeapi's gateway from memory, nginx from its disk cache, filled
-through comeapi by deploy/nginx/warmup.sh. wrk (Debian's package, one thread, loopback)
-POSTs the 10 prompts' bodies in turn with a Lua script; every response must be a hit. The
-goal of the cache issue: comeapi >= 0.5x nginx's requests/s, with p99 <= 10 ms.
+store, so no model runs): comeapi's gateway from memory, nginx (deploy/nginx as shipped,
+njs front door included, access log off on both) from its disk cache, filled through
+comeapi by deploy/nginx/warmup.sh. wrk (Debian's package, one thread, loopback) POSTs the
+10 prompts' bodies in turn with a Lua script; every response must be a hit. Rounds
+alternate; medians decide. Besides requests/s, each server's CPU time per request (its
+whole process tree, from /proc) is printed: on a shared machine it moves less than
+throughput does.
+
+Goals (issue 14): comeapi/nginx >= 1.0 with 2 comeapi workers against nginx's 2, >= 0.8
+with one comeapi worker, and comeapi's p99 no worse than nginx's. ``--server granian`` runs
+the same app factory under granian's ASGI server instead of uvicorn, to choose between them.
 """
 
 from __future__ import annotations
@@ -31,10 +38,12 @@ from pathlib import Path
 
 import httpx
 
+from machine import Load, process_cpu_seconds  # benchmarks/machine.py (the script's folder)
+
 REPO = Path(__file__).resolve().parent.parent
 DEPLOY = REPO / "deploy" / "nginx"
 SHIPPED_CACHE = REPO / "src" / "comeapi" / "data" / "default-cache.jsonl"
-GOAL_RATIO, GOAL_P99_MS = 0.5, 10.0
+GOALS = {1: 0.8, 2: 1.0}  # comeapi workers -> comeapi/nginx requests per second
 
 
 def free_port() -> int:
@@ -117,6 +126,7 @@ class WrkResult:
     p50_ms: float
     p99_ms: float
     errors: str
+    cpu_us: float = 0.0  # the server's CPU time per request
 
 
 def to_ms(value: str) -> float:
@@ -127,17 +137,20 @@ def to_ms(value: str) -> float:
     return float(number) * {"us": 1e-3, "ms": 1.0, "s": 1e3, "m": 6e4, "h": 3.6e6}[unit]
 
 
-def run_wrk(url: str, script: Path, args: argparse.Namespace) -> WrkResult:
+def run_wrk(url: str, script: Path, args: argparse.Namespace, server_pid: int) -> WrkResult:
     argv = ["wrk", f"-t{args.threads}", f"-c{args.connections}", f"-d{args.duration}s"]
     argv += ["--latency", "--timeout", "5s", "-s", str(script), url]
+    cpu_before = process_cpu_seconds(server_pid)
     out = subprocess.run(argv, capture_output=True, text=True, check=True, timeout=120).stdout
+    cpu = process_cpu_seconds(server_pid) - cpu_before
+    count = int(re.search(r"(\d+) requests in", out).group(1))  # type: ignore[union-attr]
     rps = float(re.search(r"Requests/sec:\s*([\d.]+)", out).group(1))  # type: ignore[union-attr]
     p50 = to_ms(re.search(r"50%\s+(\S+)", out).group(1))  # type: ignore[union-attr]
     p99 = to_ms(re.search(r"99%\s+(\S+)", out).group(1))  # type: ignore[union-attr]
     errors = "; ".join(
         line.strip() for line in out.splitlines() if "errors" in line or "Non-2xx" in line
     )
-    return WrkResult(rps, p50, p99, errors)
+    return WrkResult(rps, p50, p99, errors, cpu / max(count, 1) * 1e6)
 
 
 def check_hits(url: str, bodies: list[tuple[str, str]], header: str) -> None:
@@ -156,7 +169,9 @@ def main() -> None:
     parser.add_argument("--connections", type=int, default=32)
     parser.add_argument("--threads", type=int, default=1, help="wrk threads")
     parser.add_argument("--rounds", type=int, default=3, help="alternating runs of each")
-    parser.add_argument("--gateway-workers", type=int, default=1)
+    parser.add_argument("--gateway-workers", type=int, default=1, choices=[1, 2])
+    parser.add_argument("--nginx-workers", type=int, default=2)
+    parser.add_argument("--server", choices=["uvicorn", "granian"], default="uvicorn")
     args = parser.parse_args()
     for tool in ("nginx", "wrk"):
         if shutil.which(tool) is None:
@@ -171,6 +186,7 @@ def main() -> None:
 
 
 def bench(base: Path, args: argparse.Namespace) -> None:
+    load = Load(own=float(os.cpu_count() or 1))  # the servers and wrk fill every CPU
     secret = secrets.token_urlsafe(24)
     store = f"sqlite:{base / 'store.db'}"
     py = [sys.executable, "-m", "comeapi"]
@@ -198,6 +214,22 @@ def bench(base: Path, args: argparse.Namespace) -> None:
         "--workers",
         str(args.gateway_workers),
     ]
+    env: dict[str, str] = {}
+    if args.server == "granian":
+        # The same app factory as `comeapi serve --workers N`, under granian's ASGI server.
+        from comeapi.settings import load_settings
+
+        settings = load_settings(None, port=gw_port, store=store, variant_secret=secret)
+        env["_COMEAPI_GATEWAY_SETTINGS"] = settings.model_dump_json()
+        gateway = [
+            str(Path(sys.executable).parent / "granian"),
+            "comeapi.gateway.server:worker_app",
+            "--factory",
+            "--interface", "asgi",
+            "--port", str(gw_port),
+            "--workers", str(args.gateway_workers),
+            "--no-log",
+        ]  # fmt: skip
     render_env = {
         "COMEAPI_UPSTREAM": f"127.0.0.1:{gw_port}",
         "COMEAPI_VARIANT_SECRET": secret,
@@ -218,6 +250,14 @@ def bench(base: Path, args: argparse.Namespace) -> None:
     # Hits are not worth an access log line each; comeapi does not log them either.
     locations = base / "conf" / "comeapi.conf"
     locations.write_text(re.sub(r"access_log [^;]+;", "access_log off;", locations.read_text()))
+    main_conf = base / "conf" / "nginx.conf"
+    main_conf.write_text(
+        re.sub(
+            r"worker_processes [^;]+;",
+            f"worker_processes {args.nginx_workers};",
+            main_conf.read_text(),
+        )
+    )
     nginx = [
         "nginx",
         "-p",
@@ -233,7 +273,10 @@ def bench(base: Path, args: argparse.Namespace) -> None:
     bodies = request_bodies()
     script = base / "bodies.lua"
     script.write_text(lua_script(bodies))
-    with running(gateway, base / "gateway.log") as gw, running(nginx, base / "nginx.log") as ngx:
+    with (
+        running(gateway, base / "gateway.log", env) as gw,
+        running(nginx, base / "nginx.log") as ngx,
+    ):
         wait_port(gw_port, gw)
         wait_port(port, ngx)
         warm = subprocess.run(
@@ -252,16 +295,18 @@ def bench(base: Path, args: argparse.Namespace) -> None:
         check_hits(gateway_url, bodies, "x-cache")
         runs: dict[str, list[WrkResult]] = {"nginx": [], "comeapi": []}
         for _ in range(args.rounds):
-            runs["nginx"].append(run_wrk(nginx_url, script, args))
-            runs["comeapi"].append(run_wrk(gateway_url, script, args))
-    report(runs, args)
+            runs["nginx"].append(run_wrk(nginx_url, script, args, ngx.pid))
+            runs["comeapi"].append(run_wrk(gateway_url, script, args, gw.pid))
+    load.finish()
+    report(runs, args, load)
 
 
-def report(runs: dict[str, list[WrkResult]], args: argparse.Namespace) -> None:
+def report(runs: dict[str, list[WrkResult]], args: argparse.Namespace, load: Load) -> None:
     print(
         f"wrk -t{args.threads} -c{args.connections} -d{args.duration}s, {args.rounds} rounds "
         f"alternating, the 10 prompts' bodies in turn, loopback, {os.cpu_count()} CPUs; "
-        f"nginx: worker_processes auto, comeapi serve: {args.gateway_workers} worker(s)"
+        f"nginx: {args.nginx_workers} workers, comeapi serve: {args.gateway_workers} "
+        f"worker(s) on {args.server}"
     )
     median = {}
     for name, results in runs.items():
@@ -269,22 +314,28 @@ def report(runs: dict[str, list[WrkResult]], args: argparse.Namespace) -> None:
             extra = f"  [{r.errors}]" if r.errors else ""
             print(
                 f"  {name:8} {r.requests_per_s:10.0f} req/s  p50 {r.p50_ms:6.2f} ms"
-                f"  p99 {r.p99_ms:6.2f} ms{extra}"
+                f"  p99 {r.p99_ms:6.2f} ms  CPU {r.cpu_us:6.1f} us/request{extra}"
             )
         median[name] = (
             statistics.median(r.requests_per_s for r in results),
             statistics.median(r.p99_ms for r in results),
+            statistics.median(r.cpu_us for r in results),
         )
-    (nginx_rps, nginx_p99), (comeapi_rps, comeapi_p99) = median["nginx"], median["comeapi"]
+    (nginx_rps, nginx_p99, nginx_cpu) = median["nginx"]
+    (comeapi_rps, comeapi_p99, comeapi_cpu) = median["comeapi"]
     ratio = comeapi_rps / nginx_rps
-    verdict = "met" if ratio >= GOAL_RATIO and comeapi_p99 <= GOAL_P99_MS else "NOT met"
+    goal = GOALS[args.gateway_workers]
+    met = ratio >= goal and comeapi_p99 <= nginx_p99
     print(
-        f"median: nginx {nginx_rps:.0f} req/s (p99 {nginx_p99:.2f} ms), "
-        f"comeapi {comeapi_rps:.0f} req/s (p99 {comeapi_p99:.2f} ms)"
+        f"median: nginx {nginx_rps:.0f} req/s (p99 {nginx_p99:.2f} ms, CPU {nginx_cpu:.1f} us), "
+        f"comeapi {comeapi_rps:.0f} req/s (p99 {comeapi_p99:.2f} ms, CPU {comeapi_cpu:.1f} us)"
     )
     print(
-        f"ratio comeapi/nginx = {ratio:.2f} (goal >= {GOAL_RATIO}), comeapi p99 = "
-        f"{comeapi_p99:.2f} ms (goal <= {GOAL_P99_MS:.0f} ms): {verdict}"
+        load.verdict(
+            f"ratio comeapi/nginx = {ratio:.2f} (goal >= {goal}), p99 {comeapi_p99:.2f} vs "
+            f"{nginx_p99:.2f} ms (goal: no worse), CPU per hit {comeapi_cpu / nginx_cpu:.2f}x "
+            f"nginx's: {'met' if met else 'NOT met'}"
+        )
     )
 
 

@@ -1,11 +1,26 @@
 from __future__ import annotations
 
+import os
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
 
 from tests.helpers import BUNDLED_MODEL, MODEL_DIR, Proc
+
+
+@pytest.fixture(scope="session", autouse=True)
+def data_home(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
+    """The per-user data directory (default store and models) is a temporary one for the
+    whole run, child processes included: no test touches ~/.local/share/comeapi."""
+    home = tmp_path_factory.mktemp("xdg-data-home")
+    saved = os.environ.get("XDG_DATA_HOME")
+    os.environ["XDG_DATA_HOME"] = str(home)
+    yield home
+    if saved is None:
+        del os.environ["XDG_DATA_HOME"]
+    else:
+        os.environ["XDG_DATA_HOME"] = saved
 
 
 @pytest.fixture(scope="session")

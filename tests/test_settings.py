@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from comeapi.errors import ConfigError
-from comeapi.settings import Settings, load_settings, parse_backends_range
+from comeapi.settings import Settings, data_dir, load_settings, parse_backends_range
 
 
 @pytest.fixture(autouse=True)
@@ -26,7 +26,9 @@ def write_toml(tmp_path: Path, text: str) -> Path:
 
 def test_defaults() -> None:
     settings = load_settings()
-    assert settings.model_dir == Path("models")
+    assert settings.model_dir == data_dir() / "models"
+    assert settings.store == f"sqlite:{data_dir() / 'cache.db'}"
+    assert settings.model_dir.is_absolute()
     assert settings.backend_port == 8080
     assert settings.ctx == 2048
     assert settings.slots == 1
@@ -61,6 +63,17 @@ def test_comma_lists_from_environment(monkeypatch: pytest.MonkeyPatch) -> None:
     assert settings.backend_urls() == ["http://127.0.0.1:8080", "http://10.0.0.2:8080"]
 
 
+def test_keys_and_origins_from_environment(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("COMEAPI_API_KEYS", "k1, k2")
+    monkeypatch.setenv("COMEAPI_CORS_ORIGINS", "https://a.example,https://b.example")
+    monkeypatch.setenv("COMEAPI_BACKEND_API_KEY", "")
+    settings = load_settings()
+    assert settings.api_keys == ["k1", "k2"]
+    assert settings.cors_origins == ["https://a.example", "https://b.example"]
+    assert settings.backend_api_key is None  # empty means none, not the key ""
+    assert load_settings(backend_api_key="b").backend_api_key == "b"
+
+
 @pytest.mark.parametrize(
     ("source", "key"),
     [("flag", "ctx"), ("env", "threads"), ("toml", "slots")],
@@ -77,9 +90,36 @@ def test_bad_value_names_the_key_and_where_to_set_it(
     with pytest.raises(ConfigError) as err:
         load_settings(config, **overrides)
     message = err.value.message
-    assert f"  {key}:" in message
+    assert message.startswith(f"invalid setting {key}:")
+    assert "\n" not in message
     assert f"--{key.replace('_', '-')}" in message and f"COMEAPI_{key.upper()}" in message
     assert str(config) in message
+
+
+@pytest.mark.parametrize(
+    ("store", "says"),
+    [
+        ("/tmp/x.db", "expected sqlite:PATH or dynamodb:TABLE (did you mean sqlite:/tmp/x.db?)"),
+        ("redis://x", "expected sqlite:PATH or dynamodb:TABLE"),
+        ("sqlite:", "sqlite: needs a file path"),
+        ("dynamodb:", "dynamodb: needs a table"),
+    ],
+)
+def test_a_bad_store_names_the_store_key(store: str, says: str) -> None:
+    """Fault: `--store /tmp/x.db` gave a garbled message naming no key."""
+    with pytest.raises(ConfigError) as err:
+        load_settings(store=store)
+    message = err.value.message
+    assert message.startswith("invalid setting store: ")
+    assert says in message and "--store, COMEAPI_STORE" in message
+    assert "(settings)" not in message and "Value error" not in message
+
+
+def test_several_bad_keys_are_one_line() -> None:
+    with pytest.raises(ConfigError) as err:
+        load_settings(ctx=10, slots=0)
+    message = err.value.message
+    assert "\n" not in message and "ctx:" in message and "slots:" in message
 
 
 def test_unknown_toml_key_is_refused(tmp_path: Path) -> None:

@@ -3,6 +3,9 @@
 Each setting has one name everywhere: the flag ``--queue-size``, the environment variable
 ``COMEAPI_QUEUE_SIZE`` and the TOML key ``queue_size``. Precedence: flags, then environment,
 then the TOML file (``--config`` or ``COMEAPI_CONFIG``), then the defaults below.
+
+The default store and models directory live in one per-user place (``data_dir()``), not in
+the working directory, so every command finds the same ones wherever it is run from.
 """
 
 from __future__ import annotations
@@ -11,7 +14,7 @@ import os
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
-from pydantic import Field, ValidationError, field_validator, model_validator
+from pydantic import Field, ValidationError, field_validator
 from pydantic_settings import (
     BaseSettings,
     NoDecode,
@@ -23,9 +26,25 @@ from pydantic_settings import (
 from comeapi.errors import ConfigError
 
 ENV_PREFIX = "COMEAPI_"
-DEFAULT_STORE = "sqlite:var/comeapi-cache.db"
 
 CommaList = Annotated[list[str], NoDecode]
+
+
+def data_dir() -> Path:
+    """Where the default store and models live: ``$XDG_DATA_HOME/comeapi``, by default
+    ``~/.local/share/comeapi`` (the XDG base directory rule; a relative value is ignored)."""
+    base = os.environ.get("XDG_DATA_HOME", "")
+    root = Path(base) if os.path.isabs(base) else Path("~/.local/share").expanduser()
+    return root / "comeapi"
+
+
+def default_store() -> str:
+    """The default ``store``: the SQLite file in ``data_dir()``, seeded with the shipped cache."""
+    return f"sqlite:{data_dir() / 'cache.db'}"
+
+
+def default_model_dir() -> Path:
+    return data_dir() / "models"
 
 
 class Settings(BaseSettings):
@@ -34,7 +53,10 @@ class Settings(BaseSettings):
     )
 
     # --- models and the backend process -------------------------------------------------
-    model_dir: Path = Field(Path("models"), description="Directory of *.gguf model files.")
+    model_dir: Path = Field(
+        default_factory=default_model_dir,
+        description="Directory of *.gguf model files (default: models in the data directory).",
+    )
     default_model: str | None = Field(
         None, description="GGUF file for requests that name none (default: the first by name)."
     )
@@ -59,6 +81,12 @@ class Settings(BaseSettings):
     restart_backoff_max: float = Field(
         30.0, gt=0, description="Longest wait before restarting a crashed backend (s)."
     )
+    liveness_failures: int = Field(
+        3,
+        ge=0,
+        description="Health probes in a row a running backend may fail before its supervisor "
+        "kills and restarts it (0: never).",
+    )
 
     # --- the gateway (`comeapi serve`) --------------------------------------------------
     host: str = Field("127.0.0.1", description="Address the gateway listens on.")
@@ -74,11 +102,17 @@ class Settings(BaseSettings):
     )
     queue_size: int = Field(64, ge=0, description="Requests that may wait for a free backend.")
     queue_timeout: float = Field(60.0, gt=0, description="Longest wait in the queue (s).")
-    health_interval: float = Field(30.0, gt=0, description="Seconds between health probes.")
+    health_interval: float = Field(5.0, gt=0, description="Seconds between health probes.")
     health_timeout: float = Field(2.0, gt=0, description="Timeout of one health probe (s).")
     connect_timeout: float = Field(2.0, gt=0, description="Timeout to connect to a backend (s).")
     request_timeout: float = Field(
         600.0, gt=0, description="Longest a backend may take to answer or between stream chunks."
+    )
+    stall_timeout: float = Field(
+        10.0,
+        gt=0,
+        description="Silence from a backend (s) after which it must answer a health probe, or "
+        "the request moves to another backend (a started stream ends with an error event).",
     )
     shutdown_timeout: float = Field(
         30.0, ge=0, description="Grace period for in-flight requests on shutdown (s)."
@@ -90,7 +124,11 @@ class Settings(BaseSettings):
     log_level: Literal["critical", "error", "warning", "info", "debug"] = "info"
 
     # --- the response cache --------------------------------------------------------------
-    store: str = Field(DEFAULT_STORE, description="Response store URL, e.g. sqlite:path.db.")
+    store: str = Field(
+        default_factory=default_store,
+        description="Response store URL, e.g. sqlite:path.db (default: cache.db in the data "
+        "directory).",
+    )
     prompts: Path | None = Field(
         None, description="Prompt set file (YAML or JSON); default: the shipped set."
     )
@@ -114,12 +152,29 @@ class Settings(BaseSettings):
         "X-Comeapi-Variant; without it the header is ignored.",
     )
 
-    @field_validator("backends", "api_keys", mode="before")
+    # --- HTTP: keys between the tiers, browsers ---------------------------------------
+    backend_api_key: str | None = Field(
+        None,
+        description="Bearer token sent to the backends (by the gateway and warmup); `comeapi "
+        "up` and --on-demand generate one per run when unset. The backends accept api_keys.",
+    )
+    cors_origins: CommaList = Field(
+        default_factory=list,
+        description="Origins a browser page may call from (CORS), e.g. https://app.example, "
+        "or * for any (empty: none).",
+    )
+
+    @field_validator("backends", "api_keys", "cors_origins", mode="before")
     @classmethod
     def _split_commas(cls, value: Any) -> Any:
         if isinstance(value, str):
             return [part.strip() for part in value.split(",") if part.strip()]
         return value
+
+    @field_validator("backend_api_key")
+    @classmethod
+    def _empty_is_none(cls, value: str | None) -> str | None:
+        return value or None  # COMEAPI_BACKEND_API_KEY= (empty) means none
 
     @field_validator("backends_range")
     @classmethod
@@ -129,12 +184,16 @@ class Settings(BaseSettings):
         parse_backends_range(value)
         return value
 
-    @model_validator(mode="after")
-    def _check_store(self) -> Settings:
-        scheme = self.store.partition(":")[0]
-        if scheme not in {"sqlite", "dynamodb"}:
-            raise ValueError(f"store {self.store!r}: expected sqlite:PATH or dynamodb:TABLE")
-        return self
+    @field_validator("store")
+    @classmethod
+    def _check_store(cls, value: str) -> str:
+        scheme, colon, rest = value.partition(":")
+        if not colon or scheme not in {"sqlite", "dynamodb"}:
+            hint = f" (did you mean sqlite:{value}?)" if not colon and value else ""
+            raise ValueError(f"expected sqlite:PATH or dynamodb:TABLE{hint}")
+        if not rest:
+            raise ValueError(f"{scheme}: needs a {'file path' if scheme == 'sqlite' else 'table'}")
+        return value
 
     def backend_urls(self) -> list[str]:
         """Every configured backend URL: ``backends`` then the ``backends_range`` expansion."""
@@ -197,7 +256,8 @@ def _env_config_file() -> Path | None:
 
 
 def _describe(exc: ValidationError, config_file: Path | None) -> str:
-    lines = ["invalid settings:"]
+    """One line: each bad key, what is wrong with it, and where it can be set."""
+    problems = []
     for err in exc.errors():
         key = str(err["loc"][0]) if err["loc"] else "(settings)"
         where = f"--{key.replace('_', '-')}, {ENV_PREFIX}{key.upper()}"
@@ -205,5 +265,6 @@ def _describe(exc: ValidationError, config_file: Path | None) -> str:
             where += f" or {key!r} in {config_file}"
         value = err.get("input")
         shown = f" (got {value!r})" if not isinstance(value, dict) else ""
-        lines.append(f"  {key}: {err['msg']}{shown} [set by {where}]")
-    return "\n".join(lines)
+        message = str(err["msg"]).removeprefix("Value error, ")
+        problems.append(f"{key}: {message}{shown} [set by {where}]")
+    return "invalid setting " + "; ".join(problems)

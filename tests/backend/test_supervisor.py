@@ -79,7 +79,7 @@ def healthy(url: str) -> bool:
         return False
 
 
-def pool_argv(model_dir: Path, base_port: int, count: int) -> list[str]:
+def pool_argv(model_dir: Path, base_port: int, count: int, *extra: str) -> list[str]:
     return comeapi_argv(
         "backends", "start",
         "--model-dir", str(model_dir),
@@ -89,6 +89,7 @@ def pool_argv(model_dir: Path, base_port: int, count: int) -> list[str]:
         "--threads", "1",
         "--ctx", "256",
         "--shutdown-timeout", "5",
+        *extra,
     )  # fmt: skip
 
 
@@ -149,7 +150,73 @@ def test_a_backend_that_cannot_start_fails_the_pool_clearly(spawn: Spawn, tmp_pa
     log = pool.log()
     assert "truncated.gguf is not a GGUF file" in log  # the backend's own error, passed on
     assert "exited with code 78" in log
+    last = log.strip().splitlines()[-1]
+    assert last.startswith("Error: backend 0") and "is not a GGUF file" in last  # one line
     assert group_alive(pool.pid) == []
+
+
+def test_a_hung_backend_is_killed_and_restarted(spawn: Spawn, model_dir: Path) -> None:
+    """Fault: the supervisor restarted only children that exit, never one that hangs."""
+    base = free_ports(1)
+    url = f"http://127.0.0.1:{base}"
+    liveness = ("--health-interval", "0.5", "--health-timeout", "0.5", "--liveness-failures", "3")
+    pool = spawn(pool_argv(model_dir, base, 1, *liveness), name="pool")
+    wait_until(lambda: "Ctrl-C stops every backend" in pool.log(), 120, "the pool table")
+    [hung] = children_of(pool.pid)
+    instance = httpx.get(url + "/health", timeout=2).json()["instance"]
+    os.kill(hung, signal.SIGSTOP)
+    try:
+        wait_until(lambda: not alive(hung), 30, f"the hung backend {hung} to be killed")
+    finally:
+        if alive(hung):
+            os.kill(hung, signal.SIGCONT)
+    wait_until(lambda: healthy(url), 60, "a healthy replacement")
+    assert httpx.get(url + "/health", timeout=2).json()["instance"] != instance
+    assert children_of(pool.pid) != [hung]
+    wait_until(lambda: "restarted (pid" in pool.log(), 30, "the restart in the log")
+    assert "failed 3 health probes in a row: killing it" in pool.log()
+
+
+def test_busy_ports_are_refused_before_anything_starts(spawn: Spawn, tmp_path: Path) -> None:
+    base = free_ports(2)
+    with socket.socket() as squatter:
+        squatter.bind(("127.0.0.1", base + 1))
+        squatter.listen()
+        started = time.monotonic()
+        pool = spawn(pool_argv(tmp_path, base, 2), name="pool")
+        assert pool.popen.wait(60) == 1
+    assert time.monotonic() - started < 30
+    last = pool.log().strip().splitlines()[-1]
+    assert last.startswith(f"Error: port {base + 1} on 127.0.0.1 (backend 1) is already in use")
+    assert "backend 0 starting" not in pool.log()  # nothing was spawned
+
+
+def test_a_backend_answering_with_another_instance_id_is_not_adopted(
+    spawn: Spawn, model_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Another comeapi backend holds the port: start() must not take it for its own, even
+    when the port check is raced (the other one binds after the check)."""
+    import comeapi.backend.supervisor as supervisor_module
+
+    base = free_ports(1)
+    other = spawn(
+        comeapi_argv(
+            "backend", "--model-dir", str(model_dir), "--port", str(base),
+            "--threads", "1", "--ctx", "256",
+        ),
+        name="other",
+    )  # fmt: skip
+    other.wait_http(f"http://127.0.0.1:{base}/health", timeout=120)
+    monkeypatch.setattr(supervisor_module, "port_taken", lambda host, port: None)
+    settings = load_settings(model_dir=model_dir, threads=1, ctx=256, shutdown_timeout=5)
+    supervisor = Supervisor(settings, host="127.0.0.1", base_port=base, count=1)
+    with pytest.raises(ConfigError) as caught:
+        asyncio.run(supervisor.start())
+    message = caught.value.message
+    assert "\n" not in message
+    assert "another backend" in message or "already in use" in message, message
+    assert all(not alive(p.pid) for p in supervisor.processes())
+    assert other.popen.poll() is None and healthy(f"http://127.0.0.1:{base}")
 
 
 def test_supervisor_in_process(model_dir: Path) -> None:

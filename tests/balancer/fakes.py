@@ -14,7 +14,11 @@ from typing import Any
 
 import httpx
 
-GENERATION_PATHS = ("/generate", "/v1/completions", "/v1/chat/completions")
+from comeapi.balancer.upstream import HttpxUpstream, Timeouts
+from comeapi.protocol.requests import KINDS
+
+TIMEOUTS = Timeouts(connect=2.0, read=600.0, write=600.0, pool=2.0)
+GENERATION_PATHS = tuple(KINDS)
 
 
 async def eventually(predicate: Callable[[], bool], seconds: float = 5.0) -> None:
@@ -42,11 +46,19 @@ class FakeBackend:
         self.stream_closed = asyncio.Event()
         self.fail_after: int | None = None
         self.hold: asyncio.Event | None = None
+        self.authorizations: list[tuple[str, str | None]] = []  # (path, Authorization)
+        self._awake = asyncio.Event()
+        self._awake.set()
+        #: Hang after this many stream events (the stream then says nothing more).
+        self.hang_after: int | None = None
+        self.generate_delay = 0.0
 
     async def handle(self, request: httpx.Request) -> httpx.Response:
         if not self.up:
             raise httpx.ConnectError("[Errno 111] Connection refused", request=request)
+        await self.unless_hung()
         path = request.url.path
+        self.authorizations.append((path, request.headers.get("authorization")))
         if path == "/health":
             return await self._health()
         if path == "/models":
@@ -62,6 +74,21 @@ class FakeBackend:
         if path in GENERATION_PATHS:
             return await self._generate(request)
         return httpx.Response(404, json={"error": {"message": "no route", "code": "not_found"}})
+
+    @property
+    def hung(self) -> bool:
+        """Hung (as if SIGSTOPped): nothing it is asked answers, /health included."""
+        return not self._awake.is_set()
+
+    @hung.setter
+    def hung(self, value: bool) -> None:
+        if value:
+            self._awake.clear()
+        else:
+            self._awake.set()
+
+    async def unless_hung(self) -> None:
+        await self._awake.wait()
 
     async def _health(self) -> httpx.Response:
         self.health_checks += 1
@@ -86,6 +113,8 @@ class FakeBackend:
         try:
             if self.gate is not None:
                 await self.gate.wait()
+            if self.generate_delay:
+                await asyncio.sleep(self.generate_delay)
             if body.get("prompt") == "reject me":
                 return httpx.Response(
                     400,
@@ -134,6 +163,9 @@ class FakeStream(httpx.AsyncByteStream):
         for index, piece in enumerate(self.pieces):
             if backend.fail_after == index:
                 raise httpx.ReadError("connection reset by peer")
+            if backend.hang_after == index:
+                backend.hung = True
+            await backend.unless_hung()
             yield b"data: " + json.dumps({"response": piece}).encode() + b"\n\n"
             await asyncio.sleep(0)
         if backend.hold is not None:
@@ -159,6 +191,10 @@ class FakeCluster:
 
     def transport(self) -> httpx.MockTransport:
         return httpx.MockTransport(self.handle)
+
+    def upstream(self) -> HttpxUpstream:
+        """The forwarder's client, reaching these fakes."""
+        return HttpxUpstream(self.transport(), TIMEOUTS)
 
     async def handle(self, request: httpx.Request) -> httpx.Response:
         return await self._by_host[request.url.host].handle(request)

@@ -39,7 +39,7 @@ async def env() -> AsyncIterator[Env]:
     async with httpx.AsyncClient(transport=transport) as client:
         health = HealthChecker(pool, client, interval=30.0, timeout=1.0)
         await health.start()
-        yield Env(fakes, pool, Forwarder(pool, health, transport))
+        yield Env(fakes, pool, Forwarder(pool, health, fakes.upstream()))
         await health.stop()
 
 

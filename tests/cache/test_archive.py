@@ -251,12 +251,49 @@ def test_wrong_members_are_rejected(tmp_path: Path, parts: tuple[dict[str, Any],
         read_archive(tmp_path / "missing.tar.gz")
 
 
+def _jsonl_parts(path: Path) -> tuple[dict[str, Any], bytes]:
+    """The header and the entry lines of a .jsonl export."""
+    head, _, body = path.read_bytes().partition(b"\n")
+    return json.loads(head), body
+
+
+def _jsonl(path: Path, header: dict[str, Any], body: bytes) -> Path:
+    path.write_bytes(json.dumps(header).encode() + b"\n" + body)
+    return path
+
+
 def test_a_tampered_jsonl_line_is_rejected(tmp_path: Path) -> None:
     write_jsonl(sample_entries(prompts=1, variants=2), tmp_path / "d.jsonl")
+    header, body = _jsonl_parts(tmp_path / "d.jsonl")
+    assert header["format"] == "comeapi-cache-jsonl" and header["entries"] == 2
+    changed = _edit_first(body, lambda d: d.update(answer="x"))
+    _jsonl(tmp_path / "d.jsonl", header, changed)
+    with pytest.raises(ArchiveError, match="do not match the SHA-256 in its header"):
+        read_jsonl(tmp_path / "d.jsonl")
+    resealed = {**header, "entries_sha256": hashlib.sha256(changed).hexdigest()}
+    _jsonl(tmp_path / "d.jsonl", resealed, changed)
+    with pytest.raises(ArchiveError, match=r"line 2: .* fails its checksum"):
+        read_jsonl(tmp_path / "d.jsonl")
+    _jsonl(tmp_path / "d.jsonl", header, body + b"{not json\n")
+    with pytest.raises(ArchiveError, match="line 4 is not a valid entry"):
+        read_jsonl(tmp_path / "d.jsonl")
+
+
+def test_a_jsonl_cut_anywhere_is_rejected(tmp_path: Path) -> None:
+    """Fault: `cache import e.jsonl --replace` with a truncated file cut the store."""
+    write_jsonl(sample_entries(prompts=2, variants=3), tmp_path / "d.jsonl")
     raw = (tmp_path / "d.jsonl").read_bytes()
-    (tmp_path / "d.jsonl").write_bytes(_edit_first(raw, lambda d: d.update(answer="x")))
-    with pytest.raises(ArchiveError, match=r"line 1: .* fails its checksum"):
-        read_jsonl(tmp_path / "d.jsonl")
-    (tmp_path / "d.jsonl").write_bytes(raw + b"{not json\n")
-    with pytest.raises(ArchiveError, match="line 3 is not a valid entry"):
-        read_jsonl(tmp_path / "d.jsonl")
+    lines = raw.splitlines(keepends=True)
+    cuts = [b"", *(b"".join(lines[:n]) for n in range(1, len(lines))), raw[:-1], raw[:100]]
+    for cut in cuts:
+        (tmp_path / "cut.jsonl").write_bytes(cut)
+        with pytest.raises(ArchiveError, match=r"empty|truncated"):
+            read_jsonl(tmp_path / "cut.jsonl")
+
+
+def test_a_jsonl_without_its_header_is_rejected(tmp_path: Path) -> None:
+    write_jsonl(sample_entries(prompts=1, variants=2), tmp_path / "d.jsonl")
+    _, body = _jsonl_parts(tmp_path / "d.jsonl")
+    (tmp_path / "bare.jsonl").write_bytes(body)
+    with pytest.raises(ArchiveError, match=r"line 1 is not a comeapi \.jsonl header"):
+        read_jsonl(tmp_path / "bare.jsonl")

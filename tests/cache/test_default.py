@@ -16,7 +16,7 @@ from comeapi.cache.default import (
 from comeapi.cache.open import open_store
 from comeapi.cache.prompts import load_prompt_set
 from comeapi.cache.warmup import RESEED_STRIDE
-from comeapi.settings import DEFAULT_STORE, load_settings
+from comeapi.settings import data_dir, default_store, load_settings
 from tests.cache.factory import prompt_entry
 
 
@@ -49,8 +49,11 @@ def test_shipped_file_is_package_data() -> None:
 
 @pytest.fixture
 def in_tmp(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
-    """The default store (a relative path) lands in tmp_path."""
-    monkeypatch.chdir(tmp_path)
+    """The data directory (where the default store lives) is tmp_path/data/comeapi; the
+    working directory is tmp_path/work."""
+    monkeypatch.setenv("XDG_DATA_HOME", str(tmp_path / "data"))
+    (tmp_path / "work").mkdir()
+    monkeypatch.chdir(tmp_path / "work")
     monkeypatch.delenv("COMEAPI_STORE", raising=False)
     monkeypatch.delenv("COMEAPI_CONFIG", raising=False)
     return tmp_path
@@ -58,9 +61,9 @@ def in_tmp(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
 
 def test_the_empty_default_store_is_seeded_once(in_tmp: Path) -> None:
     settings = load_settings()
-    assert settings.store == DEFAULT_STORE
+    assert settings.store == default_store() == f"sqlite:{in_tmp / 'data/comeapi/cache.db'}"
     assert ensure_default_store(settings) == 50
-    assert (in_tmp / "var" / "comeapi-cache.db").is_file()
+    assert (in_tmp / "data" / "comeapi" / "cache.db").is_file()
     assert ensure_default_store(settings) == 0
     with open_configured_store(settings) as store:
         index = store.load_index()
@@ -81,4 +84,24 @@ def test_a_configured_store_is_never_seeded(in_tmp: Path) -> None:
     settings = load_settings(store=f"sqlite:{in_tmp / 'own.db'}")
     with open_configured_store(settings) as store:
         assert store.is_empty()
-    assert not (in_tmp / "var").exists()
+    assert not (in_tmp / "data").exists()
+
+
+def test_the_default_store_does_not_depend_on_the_working_directory(
+    in_tmp: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Fault: `comeapi cache ls` run elsewhere silently created a second store there."""
+    with open_configured_store(load_settings()) as store:
+        store.put(prompt_entry("mine", 0))
+    elsewhere = in_tmp / "elsewhere"
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)
+    with open_configured_store(load_settings()) as store:
+        assert "mine" in [e.prompt for e in store.entries()]
+    assert list(elsewhere.iterdir()) == []
+    assert load_settings().model_dir == data_dir() / "models"
+
+
+def test_a_relative_xdg_data_home_is_ignored(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("XDG_DATA_HOME", "relative/dir")
+    assert data_dir() == Path("~/.local/share/comeapi").expanduser()

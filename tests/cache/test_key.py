@@ -85,3 +85,27 @@ def test_long_runs_of_combining_marks_are_refused() -> None:
     # Real text with combining marks (NFD Japanese, stacked accents) is still keyed.
     assert normalise("か\u3099") == "が"
     assert normalise("e" + "\u0301" * 30) == "é" + "\u0301" * 29
+
+
+def test_the_written_document_is_what_json_dumps_writes() -> None:
+    """prompt_key/chat_key write the canonical document by hand: it must be json.dumps's,
+    character for character, for any text (quotes, backslashes, controls, U+2028, emoji)."""
+    import json
+    import random
+
+    rng = random.Random(20261201)
+    alphabet = '"\\/\b\f\n\r\t\x00\x01\x1f\x7f a Zé日\u2028\u2029\ufeff😀\U0010ffff'
+    for _ in range(500):
+        text = "x" + "".join(rng.choice(alphabet) for _ in range(rng.randrange(30))) + "y"
+        role = rng.choice(["user", "system", 'a"b'])
+        model = rng.choice([MODEL, 'm\\"odel.gguf'])
+
+        def dumped(doc: dict[str, object]) -> str:
+            canon = json.dumps(doc, ensure_ascii=False, separators=(",", ":"), sort_keys=True)
+            return hashlib.sha256(canon.encode("utf-8")).hexdigest()
+
+        norm = normalise(text)
+        assert prompt_key(text, model) == dumped({"model": model, "prompt": norm, "v": 1})
+        assert chat_key([(role, text)], model) == dumped(
+            {"messages": [[role, norm]], "model": model, "v": 1}
+        )

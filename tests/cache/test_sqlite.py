@@ -177,7 +177,8 @@ def test_a_locked_store_fails_clearly_and_writes_nothing(db: Path) -> None:
     with SqliteStore(db) as store:
         store.put(prompt_entry("hi", 0))
     blocker = sqlite3.connect(db, isolation_level=None)
-    blocker.execute("BEGIN EXCLUSIVE")
+    blocker.execute("BEGIN IMMEDIATE")  # another writer, mid-transaction
+    blocker.execute("UPDATE meta SET value = value + 1 WHERE name = 'revision'")
     try:
         with SqliteStore(db, timeout=0.2) as store:
             started = time.monotonic()
@@ -187,7 +188,7 @@ def test_a_locked_store_fails_clearly_and_writes_nothing(db: Path) -> None:
             assert time.monotonic() - started < 10
             with pytest.raises(StoreError, match="locked"):
                 store.record_hits({(prompt_entry("hi", 0).key, 0): 1})
-            # WAL: readers (the gateway's hit path) are not blocked by a writer.
+            # A writer mid-transaction does not block readers (only its commit, briefly).
             assert [e.variant for e in store.entries()] == [0]
     finally:
         blocker.execute("ROLLBACK")
@@ -253,3 +254,86 @@ def test_not_a_database_and_newer_schema_are_refused(tmp_path: Path) -> None:
 def test_missing_directory_is_a_store_error(tmp_path: Path) -> None:
     with pytest.raises(StoreError, match="does not exist"):
         SqliteStore(tmp_path / "nope" / "cache.db")
+
+
+# --- the file changing under a running process ---------------------------------------------
+
+
+def test_a_replaced_file_is_reopened_and_reloaded(tmp_path: Path) -> None:
+    db = tmp_path / "cache.db"
+    with SqliteStore(db) as store:
+        store.put(prompt_entry("old", 0))
+        first = store.revision()
+        with SqliteStore(tmp_path / "new.db") as other:
+            other.put_many([prompt_entry("new", 0), prompt_entry("new", 1)])
+        os.replace(tmp_path / "new.db", db)  # what an import elsewhere by rename does
+        assert store.revision() is None  # "reload": another file, its counter means nothing
+        assert sorted(e.prompt for e in store.entries()) == ["new", "new"]
+        assert store.revision() is not None and store.problem is None
+        store.put(prompt_entry("newer", 0))  # writes go to the new file
+    assert first is not None
+    with SqliteStore(db) as check:
+        assert sorted(e.prompt for e in check.entries()) == ["new", "new", "newer"]
+
+
+def test_a_deleted_file_is_reported_and_never_written_to(tmp_path: Path) -> None:
+    db = tmp_path / "cache.db"
+    with SqliteStore(db) as store:
+        store.put(prompt_entry("kept", 0))
+        loaded = store.revision()
+        db.unlink()
+        assert store.revision() == loaded  # keep serving what is loaded: no reload
+        assert store.problem is not None and "was deleted while in use" in store.problem
+        with pytest.raises(StoreError, match="deleted") as info:
+            store.record_hits({(prompt_entry("kept", 0).key, 0): 3})
+        assert info.value.code == "store_gone"
+        with SqliteStore(db) as fresh:  # the operator imports into the path again
+            fresh.put(prompt_entry("back", 0))
+        assert store.revision() is None and store.problem is None
+        assert [e.prompt for e in store.entries()] == ["back"]
+
+
+def test_no_shared_memory_file_so_no_sigbus(tmp_path: Path) -> None:
+    """Fault: an unwritable (or cut) -shm file killed the gateway with SIGBUS. Nothing is
+    mapped from it any more: a process keeps working whatever happens to such a file."""
+    db = tmp_path / "cache.db"
+    script = f"""
+import os, sys
+from comeapi.cache.sqlite import SqliteStore
+from tests.cache.factory import prompt_entry
+store = SqliteStore({str(db)!r})
+store.put(prompt_entry("a", 0))
+shm = {str(db)!r} + "-shm"
+with open(shm, "wb"):
+    pass  # cut to nothing (WAL's index was mapped from this file)
+os.chmod(shm, 0o444)
+store.put(prompt_entry("a", 1))
+print(store.revision(), len(list(store.entries())))
+"""
+    done = subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, timeout=60, check=False
+    )
+    assert done.returncode == 0, (done.returncode, done.stderr)
+    assert done.stdout.split() == ["2", "2"]
+    with sqlite3.connect(db) as conn:
+        assert conn.execute("PRAGMA journal_mode").fetchone()[0] == "delete"
+
+
+def test_an_old_wal_store_is_switched_to_a_rollback_journal(tmp_path: Path) -> None:
+    db = tmp_path / "cache.db"
+    with SqliteStore(db) as store:
+        store.put(prompt_entry("a", 0))
+    with sqlite3.connect(db) as conn:
+        assert conn.execute("PRAGMA journal_mode=WAL").fetchone()[0] == "wal"
+    with SqliteStore(db) as store:
+        assert [e.prompt for e in store.entries()] == ["a"]
+    with sqlite3.connect(db) as conn:
+        assert conn.execute("PRAGMA journal_mode").fetchone()[0] == "delete"
+
+
+def test_a_number_sqlite_cannot_hold_is_a_store_error(db: Path) -> None:
+    with SqliteStore(db) as store:
+        huge = replace(prompt_entry("a", 0), prompt_tokens=2**70).sealed()
+        with pytest.raises(StoreError, match="cannot write entries"):
+            store.put(huge)
+        assert store.is_empty()

@@ -120,6 +120,14 @@ def test_fills_every_variant_with_seed_params_and_usage(store: SqliteStore) -> N
     assert chat[0]["messages"] == [{"role": "user", "content": "こんにちは"}]
 
 
+def test_keyed_backends_get_the_key(store: SqliteStore) -> None:
+    fake = FakeBackends({"http://a:1": 1})
+    assert warm(store, fake, ["http://a:1"], api_key="backend-key").ok
+    assert fake.requests
+    for _, _body, headers in fake.requests:
+        assert headers["authorization"] == "Bearer backend-key"
+
+
 def test_a_rerun_fills_only_what_is_missing(store: SqliteStore) -> None:
     fake = FakeBackends({"http://a:1": 1})
     warm(store, fake, ["http://a:1"], variants=2)
@@ -211,7 +219,9 @@ def test_no_ready_backend_is_a_clear_error(store: SqliteStore) -> None:
                 transport=httpx.MockTransport(down),
             )
         )
-    assert "ConnectError" in info.value.message and "503 loading" in info.value.message
+    message = info.value.message
+    assert "http://down:1: nothing listens there" in message
+    assert "http://loading:2: still loading its model" in message
     assert store.is_empty()
 
 
@@ -337,6 +347,56 @@ def test_cli_exits_non_zero_when_no_backend_answers(tmp_path: Path) -> None:
     assert "Traceback" not in done.stderr
 
 
+def test_cli_fails_fast_when_nothing_listens(tmp_path: Path) -> None:
+    """Fault: with nothing listening, warmup printed nothing for 120 s, then failed."""
+    prompts = tmp_path / "prompts.yaml"
+    prompts.write_text(SET, encoding="utf-8")
+    url = f"http://127.0.0.1:{free_port()}"
+    started = time.monotonic()
+    done = subprocess.run(
+        _warmup_argv(prompts, tmp_path / "c.db", url),  # the default --wait of 120 s
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert time.monotonic() - started < 30
+    assert done.returncode == 1
+    assert f"{url}: nothing listens there" in done.stderr
+    assert "comeapi up" in done.stderr
+    assert done.stderr.strip().splitlines()[-1].startswith("Error: ")
+
+
+def test_what_warmup_waits_for_is_said(store: SqliteStore) -> None:
+    calls = 0
+
+    def loading_then_ready(request: httpx.Request) -> httpx.Response:
+        nonlocal calls
+        if request.url.path == "/health":
+            calls += 1
+            if calls <= 2:
+                return httpx.Response(503, json={"status": "loading"})
+            return httpx.Response(200, json={"status": "ok", "capacity": 1})
+        body = json.loads(request.content)
+        choice = {"text": f"answer {body['seed']}", "finish_reason": "length"}
+        return httpx.Response(200, json={"choices": [choice], "usage": {}})
+
+    waits: list[tuple[str, str]] = []
+    report = asyncio.run(
+        run_warmup(
+            prompt_set("prompts: [Hello]\n"),
+            store,
+            ["http://slow:1"],
+            variants=1,
+            wait=30,
+            on_wait=lambda url, why: waits.append((url, why)),
+            transport=httpx.MockTransport(loading_then_ready),
+        )
+    )
+    assert report.ok
+    assert waits == [("http://slow:1", "still loading its model")]  # said once, not per poll
+
+
 def test_cli_targets_come_from_backends_range(tmp_path: Path) -> None:
     port = free_port()
     done = subprocess.run(
@@ -356,8 +416,8 @@ def test_cli_targets_come_from_backends_range(tmp_path: Path) -> None:
     )
     assert done.returncode == 1
     flat = " ".join(done.stderr.split())
-    assert f"http://127.0.0.1:{port}: ConnectError" in flat
-    assert f"http://127.0.0.1:{port + 1}: ConnectError" in flat
+    assert f"http://127.0.0.1:{port}: nothing listens there" in flat
+    assert f"http://127.0.0.1:{port + 1}: nothing listens there" in flat
 
 
 def test_blank_answer_is_generated_again_with_a_further_seed(store: SqliteStore) -> None:

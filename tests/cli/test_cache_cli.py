@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 from click.testing import CliRunner, Result
 
-from comeapi.cache.archive import write_archive
+from comeapi.cache.archive import write_archive, write_jsonl
 from comeapi.cache.sqlite import SqliteStore
 from comeapi.cli import main
 from tests.cache.factory import build_archive, file_hash, prompt_entry, sample_entries
@@ -25,7 +25,8 @@ def clean_env(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
     for name in list(os.environ):
         if name.startswith("COMEAPI_"):
             monkeypatch.delenv(name)
-    monkeypatch.chdir(tmp_path)  # the default store (var/comeapi-cache.db) lands here
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("XDG_DATA_HOME", str(tmp_path / "data"))  # the default store's home
 
 
 def run(*args: str) -> Result:
@@ -68,10 +69,10 @@ def test_store_comes_from_the_environment(filled: str, monkeypatch: pytest.Monke
 
 def test_the_default_store_is_seeded_with_the_shipped_answers(tmp_path: Path) -> None:
     doc = json.loads(run("cache", "ls", "--json").output)
-    assert doc["store"] == "sqlite:var/comeapi-cache.db"
+    assert doc["store"] == f"sqlite:{tmp_path / 'data' / 'comeapi' / 'cache.db'}"
     assert len(doc["prompts"]) == 10
     assert all(p["variants"] == [0, 1, 2, 3, 4] for p in doc["prompts"])
-    assert (tmp_path / "var" / "comeapi-cache.db").is_file()
+    assert (tmp_path / "data" / "comeapi" / "cache.db").is_file()
 
 
 def test_export_import_roundtrip_into_a_fresh_store(filled: str, tmp_path: Path) -> None:
@@ -162,6 +163,74 @@ def test_a_bad_archive_leaves_the_store_byte_identical(
         assert "Traceback" not in result.output
         assert file_hash(db) == before, name
         assert not Path(f"{db}-wal").exists() or Path(f"{db}-wal").stat().st_size == 0
+
+
+def _entries_in(db: Path) -> int:
+    with SqliteStore(db) as store:
+        return len(list(store.entries()))
+
+
+@pytest.mark.parametrize("mode", ["--merge", "--replace"])
+def test_an_empty_or_truncated_jsonl_changes_nothing(
+    filled: str, tmp_path: Path, mode: str
+) -> None:
+    """Fault: `cache import e.jsonl --replace` with an empty or truncated file exited 0 and
+    emptied (or cut) the store."""
+    assert run("cache", "export", "e.jsonl", "--store", filled).exit_code == 0
+    lines = (tmp_path / "e.jsonl").read_bytes().splitlines(keepends=True)
+    write_jsonl([], tmp_path / "no-entries.jsonl")  # what exporting an empty store writes
+    db = tmp_path / "src.db"
+    before = file_hash(db)
+    cases = {
+        "empty.jsonl": (b"", "is empty"),
+        "cut.jsonl": (b"".join(lines[:4]), "truncated"),
+        "cut-mid-line.jsonl": (b"".join(lines)[:-30], "truncated"),
+        "no-entries.jsonl": ((tmp_path / "no-entries.jsonl").read_bytes(), "no entries"),
+    }
+    for name, (data, message) in cases.items():
+        (tmp_path / name).write_bytes(data)
+        result = run("cache", "import", name, "--store", filled, mode)
+        assert result.exit_code == 1, (name, result.output)
+        assert message in result.output, (name, result.output)
+        assert result.output.count("\n") == 1 and result.output.startswith("Error: ")
+        assert file_hash(db) == before, name
+    assert _entries_in(db) == 15
+
+
+def test_an_empty_archive_does_not_empty_the_store(filled: str, tmp_path: Path) -> None:
+    write_archive([], tmp_path / "empty.tar.gz")
+    result = run("cache", "import", "empty.tar.gz", "--store", filled, "--replace")
+    assert result.exit_code == 1 and "holds no entries" in result.output
+    assert _entries_in(tmp_path / "src.db") == 15
+
+
+def test_hostile_values_are_one_line_errors(filled: str, tmp_path: Path) -> None:
+    """Faults: deeply nested JSON (RecursionError) and prompt_tokens of 2^70 (OverflowError
+    in the store) were tracebacks."""
+    from dataclasses import replace
+
+    from comeapi.cache.archive import entry_line
+    from tests.cache.test_archive_limits import archive_with_lines
+
+    huge = replace(prompt_entry("hello", 0), prompt_tokens=2**70).sealed()
+    archive_with_lines(tmp_path / "huge.tar.gz", [entry_line(huge)])
+    archive_with_lines(tmp_path / "deep.tar.gz", [b"[" * 100_000 + b"\n"])
+    before = file_hash(tmp_path / "src.db")
+    for name in ("huge.tar.gz", "deep.tar.gz"):
+        result = CliRunner().invoke(main, ["cache", "import", name, "--store", filled])
+        assert result.exit_code == 1, (name, result.output, result.exception)
+        assert result.output.startswith("Error: ") and result.output.count("\n") == 1
+    assert file_hash(tmp_path / "src.db") == before
+
+
+def test_a_store_url_without_its_scheme_names_the_key() -> None:
+    """Fault: `--store /tmp/x.db` gave a garbled message naming no key."""
+    result = run("cache", "ls", "--store", "/tmp/x.db")
+    assert result.exit_code == 2
+    assert result.output.startswith("Error: invalid setting store: ")
+    assert "did you mean sqlite:/tmp/x.db" in result.output
+    assert "--store, COMEAPI_STORE" in result.output
+    assert result.output.count("\n") == 1
 
 
 def test_an_unusable_store_path_is_a_clear_error(tmp_path: Path) -> None:

@@ -113,7 +113,7 @@ def answer_text(route: str, body: bytes, stream: bool) -> str:
         if route == "/generate":
             return str(doc["response"])
         choice = doc["choices"][0]
-        return str(choice["text"] if route == "/v1/completions" else choice["message"]["content"])
+        return str(choice["text"] if "text" in choice else choice["message"]["content"])
     pieces = []
     for event in body.decode("utf-8").split("\n\n"):
         data = event.removeprefix("data: ")

@@ -13,7 +13,7 @@ import pytest
 from cfnlint.decode import decode
 
 from comeapi.cache.dynamo import ATTRIBUTE_DEFINITIONS, KEY_SCHEMA
-from comeapi.serverless.handler import ROUTES
+from comeapi.protocol.requests import KINDS
 from tests.helpers import REPO
 
 TEMPLATE = REPO / "deploy" / "aws" / "template.yaml"
@@ -71,7 +71,7 @@ def test_the_handlers_exist_in_the_packaged_source(template: dict[str, Any]) -> 
 def test_every_handler_route_is_routed(template: dict[str, Any]) -> None:
     events = template["Resources"]["CacheFunction"]["Properties"]["Events"]
     routed = {(e["Properties"]["Method"], e["Properties"]["Path"]) for e in events.values()}
-    assert {("POST", path) for path in ROUTES} <= routed
+    assert {("POST", path) for path in KINDS} <= routed
     assert all(e["Type"] == "HttpApi" for e in events.values())
 
 

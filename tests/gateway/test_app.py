@@ -103,20 +103,34 @@ async def test_models_are_the_union_of_the_backends() -> None:
     async with running(fakes) as (client, _):
         models = (await client.get("/models")).json()
         openai = (await client.get("/v1/models")).json()
-    assert models == {
-        "models": [{"name": "a.gguf", "size_mb": 1.5}, {"name": "b.gguf", "size_mb": 1.5}]
-    }
+    assert models["models"] == [
+        {"name": "a.gguf", "size_mb": 1.5},
+        {"name": "b.gguf", "size_mb": 1.5},
+    ]
     assert openai["object"] == "list"
     assert [m["id"] for m in openai["data"]] == ["a.gguf", "b.gguf"]
+    # /models without /v1 is also OpenAI's list, for SDKs whose base_url lacks /v1.
+    assert models["object"] == "list"
+    assert models["data"] == openai["data"]
+
+
+async def test_models_without_v1_keep_comeapi_keys_with_one_backend_down() -> None:
+    fakes = FakeCluster(2)
+    fakes.backends[1].up = False
+    async with running(fakes) as (client, _):
+        models = (await client.get("/models")).json()
+    assert [m["name"] for m in models["models"]] == ["m.gguf"]
+    assert [m["id"] for m in models["data"]] == ["m.gguf"]
 
 
 async def test_one_model_by_id() -> None:
     async with running(FakeCluster(1)) as (client, _):
-        found = await client.get("/v1/models/m")
-        missing = await client.get("/v1/models/nope.gguf")
-    assert found.json()["id"] == "m.gguf"
-    assert missing.status_code == 404
-    assert missing.json()["error"]["available_models"] == ["m.gguf"]
+        for prefix in ("/v1", ""):
+            found = await client.get(f"{prefix}/models/m")
+            missing = await client.get(f"{prefix}/models/nope.gguf")
+            assert found.json()["id"] == "m.gguf"
+            assert missing.status_code == 404
+            assert missing.json()["error"]["available_models"] == ["m.gguf"]
 
 
 # --- routing --------------------------------------------------------------------------------

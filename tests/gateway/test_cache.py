@@ -68,7 +68,11 @@ NO_HEADERS = Headers({})
 
 
 def lookup(cache: ResponseCache, kind: Kind, body: dict[str, object], headers: Headers) -> Lookup:
-    return cache.lookup(parse_request(kind, body, max_tokens_limit=2048), headers)
+    forced = cache.forced_variant(
+        headers.get("x-comeapi-variant", "").encode() or None,
+        headers.get("x-comeapi-variant-secret", "").encode(),
+    )
+    return cache.lookup(parse_request(kind, body, max_tokens_limit=2048), forced)
 
 
 def test_choice_is_uniform_over_the_variants(store: SqliteStore) -> None:

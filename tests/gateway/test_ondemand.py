@@ -65,6 +65,10 @@ def test_backends_start_on_a_miss_and_stop_when_idle(
     assert answer.status_code == 200, answer.text
     assert answer.headers["x-cache"] == "MISS" and answer.json()["usage"]["completion_tokens"] > 0
     assert httpx.get(url + "/status", timeout=5).json()["on_demand"]["state"] == "running"
+    # The backends it started take only the key it generated for them and sends them.
+    backend = f"http://127.0.0.1:{backend_port}"
+    assert httpx.get(backend + "/models", timeout=5).status_code == 401
+    assert httpx.get(backend + "/health", timeout=5).status_code == 200
 
     deadline = time.monotonic() + 30  # idle_timeout 3 s, checked every 0.75 s
     while _port_open(backend_port) and time.monotonic() < deadline:

@@ -19,6 +19,8 @@ def test_routes_map_to_kinds() -> None:
         "/generate": "generate",
         "/v1/completions": "completion",
         "/v1/chat/completions": "chat",
+        "/completions": "completion",
+        "/chat/completions": "chat",
     }
 
 

@@ -117,6 +117,29 @@ def test_http_api_v2_models(store: DynamoStore) -> None:
     }
 
 
+def test_models_without_v1_serves_openai_and_comeapi_clients(store: DynamoStore) -> None:
+    app = ServerlessApp(store)
+    body = decoded(app(http_api_event("GET", "/models"), None))
+    entry = {"id": MODEL, "object": "model", "created": 0, "owned_by": "comeapi"}
+    assert body == {
+        "object": "list",
+        "data": [entry],
+        "models": [MODEL],
+        "default_model": MODEL,
+    }
+    for path in (f"/models/{MODEL}", "/v1/models/" + MODEL.removesuffix(".gguf")):
+        assert decoded(app(http_api_event("GET", path), None)) == entry
+    assert_error(app(http_api_event("GET", "/models/nope"), None), 404, "model_not_found")
+
+
+def test_chat_without_v1_is_a_hit(store: DynamoStore) -> None:
+    body = {"messages": [{"role": r, "content": c} for r, c in CHAT]}
+    result = ServerlessApp(store)(post("/chat/completions", body), None)
+    assert result["statusCode"] == 200, result["body"]
+    assert result["headers"]["X-Cache"] == "HIT"
+    assert decoded(result)["object"] == "chat.completion"
+
+
 def test_status_lists_what_is_cached(store: DynamoStore) -> None:
     body = decoded(ServerlessApp(store)(http_api_event("GET", "/status"), None))
     assert body["status"]["cached_prompts"] == 3

@@ -2,7 +2,8 @@
 
 ``/health`` and the status routes read plain counters only, so they answer at once even
 while a generation holds the engine. A request beyond capacity waits its turn in a small
-queue (``backend_queue``); beyond that it gets 503 with Retry-After.
+queue (``backend_queue``); beyond that it gets 503 with Retry-After. With ``api_keys`` every
+route but ``/health`` needs ``Authorization: Bearer <key>``; ``/metrics`` is Prometheus'.
 """
 
 from __future__ import annotations
@@ -14,17 +15,23 @@ from collections.abc import AsyncGenerator, AsyncIterator, Callable, Coroutine
 from typing import Any, TypeVar
 
 from starlette.applications import Starlette
+from starlette.middleware import Middleware
 from starlette.requests import ClientDisconnect, Request
 from starlette.responses import Response, StreamingResponse
 from starlette.routing import Route
 from starlette.types import Receive, Scope, Send
 
 from comeapi.backend.engine import Engine, Event, Finished, TextDelta, choice_count, total_usage
+from comeapi.backend.metrics import BackendMetrics, MeteredEngine
 from comeapi.backend.support import refuse_unsupported
 from comeapi.errors import ComeapiError, QueueFullError, UnavailableError
+from comeapi.http.auth import APIKeyMiddleware
+from comeapi.http.cors import cors_middleware
 from comeapi.http.errors import EXCEPTION_HANDLERS
+from comeapi.http.metrics import CONTENT_TYPE, MetricsMiddleware
 from comeapi.http.responses import JSONResponse, read_body
 from comeapi.models.catalogue import ModelFile, check_model_dir, resolve
+from comeapi.protocol.health import health_document, new_instance_id
 from comeapi.protocol.requests import KINDS, GenerationRequest, decode_json, parse_request
 from comeapi.protocol.responses import (
     Choice,
@@ -43,35 +50,58 @@ SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
 CLIENT_GONE = 499  # nginx's code for "client closed the request"; nobody reads it
 
 
-def create_app(settings: Settings, engine: Engine) -> Starlette:
+def create_app(settings: Settings, engine: Engine, *, instance: str | None = None) -> Starlette:
+    """The app; ``instance`` (random when not given) identifies this process in /health, so a
+    supervisor can tell its own backend from another one holding the port."""
     models, default = check_model_dir(settings)
     if settings.slots > 1:
         # The batched engine serves its one model; advertising the others would make a
         # balancer route requests for them here.
         models = [default]
-    api = BackendAPI(settings, engine, models, default)
+    metrics = BackendMetrics(engine)
+    api = BackendAPI(
+        settings, MeteredEngine(engine, metrics), models, default, instance or new_instance_id()
+    )
+
+    async def metrics_route(request: Request) -> Response:
+        return Response(metrics.render(), media_type=CONTENT_TYPE)
+
     routes = [
         Route("/", api.status),
         Route("/status", api.status),
         Route("/health", api.health),
+        Route("/metrics", metrics_route),
         Route("/models", api.list_models),
+        Route("/models/{model:path}", api.openai_model),
         Route("/v1/models", api.openai_models),
         Route("/v1/models/{model:path}", api.openai_model),
         *(Route(path, api.generate, methods=["POST"]) for path in KINDS),
     ]
-    return Starlette(routes=routes, exception_handlers=EXCEPTION_HANDLERS)
+    middleware = [
+        Middleware(MetricsMiddleware, metrics=metrics, routes=[r.path for r in routes]),
+        # Preflights are answered before the key check; none without --cors-origin.
+        *cors_middleware(settings.cors_origins),
+        Middleware(APIKeyMiddleware, keys=settings.api_keys),
+    ]
+    return Starlette(routes=routes, middleware=middleware, exception_handlers=EXCEPTION_HANDLERS)
 
 
 class BackendAPI:
     """Route handlers over one engine; state is the engine's counters and an admission count."""
 
     def __init__(
-        self, settings: Settings, engine: Engine, models: list[ModelFile], default: ModelFile
+        self,
+        settings: Settings,
+        engine: Engine,
+        models: list[ModelFile],
+        default: ModelFile,
+        instance: str,
     ):
         self._settings = settings
         self._engine = engine
         self._models = models
         self._default = default
+        self._instance = instance
         self._admitted = 0
 
     # --- status ---------------------------------------------------------------------------
@@ -87,9 +117,16 @@ class BackendAPI:
         }
 
     async def health(self, request: Request) -> Response:
-        if self._engine.ready:
-            return JSONResponse({"status": "ok", **self._load()})
-        return JSONResponse({"status": "loading", **self._load()}, status_code=503)
+        engine = self._engine
+        status, body = health_document(
+            ready=engine.ready,
+            capacity=engine.capacity,
+            in_flight=engine.in_flight,
+            models=[m.name for m in self._models],
+            loaded_models=engine.loaded_models(),
+            instance=self._instance,
+        )
+        return JSONResponse(body, status_code=status)
 
     async def status(self, request: Request) -> Response:
         load = self._load()
@@ -100,8 +137,14 @@ class BackendAPI:
         return JSONResponse({**body, **load})
 
     async def list_models(self, request: Request) -> Response:
+        """``GET /models``: OpenAI's list (for SDKs whose base_url lacks /v1) and ComeAPI's
+        ``models`` in one body; each client reads its own keys."""
         return JSONResponse(
-            {"models": [{"name": m.name, "size_mb": m.size_mb} for m in self._models]}
+            {
+                "object": "list",
+                "data": [_openai_model(m) for m in self._models],
+                "models": [{"name": m.name, "size_mb": m.size_mb} for m in self._models],
+            }
         )
 
     async def openai_models(self, request: Request) -> Response:

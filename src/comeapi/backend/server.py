@@ -73,10 +73,13 @@ class BackendServer(uvicorn.Server):
         await self.engine.close()
 
 
-def serve(settings: Settings, *, parent_pid: int | None = None) -> None:
-    """Serve until SIGTERM/SIGINT. Raises ConfigError if the model cannot be loaded."""
+def serve(
+    settings: Settings, *, parent_pid: int | None = None, instance: str | None = None
+) -> None:
+    """Serve until SIGTERM/SIGINT. Raises ConfigError if the model cannot be loaded.
+    ``instance`` is the id /health reports (random when not given)."""
     engine = make_engine(settings)
-    app = create_app(settings, engine)
+    app = create_app(settings, engine, instance=instance)
     config = uvicorn.Config(
         app,
         host=settings.backend_host,

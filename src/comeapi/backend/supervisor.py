@@ -8,11 +8,18 @@ Interface (the ``comeapi backends start`` command and ``comeapi up`` both use it
     sup.urls()            # ["http://127.0.0.1:8080", ..., "http://127.0.0.1:8084"]
     sup.processes()       # [BackendProcess(index=0, url=..., pid=...), ...] (current PIDs)
     task = asyncio.create_task(sup.watch())  # restart a backend that dies (backoff doubling
-                                             # from 1 s up to restart_backoff_max)
+                                             # from 1 s up to restart_backoff_max), and kill
+                                             # (then restart) one that fails
+                                             # liveness_failures health probes in a row
     await sup.stop()      # SIGTERM all, wait shutdown_timeout + 5 s, SIGKILL stragglers
 
-``async with Supervisor(...) as sup:`` does start() and stop(). Children pass the settings on
-as explicit flags; without ``threads`` each gets ``cores // count`` llama.cpp threads.
+``async with Supervisor(...) as sup:`` does start() and stop(). Children get the settings as
+explicit flags, and ``api_keys`` / ``cors_origins`` (the given ones, not the parent's) in
+their environment; without ``threads`` each gets ``cores // count`` llama.cpp threads.
+
+Each child is started with a random instance id that its /health reports: a backend that
+answers on the port with another id is someone else's (a second ``comeapi up``), and start()
+fails with one line instead of adopting it. Ports already taken are refused before spawning.
 
 No orphans: on Linux every child gets PR_SET_PDEATHSIG(SIGTERM), which fires even when the
 supervisor is SIGKILLed (it is bound to the forking *thread*: call start() from the event
@@ -29,6 +36,7 @@ import ctypes
 import logging
 import os
 import signal
+import socket
 import sys
 import time
 from collections import deque
@@ -40,6 +48,7 @@ import httpx
 
 from comeapi.backend.server import EXIT_CONFIG
 from comeapi.errors import ConfigError
+from comeapi.protocol.health import new_instance_id, read_health
 from comeapi.settings import Settings
 
 log = logging.getLogger("comeapi.pool")
@@ -62,6 +71,7 @@ class _Child:
     port: int
     url: str
     process: asyncio.subprocess.Process | None = None
+    instance: str = ""
     started_at: float = 0.0
     tail: deque[str] = field(default_factory=lambda: deque(maxlen=40))
     relay: asyncio.Task[None] | None = None
@@ -69,8 +79,15 @@ class _Child:
     def alive(self) -> bool:
         return self.process is not None and self.process.returncode is None
 
-    def log_tail(self) -> str:
-        return "\n".join(self.tail) or "(no output)"
+    def last_words(self) -> str:
+        """The line of its output that says why it stopped (its "Error: ..." line)."""
+        for line in reversed(self.tail):
+            if line.startswith("Error:"):
+                return line.removeprefix("Error:").strip()
+        for line in reversed(self.tail):
+            if line.strip():
+                return line.strip()[-300:]
+        return "no output"
 
 
 class Supervisor:
@@ -83,6 +100,8 @@ class Supervisor:
         count: int,
         argv_extra: Sequence[str] = (),
         start_timeout: float = START_TIMEOUT,
+        api_keys: Sequence[str] = (),
+        cors_origins: Sequence[str] = (),
     ):
         if count < 1 or base_port + count - 1 > 65535:
             raise ConfigError(f"cannot run {count} backends from port {base_port}")
@@ -90,6 +109,15 @@ class Supervisor:
         self._host = host
         self._argv_extra = list(argv_extra)
         self._start_timeout = start_timeout
+        # In the environment rather than on the command line, where `ps` would show keys.
+        # Always set, so that nothing meant for the parent (COMEAPI_API_KEYS of a gateway)
+        # is inherited.
+        self._env = {
+            **os.environ,
+            "PYTHONUNBUFFERED": "1",
+            "COMEAPI_API_KEYS": ",".join(api_keys),
+            "COMEAPI_CORS_ORIGINS": ",".join(cors_origins),
+        }
         url_host = f"[{host}]" if ":" in host else host
         self._children = [
             _Child(i, base_port + i, f"http://{url_host}:{base_port + i}") for i in range(count)
@@ -123,6 +151,14 @@ class Supervisor:
 
     async def start(self) -> None:
         """Start every backend and wait until each is healthy; ConfigError if one is not."""
+        for child in self._children:
+            problem = port_taken(self._host, child.port)
+            if problem:
+                raise ConfigError(
+                    f"port {child.port} on {self._host} (backend {child.index}) is already "
+                    f"in use ({problem}): is another `comeapi up` or `comeapi backends start` "
+                    "running? Stop it, or choose other ports with --base-port"
+                )
         try:
             for child in self._children:
                 await self._spawn(child)
@@ -147,6 +183,7 @@ class Supervisor:
         running = [c for c in self._children if c.alive()]
         for child in running:
             _signal(child, signal.SIGTERM)
+            _signal(child, signal.SIGCONT)  # a stopped (hung) child could not act on it
         grace = self._settings.shutdown_timeout + 5.0
         waits = [c.process.wait() for c in running if c.process is not None]
         try:
@@ -181,18 +218,20 @@ class Supervisor:
             "--shutdown-timeout", str(s.shutdown_timeout),
             "--log-level", s.log_level,
             "--parent-pid", str(os.getpid()),
+            "--instance-id", child.instance,
         ]  # fmt: skip
         if s.default_model:
             argv += ["--default-model", s.default_model]
         return argv + self._argv_extra
 
     async def _spawn(self, child: _Child) -> None:
+        child.instance = new_instance_id()
         process = await asyncio.create_subprocess_exec(
             *self._argv(child),
             stdin=asyncio.subprocess.DEVNULL,
             stdout=asyncio.subprocess.PIPE,
             stderr=asyncio.subprocess.STDOUT,
-            env={**os.environ, "PYTHONUNBUFFERED": "1"},
+            env=self._env,
             preexec_fn=_die_with_parent(),
         )
         child.process = process
@@ -226,22 +265,65 @@ class Supervisor:
                         await asyncio.wait({child.relay}, timeout=2.0)
                     raise ConfigError(
                         f"backend {child.index} ({child.url}) exited with code "
-                        f"{process.returncode} while starting:\n{child.log_tail()}"
+                        f"{process.returncode} while starting: {child.last_words()}"
                     )
                 with contextlib.suppress(httpx.HTTPError):
-                    if (await client.get(child.url + "/health")).status_code == 200:
+                    response = await client.get(child.url + "/health")
+                    health = read_health(response.status_code, response.content)
+                    if health.instance is not None and health.instance != child.instance:
+                        raise ConfigError(
+                            f"another backend (instance {health.instance}) answers on "
+                            f"{child.url}, not the one just started: is another `comeapi up` "
+                            "or `comeapi backends start` running? Stop it, or choose other "
+                            "ports with --base-port"
+                        )
+                    if health.ready and health.instance == child.instance:
                         return
                 if time.monotonic() > deadline:
                     raise ConfigError(
                         f"backend {child.index} ({child.url}) not healthy after "
-                        f"{self._start_timeout:.0f}s:\n{child.log_tail()}"
+                        f"{self._start_timeout:.0f}s: {child.last_words()}"
                     )
                 await asyncio.sleep(0.1)
+
+    async def _check_liveness(self, child: _Child) -> None:
+        """Kill ``child`` once it fails ``liveness_failures`` health probes in a row (a hung
+        process never exits by itself); ``_keep_alive`` then restarts it. Returns when the
+        process has exited."""
+        limit = self._settings.liveness_failures
+        process = child.process
+        assert process is not None
+        if limit == 0:
+            await process.wait()
+            return
+        interval, timeout = self._settings.health_interval, self._settings.health_timeout
+        failed = 0
+        async with httpx.AsyncClient(timeout=timeout) as client:
+            while process.returncode is None:
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(process.wait(), interval)
+                    return
+                reason = await _liveness_problem(client, child, timeout)
+                failed = failed + 1 if reason else 0
+                if reason:
+                    log.warning(
+                        "backend %d (%s, pid %d) failed health probe %d of %d: %s",
+                        child.index, child.url, process.pid, failed, limit, reason,
+                    )  # fmt: skip
+                if failed >= limit:
+                    log.error(
+                        "backend %d (%s, pid %d) failed %d health probes in a row: killing it",
+                        child.index, child.url, process.pid, failed,
+                    )  # fmt: skip
+                    _signal(child, signal.SIGKILL)  # a stopped process ignores SIGTERM
+                    await process.wait()
+                    return
 
     async def _keep_alive(self, child: _Child) -> None:
         backoff = 1.0
         while not self._stopping.is_set():
             assert child.process is not None
+            await self._check_liveness(child)
             code = await child.process.wait()
             if self._stopping.is_set():
                 return
@@ -265,8 +347,36 @@ class Supervisor:
                 log.error("restarting backend %d failed: %s", child.index, exc.message)
                 if child.alive():
                     _signal(child, signal.SIGKILL)
+                    await child.process.wait()
                 continue
             log.info("backend %d restarted (pid %d)", child.index, child.process.pid)
+
+
+async def _liveness_problem(client: httpx.AsyncClient, child: _Child, limit: float) -> str | None:
+    """Why ``child`` does not look alive, or None. Loading counts as alive: it answers."""
+    try:
+        async with asyncio.timeout(limit):
+            response = await client.get(child.url + "/health")
+    except (TimeoutError, httpx.TimeoutException):
+        return f"no answer within {limit:g}s"
+    except httpx.HTTPError as exc:
+        return f"{type(exc).__name__}: {exc}"
+    health = read_health(response.status_code, response.content)
+    if health.instance != child.instance:
+        return f"another process answers (instance {health.instance})"
+    return None if health.state != "bad" else health.reason
+
+
+def port_taken(host: str, port: int) -> str | None:
+    """Why ``port`` cannot be listened on at ``host`` ("Address already in use"), or None."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    with socket.socket(family, socket.SOCK_STREAM) as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as uvicorn binds
+        try:
+            probe.bind((host, port))
+        except OSError as exc:
+            return exc.strerror or str(exc)
+    return None
 
 
 def _signal(child: _Child, sig: signal.Signals) -> None:

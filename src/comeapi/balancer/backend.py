@@ -32,6 +32,10 @@ class Backend:
     reason: str | None = "not probed yet"
     #: Failed probes or requests since it was last healthy (drives the re-probe backoff).
     consecutive_failures: int = 0
+    #: The backend process's instance id from /health (changes when it restarts).
+    instance: str | None = None
+    #: Restarts seen: times the instance id changed.
+    restarts: int = 0
 
     @property
     def free(self) -> int:
@@ -56,6 +60,14 @@ class Backend:
         self.consecutive_failures = 0
         self.last_check = time.time()
 
+    def note_instance(self, instance: str | None) -> None:
+        """Record the instance id a probe saw; a different one means the process restarted."""
+        if instance is None:
+            return
+        if self.instance is not None and instance != self.instance:
+            self.restarts += 1
+        self.instance = instance
+
     def mark_down(self, reason: str, *, failure: bool = True) -> None:
         """Down until a probe says otherwise. ``failure=False`` for a backend that is merely
         starting (loading its model): not its fault, so not counted."""
@@ -78,4 +90,6 @@ class Backend:
             "models": sorted(self.models),
             "loaded_models": list(self.loaded_models),
             "reason": self.reason,
+            "instance": self.instance,
+            "restarts": self.restarts,
         }

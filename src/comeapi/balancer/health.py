@@ -2,8 +2,10 @@
 
 Each backend has its own probe loop: every ``interval`` while healthy, and on a short
 exponential backoff while down, so a restarted backend is back within a second or two
-instead of waiting for the next 30 s probe. A request that could not reach a backend
-reports it here (passive detection): it is marked down at once and re-probed soon.
+instead of waiting for the next regular probe. A request that could not reach a backend
+reports it here (passive detection): it is marked down at once and re-probed soon. A request
+that has heard nothing for a while asks for a probe now (``confirm_alive``): a hung backend
+is marked down as soon as that probe times out.
 """
 
 from __future__ import annotations
@@ -18,6 +20,8 @@ import httpx
 
 from comeapi.balancer.backend import Backend
 from comeapi.balancer.pool import BackendPool
+from comeapi.balancer.stall import BackendStalled
+from comeapi.protocol.health import read_health
 
 log = logging.getLogger("comeapi.balancer")
 
@@ -27,6 +31,8 @@ MAX_BACKOFF = 5.0
 
 def describe(exc: BaseException) -> str:
     """A short reason for /status ("connection refused", "timeout", ...)."""
+    if isinstance(exc, BackendStalled):
+        return "stalled"
     if isinstance(exc, httpx.ConnectTimeout):
         return "connect timeout"
     if isinstance(exc, httpx.TimeoutException | TimeoutError):
@@ -57,6 +63,7 @@ class HealthChecker:
         self.max_backoff = min(max_backoff, interval)
         self._wake = {b: asyncio.Event() for b in pool.backends}
         self._slow: set[Backend] = set()
+        self._confirming: dict[Backend, asyncio.Future[bool]] = {}
         self._tasks: list[asyncio.Task[None]] = []
 
     async def start(self) -> None:
@@ -67,9 +74,10 @@ class HealthChecker:
             self._tasks.append(asyncio.create_task(self._watch(backend)))
 
     async def stop(self) -> None:
-        for task in self._tasks:
+        tasks: list[asyncio.Future[Any]] = [*self._tasks, *self._confirming.values()]
+        for task in tasks:
             task.cancel()
-        for task in self._tasks:
+        for task in tasks:
             with contextlib.suppress(asyncio.CancelledError):
                 await task
         self._tasks.clear()
@@ -87,51 +95,69 @@ class HealthChecker:
         self.pool.mark_down(backend, reason, failure=False)
         self._wake[backend].set()
 
-    async def probe(self, backend: Backend) -> None:
-        """One GET /health with its own timeout; updates the backend in the pool."""
+    async def probe(self, backend: Backend, *, lenient: bool = True) -> bool:
+        """One GET /health with its own timeout; updates the backend in the pool. True when
+        the backend answered at all (alive, even if loading or unwell).
+
+        ``lenient``: a healthy backend busy generating may miss one probe before it is pulled.
+        """
         started = time.perf_counter()
         try:
             # httpx's timeouts are per phase; the deadline covers the whole probe.
             async with asyncio.timeout(self.timeout):
                 response = await self.client.get(f"{backend.url}/health", timeout=self.timeout)
         except (TimeoutError, httpx.TimeoutException) as exc:
-            self._timed_out(backend, exc)
-            return
+            self._timed_out(backend, exc, lenient=lenient)
+            return False
         except httpx.HTTPError as exc:
             self._down(backend, describe(exc))
-            return
+            return False
         finally:
             backend.last_check = time.time()
         latency = time.perf_counter() - started
         self._slow.discard(backend)
-        data = _json_object(response)
-        models = data.get("models")
-        if isinstance(models, list):
-            backend.models = frozenset(m for m in models if isinstance(m, str))
-        status = data.get("status")
-        if response.status_code == 200 and status == "ok":
+        health = read_health(response.status_code, response.content)
+        backend.note_instance(health.instance)
+        if health.models is not None:
+            backend.models = health.models
+        if health.ready:
             was_healthy = backend.healthy
-            loaded = data.get("loaded_models")
             self.pool.mark_up(
                 backend,
-                capacity=_int(data.get("capacity"), 1),
+                capacity=health.capacity or 1,
                 models=backend.models,
-                loaded=tuple(loaded) if isinstance(loaded, list) else (),
+                loaded=health.loaded_models,
                 latency=latency,
             )
             if not was_healthy:
                 log.info("backend %s is healthy (capacity %d)", backend.url, backend.capacity)
-        elif response.status_code == 503 and status == "loading":
+        elif health.state == "loading":
             self.pool.mark_down(backend, "loading", failure=False)
         else:
-            self._down(backend, f"/health answered {response.status_code}")
+            self._down(backend, health.reason or "unhealthy")
+        return True
+
+    async def confirm_alive(self, backend: Backend) -> bool:
+        """Probe ``backend`` now, for a request that has heard nothing from it for a while:
+        True if it answers /health; else it is marked down at once (no second chance: the
+        request has already waited). Requests asking at the same time share one probe."""
+        running = self._confirming.get(backend)
+        if running is None:
+            running = asyncio.ensure_future(self.probe(backend, lenient=False))
+            self._confirming[backend] = running
+            running.add_done_callback(lambda _: self._confirmed(backend))
+        return await asyncio.shield(running)
 
     # --- internals -----------------------------------------------------------------------
 
-    def _timed_out(self, backend: Backend, exc: BaseException) -> None:
+    def _confirmed(self, backend: Backend) -> None:
+        self._confirming.pop(backend, None)
+        self._wake[backend].set()  # down or not, the watch loop picks its next delay
+
+    def _timed_out(self, backend: Backend, exc: BaseException, *, lenient: bool) -> None:
         # A backend busy generating may answer a probe late once; give a healthy, busy
         # backend a second chance before pulling it (llama.cpp#20684: pods restarted for it).
-        if backend.healthy and backend.in_flight > 0 and backend not in self._slow:
+        if lenient and backend.healthy and backend.in_flight > 0 and backend not in self._slow:
             self._slow.add(backend)
             self._wake[backend].set()
             return
@@ -167,15 +193,3 @@ class HealthChecker:
                 await self.probe(backend)
             except Exception:  # a probe must never kill its loop
                 log.exception("health probe of %s failed", backend.url)
-
-
-def _json_object(response: httpx.Response) -> dict[str, Any]:
-    try:
-        data = response.json()
-    except ValueError:
-        return {}
-    return data if isinstance(data, dict) else {}
-
-
-def _int(value: Any, default: int) -> int:
-    return value if isinstance(value, int) and not isinstance(value, bool) else default

@@ -2,19 +2,20 @@
 
 A request may be retried on another backend as long as nothing has been sent to the client:
 for a plain answer that is until the whole body has arrived, for a stream until its first
-chunk has. After that a failure ends the stream with an SSE error event. Streams pass
-through chunk by chunk; a client that disconnects closes the upstream response, so the
-backend stops generating.
+chunk has. After that a failure ends the stream with an SSE error event. A backend that
+hangs counts as failed once it has been silent for ``stall_timeout`` and misses a health
+probe (``stall.py``). Streams pass through chunk by chunk; a client that disconnects closes
+the upstream response, so the backend stops generating.
 """
 
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator, Mapping
 from typing import Protocol
 
 import httpx
 import orjson
+from starlette.datastructures import Headers
 from starlette.responses import Response
 from starlette.types import Receive
 
@@ -22,18 +23,22 @@ from comeapi.balancer.backend import Backend
 from comeapi.balancer.health import HealthChecker, describe
 from comeapi.balancer.pool import BackendPool
 from comeapi.balancer.relay import (
+    StreamOwner,
     UpstreamStream,
     close_quietly,
-    response_headers,
+    raw_headers,
     shutting_down,
     uncancel,
     usage_tokens,
 )
+from comeapi.balancer.stall import StallGuard
+from comeapi.balancer.upstream import Upstream, UpstreamResponse
 from comeapi.errors import UnavailableError
 from comeapi.http.disconnect import DisconnectGuard
 
 # Request headers worth passing on; everything else (host, cookies, hop-by-hop) stays here.
 FORWARD_REQUEST_HEADERS = ("content-type", "authorization", "accept")
+_FORWARD_RAW = frozenset(name.encode() for name in FORWARD_REQUEST_HEADERS)
 
 
 class ProxyObserver(Protocol):
@@ -44,40 +49,28 @@ class ProxyObserver(Protocol):
     def tokens(self, count: int) -> None: ...
 
 
-class Forwarder:
-    """Sends requests to the pool's backends through one shared httpx transport.
-
-    Requests go straight to ``transport.handle_async_request``: httpx.AsyncClient's extras
-    (cookies, redirects, auth, URL merging) cost more CPU per request than the whole
-    forwarding path may add, and a proxy needs none of them.
-    """
+class Forwarder(StreamOwner):
+    """Sends requests to the pool's backends through one shared ``Upstream`` client."""
 
     def __init__(
         self,
         pool: BackendPool,
         health: HealthChecker,
-        transport: httpx.AsyncBaseTransport,
+        upstream: Upstream,
         *,
-        connect_timeout: float = 2.0,
-        read_timeout: float = 600.0,
+        stall_timeout: float | None = None,
         observer: ProxyObserver | None = None,
     ):
         self.pool = pool
         self.health = health
-        self.transport = transport
+        self.upstream = upstream
         self.observer = observer
+        #: Silence from a backend (s) after which it is asked whether it is alive.
+        self.stall_timeout = stall_timeout
         #: Set when the server's grace period begins: requests it then cancels get a 503
         #: (or an SSE error event) instead of a dropped connection.
         self.stopping = False
-        self._extensions = {
-            "timeout": {
-                "connect": connect_timeout,
-                "read": read_timeout,
-                "write": read_timeout,
-                "pool": None,
-            }
-        }
-        self._urls: dict[tuple[str, str], httpx.URL] = {}
+        self._urls: dict[tuple[str, str], str] = {}
 
     async def forward(
         self,
@@ -107,17 +100,21 @@ class Forwarder:
         tried = _Attempts()
         while True:
             backend = await self._acquire(model, tried)
-            upstream: httpx.Response | None = None
+            upstream: UpstreamResponse | None = None
             try:
-                upstream = await self.transport.handle_async_request(
-                    self._request(backend, path, raw, headers)
-                )
-                chunks = _raw_chunks(upstream)
-                if stream and upstream.status_code == 200:
-                    first = await anext(chunks, b"")
-                    return UpstreamStream(self, backend, upstream, chunks, first)
-                body = b"".join([chunk async for chunk in chunks])
-            except httpx.TransportError as exc:
+                with self.stall_guard(backend) as stall:
+                    upstream = await self.upstream.post(self._url(backend, path), raw, headers)
+                    stall.touch()
+                    chunks = upstream.chunks()
+                    if stream and upstream.status == 200:
+                        first = await anext(chunks, b"")
+                        return UpstreamStream(self, backend, upstream, chunks, first)
+                    parts: list[bytes] = []
+                    async for chunk in chunks:
+                        stall.touch()
+                        parts.append(chunk)
+                    body = b"".join(parts)
+            except httpx.TransportError as exc:  # includes BackendStalled
                 if upstream is not None:
                     await close_quietly(upstream)
                 self._failed(backend, exc, tried)
@@ -127,23 +124,37 @@ class Forwarder:
                     await close_quietly(upstream)
                 self.pool.release(backend, served=False)
                 raise
-            if upstream.status_code == 503:
+            await upstream.aclose()  # the body is all in: the connection goes back to the pool
+            if upstream.status == 503:
                 self._refused(backend, body, tried)
                 continue
             self.pool.release(backend)
-            if self.observer is not None and upstream.status_code == 200:
+            if self.observer is not None and upstream.status == 200:
                 self.observer.tokens(usage_tokens(body))
-            return Response(body, upstream.status_code, response_headers(upstream))
+            response = Response(body, upstream.status)
+            response.raw_headers += raw_headers(upstream.headers)
+            return response
 
-    def _request(
-        self, backend: Backend, path: str, raw: bytes, headers: dict[str, str]
-    ) -> httpx.Request:
+    # --- StreamOwner ---------------------------------------------------------------------
+
+    def stall_guard(self, backend: Backend) -> StallGuard:
+        return StallGuard(self.stall_timeout, lambda: self.health.confirm_alive(backend))
+
+    def stream_failed(self, backend: Backend, exc: BaseException) -> None:
+        self.health.report_failure(backend, exc)
+
+    def stream_done(self, backend: Backend, *, completed: bool, tokens: int) -> None:
+        self.pool.release(backend, served=completed)
+        if self.observer is not None:
+            self.observer.tokens(tokens)
+
+    # --- internals -----------------------------------------------------------------------
+
+    def _url(self, backend: Backend, path: str) -> str:
         url = self._urls.get((backend.url, path))
         if url is None:
-            url = self._urls[backend.url, path] = httpx.URL(backend.url + path)
-        # Bodies are relayed byte for byte: they must arrive as the backend sent them.
-        headers = {**headers, "accept-encoding": "identity"}
-        return httpx.Request("POST", url, headers=headers, content=raw, extensions=self._extensions)
+            url = self._urls[backend.url, path] = backend.url + path
+        return url
 
     async def _acquire(self, model: str | None, tried: _Attempts) -> Backend:
         try:
@@ -189,17 +200,6 @@ class _Attempts:
         self.last = f"{backend.url}: {reason}"
 
 
-def _raw_chunks(response: httpx.Response) -> AsyncIterator[bytes]:
-    """The body as sent, chunk by chunk as it arrives."""
-    if response.is_stream_consumed:  # built in memory (httpx.MockTransport handlers)
-        return _once(response.content)
-    return response.aiter_raw()
-
-
-async def _once(body: bytes) -> AsyncIterator[bytes]:
-    yield body
-
-
 def _error_code(body: bytes) -> str | None:
     """``error.code`` of an OpenAI-shaped error body, if it is one."""
     try:
@@ -209,6 +209,14 @@ def _error_code(body: bytes) -> str | None:
     return code if isinstance(code, str) else None
 
 
-def forward_headers(headers: Mapping[str, str]) -> dict[str, str]:
-    """The client's headers worth passing to the backend."""
-    return {name: headers[name] for name in FORWARD_REQUEST_HEADERS if name in headers}
+def forward_headers(headers: Headers, api_key: str | None = None) -> dict[str, str]:
+    """The client's headers worth passing to the backend. With ``api_key`` (the backends'
+    key) that is sent instead of the client's Authorization, which was for the gateway."""
+    # Bodies are relayed byte for byte: they must arrive as the backend sent them.
+    found = {"accept-encoding": "identity"}
+    for name, value in headers.raw:  # one pass over the raw list; the first value wins
+        if name in _FORWARD_RAW and name.decode() not in found:
+            found[name.decode()] = value.decode("latin-1")
+    if api_key:
+        found["authorization"] = f"Bearer {api_key}"
+    return found

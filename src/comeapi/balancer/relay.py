@@ -1,11 +1,15 @@
 """Relaying a backend's answer to the client: the SSE stream response, and the headers,
-token counts and errors that go with it."""
+token counts and errors that go with it.
+
+The stream reports back through ``StreamOwner`` (the forwarder implements it), so this
+module needs nothing from ``proxy.py``, which imports it.
+"""
 
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator
-from typing import TYPE_CHECKING
+from collections.abc import AsyncIterator, Sequence
+from typing import Protocol
 
 import httpx
 import orjson
@@ -14,17 +18,43 @@ from starlette.types import Receive, Scope, Send
 
 from comeapi.balancer.backend import Backend
 from comeapi.balancer.health import describe
+from comeapi.balancer.stall import StallGuard
+from comeapi.balancer.upstream import UpstreamResponse
 from comeapi.errors import UnavailableError, UpstreamError
 from comeapi.http.disconnect import DisconnectGuard
 from comeapi.protocol.responses import sse_error
 
-if TYPE_CHECKING:
-    from comeapi.balancer.proxy import Forwarder
+
+class StreamOwner(Protocol):
+    """What a relayed stream needs from whoever opened it."""
+
+    #: True once the server's grace period has begun (a cancellation is then a shutdown).
+    stopping: bool
+
+    def stall_guard(self, backend: Backend) -> StallGuard:
+        """A guard that ends the wait for ``backend``'s next bytes if it has hung."""
+        ...
+
+    def stream_failed(self, backend: Backend, exc: BaseException) -> None:
+        """``backend`` failed mid-stream (the client has part of the answer)."""
+        ...
+
+    def stream_done(self, backend: Backend, *, completed: bool, tokens: int) -> None:
+        """The stream is over: give the backend's slot back, count the tokens."""
+        ...
+
 
 # Response headers the gateway sets itself (or that describe the upstream connection).
 DROP_RESPONSE_HEADERS = frozenset(
-    {"connection", "keep-alive", "transfer-encoding", "content-length", "date", "server"}
+    {
+        *("connection", "keep-alive", "transfer-encoding", "content-length", "date", "server"),
+        # A backend's CORS answer is for its own callers; the gateway's CORS layer decides
+        # for the gateway's.
+        *("vary", "access-control-allow-origin", "access-control-allow-credentials"),
+        "access-control-expose-headers",
+    }
 )
+_DROP_RAW = frozenset(name.encode() for name in DROP_RESPONSE_HEADERS)
 
 
 class UpstreamStream(Response):
@@ -32,20 +62,20 @@ class UpstreamStream(Response):
 
     def __init__(
         self,
-        forwarder: Forwarder,
+        owner: StreamOwner,
         backend: Backend,
-        upstream: httpx.Response,
+        upstream: UpstreamResponse,
         chunks: AsyncIterator[bytes],
         first: bytes,
     ):
-        self.forwarder = forwarder
+        self.owner = owner
         self.backend = backend
         self.upstream = upstream
         self.chunks = chunks
         self.first = first
-        self.status_code = upstream.status_code
+        self.status_code = upstream.status
         self.background = None
-        self.raw_headers = raw_headers(upstream)
+        self.raw_headers = raw_headers(upstream.headers)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         completed = False
@@ -61,18 +91,22 @@ class UpstreamStream(Response):
                 )
                 chunk = self.first
                 try:
-                    while chunk:
-                        events.feed(chunk)
-                        await send({"type": "http.response.body", "body": chunk, "more_body": True})
-                        chunk = await anext(self.chunks, b"")
-                except httpx.TransportError as exc:
+                    with self.owner.stall_guard(self.backend) as stall:
+                        while chunk:
+                            events.feed(chunk)
+                            await send(
+                                {"type": "http.response.body", "body": chunk, "more_body": True}
+                            )
+                            stall.touch()
+                            chunk = await anext(self.chunks, b"")
+                except httpx.TransportError as exc:  # a lost connection, or a stall
                     # Too late to retry: the client has part of the answer. Say so in-band.
-                    self.forwarder.health.report_failure(self.backend, exc)
+                    self.owner.stream_failed(self.backend, exc)
                     error = UpstreamError(f"the backend failed mid-stream: {describe(exc)}")
                     await send({"type": "http.response.body", "body": sse_error(error)})
                     return
                 except asyncio.CancelledError:
-                    if not self.forwarder.stopping:
+                    if not self.owner.stopping:
                         raise
                     uncancel()
                     closing = sse_error(shutting_down())
@@ -82,10 +116,7 @@ class UpstreamStream(Response):
                 completed = True
         finally:
             await close_quietly(self.upstream)
-            self.forwarder.pool.release(self.backend, served=completed)
-            observer = self.forwarder.observer
-            if observer is not None:
-                observer.tokens(events.tokens())
+            self.owner.stream_done(self.backend, completed=completed, tokens=events.tokens())
 
 
 class _EventCounter:
@@ -135,19 +166,12 @@ def usage_tokens(body: bytes) -> int:
     return count if isinstance(count, int) else 0
 
 
-def response_headers(response: httpx.Response) -> dict[str, str]:
-    return {k: v for k, v in response.headers.items() if k not in DROP_RESPONSE_HEADERS}
+def raw_headers(headers: Sequence[tuple[bytes, bytes]]) -> list[tuple[bytes, bytes]]:
+    """The backend's response headers worth passing on, names in lower case."""
+    return [(k.lower(), v) for k, v in headers if k.lower() not in _DROP_RAW]
 
 
-def raw_headers(response: httpx.Response) -> list[tuple[bytes, bytes]]:
-    return [
-        (k.lower(), v)
-        for k, v in response.headers.raw
-        if k.lower().decode("latin-1") not in DROP_RESPONSE_HEADERS
-    ]
-
-
-async def close_quietly(response: httpx.Response) -> None:
+async def close_quietly(response: UpstreamResponse) -> None:
     # Shielded: this runs while a disconnect is cancelling us, and an unclosed upstream
     # response would keep the backend generating for nobody.
     close = asyncio.ensure_future(response.aclose())

@@ -14,7 +14,7 @@ from pathlib import Path
 from comeapi.cache.archive import read_jsonl
 from comeapi.cache.open import open_store
 from comeapi.cache.store import Entry, ResponseStore
-from comeapi.settings import DEFAULT_STORE, Settings
+from comeapi.settings import Settings, default_store
 
 log = logging.getLogger("comeapi.cache")
 
@@ -33,11 +33,11 @@ def shipped_entries() -> list[Entry]:
 def ensure_default_store(settings: Settings, store: ResponseStore | None = None) -> int:
     """Seed the default store from the shipped data when it is empty; returns entries added.
 
-    Only the default store (``settings.store == DEFAULT_STORE``) is seeded: a store the user
+    Only the default store (``settings.store == default_store()``) is seeded: a store the user
     configured holds what the user put there. Seeding twice at once (several workers) is
     harmless: both write the same entries.
     """
-    if settings.store != DEFAULT_STORE:
+    if settings.store != default_store():
         return 0
     own = store is None
     target = store if store is not None else open_store(settings.store)

@@ -1,13 +1,22 @@
-"""The embedded response store: one SQLite file in WAL mode, safe for several processes.
+"""The embedded response store: one SQLite file, safe for several processes.
 
 Each write is one transaction, so a reader (another gateway worker, ``comeapi cache ls``)
 sees an entry whole or not at all, and a writer killed mid-way leaves what was there.
 Open one ``SqliteStore`` per process (after forking): a connection must not cross a fork.
+
+Rollback journal, not WAL: WAL's ``-shm`` index is a shared memory map, and a process whose
+map is cut short dies with SIGBUS (measured: ``truncate -s 0 cache.db-shm`` under a running
+gateway killed it, exit 135). Without it, a damaged or unwritable file is an error message.
+The gateway reads the store only to reload it, so WAL's readers-never-wait buys little here.
+A file deleted or replaced under a running process is noticed on its next query (device and
+inode compared): a replaced one is reopened, a deleted one reported (``problem``).
 """
 
 from __future__ import annotations
 
 import json
+import logging
+import os
 import sqlite3
 import threading
 from collections.abc import Iterator, Mapping
@@ -17,6 +26,8 @@ from typing import Any
 
 from comeapi.cache.store import Entry, PromptInfo, ResponseStore
 from comeapi.errors import StoreError, StoreUnavailableError
+
+log = logging.getLogger("comeapi.cache")
 
 SCHEMA_VERSION = 1
 
@@ -67,6 +78,9 @@ class SqliteStore(ResponseStore):
         self.read_only = False
         self._lock = threading.Lock()
         self._conn = self._connect()
+        self._file = _identity(self.path)
+        self._reopened = False
+        self._revision: int | None = None
 
     def __repr__(self) -> str:
         return f"SqliteStore({str(self.path)!r})"
@@ -135,7 +149,13 @@ class SqliteStore(ResponseStore):
 
     def revision(self) -> int | None:
         rows = self._query("SELECT value FROM meta WHERE name = 'revision'")
-        return int(rows[0][0]) if rows else 0
+        if self.problem is not None:  # deleted: keep what is loaded, say so in the meantime
+            return self._revision
+        if self._reopened:  # another file: its counter says nothing about what is loaded
+            self._reopened = False
+            return None
+        self._revision = int(rows[0][0]) if rows else 0
+        return self._revision
 
     def close(self) -> None:
         with self._lock:
@@ -159,14 +179,22 @@ class SqliteStore(ResponseStore):
         return conn
 
     def _prepare(self, conn: sqlite3.Connection) -> None:
+        conn.execute("PRAGMA mmap_size=0")  # plain reads: nothing mapped that could shrink
         try:
-            conn.execute("PRAGMA journal_mode=WAL")
+            # A store made by an older comeapi is in WAL mode: switch it back (this needs
+            # the only connection; with others open it stays WAL until they close).
+            mode = conn.execute("PRAGMA journal_mode=DELETE").fetchone()[0]
         except sqlite3.OperationalError as exc:
             if getattr(exc, "sqlite_errorname", "") != "SQLITE_READONLY":
                 raise
             # A read-only file still serves reads; every write will say why it cannot.
             self.read_only = True
-        conn.execute("PRAGMA synchronous=NORMAL")  # WAL + NORMAL survives a killed process
+        else:
+            if mode != "delete":
+                log.warning(
+                    "store %s stays in %s mode while other processes use it", self.path, mode
+                )
+        conn.execute("PRAGMA synchronous=FULL")  # a rollback journal needs FULL to be durable
         version = int(conn.execute("PRAGMA user_version").fetchone()[0])
         if version > SCHEMA_VERSION:
             raise StoreError(
@@ -194,6 +222,7 @@ class SqliteStore(ResponseStore):
 
     def _query(self, sql: str, params: tuple[Any, ...] = ()) -> list[Any]:
         with self._lock, self._translate("read"):
+            self._check_file()
             return self._conn.execute(sql, params).fetchall()
 
     @contextmanager
@@ -203,6 +232,9 @@ class SqliteStore(ResponseStore):
                 f"store {self.path} is read-only: cannot {action}", code="store_read_only"
             )
         with self._lock, self._translate(action):
+            self._check_file()
+            if self.problem is not None:  # writing into a deleted file would lose it
+                raise StoreError(f"{self.problem}: cannot {action}", code="store_gone")
             conn = self._conn
             conn.execute("BEGIN IMMEDIATE")  # take the write lock now, not half-way through
             try:
@@ -213,12 +245,45 @@ class SqliteStore(ResponseStore):
                     conn.execute("ROLLBACK")
                 raise
 
+    def _check_file(self) -> None:
+        """Notice the file being deleted or replaced (with the lock held)."""
+        now = _identity(self.path)
+        if now == self._file:
+            return
+        if now is None:
+            if self.problem is None:
+                self.problem = (
+                    f"store {self.path} was deleted while in use (restore it, or import into "
+                    "it again)"
+                )
+                log.error("%s; serving the answers already loaded", self.problem)
+            return
+        log.warning("store %s was replaced by another file: reopening it", self.path)
+        old, self._conn = self._conn, self._connect()
+        old.close()
+        self._file = now
+        self._reopened = True
+        if self.problem is not None:
+            log.warning("store %s is back", self.path)
+            self.problem = None
+
     @contextmanager
     def _translate(self, action: str) -> Iterator[None]:
         try:
             yield
         except sqlite3.Error as exc:
             raise _store_error(self.path, action, exc, self.timeout) from exc
+        except OverflowError as exc:  # a number SQLite cannot store (over 2^63)
+            raise StoreError(f"store {self.path}: cannot {action}: {exc}") from exc
+
+
+def _identity(path: Path) -> tuple[int, int] | None:
+    """Which file ``path`` names now (device, inode), or None when there is none."""
+    try:
+        stat = os.stat(path)
+    except FileNotFoundError:
+        return None
+    return stat.st_dev, stat.st_ino
 
 
 def _store_error(path: Path, action: str, exc: sqlite3.Error, timeout: float) -> StoreError:

@@ -103,6 +103,10 @@ class PromptInfo:
 class ResponseStore(ABC):
     """A store of cached answers. Public methods validate, then call the ``_`` hooks."""
 
+    #: Why the store cannot be used as it should right now (its file was deleted under a
+    #: running server, say), for /status; None while all is well.
+    problem: str | None = None
+
     def get(self, key: str, variant: int) -> Entry | None:
         if variant < 0:
             raise ValueError("variant must be >= 0")

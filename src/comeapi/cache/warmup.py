@@ -21,6 +21,7 @@ import httpx
 from comeapi.cache.prompts import PromptItem, PromptSet
 from comeapi.cache.store import Entry, ResponseStore
 from comeapi.errors import StoreError, UnavailableError
+from comeapi.protocol.health import read_health
 
 HEADERS = {"Cache-Control": "no-cache"}  # a gateway in between must not answer from its cache
 DEFAULT_CONCURRENCY = 2
@@ -31,6 +32,7 @@ MAX_BUSY_WAIT = 5.0  # longest pause on a 503 before trying again (s)
 
 Outcome = Literal["generated", "failed"]
 OnResult = Callable[[PromptItem, int, Outcome], None]
+OnWait = Callable[[str, str], None]  # (url, why it is not ready yet)
 
 
 @dataclass(slots=True)
@@ -79,43 +81,64 @@ class _Failed(Exception):
 
 
 async def probe_targets(
-    client: httpx.AsyncClient, urls: Sequence[str], *, probe_timeout: float, wait: float
+    client: httpx.AsyncClient,
+    urls: Sequence[str],
+    *,
+    probe_timeout: float,
+    wait: float,
+    on_wait: OnWait | None = None,
 ) -> list[Target]:
-    """The targets that answer ``GET /health`` with ``{"status": "ok"}``, waiting up to
-    ``wait`` seconds for loading ones; UnavailableError when none does."""
+    """The targets that answer ``GET /health`` with ``{"status": "ok"}``; UnavailableError
+    when none does.
+
+    Waits up to ``wait`` seconds for targets that are loading (or slow to answer), telling
+    ``on_wait`` what it waits for; not for one that refuses the connection: nothing listens
+    there, and waiting would only hide that.
+    """
     deadline = time.monotonic() + wait
     reasons: dict[str, str] = {}
     ready: dict[str, Target] = {}
+    refused: set[str] = set()
     while True:
         for url in urls:
-            if url not in ready:
-                target, reasons[url] = await _probe(client, url, probe_timeout)
-                if target is not None:
-                    ready[url] = target
-        if len(ready) == len(urls) or time.monotonic() >= deadline:
+            if url in ready or url in refused:
+                continue
+            target, reason, hopeless = await _probe(client, url, probe_timeout)
+            if target is not None:
+                ready[url] = target
+            elif hopeless:
+                refused.add(url)
+            elif on_wait is not None and reasons.get(url) != reason and wait > 0:
+                on_wait(url, reason)
+            reasons[url] = reason
+        if all(u in ready or u in refused for u in urls) or time.monotonic() >= deadline:
             break
         await asyncio.sleep(0.5)
     if not ready:
         detail = "; ".join(f"{u}: {r}" for u, r in reasons.items())
-        raise UnavailableError(f"no backend is ready for warmup ({detail})", retry_after=5)
+        hint = " (start them first, e.g. `comeapi up`)" if refused else ""
+        raise UnavailableError(f"no backend is ready for warmup ({detail}){hint}", retry_after=5)
     return [ready[u] for u in urls if u in ready]
 
 
 async def _probe(
     client: httpx.AsyncClient, url: str, probe_timeout: float
-) -> tuple[Target | None, str]:
+) -> tuple[Target | None, str, bool]:
+    """The target if it is ready, else why not, and whether waiting cannot help."""
     try:
         response = await client.get(f"{url}/health", timeout=probe_timeout)
-        data = response.json()
-    except (httpx.HTTPError, ValueError) as exc:
-        return None, type(exc).__name__
-    if response.status_code != 200 or not isinstance(data, dict) or data.get("status") != "ok":
-        status = data.get("status") if isinstance(data, dict) else None
-        return None, f"/health answered {response.status_code} {status or ''}".strip()
-    capacity = data.get("capacity")
-    if not isinstance(capacity, int) or isinstance(capacity, bool) or capacity < 1:
-        capacity = None
-    return Target(url, capacity), "ok"
+    except httpx.ConnectError as exc:
+        return None, f"nothing listens there ({exc or 'connection refused'})", True
+    except httpx.TimeoutException:
+        return None, f"no answer to /health within {probe_timeout:g} s", False
+    except httpx.HTTPError as exc:
+        return None, f"{type(exc).__name__}: {exc}", False
+    health = read_health(response.status_code, response.content)
+    if health.state == "loading":
+        return None, "still loading its model", False
+    if not health.ready:
+        return None, health.reason or "not ready", False
+    return Target(url, health.capacity), "ok", False
 
 
 def plan(
@@ -146,9 +169,11 @@ async def run_warmup(
     connect_timeout: float = 5.0,
     request_timeout: float = 600.0,
     health_timeout: float = 2.0,
+    api_key: str | None = None,
     wait: float = 60.0,
     on_start: Callable[[int], None] | None = None,
     on_result: OnResult | None = None,
+    on_wait: OnWait | None = None,
     transport: httpx.AsyncBaseTransport | None = None,
 ) -> WarmupReport:
     """Fill ``store`` with variants 0..N-1 of every prompt of ``prompt_set``."""
@@ -156,10 +181,13 @@ async def run_warmup(
     present = await asyncio.to_thread(store.variants_by_key)
     rows, jobs = plan(prompt_set, present, variants, force=force)
     timeout = httpx.Timeout(request_timeout, connect=connect_timeout)
-    async with httpx.AsyncClient(timeout=timeout, transport=transport, headers=HEADERS) as client:
+    headers = {**HEADERS, **({"Authorization": f"Bearer {api_key}"} if api_key else {})}
+    async with httpx.AsyncClient(timeout=timeout, transport=transport, headers=headers) as client:
         targets: list[Target] = []
         if jobs:
-            targets = await probe_targets(client, urls, probe_timeout=health_timeout, wait=wait)
+            targets = await probe_targets(
+                client, urls, probe_timeout=health_timeout, wait=wait, on_wait=on_wait
+            )
         width = concurrency or _capacity(targets) or DEFAULT_CONCURRENCY
         report = WarmupReport(variants, width, targets, rows)
         if on_start is not None:

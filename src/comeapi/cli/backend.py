@@ -11,8 +11,9 @@ import click
 from rich.console import Console
 from rich.table import Table
 
-from comeapi.cli.options import build_settings, settings_options
+from comeapi.cli.options import build_settings, one_line, settings_options
 from comeapi.errors import ConfigError
+from comeapi.http.auth import warn_if_open
 from comeapi.settings import Settings
 
 if TYPE_CHECKING:
@@ -41,28 +42,39 @@ def _configure_logging(settings: Settings) -> None:
     logging.getLogger("httpx").setLevel(logging.WARNING)
 
 
+# What a backend lets in: bearer keys (every route but /health) and browser origins (CORS).
+ACCESS_FIELDS = ("api_keys", "cors_origins")
+ACCESS_FLAGS = {"api_keys": "--api-key", "cors_origins": "--cors-origin"}
+
+
 @click.command()
 @settings_options(
     "backend_host",
     "backend_port",
     *BACKEND_FIELDS,
-    flags={"backend_host": "--host", "backend_port": "--port"},
+    *ACCESS_FIELDS,
+    flags={"backend_host": "--host", "backend_port": "--port", **ACCESS_FLAGS},
 )
 @click.option("--parent-pid", type=int, default=None, hidden=True)
+@click.option("--instance-id", default=None, hidden=True)
 @click.pass_context
-def backend(ctx: click.Context, /, parent_pid: int | None, **values: Any) -> None:
+def backend(
+    ctx: click.Context, /, parent_pid: int | None, instance_id: str | None, **values: Any
+) -> None:
     """Serve GGUF models with llama.cpp: ComeAPI's API and OpenAI's.
 
-    /health answers 503 while the default model loads, then 200.
+    /health answers 503 while the default model loads, then 200. With --api-key (repeatable)
+    every other route needs 'Authorization: Bearer KEY'.
     """
     settings = build_settings(ctx, values)
     _configure_logging(settings)
+    warn_if_open(settings.backend_host, settings.api_keys, logging.getLogger("comeapi.backend"))
     from comeapi.backend.server import EXIT_CONFIG, serve
 
     try:
-        serve(settings, parent_pid=parent_pid)
+        serve(settings, parent_pid=parent_pid, instance=instance_id)
     except ConfigError as exc:
-        click.echo(f"Error: {exc.message}", err=True)
+        click.echo(f"Error: {one_line(exc.message)}", err=True)
         ctx.exit(EXIT_CONFIG)
 
 
@@ -78,8 +90,11 @@ def backends() -> None:
     "count",
     *BACKEND_FIELDS,
     "restart_backoff_max",
+    "health_interval",
     "health_timeout",
-    flags={"backend_host": "--host"},
+    "liveness_failures",
+    *ACCESS_FIELDS,
+    flags={"backend_host": "--host", **ACCESS_FLAGS},
 )
 @click.pass_context
 def start(ctx: click.Context, /, **values: Any) -> None:
@@ -89,7 +104,7 @@ def start(ctx: click.Context, /, **values: Any) -> None:
     try:
         asyncio.run(_run_pool(settings))
     except ConfigError as exc:
-        click.echo(f"Error: {exc.message}", err=True)
+        click.echo(f"Error: {one_line(exc.message)}", err=True)
         ctx.exit(1)
 
 
@@ -97,7 +112,12 @@ async def _run_pool(settings: Settings) -> None:
     from comeapi.backend.supervisor import Supervisor
 
     supervisor = Supervisor(
-        settings, host=settings.backend_host, base_port=settings.base_port, count=settings.count
+        settings,
+        host=settings.backend_host,
+        base_port=settings.base_port,
+        count=settings.count,
+        api_keys=settings.api_keys,
+        cors_origins=settings.cors_origins,
     )
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()

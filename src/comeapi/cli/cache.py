@@ -17,18 +17,10 @@ from typing import Any
 
 import click
 from rich.console import Console
-from rich.progress import (
-    BarColumn,
-    MofNCompleteColumn,
-    Progress,
-    TaskID,
-    TextColumn,
-    TimeElapsedColumn,
-    TimeRemainingColumn,
-)
 from rich.table import Table
 
 from comeapi.cli.options import build_settings, settings_options, user_errors
+from comeapi.cli.progress import ProgressReport
 
 # name -> "module:attribute", imported only when the command runs (boto3 is slow to import).
 LAZY_COMMANDS = {
@@ -50,6 +42,7 @@ LAZY_COMMANDS = {
     "connect_timeout",
     "request_timeout",
     "health_timeout",
+    "backend_api_key",
     flags={"backends": "--backend", "backends_range": "--backends"},
 )
 @click.option(
@@ -71,7 +64,8 @@ LAZY_COMMANDS = {
     type=click.FloatRange(0),
     default=120.0,
     show_default=True,
-    help="Seconds to wait for backends that are still loading.",
+    help="Seconds to wait for backends that are still loading (not for one that refuses "
+    "the connection: that fails at once).",
 )
 @click.pass_context
 def warmup(
@@ -99,52 +93,57 @@ def warmup(
         prompt_set = load_prompt_set(settings.prompts)
         variants = values.get("variants") or prompt_set.variants or settings.variants
         targets = [u.rstrip("/") for u in urls] or settings.backend_urls()
+        gateway_key = next(iter(settings.api_keys), None)
+        api_key = settings.backend_api_key or gateway_key
         if not targets:
+            # Through the gateway, which sends its backends the key they take.
             targets = [f"http://{settings.host}:{settings.port}"]
+            api_key = gateway_key or settings.backend_api_key
         store = open_configured_store(settings)
         err.print(
             f"warmup: {len(prompt_set.items)} prompts x {variants} variants "
-            f"({prompt_set.source}) into {settings.store} via {', '.join(targets)}"
+            f"({prompt_set.source}) into {settings.store} via {', '.join(targets)}",
+            highlight=False,
         )
-        progress = Progress(
-            TextColumn("{task.description}"),
-            BarColumn(),
-            MofNCompleteColumn(),
-            TimeElapsedColumn(),
-            TimeRemainingColumn(),
-            console=err,
-        )
-        task: list[TaskID] = []
+        progress: list[ProgressReport] = []
         failed = 0
 
+        def on_wait(url: str, why: str) -> None:
+            err.print(f"warmup: waiting up to {wait:g} s for {url}: {why}", highlight=False)
+
         def on_start(total: int) -> None:
-            task.append(progress.add_task("generating", total=total))
+            if total == 0:
+                err.print("warmup: every variant is already stored", highlight=False)
+            progress.append(ProgressReport(err, "generating", total).__enter__())
 
         def on_result(item: Any, variant: int, outcome: str) -> None:
             nonlocal failed
             failed += outcome == "failed"
             label = f"generating ({failed} failed)" if failed else "generating"
-            progress.update(task[0], advance=1, description=label)
+            progress[0].advance(description=label)
 
         try:
-            with progress:
-                report = asyncio.run(
-                    run_warmup(
-                        prompt_set,
-                        store,
-                        targets,
-                        variants=variants,
-                        concurrency=concurrency,
-                        force=force,
-                        connect_timeout=settings.connect_timeout,
-                        request_timeout=settings.request_timeout,
-                        health_timeout=settings.health_timeout,
-                        wait=wait,
-                        on_start=on_start,
-                        on_result=on_result,
-                    )
+            report = asyncio.run(
+                run_warmup(
+                    prompt_set,
+                    store,
+                    targets,
+                    variants=variants,
+                    concurrency=concurrency,
+                    force=force,
+                    connect_timeout=settings.connect_timeout,
+                    request_timeout=settings.request_timeout,
+                    health_timeout=settings.health_timeout,
+                    api_key=api_key,
+                    wait=wait,
+                    on_start=on_start,
+                    on_result=on_result,
+                    on_wait=on_wait,
                 )
+            )
         finally:
+            if progress:
+                progress[0].__exit__(None, None, None)
             store.close()
     _print_report(report)
     if not report.ok:
@@ -290,13 +289,19 @@ def export(ctx: click.Context, /, file: Path, **values: Any) -> None:
 @settings_options("store")
 @click.pass_context
 def import_(ctx: click.Context, /, file: Path, merge: bool, **values: Any) -> None:
-    """Load FILE (.tar.gz archive or .jsonl) into the store, after validating all of it."""
+    """Load FILE (.tar.gz archive or .jsonl) into the store, after validating all of it.
+
+    All or nothing: a truncated, tampered or empty FILE changes nothing.
+    """
     from comeapi.cache.archive import read_entries_file
     from comeapi.cache.open import open_store
+    from comeapi.errors import ArchiveError
 
     settings = build_settings(ctx, values)
     with user_errors():
         entries = read_entries_file(file)  # a bad archive stops here: the store is untouched
+        if not entries:  # --replace would empty the store: never by accident
+            raise ArchiveError(f"{file} holds no entries: nothing imported, the store is unchanged")
         with open_store(settings.store) as store:
             count = store.put_many(entries) if merge else store.replace_all(entries)
     prompts = len({e.key for e in entries})

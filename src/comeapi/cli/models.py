@@ -9,6 +9,7 @@ from rich.console import Console
 from rich.table import Table
 
 from comeapi.cli.options import build_settings, settings_options, user_errors
+from comeapi.cli.progress import ProgressReport
 
 
 @click.group()
@@ -24,8 +25,21 @@ def prepare(ctx: click.Context, /, **values: Any) -> None:
     from comeapi.models.bundled import prepare as prepare_bundled
 
     settings = build_settings(ctx, values)
+    err = Console(stderr=True)
+    report: list[ProgressReport] = []
+
+    def on_progress(done: int, total: int) -> None:
+        if not report:
+            report.append(ProgressReport(err, "assembling the bundled model", total, in_bytes=True))
+            report[0].__enter__()
+        report[0].advance(done - report[0].done)
+
     with user_errors():
-        path = prepare_bundled(settings.model_dir)
+        try:
+            path = prepare_bundled(settings.model_dir, on_progress=on_progress)
+        finally:
+            if report:
+                report[0].__exit__(None, None, None)
     click.echo(str(path))
 
 

@@ -8,7 +8,7 @@ import typing
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Literal, TypeVar
+from typing import IO, Any, Literal, TypeVar
 
 import click
 
@@ -76,13 +76,30 @@ def build_settings(ctx: click.Context, values: dict[str, Any]) -> Settings:
     try:
         return load_settings(Path(config) if config else None, **overrides)
     except ConfigError as exc:
-        raise click.UsageError(exc.message) from None
+        raise SettingsError(exc.message, ctx) from None
+
+
+class SettingsError(click.UsageError):
+    """A bad setting: exit status 2 like any usage error, shown as one line (the message
+    names the key and where it can be set; the usage text would only push it down)."""
+
+    def show(self, file: IO[Any] | None = None) -> None:
+        click.echo(f"Error: {one_line(self.format_message())}", file=file, err=True)
 
 
 @contextmanager
 def user_errors() -> Iterator[None]:
-    """Errors of ours become a one-line message and exit status 1, never a traceback."""
+    """Errors of ours (and the operating system's) become a one-line message and exit status
+    1, never a traceback."""
     try:
         yield
     except ComeapiError as exc:
-        raise click.ClickException(exc.message) from None
+        raise click.ClickException(one_line(exc.message)) from None
+    except OSError as exc:
+        where = f": {exc.filename}" if exc.filename else ""
+        raise click.ClickException(f"{exc.strerror or exc}{where}") from None
+
+
+def one_line(message: str) -> str:
+    """A message of several lines (a list of problems) as one line."""
+    return "; ".join(line.strip() for line in message.splitlines() if line.strip())

@@ -8,8 +8,7 @@ from typing import Any
 
 import click
 
-from comeapi.cli.options import build_settings, settings_options
-from comeapi.errors import ComeapiError
+from comeapi.cli.options import build_settings, settings_options, user_errors
 from comeapi.settings import Settings
 
 GATEWAY_FIELDS = (
@@ -22,8 +21,11 @@ GATEWAY_FIELDS = (
     "health_timeout",
     "connect_timeout",
     "request_timeout",
+    "stall_timeout",
     "shutdown_timeout",
     "api_keys",
+    "backend_api_key",
+    "cors_origins",
     "max_body_bytes",
     "max_tokens_limit",
     "log_level",
@@ -48,8 +50,14 @@ BACKEND_FIELDS = (
     "slots",
     "backend_queue",
     "max_loaded_models",
+    "liveness_failures",
 )
-FLAGS = {"backends": "--backend", "backends_range": "--backends", "api_keys": "--api-key"}
+FLAGS = {
+    "backends": "--backend",
+    "backends_range": "--backends",
+    "api_keys": "--api-key",
+    "cors_origins": "--cors-origin",
+}
 
 
 @click.command()
@@ -83,7 +91,9 @@ def serve(ctx: click.Context, /, **values: Any) -> None:
         )
     from comeapi.gateway.server import run_gateway
 
-    run_gateway(settings)
+    with user_errors():
+        check_store(settings)
+        run_gateway(settings)
 
 
 @click.command()
@@ -96,7 +106,8 @@ def up(ctx: click.Context, /, **values: Any) -> None:
       comeapi up                       # 2 backends on 8080-8081, gateway on 127.0.0.1:9000
       comeapi up --count 5 --threads 1 # ComeAPI's layout: 5 single-thread backends
 
-    Ctrl-C (or SIGTERM) stops the gateway gracefully, then every backend.
+    Ctrl-C (or SIGTERM) stops the gateway gracefully, then every backend. The backends
+    accept only --backend-api-key, which the gateway sends them (a new one each run if unset).
     """
     settings = build_settings(ctx, values)
     _log_level(settings)
@@ -104,10 +115,17 @@ def up(ctx: click.Context, /, **values: Any) -> None:
     from comeapi.gateway.server import up as run_up
 
     warn_if_exposed(settings)
-    try:
+    with user_errors():  # a port taken, a store it cannot open, a backend that cannot start
+        check_store(settings)
         run(run_up(settings))
-    except ComeapiError as exc:  # a backend that cannot start: its log tail says why
-        raise click.ClickException(exc.message) from None
+
+
+def check_store(settings: Settings) -> None:
+    """Open the store once before serving: one clear line now, rather than a traceback in
+    every worker (or after the backends have started)."""
+    from comeapi.cache.default import open_configured_store
+
+    open_configured_store(settings).close()
 
 
 def _log_level(settings: Settings) -> None:

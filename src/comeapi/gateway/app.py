@@ -11,7 +11,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Collection
 from typing import Any
 
 import anyio.to_thread
@@ -25,16 +25,18 @@ from starlette.routing import Route
 from comeapi.balancer.health import HealthChecker
 from comeapi.balancer.pool import BackendPool
 from comeapi.balancer.proxy import Forwarder, forward_headers
-from comeapi.balancer.transport import FastTransport
+from comeapi.balancer.transport import default_upstream
+from comeapi.balancer.upstream import HttpxUpstream, Timeouts, Upstream
 from comeapi.errors import ModelNotFoundError
 from comeapi.gateway.cache import ResponseCache
 from comeapi.gateway.generation import GenerationRoutes
-from comeapi.gateway.metrics import CONTENT_TYPE, GatewayMetrics, MetricsMiddleware
+from comeapi.gateway.metrics import GatewayMetrics
 from comeapi.gateway.ondemand import OnDemandBackends, pool_supervisor
 from comeapi.http.auth import APIKeyMiddleware
+from comeapi.http.cors import CORSMiddleware
 from comeapi.http.errors import EXCEPTION_HANDLERS
+from comeapi.http.metrics import CONTENT_TYPE, MetricsMiddleware
 from comeapi.http.responses import JSONResponse
-from comeapi.protocol.requests import KINDS
 from comeapi.settings import Settings
 
 log = logging.getLogger("comeapi.gateway")
@@ -50,14 +52,26 @@ class Gateway:
         cache: ResponseCache | None = None,
         *,
         transport: httpx.AsyncBaseTransport | None = None,
+        upstream: Upstream | None = None,
     ):
         self.settings = settings
         self.pool = pool
         self.cache = cache
-        self.transport = transport or FastTransport()
-        self.probe_client = httpx.AsyncClient(
-            transport=transport or FastTransport(), timeout=settings.health_timeout
+        timeouts = Timeouts(
+            connect=settings.connect_timeout,
+            read=settings.request_timeout,
+            write=settings.request_timeout,
+            pool=settings.connect_timeout,
         )
+        if upstream is None:
+            upstream = (
+                default_upstream(timeouts)
+                if transport is None
+                else HttpxUpstream(transport, timeouts)
+            )
+        self.upstream = upstream
+        # Probes and model lists: httpx's own client; speed does not matter there.
+        self.probe_client = httpx.AsyncClient(transport=transport, timeout=settings.health_timeout)
         self.health = HealthChecker(
             pool,
             self.probe_client,
@@ -68,9 +82,8 @@ class Gateway:
         self.forwarder = Forwarder(
             pool,
             self.health,
-            self.transport,
-            connect_timeout=settings.connect_timeout,
-            read_timeout=settings.request_timeout,
+            self.upstream,
+            stall_timeout=settings.stall_timeout,
             observer=self.metrics,
         )
         self._cache_task: asyncio.Task[None] | None = None
@@ -114,7 +127,7 @@ class Gateway:
         await self.health.stop()
         self.pool.close()
         await self.probe_client.aclose()
-        await self.transport.aclose()
+        await self.upstream.aclose()
 
     # --- ComeAPI's status routes ---------------------------------------------------------
 
@@ -148,6 +161,14 @@ class Gateway:
     # --- model lists: the union of the backends' ------------------------------------------
 
     async def models(self, request: Request) -> Response:
+        """``GET /models``: OpenAI's list (``object``, ``data``: SDKs whose base_url lacks
+        /v1) and ComeAPI's ``models`` in one body; each client reads its own keys."""
+        comeapi, openai = await asyncio.gather(
+            self._comeapi_model_list(request), self._openai_model_list(request)
+        )
+        return JSONResponse({"object": "list", "data": openai, "models": comeapi})
+
+    async def _comeapi_model_list(self, request: Request) -> list[dict[str, Any]]:
         found: dict[str, dict[str, Any]] = {}
         for answer in await self._ask_backends("/models", request):
             for item in answer.get("models") or []:
@@ -155,7 +176,7 @@ class Gateway:
                     found.setdefault(item["name"], item)
         for name in self._local_models():
             found.setdefault(name, {"name": name, "size_mb": None})
-        return JSONResponse({"models": [found[name] for name in sorted(found)]})
+        return [found[name] for name in sorted(found)]
 
     async def openai_models(self, request: Request) -> Response:
         return JSONResponse({"object": "list", "data": await self._openai_model_list(request)})
@@ -188,7 +209,7 @@ class Gateway:
         return names
 
     async def _ask_backends(self, path: str, request: Request) -> list[dict[str, Any]]:
-        headers = forward_headers(request.headers)
+        headers = forward_headers(request.headers, self.settings.backend_api_key)
 
         async def ask(url: str) -> dict[str, Any]:
             try:
@@ -207,15 +228,19 @@ def create_app(
     cache: ResponseCache | None = None,
     *,
     transport: httpx.AsyncBaseTransport | None = None,
-) -> Starlette:
-    """The gateway app. ``transport`` replaces the network (tests use httpx.MockTransport)."""
-    gateway = Gateway(settings, pool, cache, transport=transport)
+    upstream: Upstream | None = None,
+) -> GatewayApp:
+    """The gateway app: [CORS,] the generation routes in front of a Starlette app for the rest.
+    ``transport`` replaces the network (tests use httpx.MockTransport); ``upstream`` only the
+    client requests are forwarded with (benchmarks/balancer_overhead.py compares them)."""
+    gateway = Gateway(settings, pool, cache, transport=transport, upstream=upstream)
     routes = [
         Route("/", gateway.root),
         Route("/health", gateway.health_route),
         Route("/status", gateway.status),
         Route("/metrics", gateway.metrics_route),
         Route("/models", gateway.models),
+        Route("/models/{model:path}", gateway.openai_model),
         Route("/v1/models", gateway.openai_models),
         Route("/v1/models/{model:path}", gateway.openai_model),
     ]
@@ -231,25 +256,36 @@ def create_app(
     app = Starlette(
         routes=routes,
         middleware=[
-            Middleware(
-                MetricsMiddleware,
-                metrics=gateway.metrics,
-                routes=[*KINDS, *(r.path for r in routes)],
-            ),
+            Middleware(MetricsMiddleware, metrics=gateway.metrics, routes=[r.path for r in routes]),
             Middleware(APIKeyMiddleware, keys=settings.api_keys),
-            # innermost: ahead of the router
-            Middleware(
-                GenerationRoutes,
-                settings=settings,
-                pool=pool,
-                forwarder=gateway.forwarder,
-                metrics=gateway.metrics,
-                cache=cache,
-                on_demand=gateway.on_demand,
-            ),
         ],
         exception_handlers=EXCEPTION_HANDLERS,
         lifespan=lifespan,
     )
     app.state.gateway = gateway
-    return app
+    generation = GenerationRoutes(
+        app,
+        settings=settings,
+        pool=pool,
+        forwarder=gateway.forwarder,
+        metrics=gateway.metrics,
+        cache=cache,
+        on_demand=gateway.on_demand,
+    )
+    if not settings.cors_origins:
+        return generation  # no CORS layer at all on the hit path
+    return CORSGateway(generation, settings.cors_origins)
+
+
+class CORSGateway(CORSMiddleware):
+    """CORS in front of the whole gateway, generation routes included (they answer before
+    the Starlette app's middleware); preflights are answered before any key check. Only
+    built with --cors-origin."""
+
+    def __init__(self, app: GenerationRoutes, origins: Collection[str]):
+        super().__init__(app, allow_origins=origins)
+        self.state = app.state
+
+
+# What create_app returns: both have the Starlette app's ``state`` (``state.gateway``).
+GatewayApp = GenerationRoutes | CORSGateway

@@ -18,7 +18,6 @@ from typing import Any
 
 import anyio.to_thread
 import orjson
-from starlette.datastructures import Headers
 
 from comeapi.cache.key import canonical_model, choose_default_model, lookup_key, uncacheable
 from comeapi.cache.replies import hit_body, hit_stream
@@ -86,7 +85,9 @@ class ResponseCache:
         self.store_misses = store_misses
         self._configured_model = default_model
         self._secret = variant_secret.encode() if variant_secret else None
-        self._rng = rng or random.SystemRandom()
+        # Uniform, not secret: a Mersenne Twister seeded from os.urandom, rather than a
+        # system call per hit (SystemRandom).
+        self._rng = rng or random.Random()
         self._index: dict[str, tuple[Entry, ...]] = {}
         self._generate_bodies: dict[tuple[str, int], bytes] = {}
         self.default_model = canonical_model(default_model or BUNDLED_MODEL)
@@ -131,14 +132,14 @@ class ResponseCache:
 
     # --- the hit path --------------------------------------------------------------------
 
-    def lookup(self, request: GenerationRequest, headers: Headers) -> Lookup:
+    def lookup(self, request: GenerationRequest, forced: int | None = None) -> Lookup:
         """A hit, or the miss's key. ``request`` is already validated: the verdict on a
-        body never depends on what the cache holds."""
+        body never depends on what the cache holds. ``forced`` is the slot a trusted proxy
+        chose (``forced_variant``)."""
         if uncacheable(request) is not None:
             return MISS_UNKEYED
         key = lookup_key(request, self.default_model)
         group = self._index.get(key, ())
-        forced = self._forced_variant(headers)
         if forced is not None:
             for entry in group:
                 if entry.variant == forced:
@@ -150,20 +151,19 @@ class ResponseCache:
         self.misses += 1
         return Lookup(None, key)
 
-    def _forced_variant(self, headers: Headers) -> int | None:
-        """The variant a trusted proxy chose; the header is ignored from anyone else."""
-        raw = headers.get(VARIANT_HEADER)
-        if raw is None or self._secret is None:
+    def forced_variant(self, variant: bytes | None, secret: bytes) -> int | None:
+        """The variant a trusted proxy chose (X-Comeapi-Variant with the shared secret in
+        X-Comeapi-Variant-Secret); the header is ignored from anyone else."""
+        if variant is None or self._secret is None:
             return None
-        given = headers.get(SECRET_HEADER, "").encode()
-        if not hmac.compare_digest(given, self._secret):
+        if not hmac.compare_digest(secret, self._secret):
             return None
-        if not raw.isdigit() or int(raw) >= self.variants:
+        if not variant.isdigit() or int(variant) >= self.variants:
             raise RequestError(
-                f"{VARIANT_HEADER}: expected 0..{self.variants - 1}, got {raw!r}",
+                f"{VARIANT_HEADER}: expected 0..{self.variants - 1}, got {variant.decode()!r}",
                 param=VARIANT_HEADER,
             )
-        return int(raw)
+        return int(variant)
 
     def _hit(self, request: GenerationRequest, entry: Entry) -> Lookup:
         self.hits += 1
@@ -243,6 +243,7 @@ class ResponseCache:
             "hits": self.hits,
             "misses": self.misses,
             "hit_ratio": round(self.hits / looked_up, 4) if looked_up else None,
+            "store_problem": self.store.problem,
             "by_prompt": sorted(prompts, key=lambda p: p["prompt"]),
         }
 

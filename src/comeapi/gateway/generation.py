@@ -1,28 +1,32 @@
-"""The three generation routes as one plain ASGI app, ahead of Starlette's router.
+"""The gateway's outermost ASGI app: the three generation routes, answered here.
 
-Every request is parsed once (``parse_request``: a bad body is 400 whatever the cache holds),
-then looked up. A hit is the hot path: parse, key, pick, send pre-encoded bytes, with no
-Request/Response objects and no routing in between. A miss is forwarded through the pool, or
-refused with the known prompts.
+Everything else (status pages, model lists, /metrics) goes on to the Starlette app. A cache
+hit is the hot path: check the key, read the body, parse it (a bad body is 400 whatever the
+cache holds), look it up, send pre-encoded bytes, count it; no Request or Response object,
+no middleware, no routing. A miss is forwarded through the pool, or refused with the known
+prompts.
 """
 
 from __future__ import annotations
 
 import logging
+import time
 
 import orjson
-from starlette.datastructures import Headers
+from starlette.applications import Starlette
+from starlette.datastructures import Headers, State
 from starlette.requests import ClientDisconnect
 from starlette.responses import Response
-from starlette.types import ASGIApp, Receive, Scope, Send
+from starlette.types import Receive, Scope, Send
 
 from comeapi.balancer.pool import BackendPool
 from comeapi.balancer.proxy import Forwarder, forward_headers
 from comeapi.cache.key import uncacheable
 from comeapi.errors import ComeapiError, PromptNotCachedError, RequestError, StoreError
-from comeapi.gateway.cache import Lookup, ResponseCache
+from comeapi.gateway.cache import SECRET_HEADER, VARIANT_HEADER, Lookup, ResponseCache
 from comeapi.gateway.metrics import GatewayMetrics
 from comeapi.gateway.ondemand import OnDemandBackends
+from comeapi.http.auth import APIKeys, auth_error_response
 from comeapi.http.errors import error_response
 from comeapi.http.responses import read_asgi_body
 from comeapi.protocol.requests import KINDS, GenerationRequest, decode_json, parse_request
@@ -30,13 +34,17 @@ from comeapi.settings import Settings
 
 log = logging.getLogger("comeapi.gateway")
 
+CLIENT_GONE = 499  # nginx's code for "client closed the request", for the metrics only
+_CACHE_CONTROL = b"cache-control"
+_HIT_HEADERS = frozenset({_CACHE_CONTROL, VARIANT_HEADER.encode(), SECRET_HEADER.encode()})
+
 
 class GenerationRoutes:
-    """ASGI middleware answering POST /generate, /v1/completions, /v1/chat/completions."""
+    """The generation routes (``protocol.requests.KINDS``), in front of ``app``."""
 
     def __init__(
         self,
-        app: ASGIApp,
+        app: Starlette,
         *,
         settings: Settings,
         pool: BackendPool,
@@ -52,46 +60,77 @@ class GenerationRoutes:
         self.metrics = metrics
         self.cache = cache
         self.on_demand = on_demand
+        self.keys = APIKeys(settings.api_keys)
+
+    @property
+    def state(self) -> State:
+        """The Starlette app's state (``state.gateway``), as if this were that app."""
+        return self.app.state
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         kind = KINDS.get(scope["path"]) if scope["type"] == "http" else None
         if kind is None:
             await self.app(scope, receive, send)
             return
+        started = time.perf_counter()
+        status = 500
         try:
-            if scope["method"] != "POST":
+            status = await self._route(scope, receive, send)
+        finally:
+            self.metrics.observe(scope["path"], status, time.perf_counter() - started)
+
+    async def _route(self, scope: Scope, receive: Receive, send: Send) -> int:
+        """Answer one generation request; returns the status sent."""
+        try:
+            denied = self.keys.check(scope)
+            if denied is not None:
+                response: Response | None = auth_error_response(denied)
+            elif scope["method"] != "POST":
                 error = RequestError(f"method {scope['method']} not allowed on {scope['path']}")
                 error.status = 405
                 raise error
-            raw = await read_asgi_body(scope, receive, self.settings.max_body_bytes)
-            request = parse_request(
-                kind, decode_json(raw), max_tokens_limit=self.settings.max_tokens_limit
-            )
-            response = await self._answer(scope, receive, send, request, raw)
+            else:
+                raw = await read_asgi_body(scope, receive, self.settings.max_body_bytes)
+                request = parse_request(
+                    KINDS[scope["path"]],
+                    decode_json(raw),
+                    max_tokens_limit=self.settings.max_tokens_limit,
+                )
+                response = await self._answer(scope, receive, send, request, raw)
+                if response is None:
+                    return 200
         except ClientDisconnect:
-            return
+            return CLIENT_GONE
         except ComeapiError as exc:
             response = error_response(exc)
-        if response is not None:
-            await response(scope, receive, send)
+        except Exception:
+            log.exception("unhandled error on %s %s", scope["method"], scope["path"])
+            response = error_response(ComeapiError("internal server error"))
+        assert response is not None
+        await response(scope, receive, send)
+        return response.status_code
 
     async def _answer(
         self, scope: Scope, receive: Receive, send: Send, request: GenerationRequest, raw: bytes
     ) -> Response | None:
-        headers = Headers(scope=scope)
+        """None once a hit is sent; otherwise the response to send."""
         cache = self.cache
+        found = {k: v for k, v in scope["headers"] if k in _HIT_HEADERS}
         # Cache-Control: no-cache (warmup) skips the lookup, unless misses are rejected:
         # then it must not become a way around the rule.
-        bypass = "no-cache" in headers.get("cache-control", "")
+        bypass = b"no-cache" in found.get(_CACHE_CONTROL, b"")
         if cache is None or (bypass and self.settings.on_miss == "forward"):
-            return await self._forward(scope, receive, request, raw, headers)
-        found = cache.lookup(request, headers)
-        hit = found.hit
+            return await self._forward(scope, receive, request, raw)
+        forced = cache.forced_variant(
+            found.get(VARIANT_HEADER.encode()), found.get(SECRET_HEADER.encode(), b"")
+        )
+        lookup = cache.lookup(request, forced)
+        hit = lookup.hit
         if hit is not None:
             await send({"type": "http.response.start", "status": 200, "headers": hit.headers})
             await send({"type": "http.response.body", "body": hit.body})
             return None
-        return await self._miss(scope, receive, request, raw, headers, cache, found)
+        return await self._miss(scope, receive, request, raw, cache, lookup)
 
     async def _miss(
         self,
@@ -99,7 +138,6 @@ class GenerationRoutes:
         receive: Receive,
         request: GenerationRequest,
         raw: bytes,
-        headers: Headers,
         cache: ResponseCache,
         found: Lookup,
     ) -> Response:
@@ -117,7 +155,7 @@ class GenerationRoutes:
         if forced is not None:
             # The slot nginx chose is generated with its own seed, as warmup would.
             raw = orjson.dumps({**orjson.loads(raw), "seed": forced})
-        response = await self._forward(scope, receive, request, raw, headers)
+        response = await self._forward(scope, receive, request, raw)
         response.headers["X-Cache"] = "MISS"
         if forced is not None:
             response.headers["X-Cache-Variant"] = str(forced)
@@ -140,12 +178,7 @@ class GenerationRoutes:
             log.warning("answer sent but not stored: %s", exc.message)
 
     async def _forward(
-        self,
-        scope: Scope,
-        receive: Receive,
-        request: GenerationRequest,
-        raw: bytes,
-        headers: Headers,
+        self, scope: Scope, receive: Receive, request: GenerationRequest, raw: bytes
     ) -> Response:
         if self.on_demand is not None:
             self.on_demand.ensure_running()
@@ -153,7 +186,7 @@ class GenerationRoutes:
         return await self.forwarder.forward(
             scope["path"],
             raw,
-            forward_headers(headers),
+            forward_headers(Headers(scope=scope), self.settings.backend_api_key),
             model=request.model,
             stream=request.stream,
             receive=receive,

@@ -1,45 +1,21 @@
 """Prometheus metrics of the gateway, in a registry of its own (no module-level state).
 
-Request counts and latencies are recorded by ``MetricsMiddleware``; backend and queue figures
-are read from the pool when /metrics is scraped, so the request path never updates them.
+Request counts and latencies go into ``comeapi.http.metrics.RequestStats`` (plain counts,
+turned into Prometheus families at scrape time). Backend and queue figures are read from
+the pool at scrape time too.
 """
 
 from __future__ import annotations
 
-import time
-from collections.abc import Collection, Iterator
+from collections.abc import Iterator
 
-from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
+from prometheus_client import CollectorRegistry, Counter, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
-from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from comeapi.balancer.backend import Backend
 from comeapi.balancer.pool import BackendPool
-
-CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
-
-# From a cache hit (well under a millisecond) to a long generation (minutes).
-LATENCY_BUCKETS = (
-    0.0005,
-    0.001,
-    0.0025,
-    0.005,
-    0.01,
-    0.025,
-    0.05,
-    0.1,
-    0.25,
-    0.5,
-    1.0,
-    2.5,
-    5.0,
-    10.0,
-    30.0,
-    60.0,
-    120.0,
-    300.0,
-)
+from comeapi.http.metrics import RequestStats
 
 
 class GatewayMetrics:
@@ -47,19 +23,8 @@ class GatewayMetrics:
 
     def __init__(self, pool: BackendPool):
         self.registry = CollectorRegistry()
-        self.requests = Counter(
-            "comeapi_requests",
-            "HTTP requests answered, by route and status code.",
-            ["route", "status"],
-            registry=self.registry,
-        )
-        self.latency = Histogram(
-            "comeapi_request_duration_seconds",
-            "Time from request to the last byte of the answer, by route.",
-            ["route"],
-            buckets=LATENCY_BUCKETS,
-            registry=self.registry,
-        )
+        self.requests = RequestStats()
+        self.registry.register(self.requests)
         self.retries = Counter(
             "comeapi_backend_retries",
             "Requests moved to another backend before any byte reached the client.",
@@ -80,8 +45,7 @@ class GatewayMetrics:
         self.registry.register(PoolCollector(pool))
 
     def observe(self, route: str, status: int, seconds: float) -> None:
-        self.requests.labels(route, str(status)).inc()
-        self.latency.labels(route).observe(seconds)
+        self.requests.record(route, status, seconds)
 
     def retried(self, backend: Backend, reason: str) -> None:
         self.retries.labels(backend.url, reason).inc()
@@ -144,36 +108,3 @@ class PoolCollector(Collector):
             "Healthy backends.",
             value=len(self.pool.healthy()),
         )
-
-
-class MetricsMiddleware:
-    """Counts every HTTP request by route and status, and times it to its last byte.
-
-    Only known routes become label values (anything else is "other"), so a scanner probing
-    random paths cannot blow up the number of series.
-    """
-
-    def __init__(self, app: ASGIApp, metrics: GatewayMetrics, routes: Collection[str]):
-        self.app = app
-        self.metrics = metrics
-        self.routes = frozenset(routes)
-
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http":
-            await self.app(scope, receive, send)
-            return
-        started = time.perf_counter()
-        status = 500
-
-        async def send_status(message: Message) -> None:
-            nonlocal status
-            if message["type"] == "http.response.start":
-                status = message["status"]
-            await send(message)
-
-        try:
-            await self.app(scope, receive, send_status)
-        finally:
-            path = scope["path"]
-            route = path if path in self.routes else "other"
-            self.metrics.observe(route, status, time.perf_counter() - started)

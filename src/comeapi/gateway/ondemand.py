@@ -28,9 +28,15 @@ START_RETRY_AFTER = 5.0
 
 
 def pool_supervisor(settings: Settings) -> Supervisor:
-    """The backend pool the settings describe (count backends from base_port)."""
+    """The backend pool the settings describe (count backends from base_port), accepting
+    the key the gateway sends them."""
+    key = settings.backend_api_key
     return Supervisor(
-        settings, host=settings.backend_host, base_port=settings.base_port, count=settings.count
+        settings,
+        host=settings.backend_host,
+        base_port=settings.base_port,
+        count=settings.count,
+        api_keys=[key] if key else [],
     )
 
 

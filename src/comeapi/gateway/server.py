@@ -11,21 +11,22 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import ipaddress
 import logging
 import math
 import os
+import secrets
 import signal
 import socket
 from collections.abc import Callable, Coroutine, Iterator
 from typing import Any
 
 import uvicorn
-from starlette.applications import Starlette
 
 from comeapi.balancer.pool import BackendPool
-from comeapi.gateway.app import Gateway, create_app
+from comeapi.errors import ConfigError
+from comeapi.gateway.app import Gateway, GatewayApp, create_app
 from comeapi.gateway.cache import ResponseCache
+from comeapi.http.auth import warn_if_open
 from comeapi.settings import Settings
 
 log = logging.getLogger("comeapi.gateway")
@@ -35,7 +36,7 @@ WORKER_SETTINGS_ENV = "_COMEAPI_GATEWAY_SETTINGS"
 SIGNALS = (signal.SIGINT, signal.SIGTERM)
 
 
-def uvicorn_config(settings: Settings, app: Starlette) -> uvicorn.Config:
+def uvicorn_config(settings: Settings, app: GatewayApp) -> uvicorn.Config:
     return uvicorn.Config(
         app,
         host=settings.host,
@@ -64,7 +65,7 @@ class GatewayServer(uvicorn.Server):
         await super().shutdown(sockets)
 
 
-def gateway_server(settings: Settings, app: Starlette) -> GatewayServer:
+def gateway_server(settings: Settings, app: GatewayApp) -> GatewayServer:
     return GatewayServer(uvicorn_config(settings, app), app.state.gateway)
 
 
@@ -96,10 +97,12 @@ def build_cache(settings: Settings) -> ResponseCache:
 async def serve(settings: Settings, *, urls: list[str] | None = None) -> None:
     """Serve the gateway in front of ``urls`` (default: the configured backends) until a
     signal, then shut down gracefully."""
-    if urls is None and settings.on_demand:
+    if settings.on_demand:
         from comeapi.gateway.ondemand import pool_supervisor
 
-        urls = pool_supervisor(settings).urls()
+        settings = with_backend_key(settings)
+        if urls is None:
+            urls = pool_supervisor(settings).urls()
     pool = BackendPool.from_settings(settings, urls)
     server = gateway_server(settings, create_app(settings, pool, build_cache(settings)))
     log.info(
@@ -116,6 +119,18 @@ async def serve(settings: Settings, *, urls: list[str] | None = None) -> None:
         raise SystemExit(1)  # uvicorn has logged why (port in use, ...)
 
 
+def with_backend_key(settings: Settings) -> Settings:
+    """``settings`` with a ``backend_api_key``: the configured one, or a new one for this run.
+
+    Used where the gateway starts its own backends (``up``, ``--on-demand``): they listen on
+    local ports, and without a key anyone on the machine could use them past the gateway's
+    keys. The gateway's own ``api_keys`` are not reused: those are its clients' keys.
+    """
+    if settings.backend_api_key:
+        return settings
+    return settings.model_copy(update={"backend_api_key": secrets.token_urlsafe(32)})
+
+
 async def up(settings: Settings) -> None:
     """Start ``settings.count`` backends, then the gateway in front of them; on a signal stop
     the gateway (gracefully), then the backends. Nothing is left running. With ``on_demand``
@@ -123,11 +138,18 @@ async def up(settings: Settings) -> None:
     if settings.on_demand:
         await serve(settings)
         return
-    from comeapi.backend.supervisor import Supervisor
+    from comeapi.backend.supervisor import port_taken
+    from comeapi.gateway.ondemand import pool_supervisor
 
-    supervisor = Supervisor(
-        settings, host=settings.backend_host, base_port=settings.base_port, count=settings.count
-    )
+    problem = port_taken(settings.host, settings.port)
+    if problem:  # checked before any backend starts (a second `comeapi up`, say)
+        raise ConfigError(
+            f"the gateway's port {settings.port} on {settings.host} is already in use "
+            f"({problem}): is another `comeapi up` or `comeapi serve` running? Stop it, or "
+            "choose another --port"
+        )
+    settings = with_backend_key(settings)
+    supervisor = pool_supervisor(settings)
     stopping = asyncio.Event()
     server: GatewayServer | None = None
     watch: asyncio.Task[None] | None = None
@@ -209,25 +231,11 @@ def run_gateway(settings: Settings) -> None:
     )
 
 
-def worker_app() -> Starlette:
+def worker_app() -> GatewayApp:
     """The app of one ``--workers`` process (uvicorn imports and calls this)."""
     settings = Settings.model_validate_json(os.environ[WORKER_SETTINGS_ENV])
     return create_app(settings, BackendPool.from_settings(settings), build_cache(settings))
 
 
 def warn_if_exposed(settings: Settings) -> None:
-    if not settings.api_keys and not _is_loopback(settings.host):
-        log.warning(
-            "listening on %s without API keys: anyone who can reach this port can use it "
-            "(set --api-key or COMEAPI_API_KEYS)",
-            settings.host,
-        )
-
-
-def _is_loopback(host: str) -> bool:
-    if host == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False
+    warn_if_open(settings.host, settings.api_keys, log)

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import hashlib
 import hmac
+import ipaddress
+import logging
 from collections.abc import Collection, Iterable
 
 from starlette.types import ASGIApp, Receive, Scope, Send
@@ -19,33 +21,30 @@ from comeapi.http.responses import JSONResponse
 PUBLIC_PATHS = frozenset({"/health"})
 
 
-class APIKeyMiddleware:
-    def __init__(
-        self, app: ASGIApp, keys: Iterable[str], *, public: Collection[str] = PUBLIC_PATHS
-    ):
-        self.app = app
+class APIKeys:
+    """The configured bearer keys; ``check`` is the whole rule, for middleware and the
+    gateway's generation routes alike."""
+
+    def __init__(self, keys: Iterable[str], *, public: Collection[str] = PUBLIC_PATHS):
         self._digests = [_digest(key.encode()) for key in keys]
         self.public = frozenset(public)
 
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http" or not self._digests or scope["path"] in self.public:
-            await self.app(scope, receive, send)
-            return
+    def __bool__(self) -> bool:
+        return bool(self._digests)
+
+    def check(self, scope: Scope) -> AuthenticationError | None:
+        """None when the request may pass, else the error to answer with."""
+        if not self._digests or scope["path"] in self.public:
+            return None
         token = _bearer_token(scope["headers"])
         if token is None:
-            error = AuthenticationError(
+            return AuthenticationError(
                 "You didn't provide an API key. Send it as 'Authorization: Bearer <key>'.",
                 code="missing_api_key",
             )
-        elif self._accepts(token):
-            await self.app(scope, receive, send)
-            return
-        else:
-            error = AuthenticationError("Incorrect API key provided.")
-        response = JSONResponse(
-            error.to_dict(), status_code=error.status, headers={"WWW-Authenticate": "Bearer"}
-        )
-        await response(scope, receive, send)
+        if self._accepts(token):
+            return None
+        return AuthenticationError("Incorrect API key provided.")
 
     def _accepts(self, token: bytes) -> bool:
         digest = _digest(token)
@@ -53,6 +52,27 @@ class APIKeyMiddleware:
         for known in self._digests:  # no early exit: every key costs the same
             matched |= hmac.compare_digest(digest, known)
         return matched
+
+
+def auth_error_response(error: AuthenticationError) -> JSONResponse:
+    return JSONResponse(
+        error.to_dict(), status_code=error.status, headers={"WWW-Authenticate": "Bearer"}
+    )
+
+
+class APIKeyMiddleware:
+    def __init__(
+        self, app: ASGIApp, keys: Iterable[str], *, public: Collection[str] = PUBLIC_PATHS
+    ):
+        self.app = app
+        self.keys = APIKeys(keys, public=public)
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        error = self.keys.check(scope) if scope["type"] == "http" else None
+        if error is None:
+            await self.app(scope, receive, send)
+            return
+        await auth_error_response(error)(scope, receive, send)
 
 
 def _digest(value: bytes) -> bytes:
@@ -67,3 +87,22 @@ def _bearer_token(headers: Iterable[tuple[bytes, bytes]]) -> bytes | None:
                 return token.strip()
             return None
     return None
+
+
+def warn_if_open(host: str, keys: Collection[str], log: logging.Logger) -> None:
+    """Log a warning when a server listens beyond loopback without keys."""
+    if not keys and not _is_loopback(host):
+        log.warning(
+            "listening on %s without API keys: anyone who can reach this port can use it "
+            "(set --api-key or COMEAPI_API_KEYS)",
+            host,
+        )
+
+
+def _is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False

@@ -9,9 +9,9 @@ from __future__ import annotations
 
 import functools
 import json
+import random
 import re
 import time
-import uuid
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
@@ -66,7 +66,8 @@ class Choice:
 
 
 def new_id(kind: Kind) -> str:
-    return ("chatcmpl-" if kind == "chat" else "cmpl-") + uuid.uuid4().hex
+    # Unique, not secret: 128 random bits without uuid4's system call and UUID object.
+    return ("chatcmpl-" if kind == "chat" else "cmpl-") + f"{random.getrandbits(128):032x}"
 
 
 def sse(payload: dict[str, Any]) -> bytes:

@@ -35,6 +35,7 @@ from comeapi.errors import (
     AuthenticationError,
     ComeapiError,
     ConfigError,
+    ModelNotFoundError,
     NotFoundError,
     PayloadTooLargeError,
     PromptNotCachedError,
@@ -140,6 +141,9 @@ class ServerlessApp:
             return self._answer(request, parsed)
         if request.method == "GET" and request.path in ("/", "/status", "/models", "/v1/models"):
             return self._info(request.path)
+        prefix, _, name = request.path.rpartition("/")
+        if request.method == "GET" and prefix in ("/models", "/v1/models") and name:
+            return self._model(name)
         raise NotFoundError(f"no route {request.method} {request.path}")
 
     def _answer(self, request: HttpRequest, parsed: GenerationRequest) -> Reply:
@@ -191,6 +195,19 @@ class ServerlessApp:
         models = (p.model for p in self._catalogue.prompts)
         self.default_model = choose_default_model(self.configured_model, models, BUNDLED_MODEL)
 
+    def _models(self) -> list[str]:
+        assert self._catalogue is not None
+        return sorted({p.model for p in self._catalogue.prompts} | {self.default_model})
+
+    def _model(self, name: str) -> Reply:
+        if self._catalogue is None or self._clock() - self._loaded_at > self.catalogue_ttl:
+            self._load_catalogue()
+        models = self._models()
+        for model in models:
+            if name in (model, model.removesuffix(".gguf")):
+                return json_reply(200, _openai_model(model))
+        raise ModelNotFoundError(name, models)
+
     def _authenticate(self, request: HttpRequest) -> None:
         scheme, _, token = request.headers.get("authorization", "").partition(" ")
         given = token.strip().encode()
@@ -204,14 +221,20 @@ class ServerlessApp:
             self._load_catalogue()
         assert self._catalogue is not None
         prompts = self._catalogue.prompts
-        models = sorted({p.model for p in prompts} | {self.default_model})
+        data = [_openai_model(m) for m in self._models()]
         if path == "/v1/models":
-            data = [
-                {"id": m, "object": "model", "created": 0, "owned_by": "comeapi"} for m in models
-            ]
             return json_reply(200, {"object": "list", "data": data})
         if path == "/models":
-            return json_reply(200, {"models": models, "default_model": self.default_model})
+            # OpenAI's list for SDKs whose base_url lacks /v1, and ComeAPI's keys.
+            return json_reply(
+                200,
+                {
+                    "object": "list",
+                    "data": data,
+                    "models": self._models(),
+                    "default_model": self.default_model,
+                },
+            )
         status = {
             "mode": "serverless",
             "cached_prompts": len(prompts),
@@ -219,6 +242,10 @@ class ServerlessApp:
             "on_miss": "start-backend" if self.on_miss is not None else "reject",
         }
         return json_reply(200, {"message": "ComeAPI (serverless)", "status": status})
+
+
+def _openai_model(name: str) -> dict[str, Any]:
+    return {"id": name, "object": "model", "created": 0, "owned_by": "comeapi"}
 
 
 def _hit(request: GenerationRequest, entry: Entry, variant: int) -> Reply:

@@ -1,0 +1,70 @@
+"""What every benchmark says about the machine it ran on, and when its ratios are withheld.
+
+The machine is shared: a figure measured while other work ran says little. Each benchmark
+prints the load average when it starts and when it ends, and reports its ratios as results
+only when the 1-minute load, less what the benchmark itself adds, stayed below
+``QUIET_LOAD_PER_CPU`` per CPU; otherwise it says the ratios were withheld.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+
+QUIET_LOAD_PER_CPU = 0.5
+
+
+@dataclass
+class Load:
+    """The load average around a benchmark; ``own`` is the load the benchmark itself puts
+    on the machine (its servers and load generator), not counted against it."""
+
+    own: float = 0.0
+    cpus: int = field(default_factory=lambda: os.cpu_count() or 1)
+    start: float = field(default_factory=lambda: os.getloadavg()[0])
+    end: float | None = None
+
+    def __post_init__(self) -> None:
+        print(f"machine: {self.cpus} CPUs, load average {self.start:.2f} at start")
+
+    def finish(self) -> None:
+        self.end = os.getloadavg()[0]
+        print(f"load average {self.end:.2f} at the end")
+
+    @property
+    def quiet(self) -> bool:
+        """Was the machine quiet enough for the ratios to count?"""
+        limit = QUIET_LOAD_PER_CPU * self.cpus
+        if self.start > limit:
+            return False
+        return self.end is None or self.end - self.own <= limit
+
+    def verdict(self, text: str) -> str:
+        """``text`` when the machine was quiet, else a withholding note in its place."""
+        if self.quiet:
+            return text
+        limit = QUIET_LOAD_PER_CPU * self.cpus
+        return (
+            f"WITHHELD: load average {self.start:.2f} at start, "
+            f"{self.end if self.end is not None else float('nan'):.2f} at the end "
+            f"(beyond {limit:.1f} + this benchmark's own {self.own:.1f}); "
+            f"the figures above are not results ({text})"
+        )
+
+
+def process_cpu_seconds(pid: int) -> float:
+    """User + system CPU of ``pid`` and all its descendants (Linux /proc)."""
+    total = 0.0
+    tick = os.sysconf("SC_CLK_TCK")
+    todo = [pid]
+    while todo:
+        p = todo.pop()
+        try:
+            with open(f"/proc/{p}/stat") as f:
+                fields = f.read().rsplit(")", 1)[1].split()
+            with open(f"/proc/{p}/task/{p}/children") as f:
+                todo.extend(int(c) for c in f.read().split())
+        except OSError:
+            continue
+        total += (int(fields[11]) + int(fields[12])) / tick
+    return total
