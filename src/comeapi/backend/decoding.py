@@ -28,7 +28,7 @@ PREFILL_CHUNK = 128
 _PROBE_TOOL = "comeapi_probe_tool_7f3a"
 
 
-class Tokenizer(Protocol):
+class TokenizerLike(Protocol):
     """What this module needs of ``llama_cpp.Llama`` (or the batched engine's tokenizer)."""
 
     metadata: dict[str, str]
@@ -51,7 +51,7 @@ _FALLBACK_TEMPLATE = "chatml"
 class ChatTemplate:
     """Renders messages with the GGUF's own Jinja template, else llama.cpp's built-in one."""
 
-    def __init__(self, llama: Tokenizer):
+    def __init__(self, llama: TokenizerLike):
         metadata: dict[str, str] = llama.metadata
         template = metadata.get("tokenizer.chat_template")
         self._jinja: Jinja2ChatFormatter | None = None
@@ -115,7 +115,7 @@ def _apply_builtin(template: bytes, messages: Sequence[Message]) -> str:
     raise RequestError("messages cannot be rendered with the chat template")
 
 
-def _token_text(llama: Tokenizer, token: int) -> str:
+def _token_text(llama: TokenizerLike, token: int) -> str:
     if token < 0:
         return ""
     return llama.detokenize([token], special=True).decode("utf-8", errors="replace")
@@ -138,7 +138,7 @@ def prompt_texts(template: ChatTemplate, request: GenerationRequest) -> list[str
     return [template.render(request.messages)]
 
 
-def tokenize_prompt(llama: Tokenizer, text: str) -> list[int]:
+def tokenize_prompt(llama: TokenizerLike, text: str) -> list[int]:
     """A prompt as tokens (special tokens parsed, as a template writes them), BOS once."""
     tokens: list[int] = llama.tokenize(text.encode("utf-8"), add_bos=True, special=True)
     bos = llama.token_bos()
@@ -148,7 +148,7 @@ def tokenize_prompt(llama: Tokenizer, text: str) -> list[int]:
 
 
 def prompt_tokens(
-    llama: Tokenizer, template: ChatTemplate, request: GenerationRequest
+    llama: TokenizerLike, template: ChatTemplate, request: GenerationRequest
 ) -> list[int]:
     """The request's (first) prompt as tokens."""
     return tokenize_prompt(llama, prompt_texts(template, request)[0])
@@ -291,7 +291,7 @@ class ChoiceText:
 
 
 def prompt_logprobs(
-    llama: Tokenizer, tokens: Sequence[int], entries: Sequence[TokenLogprob | None]
+    llama: TokenizerLike, tokens: Sequence[int], entries: Sequence[TokenLogprob | None]
 ) -> list[TokenLogprob]:
     """Log-probability entries for an echoed prompt: ``entries[i]`` scores ``tokens[i]``
     (None for the first), offsets in the prompt's text; the BOS token (no text) is left out."""
