@@ -17,6 +17,7 @@ import llama_cpp
 import openai
 import pytest
 
+from tests.contract.openai_spec import contract
 from tests.helpers import BUNDLED_MODEL, Proc, comeapi_argv, free_port
 
 pytestmark = pytest.mark.slow
@@ -322,6 +323,64 @@ def test_echo_prepends_the_prompt_and_scores_it(client: openai.OpenAI, stream: b
     # Every prompt token is scored (given the BOS token before it), like the generated ones.
     assert all(v is not None and v <= 0 for v in lp["token_logprobs"])
     assert lp["text_offset"][n_prompt] == len(prompt)
+
+
+# --- OpenAI's published schemas -------------------------------------------------------------
+
+
+def openai_schema(name: str) -> jsonschema.Draft202012Validator:
+    """A validator for one schema of OpenAI's OpenAPI document (``nullable`` said in JSON
+    Schema's words)."""
+
+    def nullable(node: Any) -> Any:
+        if isinstance(node, list):
+            return [nullable(item) for item in node]
+        if not isinstance(node, dict):
+            return node
+        schema = {key: nullable(value) for key, value in node.items() if key != "nullable"}
+        return {"anyOf": [schema, {"type": "null"}]} if node.get("nullable") is True else schema
+
+    components = nullable(contract()["components"])
+    return jsonschema.Draft202012Validator(
+        {"$ref": f"#/components/schemas/{name}", "components": components}
+    )
+
+
+def test_answers_with_every_parameter_match_openais_schemas(client: openai.OpenAI) -> None:
+    base_url = str(client.base_url).rstrip("/")
+    completion = {
+        **GREEDY,
+        "prompt": ["The capital of France is", "1, 2, 3,"],
+        "n": 2,
+        "logprobs": 2,
+        "echo": True,
+        "max_tokens": 3,
+    }
+    r = httpx.post(base_url + "/completions", json=completion, timeout=120)
+    assert r.status_code == 200, r.text
+    openai_schema("CreateCompletionResponse").validate(r.json())
+    assert len(r.json()["choices"]) == 4
+    chat_body = {
+        **GREEDY,
+        "messages": FEW_SHOT,
+        "n": 2,
+        "logprobs": True,
+        "top_logprobs": 2,
+        "max_tokens": 3,
+        "response_format": {"type": "json_object"},
+    }
+    r = httpx.post(base_url + "/chat/completions", json=chat_body, timeout=120)
+    assert r.status_code == 200, r.text
+    openai_schema("CreateChatCompletionResponse").validate(r.json())
+    assert r.json()["choices"][1]["logprobs"]["content"]
+    events = openai_schema("CreateChatCompletionStreamResponse")
+    with httpx.stream(
+        "POST", base_url + "/chat/completions", json={**chat_body, "stream": True}, timeout=120
+    ) as r:
+        chunks = [line[6:] for line in r.iter_lines() if line.startswith("data: {")]
+    assert len(chunks) > 4
+    for chunk in chunks:
+        events.validate(json.loads(chunk))
 
 
 # --- refused ----------------------------------------------------------------------------------
