@@ -112,7 +112,6 @@ class Sampler:
         self._greedy = params.temperature == 0
         # How many allowed candidates the chain looks at: top-k (1 when greedy), or all.
         self._needed = 1 if self._greedy else params.top_k
-        self._vocab = vocab
         self._chain = lib.llama_sampler_chain_init(lib.llama_sampler_chain_default_params())
         self._grammar = _grammar(vocab, params.grammar) if params.grammar is not None else None
         add = functools.partial(lib.llama_sampler_chain_add, self._chain)
