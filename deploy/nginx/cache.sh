@@ -8,6 +8,9 @@
 #   cache.sh remote-import --file FILE --remote USER@HOST --remote-path PATH
 #                   (--dir DIR | --volume NAME) [--owner USER[:GROUP]]
 #   cache.sh count  (--dir DIR | --volume NAME)
+# Docker mode runs tar in a throwaway container of --image (default alpine; any image with
+# sh, tar, gzip, find and chown). --ssh-opts "OPTIONS" go to ssh and scp (e.g. "-F FILE",
+# or "-o Port=2222 -i KEY"; -o options work for both, -p/-P do not).
 #
 # nginx only sees cache files that are in place when it starts (its cache loader indexes
 # the directory once; later it looks at the disk only for keys it does not know), and its
@@ -22,7 +25,7 @@ die() {
 
 CMD=${1:-}
 [ $# -gt 0 ] && shift
-DIR="" VOLUME="" FILE="" OWNER="" PID_FILE="" REMOTE="" REMOTE_PATH=""
+DIR="" VOLUME="" FILE="" OWNER="" PID_FILE="" REMOTE="" REMOTE_PATH="" IMAGE=alpine SSH_OPTS=""
 while [ $# -gt 0 ]; do
     case $1 in
     --dir) DIR=$2; shift 2 ;;
@@ -32,6 +35,8 @@ while [ $# -gt 0 ]; do
     --pid-file) PID_FILE=$2; shift 2 ;;
     --remote) REMOTE=$2; shift 2 ;;
     --remote-path) REMOTE_PATH=$2; shift 2 ;;
+    --image) IMAGE=$2; shift 2 ;;
+    --ssh-opts) SSH_OPTS=$2; shift 2 ;;
     *) die "unknown argument $1 (see the top of $0)" ;;
     esac
 done
@@ -54,9 +59,21 @@ need_file() {
     [ -n "$FILE" ] || die "$CMD needs --file FILE"
 }
 
-docker_alpine() { # run a throwaway container with the volume at /cache
+docker_helper() { # run a throwaway container of $IMAGE with the volume at /cache
     command -v docker >/dev/null || die "docker is not installed (host mode: use CACHE_DIR=...)"
     docker run --rm -v "$VOLUME:/cache" "$@"
+}
+
+# ssh and scp with --ssh-opts (split on spaces) and a connection timeout.
+remote_ssh() {
+    local opts
+    read -r -a opts <<<"$SSH_OPTS"
+    ssh -o ConnectTimeout=15 "${opts[@]}" "$@"
+}
+remote_scp() {
+    local opts
+    read -r -a opts <<<"$SSH_OPTS"
+    scp -o ConnectTimeout=15 "${opts[@]}" "$@"
 }
 
 count() {
@@ -64,7 +81,7 @@ count() {
         [ -d "$DIR" ] || { echo 0; return; }
         find "$DIR" -type f -name "$ENTRY_PATTERN" ! -name "$TEMP_PATTERN" | wc -l | tr -d ' '
     else
-        docker_alpine alpine sh -c "find /cache -type f ! -name '$TEMP_PATTERN' | wc -l"
+        docker_helper "$IMAGE" sh -c "find /cache -type f ! -name '$TEMP_PATTERN' | wc -l"
     fi
 }
 
@@ -99,7 +116,7 @@ do_export() {
         tar czf "$out_dir/$out_name.tmp" --exclude="$TEMP_PATTERN" -C "$DIR" .
         mv "$out_dir/$out_name.tmp" "$out_dir/$out_name"
     else
-        docker_alpine -v "$out_dir:/backup" alpine \
+        docker_helper -v "$out_dir:/backup" "$IMAGE" \
             tar czf "/backup/$out_name" --exclude="$TEMP_PATTERN" -C /cache .
     fi
     local n
@@ -132,7 +149,7 @@ do_import() {
     else
         local owner=${OWNER:-$DOCKER_OWNER}
         docker volume create "$VOLUME" >/dev/null
-        docker_alpine -v "$in_dir:/backup:ro" alpine sh -c \
+        docker_helper -v "$in_dir:/backup:ro" "$IMAGE" sh -c \
             "tar xzf '/backup/$in_name' -C /cache && chown -R '$owner' /cache"
     fi
     echo "cache.sh: imported $FILE into ${DIR:-volume $VOLUME}: $(count) cache entries; start nginx now"
@@ -143,8 +160,8 @@ do_copy() {
     [ -n "$REMOTE" ] || die "copy needs --remote USER@HOST (REMOTE_HOST)"
     [ -n "$REMOTE_PATH" ] || die "copy needs --remote-path PATH (REMOTE_PATH)"
     [ -f "$FILE" ] || die "$FILE does not exist (run: make cache-export)"
-    ssh -o ConnectTimeout=15 "$REMOTE" "mkdir -p '$REMOTE_PATH'"
-    scp -o ConnectTimeout=15 "$FILE" "$REMOTE:$REMOTE_PATH/"
+    remote_ssh "$REMOTE" "mkdir -p '$REMOTE_PATH'"
+    remote_scp "$FILE" "$REMOTE:$REMOTE_PATH/"
     echo "cache.sh: copied $FILE to $REMOTE:$REMOTE_PATH/"
 }
 
@@ -155,10 +172,10 @@ do_remote_import() {
         die "remote-import needs --remote USER@HOST and --remote-path PATH"
     fi
     local args=(import --file "$REMOTE_PATH/$(basename "$FILE")")
-    if [ -n "$DIR" ]; then args+=(--dir "$DIR"); else args+=(--volume "$VOLUME"); fi
+    if [ -n "$DIR" ]; then args+=(--dir "$DIR"); else args+=(--volume "$VOLUME" --image "$IMAGE"); fi
     [ -z "$OWNER" ] || args+=(--owner "$OWNER")
     # This script itself runs on the remote host: nothing to install there but bash and tar.
-    ssh -o ConnectTimeout=15 "$REMOTE" "bash -s -- $(printf '%q ' "${args[@]}")" <"$0"
+    remote_ssh "$REMOTE" "bash -s -- $(printf '%q ' "${args[@]}")" <"$0"
 }
 
 case $CMD in

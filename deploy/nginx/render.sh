@@ -26,7 +26,7 @@ SRC_DIR=$(cd "$(dirname "$0")" && pwd)
 : "${NGINX_GENERATION_TIMEOUT:=600s}"
 : "${NGINX_STATE_DIR:=/var/lib/nginx/comeapi}"
 : "${NGINX_LOG_DIR:=/var/log/nginx}"
-: "${NGINX_JS_MODULE:=/usr/lib/nginx/modules/ngx_http_js_module.so}"
+: "${NGINX_JS_MODULE:=}" # empty: the first of the places Debian's and nginx.org's packages use
 # DNS server for a COMEAPI_UPSTREAM given by name (Docker: 127.0.0.11). Empty: an address.
 : "${NGINX_RESOLVER:=}"
 # The worker user must own NGINX_CACHE_DIR. Empty: no `user` line (nginx not run as root).
@@ -36,6 +36,14 @@ die() {
     echo "render.sh: $*" >&2
     exit 1
 }
+
+if [ -z "$NGINX_JS_MODULE" ]; then
+    for module in /usr/lib/nginx/modules/ngx_http_js_module.so \
+        /etc/nginx/modules/ngx_http_js_module.so; do
+        if [ -f "$module" ]; then NGINX_JS_MODULE=$module && break; fi
+    done
+    [ -n "$NGINX_JS_MODULE" ] || die "njs (ngx_http_js_module.so) not found: install it or set NGINX_JS_MODULE"
+fi
 
 secret=${COMEAPI_VARIANT_SECRET:-}
 [ -n "$secret" ] || die "COMEAPI_VARIANT_SECRET is not set (the same value as comeapi's --variant-secret)"
@@ -92,7 +100,11 @@ else
     } END { printf "    default 0;" }')
 fi
 NGINX_RESOLVER_LINE=""
-[ -z "$NGINX_RESOLVER" ] || NGINX_RESOLVER_LINE="resolver $NGINX_RESOLVER valid=10s ipv6=off;"
+# A short resolver_timeout: with comeapi's container stopped, Docker's DNS forwards its name
+# to the host's DNS servers, and a miss would wait for their answer (30 s by default, or
+# forever-like where they are unreachable) before its 502.
+[ -z "$NGINX_RESOLVER" ] \
+    || NGINX_RESOLVER_LINE="resolver $NGINX_RESOLVER valid=10s ipv6=off; resolver_timeout 3s;"
 NGINX_CONF_DIR=$OUT_DIR
 export COMEAPI_UPSTREAM COMEAPI_DEFAULT_MODEL COMEAPI_MAX_TOKENS_LIMIT COMEAPI_VARIANT_BUCKETS COMEAPI_VARIANT_CHOICES \
     COMEAPI_VARIANT_SECRET NGINX_LISTEN NGINX_WARMUP_LISTEN NGINX_CACHE_DIR \
@@ -119,7 +131,7 @@ fill "$SRC_DIR/nginx.conf" "$OUT_DIR/nginx.conf"
 fill "$SRC_DIR/comeapi.conf" "$OUT_DIR/comeapi.conf"
 fill "$SRC_DIR/comeapi-locations.conf" "$OUT_DIR/comeapi-locations.conf"
 umask 022
-cp "$SRC_DIR/njs/comeapi_key.js" "$SRC_DIR/njs/nfc_data.js" "$OUT_DIR/njs/"
+cp "$SRC_DIR"/njs/*.js "$OUT_DIR/njs/"
 mkdir -p "$NGINX_STATE_DIR" "$NGINX_LOG_DIR" "$NGINX_CACHE_DIR"
 echo "render.sh: wrote $OUT_DIR/nginx.conf (cache $NGINX_CACHE_DIR, $COMEAPI_VARIANTS variants," \
     "public $NGINX_LISTEN, warmup $NGINX_WARMUP_LISTEN, upstream $COMEAPI_UPSTREAM)"

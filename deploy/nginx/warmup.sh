@@ -7,7 +7,8 @@
 #                          [-k API_KEY] [--stream] [--verify]
 #
 # Reads the same prompt set file as `comeapi warmup` (comeapi's own parser, so the same
-# validation and normalisation). Exits non-zero if any request fails.
+# validation and normalisation); the file is read here and handed to that parser on its
+# standard input, so it may run in a container. Exits non-zero if any request fails.
 set -euo pipefail
 
 URL=${WARMUP_URL:-http://127.0.0.1:8001}
@@ -22,7 +23,7 @@ API_KEY=${WARMUP_API_KEY:-}
 VERIFY=0
 STREAM=0 # also fill the `stream: true` entries (comeapi answers them from its store)
 # A Python that has comeapi installed; may be a command, e.g.
-# "docker compose exec -T comeapi python" (then PROMPTS is a path inside that container).
+# "docker compose run --rm --no-deps -T comeapi python" (it gets the prompt set on stdin).
 REPO_PYTHON="$(cd "$(dirname "$0")/../.." && pwd)/.venv/bin/python"
 if [ -x "$REPO_PYTHON" ]; then DEFAULT_PYTHON=$REPO_PYTHON; else DEFAULT_PYTHON=python3; fi
 PYTHON=${COMEAPI_PYTHON:-$DEFAULT_PYTHON}
@@ -54,10 +55,9 @@ command -v curl >/dev/null || { echo "warmup.sh: curl is not installed" >&2; exi
 # the variant header decides the slot and comeapi seeds the generation with it).
 read -r -d '' LIST_REQUESTS <<'PY' || true
 import json, sys
-from comeapi.cache.prompts import load_prompt_set
-from pathlib import Path
+from comeapi.cache.prompts import load_prompt_set, parse_prompt_set
 path, variants, routes, stream = sys.argv[1], sys.argv[2], sys.argv[3].split(), sys.argv[4]
-prompt_set = load_prompt_set(Path(path) if path else None)
+prompt_set = parse_prompt_set(sys.stdin.read(), path) if path else load_prompt_set(None)
 n = int(variants) if variants else (prompt_set.variants or 5)
 for item in prompt_set.items:
     body = item.request_body(0)
@@ -69,8 +69,13 @@ for item in prompt_set.items:
             sent = {**body, "stream": True} if streamed else body
             print(n, route, shown, json.dumps(sent, ensure_ascii=False), sep="\t")
 PY
+if [ -n "$PROMPTS" ] && [ ! -r "$PROMPTS" ]; then
+    echo "warmup.sh: cannot read the prompt set $PROMPTS" >&2
+    exit 1
+fi
 # shellcheck disable=SC2086  # PYTHON may be a command with arguments
-if ! requests=$($PYTHON -c "$LIST_REQUESTS" "$PROMPTS" "$VARIANTS" "$ROUTES" "$STREAM"); then
+if ! requests=$($PYTHON -c "$LIST_REQUESTS" "$PROMPTS" "$VARIANTS" "$ROUTES" "$STREAM" \
+    <"${PROMPTS:-/dev/null}"); then
     echo "warmup.sh: cannot read the prompt set with '$PYTHON' (is comeapi installed there?)" >&2
     exit 1
 fi

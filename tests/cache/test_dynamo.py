@@ -3,16 +3,19 @@ produces under load, and moto's server over HTTP for the real wire path."""
 
 from __future__ import annotations
 
+import ast
+import inspect
 from collections.abc import Callable, Iterator
 from typing import Any
 
 import boto3
+import botocore.exceptions
 import pytest
 from botocore.config import Config
 from botocore.stub import Stubber
 from moto import mock_aws
 
-from comeapi.cache.dynamo import DynamoStore, create_table, make_client
+from comeapi.cache.dynamo import DynamoStore, create_table, dynamo_errors, make_client
 from comeapi.cache.dynamo_items import CATALOGUE_KEY, Catalogue, encode_entry
 from comeapi.cache.open import open_store
 from comeapi.cache.store import Entry
@@ -291,6 +294,42 @@ def test_an_unreachable_endpoint_is_store_unavailable(monkeypatch: pytest.Monkey
     )
     with pytest.raises(StoreUnavailableError, match="unreachable"):
         DynamoStore(client, TABLE).get("k", 0)
+
+
+def test_dynamo_errors_translates_botocore_and_passes_the_rest() -> None:
+    throttled = botocore.exceptions.ClientError(
+        {"Error": {"Code": "ThrottlingException", "Message": "slow down"}}, "GetItem"
+    )
+    busy = r"busy \(ThrottlingException\) during X"
+    with pytest.raises(StoreUnavailableError, match=busy) as a, dynamo_errors("X"):
+        raise throttled
+    assert a.value.__cause__ is throttled
+    gone = botocore.exceptions.EndpointConnectionError(endpoint_url="http://127.0.0.1:9")
+    with pytest.raises(StoreUnavailableError, match="unreachable during Y"), dynamo_errors("Y"):
+        raise gone
+    waited = botocore.exceptions.WaiterError(name="table_exists", reason="max", last_response={})
+    with pytest.raises(StoreError, match="did not finish Z") as c, dynamo_errors("Z"):
+        raise waited
+    assert c.value.code == "timeout"
+    with pytest.raises(KeyError), dynamo_errors("W"):
+        raise KeyError("not botocore's: unchanged")
+
+
+def test_botocore_errors_are_caught_in_one_place() -> None:
+    """Every `except` naming botocore in the DynamoDB store is the one in dynamo_errors (and
+    make_client's NoRegionError, a configuration error)."""
+    import comeapi.cache.dynamo as module
+
+    handlers = [
+        ast.unparse(node.type)
+        for node in ast.walk(ast.parse(inspect.getsource(module)))
+        if isinstance(node, ast.ExceptHandler) and node.type is not None
+    ]
+    botocore_handlers = [h for h in handlers if "botocore" in h]
+    assert botocore_handlers == [
+        "botocore.exceptions.NoRegionError",
+        "(botocore.exceptions.BotoCoreError, botocore.exceptions.ClientError)",
+    ]
 
 
 # --- the real wire: moto's server over HTTP ---------------------------------------------------

@@ -58,8 +58,10 @@ def test_push_then_pull_roundtrip(endpoint: str, tmp_path: Path) -> None:
     out = run("cache", "push", "dynamodb", *where, "--create", "--store", src)
     assert "created table" in out
     assert "17 entries (4 prompts)" in out
+    assert "catalogue revision 1." in out
     # Idempotent: a second push changes nothing (and the table exists now).
-    run("cache", "push", "dynamodb", *where, "--create", "--store", src)
+    again = run("cache", "push", "dynamodb", *where, "--create", "--store", src)
+    assert "catalogue revision 2." in again and "make lambda-package" in again
     table = DynamoStore(make_client(REGION, endpoint), TABLE)
     assert ordered(list(table.entries())) == ordered(source_entries())
     assert sorted(table.catalogue().variants().values()) == [2, 5, 5, 5]

@@ -37,6 +37,7 @@ from tests.deploy.nginx_stack import (
     run_cache_sh,
     run_warmup,
 )
+from tests.deploy.sshd import HOST_ALIAS, Sshd, sshd_missing
 from tests.helpers import REPO, free_port
 
 pytestmark = pytest.mark.slow
@@ -496,33 +497,38 @@ def test_export_import_into_a_fresh_directory(stack: Stack) -> None:
 
 
 def test_copy_and_import_on_a_remote_host(stack: Stack) -> None:
-    """cache-copy and cache-import with REMOTE_HOST, through ssh/scp stand-ins that run the
-    remote side here: the archive and the script travel as they would over ssh."""
-    bin_dir = stack.base / "fake-ssh"
-    bin_dir.mkdir()
-    remote_root = stack.base / "remote"
-    (bin_dir / "ssh").write_text(
-        "#!/bin/sh\n# ssh [-o OPT] HOST CMD: run CMD here\n"
-        'while [ "$1" = -o ]; do shift 2; done\nshift\nexec sh -c "$*"\n'
-    )
-    (bin_dir / "scp").write_text(
-        '#!/bin/sh\nwhile [ "$1" = -o ]; do shift 2; done\nexec cp "$1" "${2#*:}"\n'
-    )
-    for tool in ("ssh", "scp"):
-        (bin_dir / tool).chmod(0o755)
-    env = {"PATH": f"{bin_dir}:{os.environ['PATH']}"}
-    archive = stack.base / "remote-export.tar.gz"
-    remote = ["REMOTE_HOST=op@far", f"REMOTE_PATH={remote_root / 'incoming'}"]
-    steps = [
-        ("cache-export", f"CACHE_DIR={stack.nginx.cache_dir}", f"EXPORT_FILE={archive}"),
-        ("cache-copy", f"EXPORT_FILE={archive}", *remote),
-        ("cache-import", f"EXPORT_FILE={archive}", f"CACHE_DIR={remote_root / 'cache'}", *remote),
-    ]
-    for step in steps:
-        result = make(*step, env=env)
-        assert result.returncode == 0, step[0] + result.stdout + result.stderr
-    assert (remote_root / "incoming" / archive.name).is_file()
-    assert count_entries(remote_root / "cache") == count_entries(stack.nginx.cache_dir)
+    """cache-copy and cache-import with REMOTE_HOST through a real sshd on a loopback port
+    (the "remote host" is this machine): scp carries the archive, ssh runs cache.sh there."""
+    missing = sshd_missing()
+    if missing:
+        pytest.fail(missing)
+    sshd = Sshd(stack.base / "sshd").start()
+    try:
+        remote_root = stack.base / "remote"
+        archive = stack.base / "remote-export.tar.gz"
+        remote = [
+            f"REMOTE_HOST={HOST_ALIAS}",
+            f"REMOTE_PATH={remote_root / 'incoming'}",
+            f"SSH_OPTS=-F {sshd.config_file}",
+        ]
+        steps = [
+            ("cache-export", f"CACHE_DIR={stack.nginx.cache_dir}", f"EXPORT_FILE={archive}"),
+            ("cache-copy", f"EXPORT_FILE={archive}", *remote),
+            (
+                "cache-import",
+                f"EXPORT_FILE={archive}",
+                f"CACHE_DIR={remote_root / 'cache'}",
+                *remote,
+            ),
+        ]
+        for step in steps:
+            result = make(*step)
+            assert result.returncode == 0, step[0] + result.stdout + result.stderr + sshd.log()
+        assert (remote_root / "incoming" / archive.name).read_bytes() == archive.read_bytes()
+        assert count_entries(remote_root / "cache") == count_entries(stack.nginx.cache_dir)
+        assert f"Accepted publickey for {sshd.user}" in sshd.log()
+    finally:
+        sshd.stop()
 
 
 def test_import_rejects_unsafe_archives(stack: Stack) -> None:

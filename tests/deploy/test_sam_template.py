@@ -1,20 +1,33 @@
-"""deploy/aws/template.yaml: cfn-lint (offline) and what the template promises the code."""
+"""deploy/aws/template.yaml: cfn-lint (offline), what the template promises the code, and the
+function package built the way docs/aws.md says, imported from where CodeUri points."""
 
 from __future__ import annotations
 
 import importlib
+import json
+import os
 import shutil
 import subprocess
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 from cfnlint.decode import decode
 
-from comeapi.cache.dynamo import ATTRIBUTE_DEFINITIONS, KEY_SCHEMA
+from comeapi.cache.dynamo import (
+    ATTRIBUTE_DEFINITIONS,
+    KEY_SCHEMA,
+    DynamoStore,
+    create_table,
+    make_client,
+)
 from comeapi.protocol.requests import KINDS
-from tests.helpers import REPO
+from comeapi.serverless.snapshot import ARCHIVE, META, SNAPSHOT_DIR
+from tests.aws_local import REGION, dummy_credentials, prompt_entries, start_moto_server
+from tests.helpers import REPO, Proc
+from tests.serverless.conftest import cold_start
 
 TEMPLATE = REPO / "deploy" / "aws" / "template.yaml"
 
@@ -58,14 +71,108 @@ def test_the_table_has_the_stores_schema(template: dict[str, Any]) -> None:
     assert table["DeletionPolicy"] == "Retain"  # a stack delete must not lose the cache
 
 
-def test_the_handlers_exist_in_the_packaged_source(template: dict[str, Any]) -> None:
+@pytest.fixture(scope="module")
+def package(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Path, str]]:
+    """A copy of deploy/aws with its function package built as docs/aws.md says
+    (`make lambda-package`), from a table on moto's server; (template, table)."""
+    root = tmp_path_factory.mktemp("sam")
+    template = root / "deploy" / "aws" / "template.yaml"
+    template.parent.mkdir(parents=True)
+    shutil.copy(TEMPLATE, template)
+    procs: list[Proc] = []
+
+    def spawn(argv: list[str]) -> Proc:
+        procs.append(Proc(argv, root / "moto.log"))
+        return procs[-1]
+
+    with pytest.MonkeyPatch.context() as monkeypatch:
+        dummy_credentials(monkeypatch)
+        try:
+            endpoint = start_moto_server(spawn)
+            store = DynamoStore(make_client(REGION, endpoint), "comeapi-cache")
+            create_table(store.client, store.table)
+            store.replace_all(prompt_entries("日本の首都はどこですか", 5))
+            subprocess.run(
+                [
+                    "make", "-s", "-o", ".venv/.installed", "lambda-package",
+                    f"LAMBDA_PACKAGE={template.parent / 'build' / 'CacheFunction'}",
+                    f"LAMBDA_PACKAGE_ARGS=--endpoint-url {endpoint} --region {REGION}",
+                ],
+                cwd=REPO, check=True, capture_output=True, text=True, timeout=120,
+            )  # fmt: skip
+            yield template, store.table
+        finally:
+            for proc in procs:
+                proc.stop()
+
+
+def test_the_handlers_exist_in_the_package(
+    template: dict[str, Any], package: tuple[Path, str]
+) -> None:
+    copied, _ = package
     for name in ("CacheFunction", "IdleStopFunction"):
         props = template["Resources"][name]["Properties"]
         assert props["Runtime"] == "python3.12"
-        code = (TEMPLATE.parent / props["CodeUri"]).resolve()
+        code = (copied.parent / props["CodeUri"]).resolve()
+        if name == "IdleStopFunction":
+            code = (TEMPLATE.parent / props["CodeUri"]).resolve()  # the repository's src/
         module, _, attr = props["Handler"].rpartition(".")
-        assert (code / Path(*module.split("."))).with_suffix(".py").is_file()
+        assert (code / Path(*module.split("."))).with_suffix(".py").is_file(), code
         assert callable(getattr(importlib.import_module(module), attr))
+
+
+def test_the_snapshot_is_inside_the_package(
+    template: dict[str, Any], package: tuple[Path, str]
+) -> None:
+    copied, table = package
+    code = copied.parent / template["Resources"]["CacheFunction"]["Properties"]["CodeUri"]
+    meta = json.loads((code / SNAPSHOT_DIR / META).read_text())
+    assert meta["table"] == table
+    assert (code / SNAPSHOT_DIR / ARCHIVE).is_file()
+    # sam build drops compiled files (its Python builder's exclusions); none are shipped.
+    assert not list(code.rglob("__pycache__"))
+
+
+def test_sam_builds_the_package_with_its_makefile(
+    template: dict[str, Any], package: tuple[Path, str], tmp_path: Path
+) -> None:
+    """What `sam build` does with BuildMethod: makefile: copy CodeUri to a scratch directory,
+    run `make build-CacheFunction` there with ARTIFACTS_DIR set. The build then holds the
+    package compiled for the runtime (here this interpreter stands in for python3.12)."""
+    copied, table = package
+    function = template["Resources"]["CacheFunction"]
+    assert function["Metadata"]["BuildMethod"] == "makefile"
+    runtime = function["Properties"]["Runtime"].removeprefix("python")
+    assert (
+        f"RUNTIME ?= {runtime}"
+        in (copied.parent / function["Properties"]["CodeUri"] / "Makefile").read_text()
+    )
+    scratch, artifacts = tmp_path / "scratch", tmp_path / "artifacts"
+    shutil.copytree(copied.parent / function["Properties"]["CodeUri"], scratch)
+    artifacts.mkdir()
+    version = f"{sys.version_info[0]}.{sys.version_info[1]}"
+    subprocess.run(
+        ["make", "-s", "build-CacheFunction", f"PYTHON={sys.executable}", f"RUNTIME={version}"],
+        cwd=scratch, env={**os.environ, "ARTIFACTS_DIR": str(artifacts)},
+        check=True, capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert sorted(p.name for p in artifacts.iterdir()) == ["comeapi", SNAPSHOT_DIR]
+    tag = sys.implementation.cache_tag
+    assert (artifacts / "comeapi" / "serverless" / "__pycache__" / f"handler.{tag}.pyc").is_file()
+    result = cold_start(artifacts, table, "日本の首都はどこですか")
+    assert (result["status"], result["cache"], result["loaded"]) == (200, "HIT", [])
+
+
+def test_the_packaged_handler_answers_a_cold_hit_without_boto3(
+    template: dict[str, Any], package: tuple[Path, str]
+) -> None:
+    copied, table = package
+    props = template["Resources"]["CacheFunction"]["Properties"]
+    code = copied.parent / props["CodeUri"]
+    assert props["Handler"] == "comeapi.serverless.handler.handler"  # what cold_start calls
+    result = cold_start(code, table, "日本の首都はどこですか")
+    assert result["file"].startswith(str(code))
+    assert (result["status"], result["cache"], result["loaded"]) == (200, "HIT", [])
 
 
 def test_every_handler_route_is_routed(template: dict[str, Any]) -> None:

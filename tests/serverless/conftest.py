@@ -1,6 +1,9 @@
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -61,3 +64,42 @@ def calls(store: DynamoStore) -> list[str]:
 
     store.client.meta.events.register("before-call.dynamodb.*", record)
     return made
+
+
+COLD = """
+import json, sys, time
+import comeapi.serverless.handler as h
+from comeapi.serverless.events import http_api_event
+event = http_api_event("POST", "/generate", body=json.dumps({"prompt": sys.argv[1]}).encode())
+result = h.handler(event, None)
+print(json.dumps({
+    "status": result["statusCode"],
+    "cache": result["headers"].get("X-Cache"),
+    "file": h.__file__,
+    "loaded": sorted(m for m in ("boto3", "botocore") if m in sys.modules),
+}))
+"""
+
+
+def cold_start(package: Path, table: str, prompt: str) -> dict[str, Any]:
+    """Import the handler from ``package`` in a fresh interpreter without site-packages
+    (``-S``: boto3 cannot even be found), as Lambda's init would, and send one event."""
+    env = {
+        "PATH": os.environ["PATH"],
+        "PYTHONPATH": str(package),
+        "PYTHONDONTWRITEBYTECODE": "1",
+        "AWS_LAMBDA_FUNCTION_NAME": "comeapi-test",
+        "TABLE_NAME": table,
+        "AWS_REGION": REGION,
+    }
+    out = subprocess.run(
+        [sys.executable, "-S", "-c", COLD, prompt],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=True,
+        cwd=package,
+    )
+    result: dict[str, Any] = json.loads(out.stdout.splitlines()[-1])
+    return result

@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import base64
 import json
+import subprocess
 import threading
 from collections.abc import Callable, Iterator
+from pathlib import Path
 from typing import Any
 
 import httpx
@@ -164,3 +166,45 @@ def test_aws_moto_serves_dynamodb_and_needs_no_credentials(
     client = make_client(REGION, endpoint)  # no credentials anywhere: dummy ones are used
     assert create_table(client, "t") is True
     assert DynamoStore(client, "t").catalogue().prompts == ()
+
+
+def test_serve_local_from_a_snapshot(
+    spawn: Callable[..., Proc], monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    """The docs' recipe: package from the table, serve from its snapshot; a push then
+    reaches the server through its revision check (CATALOGUE_TTL=0: after every answer)."""
+    dummy_credentials(monkeypatch)
+    endpoint = start_moto_server(spawn)
+    store = DynamoStore(make_client(REGION, endpoint), "local")
+    create_table(store.client, "local")
+    store.put_many(prompt_entries("日本の首都は", 1))
+    where = ["--table", "local", "--endpoint-url", endpoint, "--region", REGION]
+    package = tmp_path / "CacheFunction"
+    subprocess.run(comeapi_argv("aws", "package", str(package), *where), check=True, timeout=120)
+    assert (package / "comeapi-snapshot" / "snapshot.json").is_file()
+
+    port = free_port()
+    monkeypatch.setenv("CATALOGUE_TTL", "0")
+    proc = spawn(
+        comeapi_argv(
+            "aws", "serve-local", *where, "--port", str(port),
+            "--snapshot", str(package / "comeapi-snapshot"),
+        ),
+        name="serve-local",
+    )  # fmt: skip
+    url = f"http://127.0.0.1:{port}"
+    proc.wait_http(f"{url}/status", timeout=60)
+    status = httpx.get(f"{url}/status", timeout=10).json()["status"]
+    assert status["answers_from"] == "snapshot"
+    assert status["catalogue_revision"] == 1
+
+    store.put_many(prompt_entries("日本の首都は", 2))  # revision 2: a second variant
+    seen = set()
+    for _ in range(60):
+        hit = httpx.post(f"{url}/generate", json={"prompt": "日本の首都は"}, timeout=10)
+        assert hit.status_code == 200
+        seen.add(hit.headers["x-cache-variant"])
+        if seen == {"0", "1"}:
+            break
+    assert seen == {"0", "1"}  # variant 1 exists only in the table
+    assert httpx.get(f"{url}/status", timeout=10).json()["status"]["answers_from"] == "table"

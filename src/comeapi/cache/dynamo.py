@@ -16,6 +16,7 @@ not there yet; reads write nothing.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import random
 import time
@@ -105,36 +106,30 @@ def create_table(client: Any, table: str, *, wait_seconds: float = 120.0) -> boo
     An existing table must have the same key schema, else StoreError.
     """
     try:
-        client.create_table(
-            TableName=table,
-            KeySchema=KEY_SCHEMA,
-            AttributeDefinitions=ATTRIBUTE_DEFINITIONS,
-            BillingMode="PAY_PER_REQUEST",
-        )
-    except botocore.exceptions.ClientError as exc:
-        if _code(exc) != "ResourceInUseException":
-            raise translate_error(exc, f"create table {table}") from exc
+        with dynamo_errors(f"create table {table}"):
+            client.create_table(
+                TableName=table,
+                KeySchema=KEY_SCHEMA,
+                AttributeDefinitions=ATTRIBUTE_DEFINITIONS,
+                BillingMode="PAY_PER_REQUEST",
+            )
+    except StoreError as exc:
+        if exc.code != "table_exists":
+            raise
         _check_schema(client, table)
         return False
-    except botocore.exceptions.BotoCoreError as exc:
-        raise translate_error(exc, f"create table {table}") from exc
-    try:
-        waiter = client.get_waiter("table_exists")
-        delay = 1
-        waiter.wait(
+    delay = 1
+    with dynamo_errors(f"waiting {wait_seconds:.0f}s for table {table} to become active"):
+        client.get_waiter("table_exists").wait(
             TableName=table,
             WaiterConfig={"Delay": delay, "MaxAttempts": max(1, int(wait_seconds / delay))},
         )
-    except botocore.exceptions.WaiterError as exc:
-        raise StoreError(f"table {table} did not become active in {wait_seconds:.0f}s") from exc
     return True
 
 
 def _check_schema(client: Any, table: str) -> None:
-    try:
+    with dynamo_errors(f"describe table {table}"):
         described = client.describe_table(TableName=table)["Table"]
-    except (botocore.exceptions.BotoCoreError, botocore.exceptions.ClientError) as exc:
-        raise translate_error(exc, f"describe table {table}") from exc
     if sorted(described["KeySchema"], key=lambda k: k["KeyType"]) != KEY_SCHEMA:
         raise StoreError(
             f"table {table} exists with key schema {described['KeySchema']}; comeapi needs "
@@ -143,8 +138,22 @@ def _check_schema(client: Any, table: str) -> None:
         )
 
 
+@contextlib.contextmanager
+def dynamo_errors(what: str) -> Iterator[None]:
+    """The one place botocore's errors become comeapi's: whatever the block raises from
+    botocore leaves it as ``translate_error(exc, what)``; other exceptions pass unchanged."""
+    try:
+        yield
+    except (botocore.exceptions.BotoCoreError, botocore.exceptions.ClientError) as exc:
+        raise translate_error(exc, what) from exc
+
+
 def translate_error(exc: Exception, what: str) -> StoreError:
-    """A botocore error as a StoreError; throttling and outages as StoreUnavailableError (503)."""
+    """A botocore error as a StoreError; throttling and outages as StoreUnavailableError (503).
+
+    Two codes are told apart for callers: ``table_exists`` (CreateTable on an existing
+    table) and ``conflict`` (a conditional write lost to another writer).
+    """
     if isinstance(exc, botocore.exceptions.ClientError):
         code = _code(exc)
         message = exc.response.get("Error", {}).get("Message", "")
@@ -156,9 +165,18 @@ def translate_error(exc: Exception, what: str) -> StoreError:
                 "`comeapi cache push dynamodb --create` or the SAM template)",
                 code="table_not_found",
             )
+        if code == "ResourceInUseException":
+            return StoreError(f"DynamoDB {code} during {what}: {message}", code="table_exists")
+        if code == "ConditionalCheckFailedException":
+            return StoreError(
+                f"another writer changed the table during {what}; run it again",
+                code="conflict",
+            )
         return StoreError(f"DynamoDB {code} during {what}: {message}")
     if isinstance(exc, _NETWORK_ERRORS):
         return StoreUnavailableError(f"DynamoDB unreachable during {what}: {exc}", retry_after=2)
+    if isinstance(exc, botocore.exceptions.WaiterError):
+        return StoreError(f"DynamoDB did not finish {what}: {exc}", code="timeout")
     return StoreError(f"DynamoDB client error during {what}: {exc}")
 
 
@@ -203,12 +221,10 @@ class DynamoStore(ResponseStore):
     # --- reads: one GetItem each, nothing written ------------------------------------------
 
     def _get(self, key: str, variant: int) -> Entry | None:
-        try:
+        with dynamo_errors("GetItem"):
             item = self.client.get_item(
                 TableName=self.table, Key={"key": {"S": key}, "variant": {"N": str(variant)}}
             ).get("Item")
-        except (botocore.exceptions.BotoCoreError, botocore.exceptions.ClientError) as exc:
-            raise translate_error(exc, "GetItem") from exc
         if item is None:
             return None
         entry = decode_entry(item)
@@ -217,14 +233,12 @@ class DynamoStore(ResponseStore):
 
     def catalogue(self, *, consistent: bool = False) -> Catalogue:
         """The catalogue item (one GetItem); empty when nothing was pushed yet."""
-        try:
+        with dynamo_errors("GetItem (catalogue)"):
             item = self.client.get_item(
                 TableName=self.table,
                 Key={"key": {"S": CATALOGUE_KEY}, "variant": {"N": "0"}},
                 ConsistentRead=consistent,
             ).get("Item")
-        except (botocore.exceptions.BotoCoreError, botocore.exceptions.ClientError) as exc:
-            raise translate_error(exc, "GetItem (catalogue)") from exc
         if item is None:
             return Catalogue(0, ())
         return decode_catalogue(item)
@@ -245,11 +259,9 @@ class DynamoStore(ResponseStore):
         kwargs: dict[str, Any] = {"TableName": self.table, "ConsistentRead": True}
         if projection:
             kwargs.update(ProjectionExpression=projection, ExpressionAttributeNames={"#k": "key"})
-        try:
+        with dynamo_errors("Scan"):
             for page in self.client.get_paginator("scan").paginate(**kwargs):
                 yield from page.get("Items", [])
-        except (botocore.exceptions.BotoCoreError, botocore.exceptions.ClientError) as exc:
-            raise translate_error(exc, "Scan") from exc
 
     # --- writes: entries first, then the catalogue ------------------------------------------
 
@@ -296,11 +308,9 @@ class DynamoStore(ResponseStore):
             "ProjectionExpression": "variant",
             "ConsistentRead": True,
         }
-        try:
+        with dynamo_errors("Query"):
             for page in self.client.get_paginator("query").paginate(**kwargs):
                 present.update(int(i["variant"]["N"]) for i in page.get("Items", []))
-        except (botocore.exceptions.BotoCoreError, botocore.exceptions.ClientError) as exc:
-            raise translate_error(exc, "Query") from exc
         return _count_contiguous(present)
 
     def _put_catalogue(self, catalogue: Catalogue, previous: Catalogue) -> None:
@@ -313,7 +323,7 @@ class DynamoStore(ResponseStore):
                 f"DynamoDB's {MAX_ITEM_BYTES}-byte item limit",
                 code="too_large",
             )
-        try:
+        with dynamo_errors("this push (PutItem of the catalogue)"):
             self.client.put_item(
                 TableName=self.table,
                 Item=item,
@@ -321,15 +331,6 @@ class DynamoStore(ResponseStore):
                 ExpressionAttributeNames={"#k": "key"},
                 ExpressionAttributeValues={":rev": {"N": str(previous.revision)}},
             )
-        except botocore.exceptions.ClientError as exc:
-            if _code(exc) == "ConditionalCheckFailedException":
-                raise StoreError(
-                    "another writer changed the table during this push; run it again",
-                    code="conflict",
-                ) from exc
-            raise translate_error(exc, "PutItem (catalogue)") from exc
-        except botocore.exceptions.BotoCoreError as exc:
-            raise translate_error(exc, "PutItem (catalogue)") from exc
 
     def _batch_write(self, requests: list[dict[str, Any]]) -> None:
         """BatchWriteItem in batches of 25, retrying UnprocessedItems with capped, jittered
@@ -337,10 +338,8 @@ class DynamoStore(ResponseStore):
         for start in range(0, len(requests), BATCH_SIZE):
             pending = requests[start : start + BATCH_SIZE]
             for attempt in range(self._max_batch_attempts):
-                try:
+                with dynamo_errors("BatchWriteItem"):
                     response = self.client.batch_write_item(RequestItems={self.table: pending})
-                except (botocore.exceptions.BotoCoreError, botocore.exceptions.ClientError) as exc:
-                    raise translate_error(exc, "BatchWriteItem") from exc
                 pending = response.get("UnprocessedItems", {}).get(self.table, [])
                 if not pending:
                     break

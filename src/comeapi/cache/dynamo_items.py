@@ -20,10 +20,13 @@ CATALOGUE_PROMPT_CHARS = 1000  # longer prompts are listed shortened (the entrie
 
 
 class Catalogue(NamedTuple):
-    """The catalogue item: every prompt, its variant count, and a revision number."""
+    """The catalogue item: every prompt, its variant count, a revision number (one more at
+    every push) and when it was written (Unix seconds; 0 if unknown). The pair names one
+    state of the table: a table deleted and created again restarts at revision 1."""
 
     revision: int
     prompts: tuple[PromptInfo, ...]
+    updated: int = 0
 
     def variants(self) -> dict[str, int]:
         return {p.key: p.variants for p in self.prompts}
@@ -118,7 +121,8 @@ def decode_catalogue(item: dict[str, Any]) -> Catalogue:
             )
             for m in (p["M"] for p in item["prompts"]["L"])
         )
-        return Catalogue(int(item["revision"]["N"]), prompts)
+        updated = int(item["updated"]["N"]) if "updated" in item else 0
+        return Catalogue(int(item["revision"]["N"]), prompts, updated)
     except (KeyError, TypeError, ValueError) as exc:
         raise StoreError(f"the catalogue item is malformed ({exc!r})", code="corrupt") from None
 

@@ -89,9 +89,15 @@ def push(
             click.echo(f"created table {table} (on-demand billing)")
         store = DynamoStore(client, table)
         count = store.put_many(entries) if merge else store.replace_all(entries)
+        revision = store.catalogue(consistent=True).revision
     prompts = len({e.key for e in entries})
     how = "merged into" if merge else "replaced the contents of"
     click.echo(f"{count} entries ({prompts} prompts) from {source} {how} dynamodb table {table}")
+    click.echo(
+        f"table {table} is now at catalogue revision {revision}. Lambda functions whose package "
+        "holds an older snapshot answer cold starts from it until they check the table: run "
+        "`make lambda-package`, `sam build`, `sam deploy` to ship this revision (docs/aws.md)"
+    )
 
 
 @click.command()

@@ -13,16 +13,13 @@ BOOT_RETRY_AFTER (30 s), IDLE_MINUTES (30, for the idle stop).
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import time
-import urllib.error
-import urllib.request
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from datetime import datetime
 from typing import Any
-
-import botocore.exceptions
 
 from comeapi.errors import ConfigError, UnavailableError, UpstreamError
 from comeapi.serverless.events import HttpRequest, Reply
@@ -93,7 +90,8 @@ class OnDemandBackend:
             self._touch()
             return self._forward(instance, request)
         if state == "stopped":
-            self._call("StartInstances", self.ec2.start_instances, InstanceIds=[self.instance_id])
+            with ec2_errors("StartInstances"):
+                self.ec2.start_instances(InstanceIds=[self.instance_id])
             self._touch(force=True)  # so the idle stop does not stop it before its first use
             log.warning("started backend instance %s on a cache miss", self.instance_id)
             raise self._booting("the backend is starting for this uncached prompt")
@@ -133,6 +131,10 @@ class OnDemandBackend:
         return f"http://{host}:{self.port}"
 
     def _forward(self, instance: dict[str, Any], request: HttpRequest) -> Reply:
+        # Imported on the first forwarded miss: urllib.request costs a cold start ~10 ms.
+        import urllib.error
+        import urllib.request
+
         url = self.url(instance) + request.path
         headers = {k: v for k, v in request.headers.items() if k in FORWARDED_HEADERS}
         if self.api_key:
@@ -168,19 +170,12 @@ class OnDemandBackend:
         now = self._clock()
         if not force and now - self._touched_at < self.touch_interval:
             return
-        self._call(
-            "CreateTags",
-            self.ec2.create_tags,
-            Resources=[self.instance_id],
-            Tags=[{"Key": LAST_USED_TAG, "Value": str(int(now))}],
-        )
+        with ec2_errors("CreateTags"):
+            self.ec2.create_tags(
+                Resources=[self.instance_id],
+                Tags=[{"Key": LAST_USED_TAG, "Value": str(int(now))}],
+            )
         self._touched_at = now
-
-    def _call(self, what: str, method: Callable[..., Any], **kwargs: Any) -> Any:
-        try:
-            return method(**kwargs)
-        except (botocore.exceptions.BotoCoreError, botocore.exceptions.ClientError) as exc:
-            raise _ec2_error(what, exc) from exc
 
 
 def _reply(status: int, headers: Any, body: bytes) -> Reply:
@@ -191,10 +186,8 @@ def _reply(status: int, headers: Any, body: bytes) -> Reply:
 
 
 def describe(ec2: Any, instance_id: str) -> dict[str, Any]:
-    try:
+    with ec2_errors("DescribeInstances"):
         reservations = ec2.describe_instances(InstanceIds=[instance_id])["Reservations"]
-    except (botocore.exceptions.BotoCoreError, botocore.exceptions.ClientError) as exc:
-        raise _ec2_error("DescribeInstances", exc) from exc
     instances = [i for r in reservations for i in r["Instances"]]
     if not instances:
         raise UnavailableError(
@@ -204,10 +197,25 @@ def describe(ec2: Any, instance_id: str) -> dict[str, Any]:
     return instance
 
 
+@contextlib.contextmanager
+def ec2_errors(what: str) -> Iterator[None]:
+    """The one place EC2's botocore errors become comeapi's: the backend is unavailable.
+    (DynamoDB's have theirs, ``comeapi.cache.dynamo.dynamo_errors``: a store error.)"""
+    try:
+        yield
+    except Exception as exc:
+        # Imported here, not at the top: the handler imports this module at init, and a
+        # botocore error can only come after boto3 was loaded to make the call.
+        import botocore.exceptions
+
+        if isinstance(exc, (botocore.exceptions.BotoCoreError, botocore.exceptions.ClientError)):
+            raise _ec2_error(what, exc) from exc
+        raise
+
+
 def _ec2_error(what: str, exc: Exception) -> UnavailableError:
-    code = ""
-    if isinstance(exc, botocore.exceptions.ClientError):
-        code = str(exc.response.get("Error", {}).get("Code", ""))
+    response = getattr(exc, "response", None)  # a ClientError's parsed error
+    code = str(response.get("Error", {}).get("Code", "")) if isinstance(response, dict) else ""
     # IncorrectInstanceState: it changed state between our look and our call; retry soon.
     return UnavailableError(
         f"EC2 {what} failed ({code or exc}); the backend cannot be reached now",
@@ -240,10 +248,8 @@ def idle_stop(ec2: Any, instance_id: str, *, idle_minutes: float, now: float | N
     idle = now - last_used
     if idle < idle_minutes * 60:
         return f"{instance_id} was used {idle / 60:.1f} min ago: kept running"
-    try:
+    with ec2_errors("StopInstances"):
         ec2.stop_instances(InstanceIds=[instance_id])
-    except (botocore.exceptions.BotoCoreError, botocore.exceptions.ClientError) as exc:
-        raise _ec2_error("StopInstances", exc) from exc
     return f"{instance_id} idle for {idle / 60:.1f} min: stopping"
 
 
