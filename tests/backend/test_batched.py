@@ -16,9 +16,10 @@ import httpx
 import pytest
 
 from comeapi.backend.batched import BatchedEngine
+from comeapi.backend.decoding import PREFILL_CHUNK
 from comeapi.backend.engine import Event, Finished, TextDelta
 from comeapi.backend.native import Entry, NativeModel, lib
-from comeapi.backend.slots import LONE_PAD_FROM, PREFILL_CHUNK
+from comeapi.backend.slots import LONE_PAD_FROM
 from comeapi.errors import ContextLengthError, ModelNotFoundError, UnavailableError
 from comeapi.protocol.requests import GenerationRequest, parse_request
 from comeapi.settings import load_settings
@@ -30,6 +31,11 @@ CTX = 512
 # Long enough for three prefill chunks, and for a lone decode to reach llama.cpp's split-KV
 # attention kernel (512 KV cells) unless the engine pads it.
 LONG_PROMPT = "Inventory list. " + " ".join(f"Box {i} holds {i * 7} apples;" for i in range(45))
+# System prompts of about 430 tokens for the prefix-reuse tests (no other prompt starts like
+# them, so a first run computes them afresh).
+RULES = " ".join(f"Rule {i}: answer item {i} with care and {i * 3} words." for i in range(23))
+SYSTEM = "You are a careful assistant. " + RULES
+OTHER_SYSTEM = "Be a patient helper. " + RULES
 PROMPTS = [
     "The capital of France is",
     LONG_PROMPT,
@@ -69,6 +75,41 @@ async def run(engine: BatchedEngine, req: GenerationRequest) -> tuple[str, Finis
     raise AssertionError("no Finished event")
 
 
+async def run_all(engine: BatchedEngine, req: GenerationRequest) -> list[tuple[str, Finished]]:
+    """Every choice's text and Finished event, by index."""
+    texts: dict[int, str] = {}
+    done: dict[int, Finished] = {}
+    async for event in engine.generate(req, BUNDLED_MODEL):
+        if isinstance(event, TextDelta):
+            texts[event.index] = texts.get(event.index, "") + event.text
+        else:
+            done[event.index] = event
+    return [(texts.get(i, ""), done[i]) for i in sorted(done)]
+
+
+def prefills(batches: list[list[Entry]]) -> list[list[Entry]]:
+    """The prefill calls among recorded batches: several tokens of one stream."""
+    return [b for b in batches if len(b) > 1 and len({e.seq for e in b}) == 1]
+
+
+def recorder(model: NativeModel, monkeypatch: pytest.MonkeyPatch) -> dict[str, list[Any]]:
+    """Record the decode batches and stream copies of ``model`` from now on."""
+    seen: dict[str, list[Any]] = {"batches": [], "copies": []}
+    decode, copy = model.decode, model.copy
+
+    def recording_decode(entries: Any) -> int:
+        seen["batches"].append(list(entries))
+        return int(decode(entries))
+
+    def recording_copy(source: int, target: int) -> None:
+        seen["copies"].append((source, target))
+        copy(source, target)
+
+    monkeypatch.setattr(model, "decode", recording_decode)
+    monkeypatch.setattr(model, "copy", recording_copy)
+    return seen
+
+
 Results = list[tuple[str, Finished]]
 
 
@@ -99,7 +140,10 @@ def assert_idle(engine: BatchedEngine) -> None:
     while decoder.busy_slots() and time.monotonic() < deadline:
         time.sleep(0.01)
     assert decoder.busy_slots() == 0
-    assert [model.kv_tokens(s) for s in range(model.n_seq)] == [0] * model.n_seq
+    # A free slot holds only the whole prompt chunks it keeps for later prompts.
+    kept = decoder.cached_prefixes() + [0] * (model.n_seq - len(decoder.cached_prefixes()))
+    assert [model.kv_tokens(s) for s in range(model.n_seq)] == kept
+    assert all(k % PREFILL_CHUNK == 0 for k in kept)
 
 
 # --- correctness ---------------------------------------------------------------------------
@@ -120,12 +164,23 @@ def test_greedy_text_is_the_same_alone_and_in_a_full_batch(engine: BatchedEngine
 
 
 def test_gaps_and_a_lone_long_sequence_are_padded(
-    engine: BatchedEngine, monkeypatch: pytest.MonkeyPatch
+    engine: BatchedEngine, model_dir: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """The decode batch covers consecutive streams (llama.cpp would split it into several
     micro-batches otherwise): a slot still prefilling between two generating ones gets a
-    padding token; so does a second stream next to a lone sequence with a long cache."""
-    model = engine._model
+    padding token; so does a second stream next to a lone sequence with a long cache.
+    The solo answers come from the module's engine, the scenario runs on a fresh one (no
+    kept prefixes, so slots are taken lowest first)."""
+    short = request("The capital of France is", max_tokens=24)
+    brief = request("Hello", max_tokens=8)
+    long = request(LONG_PROMPT, max_tokens=36)  # outlasts the short ones: ends alone
+
+    async def solo_runs() -> list[tuple[str, Finished]]:
+        return [await run(engine, r) for r in (short, long)]
+
+    solo = asyncio.run(solo_runs())
+    fresh = start_engine(model_dir, slots=5)
+    model = fresh._model
     assert model is not None
     batches: list[list[Entry]] = []
     decode = model.decode
@@ -135,26 +190,25 @@ def test_gaps_and_a_lone_long_sequence_are_padded(
         return int(decode(entries))
 
     monkeypatch.setattr(model, "decode", recording)
-    short = request("The capital of France is", max_tokens=24)
-    brief = request("Hello", max_tokens=8)
-    long = request(LONG_PROMPT, max_tokens=12)
 
     async def scenario() -> None:
-        solo = [await run(engine, r) for r in (short, long)]
-        decoder = engine._decoder
+        decoder = fresh._decoder
         assert decoder is not None
-        first = asyncio.ensure_future(run(engine, short))
+        first = asyncio.ensure_future(run(fresh, short))
         await until(lambda: decoder.busy_slots() == 1)
-        second = asyncio.ensure_future(run(engine, brief))
+        second = asyncio.ensure_future(run(fresh, brief))
         await until(lambda: decoder.busy_slots() == 2)
-        third = asyncio.ensure_future(run(engine, short))
+        third = asyncio.ensure_future(run(fresh, short))
         await until(lambda: decoder.busy_slots() == 3)
         await second  # slot 1 is free again, slots 0 and 2 keep generating
-        middle = asyncio.ensure_future(run(engine, long))  # prefills in slot 1
+        middle = asyncio.ensure_future(run(fresh, long))  # prefills in slot 1
         assert [await first, await middle, await third] == [solo[0], solo[1], solo[0]]
 
-    batches.clear()
-    asyncio.run(scenario())
+    try:
+        asyncio.run(scenario())
+        assert_idle(fresh)
+    finally:
+        asyncio.run(fresh.close())
     steps = [b for b in batches if len({e.seq for e in b}) == len(b)]  # one token per stream
     lone_long = [b for b in steps if b[0].pos >= LONE_PAD_FROM and sum(e.logits for e in b) == 1]
     assert lone_long and all(len(b) == 2 for b in lone_long)
@@ -162,7 +216,6 @@ def test_gaps_and_a_lone_long_sequence_are_padded(
     assert gap, "no decode step padded the prefilling slot 1"
     assert all(b[1].token == model.pad_token and b[1].pos % PREFILL_CHUNK == 0 for b in gap)
     assert any(b[1].pos > 0 for b in gap), "no padding token while slot 1 was prefilling"
-    assert_idle(engine)
 
 
 def test_padding_gives_a_lone_decode_the_batched_numbers(model_dir: Path) -> None:
@@ -218,6 +271,74 @@ def test_seeds_and_parameters_stay_in_their_own_slot(engine: BatchedEngine) -> N
     text, done = together[4]
     assert text == " 5, 6, 7" and done.reason == "stop"
     assert together[3][1].usage.completion_tokens == 6
+    assert_idle(engine)
+
+
+def test_n_choices_share_one_prefill_and_do_not_depend_on_the_batch(
+    engine: BatchedEngine, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """n sequences take the prompt's cells by a stream copy and sample from the same logits:
+    greedy choices equal the n=1 answer; seeded ones are the same alone or in a full batch
+    (two requests of n=3 need 6 slots: the last choice waits and prefills by itself)."""
+    model = engine._model
+    assert model is not None
+    one = request("The capital of France is", max_tokens=8)
+    greedy = request("The capital of France is", max_tokens=8, n=3)
+    seeded = request("Once upon a time,", temperature=1.0, seed=5, n=3, max_tokens=8)
+
+    async def scenario() -> tuple[list[Results], list[Results], dict[str, list[Any]]]:
+        single = await run_all(engine, one)
+        seen = recorder(model, monkeypatch)
+        solo = [await run_all(engine, r) for r in (greedy, seeded)]
+        alone = {key: list(values) for key, values in seen.items()}
+        together = await asyncio.gather(
+            run_all(engine, greedy), run_all(engine, seeded), run_all(engine, request(PROMPTS[1]))
+        )
+        return [single, *solo], list(together), alone
+
+    (single, solo_greedy, solo_seeded), together, alone = asyncio.run(scenario())
+    assert [text for text, _ in solo_greedy] == [single[0][0]] * 3
+    assert [done.index for _, done in solo_greedy] == [0, 1, 2]
+    assert len({text for text, _ in solo_seeded}) == 3  # seeds 5, 6, 7
+    assert together[0] == solo_greedy and together[1] == solo_seeded
+    # Alone, each request prefilled its prompt once and copied it to its two other choices.
+    assert len(prefills(alone["batches"])) == 2
+    assert len(alone["copies"]) == 4
+    assert_idle(engine)
+
+
+def test_shared_prefixes_are_reused_and_answers_stay_the_same(
+    engine: BatchedEngine, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A prompt keeps the whole chunks it shares with an earlier one: from a free slot that
+    kept them, or copied from a busy stream; the answer is the fresh one, bit for bit."""
+    model, decoder = engine._model, engine._decoder
+    assert model is not None and decoder is not None
+    france = request(SYSTEM + " Question: what is the capital of France?", max_tokens=8)
+    fruit = request(SYSTEM + " Question: name a red fruit, please.", max_tokens=40)
+    seeded = request(OTHER_SYSTEM + " Question: tell me a story.", temperature=1.0, seed=3)
+    seen = recorder(model, monkeypatch)
+
+    async def scenario() -> list[Any]:
+        fresh = await run(engine, france)
+        fresh_seeded = await run(engine, seeded)
+        again = await run(engine, france)  # the prefix kept in a free slot
+        busy = asyncio.ensure_future(run(engine, fruit))  # takes the slot with the prefix
+        await until(lambda: any(s is not None and not s.prefilling for s in decoder._slots))
+        copied = await run(engine, france)  # copies the prefix from fruit's stream
+        again_seeded = await run(engine, seeded)
+        await busy
+        return [fresh, again, copied, fresh_seeded, again_seeded]
+
+    fresh, again, copied, fresh_seeded, again_seeded = asyncio.run(scenario())
+    assert again == fresh and copied == fresh
+    assert again_seeded == fresh_seeded
+    starts = [b[0].pos for b in prefills(seen["batches"])]
+    # Each system prompt's first run was computed in 4 chunks; the four runs after them kept
+    # 3 chunks (384 tokens) and computed only the last one.
+    chunks = [0, 128, 256, 384]
+    assert starts == chunks + chunks + [3 * PREFILL_CHUNK] * 4, starts
+    assert seen["copies"], "the prefix was never copied from another stream"
     assert_idle(engine)
 
 

@@ -8,13 +8,18 @@ import llama_cpp
 import pytest
 
 from comeapi.backend.decoding import (
+    PREFILL_CHUNK,
     ChatTemplate,
+    ChoiceText,
     TextAssembler,
     completion_budget,
+    prompt_texts,
     prompt_tokens,
+    reusable_prefix,
 )
 from comeapi.errors import ContextLengthError, RequestError
 from comeapi.protocol.requests import parse_request
+from comeapi.protocol.responses import TokenLogprob
 from tests.helpers import BUNDLED_MODEL
 
 
@@ -167,3 +172,80 @@ def test_models_without_a_template_get_chatml() -> None:
 def test_a_character_cut_by_max_tokens_is_dropped_not_replaced() -> None:
     # "日" is e6 97 a5: the generation ended after two of its three bytes.
     assert feed_all(TextAssembler(()), [b"ok ", b"\xe6\x97"]) == "ok "
+
+
+def entry(text: str) -> TokenLogprob:
+    return TokenLogprob(text, text.encode(), -1.0)
+
+
+def feed_tokens(choice: ChoiceText, tokens: list[bytes]) -> tuple[str, list[TokenLogprob]]:
+    text, entries = "", []
+    for raw in tokens:
+        piece, released = choice.feed(raw, entry(raw.decode("utf-8", errors="replace")))
+        text += piece
+        entries += released
+    piece, released = choice.finish()
+    return text + piece, entries + released
+
+
+def test_log_probabilities_leave_with_their_text_and_carry_offsets() -> None:
+    text, entries = feed_tokens(ChoiceText((), base=6), [b" Paris", b" is", b" big"])
+    assert text == " Paris is big"
+    assert [(e.token, e.offset) for e in entries] == [(" Paris", 6), (" is", 12), (" big", 15)]
+
+
+def test_tokens_of_a_stop_string_are_dropped_with_it() -> None:
+    choice = ChoiceText(("\n\n",))
+    text, entries = feed_tokens(choice, [b"One", b" two", b"\n", b"\n", b"three"])
+    assert text == "One two" and choice.stopped
+    assert [e.token for e in entries] == ["One", " two"]
+    # A token that starts before the stop string keeps its entry.
+    text, entries = feed_tokens(ChoiceText(("two",)), [b"One", b" tw", b"o!"])
+    assert text == "One " and [e.token for e in entries] == ["One", " tw"]
+
+
+def test_a_held_back_token_is_released_with_its_text() -> None:
+    choice = ChoiceText(("STOP",))
+    piece, released = choice.feed(b"ST", entry("ST"))
+    assert (piece, released) == ("", [])  # might start the stop string
+    piece, released = choice.feed(b"ay", entry("ay"))
+    assert piece == "STay" and [e.token for e in released] == ["ST", "ay"]
+
+
+def test_reusable_prefix_keeps_whole_chunks_and_one_token_to_compute() -> None:
+    c = PREFILL_CHUNK
+    old = list(range(3 * c + 40))
+    assert reusable_prefix(old, old[: 2 * c] + [-1] * 50) == 2 * c  # common 2 chunks
+    assert reusable_prefix(old, old[: 2 * c - 1] + [-1] * 50) == c  # not the partial one
+    assert reusable_prefix(old, [*old, 7, 8]) == 3 * c  # the last partial chunk is recomputed
+    assert reusable_prefix(old[: 2 * c], old[: 2 * c]) == c  # the same prompt: one token left
+    assert reusable_prefix([], old) == 0 and reusable_prefix(old, [1]) == 0
+
+
+def test_tool_support_is_read_from_the_template() -> None:
+    assert not ChatTemplate(_StubLlama()).supports_tools  # type: ignore[arg-type]
+    tooled = _StubLlama()
+    tooled.metadata = {  # type: ignore[misc]
+        "tokenizer.chat_template": (
+            "{% if tools %}{% for t in tools %}[tool {{ t.function.name }}]{% endfor %}{% endif %}"
+            "{% for m in messages %}[{{ m['role'] }}]{{ m['content'] }}{% endfor %}"
+        )
+    }
+    template = ChatTemplate(tooled)  # type: ignore[arg-type]
+    assert template.supports_tools
+    tools = [{"type": "function", "function": {"name": "f", "parameters": {}}}]
+    body = {"messages": [{"role": "user", "content": "Hi"}], "tools": tools}
+    request = parse_request("chat", body, max_tokens_limit=10)
+    with pytest.raises(RequestError, match="do not call tools") as info:
+        prompt_texts(template, request)
+    assert info.value.param == "tools"
+    with pytest.raises(RequestError, match="no tool support"):
+        prompt_texts(ChatTemplate(_StubLlama()), request)  # type: ignore[arg-type]
+    unused = parse_request("chat", {**body, "tool_choice": "none"}, max_tokens_limit=10)
+    assert prompt_texts(template, unused) == ["[user]Hi"]
+    required = parse_request(
+        "chat", {**body, "tools": None, "tool_choice": "required"}, max_tokens_limit=10
+    )
+    with pytest.raises(RequestError) as info:
+        prompt_texts(template, required)
+    assert info.value.param == "tool_choice"

@@ -9,6 +9,7 @@ import shutil
 from pathlib import Path
 from typing import Any
 
+import llama_cpp
 import pytest
 
 from comeapi.backend.engine import Event, Finished, TextDelta
@@ -189,6 +190,48 @@ def test_bad_models_directory(tmp_path: Path, model_dir: Path, setup: str, messa
         overrides["default_model"] = "nope.gguf"
     with pytest.raises(ConfigError, match=message):
         SerialEngine(load_settings(**overrides))
+
+
+RULES = " ".join(f"Rule {i}: answer item {i} with care and {i * 3} words." for i in range(23))
+
+
+def test_whole_chunks_of_the_last_prompt_are_reused_and_answers_stay_the_same(
+    model_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The context keeps the last prompt; the next one computes only what follows their
+    common whole chunks, and a seeded answer is the same as when computed afresh."""
+    settings = load_settings(model_dir=model_dir, threads=1, ctx=1024)
+    prompts = [f"You are a careful assistant. {RULES} Question: {q}" for q in ("why?", "how?")]
+    story = parse_request(
+        "completion",
+        {"prompt": prompts[0], "max_tokens": 8, "temperature": 1.0, "seed": 11},
+        max_tokens_limit=4096,
+    )
+    other = parse_request(
+        "completion", {"prompt": prompts[1], "max_tokens": 4}, max_tokens_limit=4096
+    )
+    evaluated: list[tuple[int, int]] = []  # (cells kept, tokens computed) of each prompt
+    eval_ = llama_cpp.Llama.eval
+
+    def recording(self: llama_cpp.Llama, tokens: list[int]) -> None:
+        if len(tokens) > 1:
+            evaluated.append((self.n_tokens, len(tokens)))
+        eval_(self, tokens)
+
+    monkeypatch.setattr(llama_cpp.Llama, "eval", recording)
+
+    async def scenario() -> list[list[Event]]:
+        engine = SerialEngine(settings)
+        await engine.start()
+        try:
+            return [await run(engine, r, BUNDLED_MODEL) for r in (story, other, story)]
+        finally:
+            await engine.close()
+
+    fresh, _, again = asyncio.run(scenario())
+    assert again == fresh
+    assert [kept for kept, _ in evaluated] == [0, 384, 384]
+    assert 384 < evaluated[0][1] < 512
 
 
 def test_make_engine_picks_by_slots(model_dir: Path) -> None:

@@ -125,6 +125,10 @@ def keep_small(body: Any, count: int) -> Any:
     for name in ("n", "best_of"):
         if _number(body.get(name)) and body[name] > 2:
             body[name] = 2
+    # Several prompts are several choices too; schemathesis reads at most 20 events of a
+    # stream (DEFAULT_MAX_STREAM_EVENTS), so at most 2 prompts x 2 choices x 3 tokens.
+    if isinstance(body.get("prompt"), list) and len(body["prompt"]) > 2:
+        body["prompt"] = body["prompt"][:2]
     return body
 
 

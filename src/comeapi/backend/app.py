@@ -21,7 +21,7 @@ from starlette.responses import Response, StreamingResponse
 from starlette.routing import Route
 from starlette.types import Receive, Scope, Send
 
-from comeapi.backend.engine import Engine, Event, Finished, TextDelta
+from comeapi.backend.engine import Engine, Event, Finished, TextDelta, choice_count, total_usage
 from comeapi.backend.metrics import BackendMetrics, MeteredEngine
 from comeapi.backend.support import refuse_unsupported
 from comeapi.errors import ComeapiError, QueueFullError, UnavailableError
@@ -33,7 +33,14 @@ from comeapi.http.responses import JSONResponse, read_body
 from comeapi.models.catalogue import ModelFile, check_model_dir, resolve
 from comeapi.protocol.health import health_document, new_instance_id
 from comeapi.protocol.requests import KINDS, GenerationRequest, decode_json, parse_request
-from comeapi.protocol.responses import StreamEncoder, full_body, sse_error
+from comeapi.protocol.responses import (
+    Choice,
+    StreamEncoder,
+    TokenLogprob,
+    Usage,
+    answer_body,
+    sse_error,
+)
 from comeapi.settings import Settings
 
 T = TypeVar("T")
@@ -157,7 +164,7 @@ class BackendAPI:
             return Response(status_code=CLIENT_GONE)
         body = decode_json(raw)
         gen = parse_request(kind, body, max_tokens_limit=self._settings.max_tokens_limit)
-        refuse_unsupported(gen)
+        refuse_unsupported(gen, body)
         model = resolve(self._models, gen.model, self._default.name)
         release = self._admit()
         try:
@@ -172,15 +179,11 @@ class BackendAPI:
                 response: Response = EventStream(chunks, events, release)
                 release = _noop  # the stream releases when it ends
                 return response
-            result = await _unless_disconnected(request, _collect(events))
+            result = await _unless_disconnected(request, _collect(gen, events))
             if result is None:
                 return Response(status_code=CLIENT_GONE)
-            text, done = result
-            return JSONResponse(
-                full_body(
-                    kind, model=model.name, text=text, finish_reason=done.reason, usage=done.usage
-                )
-            )
+            choices, usage = result
+            return JSONResponse(answer_body(kind, model=model.name, choices=choices, usage=usage))
         finally:
             release()
 
@@ -226,33 +229,62 @@ async def _first(events: AsyncIterator[Event]) -> Event:
         raise ComeapiError("the engine ended without an answer") from None
 
 
-async def _collect(events: AsyncIterator[Event]) -> tuple[str, Finished]:
-    pieces: list[str] = []
+async def _collect(
+    gen: GenerationRequest, events: AsyncIterator[Event]
+) -> tuple[list[Choice], Usage]:
+    """Every choice's text (and log probabilities), in index order, and the usage."""
+    count = choice_count(gen)
+    pieces: list[list[str]] = [[] for _ in range(count)]
+    logprobs: list[list[TokenLogprob]] = [[] for _ in range(count)]
+    finished: dict[int, Finished] = {}
     try:
         async for event in events:
             if isinstance(event, TextDelta):
-                pieces.append(event.text)
+                pieces[event.index].append(event.text)
+                logprobs[event.index].extend(event.logprobs)
             else:
-                return "".join(pieces), event
+                finished[event.index] = event
+                if len(finished) == count:
+                    break
     finally:
         await _aclose(events)
-    raise ComeapiError("the engine ended without an answer")
+    if len(finished) < count:
+        raise ComeapiError("the engine ended without an answer")
+    choices = [
+        Choice(
+            i,
+            "".join(pieces[i]),
+            finished[i].reason,
+            tuple(logprobs[i]) if gen.logprobs else None,
+        )
+        for i in range(count)
+    ]
+    return choices, total_usage(gen, finished.values())
 
 
 async def _sse_chunks(
     gen: GenerationRequest, model: str, first: Event, events: AsyncIterator[Event]
 ) -> AsyncIterator[bytes]:
+    """The stream of every choice: each opens (chat), sends its pieces and stops; the usage
+    chunk and [DONE] follow the last one."""
     encoder = StreamEncoder(gen.kind, model, include_usage=gen.include_usage)
-    opening = encoder.start()
+    count = choice_count(gen)
+    opening = b"".join(encoder.start(i) for i in range(count))
     if opening:
         yield opening
+    finished: list[Finished] = []
     event = first
     try:
         while True:
             if isinstance(event, Finished):
-                yield encoder.finish(event.reason, event.usage)
-                return
-            yield encoder.delta(event.text)
+                finished.append(event)
+                yield encoder.stop(event.reason, event.index)
+                if len(finished) == count:
+                    yield encoder.end(total_usage(gen, finished), event.reason)
+                    return
+            else:
+                logprobs = event.logprobs if gen.logprobs else None
+                yield encoder.delta(event.text, event.index, logprobs)
             event = await anext(events)
     except StopAsyncIteration:
         yield sse_error(ComeapiError("the engine ended without an answer"))

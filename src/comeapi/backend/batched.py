@@ -1,8 +1,8 @@
-"""BatchedEngine: up to S requests decoded together (continuous batching) on one model copy.
+"""BatchedEngine: up to S sequences decoded together (continuous batching) on one model copy.
 
 The model and its S KV streams live in one llama.cpp context driven by one decode thread
-(``comeapi.backend.slots``); each request streams its own text to its asyncio consumer.
-One model per engine: the default GGUF of the models directory.
+(``comeapi.backend.slots``); a request is one sequence per choice, and streams its choices'
+text to its asyncio consumer. One model per engine: the default GGUF of the models directory.
 """
 
 from __future__ import annotations
@@ -10,22 +10,24 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
-import random
 import threading
 from collections.abc import AsyncIterator
-from typing import TYPE_CHECKING, cast
 
-from comeapi.backend.decoding import ChatTemplate, completion_budget, prompt_tokens
+from comeapi.backend.decoding import (
+    PREFILL_CHUNK,
+    ChatTemplate,
+    completion_budget,
+    prompt_texts,
+    tokenize_prompt,
+)
 from comeapi.backend.engine import Event, Finished
 from comeapi.backend.native import NativeModel, quiet_llama_logs
-from comeapi.backend.slots import PREFILL_CHUNK, DecodeLoop, Sequence
+from comeapi.backend.sampling import LogprobReader, SamplingParams, check_sampling, grammar_for
+from comeapi.backend.slots import DecodeLoop, Sequence
 from comeapi.errors import ComeapiError, ModelNotFoundError, UnavailableError
 from comeapi.models.catalogue import check_model_dir
 from comeapi.protocol.requests import GenerationRequest
 from comeapi.settings import Settings
-
-if TYPE_CHECKING:
-    import llama_cpp
 
 
 class _Channel:
@@ -97,7 +99,7 @@ class BatchedEngine:
             n_gpu_layers=self._settings.n_gpu_layers,
         )
         self._model = model
-        self._template = ChatTemplate(cast("llama_cpp.Llama", model.tokenizer))
+        self._template = ChatTemplate(model.tokenizer)
         decoder = DecodeLoop(model, self._slots)
         decoder.start()
         self._decoder = decoder
@@ -112,45 +114,66 @@ class BatchedEngine:
                 raise UnavailableError("the backend is shutting down", retry_after=2)
             raise UnavailableError("the model is still loading", retry_after=2, code="loading")
         self._in_flight += 1
-        seq: Sequence | None = None
+        seqs: list[Sequence] = []
         try:
             channel = _Channel(asyncio.get_running_loop())
-            seq = await asyncio.to_thread(self._sequence, request, channel)
-            decoder.submit(seq)
-            while True:
+            seqs = await asyncio.to_thread(self._sequences, request, channel)
+            decoder.submit(*seqs)
+            left = len(seqs)
+            while left:
                 item = await channel.queue.get()
                 if isinstance(item, ComeapiError):
                     raise item
                 yield item
                 if isinstance(item, Finished):
-                    return
+                    left -= 1
         finally:
-            # Also when the consumer stops early (client gone): the slot and its KV cells
-            # are freed before the next decode step.
-            if seq is not None:
+            # Also when the consumer stops early (client gone): the slots are freed before
+            # the next decode step.
+            for seq in seqs:
                 decoder.cancel(seq)
             self._in_flight -= 1
 
-    def _sequence(self, request: GenerationRequest, channel: _Channel) -> Sequence:
-        """Render and tokenize the prompt (off the event loop); ContextLengthError if the
-        prompt plus max_tokens does not fit one slot's context."""
+    def _sequences(self, request: GenerationRequest, channel: _Channel) -> list[Sequence]:
+        """One sequence per choice (off the event loop): the prompts rendered and tokenized;
+        RequestError / ContextLengthError for what cannot run."""
         with self._model_lock:
             if self._model is None or self._template is None:
                 raise UnavailableError("the backend is shutting down", retry_after=2)
-            tokenizer = cast("llama_cpp.Llama", self._model.tokenizer)
-            tokens = prompt_tokens(tokenizer, self._template, request)
-            budget = completion_budget(request, len(tokens), self.context_per_slot)
-        return Sequence(
-            prompt=tokens,
-            budget=budget,
-            temperature=request.temperature,
-            top_k=request.top_k,
-            top_p=request.top_p,
-            seed=request.seed if request.seed is not None else random.getrandbits(32),
-            stop=request.stop,
-            sink=channel.put,
-            label=self._file.name,
-        )
+            tokenizer = self._model.tokenizer
+            texts = prompt_texts(self._template, request)
+            prompts = [tokenize_prompt(tokenizer, text) for text in texts]
+            budgets = [completion_budget(request, len(p), self.context_per_slot) for p in prompts]
+            grammar = grammar_for(request.response_format)
+            check_sampling(
+                tokenizer.vocab, tokenizer.n_vocab, SamplingParams.of(request, 0, grammar)
+            )
+        reader = None
+        if request.logprobs:
+            reader = LogprobReader(
+                lambda t: tokenizer.detokenize([t], special=True), request.top_logprobs
+            )
+        seqs: list[Sequence] = []
+        for p, (text, tokens, budget) in enumerate(zip(texts, prompts, budgets, strict=True)):
+            leader: Sequence | None = None
+            for j in range(request.n):
+                index = p * request.n + j
+                seq = Sequence(
+                    prompt=tokens,
+                    budget=budget,
+                    sampling=SamplingParams.of(request, index, grammar),
+                    sink=channel.put,
+                    index=index,
+                    stop=request.stop,
+                    echo=text if request.echo else None,
+                    logprobs=reader,
+                    score_prompt=request.echo and request.logprobs,
+                    leader=leader,
+                    label=self._file.name,
+                )
+                leader = leader or seq
+                seqs.append(seq)
+        return seqs
 
     async def close(self) -> None:
         """Stop every generation (they end with 503 "shutting down") and free the model."""

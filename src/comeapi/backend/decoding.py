@@ -1,21 +1,46 @@
 """From a request to prompt tokens, and from generated tokens back to text.
 
-The chat template, the context-length check, incremental UTF-8 decoding and stop strings live
-here, apart from any engine, so every engine tokenizes and stops the same way.
+The chat template, the context-length check, prompt-prefix reuse, incremental UTF-8 decoding,
+stop strings and the offsets of log-probability entries live here, apart from any engine, so
+every engine tokenizes, reuses and stops the same way.
 """
 
 from __future__ import annotations
 
 import codecs
 import ctypes
+import dataclasses
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, Protocol
 
 import llama_cpp
 from llama_cpp.llama_chat_format import Jinja2ChatFormatter
 
 from comeapi.errors import ContextLengthError, RequestError
 from comeapi.protocol.requests import GenerationRequest, Message
+from comeapi.protocol.responses import TokenLogprob
+
+# Prompt tokens per llama_decode call while prefilling, in both engines. A prompt's chunks
+# start at position 0, so their boundaries depend only on the prompt; cells are reused from an
+# earlier prompt in whole chunks only (reusable_prefix), which keeps reuse exact.
+PREFILL_CHUNK = 128
+# A function every tool-aware chat template renders somewhere in the prompt.
+_PROBE_TOOL = "comeapi_probe_tool_7f3a"
+
+
+class TokenizerLike(Protocol):
+    """What this module needs of ``llama_cpp.Llama`` (or the batched engine's tokenizer)."""
+
+    metadata: dict[str, str]
+
+    def token_bos(self) -> int: ...
+
+    def token_eos(self) -> int: ...
+
+    def tokenize(self, text: bytes, add_bos: bool = True, special: bool = False) -> list[int]: ...
+
+    def detokenize(self, tokens: list[int], *, special: bool = False) -> bytes: ...
+
 
 # llama.cpp's built-in templates, for GGUF files that carry no chat template of their own
 # (the bundled Gemma 3 base model has none).
@@ -26,7 +51,7 @@ _FALLBACK_TEMPLATE = "chatml"
 class ChatTemplate:
     """Renders messages with the GGUF's own Jinja template, else llama.cpp's built-in one."""
 
-    def __init__(self, llama: llama_cpp.Llama):
+    def __init__(self, llama: TokenizerLike):
         metadata: dict[str, str] = llama.metadata
         template = metadata.get("tokenizer.chat_template")
         self._jinja: Jinja2ChatFormatter | None = None
@@ -44,6 +69,23 @@ class ChatTemplate:
     @property
     def name(self) -> str:
         return "gguf" if self._jinja is not None else self._builtin.decode()
+
+    @property
+    def supports_tools(self) -> bool:
+        """True when the GGUF's Jinja template renders the ``tools`` it is given (a template
+        that ignores them, or llama.cpp's built-in ones, cannot tell the model about tools)."""
+        if self._jinja is None:
+            return False
+        tool: Any = {
+            "type": "function",
+            "function": {"name": _PROBE_TOOL, "description": "", "parameters": {}},
+        }
+        try:
+            chat: Any = [{"role": "user", "content": "hi"}]
+            result = self._jinja(messages=chat, tools=[tool])
+        except Exception:  # the template refuses tools (or this message): no support
+            return False
+        return _PROBE_TOOL in result.prompt
 
     def render(self, messages: Sequence[Message]) -> str:
         if self._jinja is not None:
@@ -73,27 +115,55 @@ def _apply_builtin(template: bytes, messages: Sequence[Message]) -> str:
     raise RequestError("messages cannot be rendered with the chat template")
 
 
-def _token_text(llama: llama_cpp.Llama, token: int) -> str:
+def _token_text(llama: TokenizerLike, token: int) -> str:
     if token < 0:
         return ""
     return llama.detokenize([token], special=True).decode("utf-8", errors="replace")
 
 
-def prompt_tokens(
-    llama: llama_cpp.Llama, template: ChatTemplate, request: GenerationRequest
-) -> list[int]:
-    """The request's prompt as tokens (chat rendered with the template), BOS exactly once."""
-    if request.kind == "chat":
-        assert request.messages is not None
-        text = template.render(request.messages)
-    else:
-        assert request.prompt is not None
-        text = request.prompt
+def prompt_texts(template: ChatTemplate, request: GenerationRequest) -> list[str]:
+    """The text of each prompt: the rendered chat, or each prompt of a completion."""
+    if request.kind != "chat":
+        return list(request.prompts or (request.prompt or "",))
+    assert request.messages is not None
+    if request.tools and request.tool_choice != "none":
+        why = (
+            "comeapi's engines do not call tools yet"
+            if template.supports_tools
+            else "this model's chat template has no tool support"
+        )
+        raise RequestError(f"tools: {why}", param="tools", code="unsupported_parameter")
+    if request.tool_choice not in (None, "none", "auto"):
+        raise RequestError("tool_choice: only allowed together with tools", param="tool_choice")
+    return [template.render(request.messages)]
+
+
+def tokenize_prompt(llama: TokenizerLike, text: str) -> list[int]:
+    """A prompt as tokens (special tokens parsed, as a template writes them), BOS once."""
     tokens: list[int] = llama.tokenize(text.encode("utf-8"), add_bos=True, special=True)
     bos = llama.token_bos()
     while len(tokens) > 1 and tokens[0] == bos and tokens[1] == bos:
         tokens.pop(0)  # templates that write BOS themselves
     return tokens
+
+
+def prompt_tokens(
+    llama: TokenizerLike, template: ChatTemplate, request: GenerationRequest
+) -> list[int]:
+    """The request's (first) prompt as tokens."""
+    return tokenize_prompt(llama, prompt_texts(template, request)[0])
+
+
+def reusable_prefix(cached: Sequence[int], prompt: Sequence[int]) -> int:
+    """How many leading cells computed for ``cached`` (a prompt prefilled in PREFILL_CHUNK
+    chunks from position 0) ``prompt`` can keep: whole chunks of their common prefix only, so
+    the rest is computed in the chunks a fresh prefill would use (a cell is the same to the
+    bit); and at least one prompt token is left to compute the next token's logits."""
+    limit = min(len(cached), len(prompt) - 1)
+    common = 0
+    while common < limit and cached[common] == prompt[common]:
+        common += 1
+    return common // PREFILL_CHUNK * PREFILL_CHUNK
 
 
 def completion_budget(request: GenerationRequest, n_prompt: int, n_ctx: int) -> int:
@@ -124,12 +194,15 @@ class TextAssembler:
         self._stop = [s for s in stop if s]
         self._held = ""
         self.stopped = False
+        self.decoded = 0  # characters decoded so far, sent or held
 
     def feed(self, data: bytes) -> str:
         """The text that is safe to send now; sets ``stopped`` when a stop string appeared."""
         if self.stopped:
             return ""
-        return self._release(self._held + self._decoder.decode(data))
+        text = self._decoder.decode(data)
+        self.decoded += len(text)
+        return self._release(self._held + text)
 
     def flush(self) -> str:
         """The held-back text at the end of the generation.
@@ -168,3 +241,69 @@ def _partial_suffix(text: str, stop: str) -> int:
         if text.endswith(stop[:n]):
             return n
     return 0
+
+
+class ChoiceText:
+    """One choice's tokens in, its text pieces and their tokens' log probabilities out.
+
+    A log-probability entry leaves with the piece that completes its token's text; at a stop
+    string, the tokens that start at or after the cut are dropped with their text. Entries
+    carry their offset in the choice's text (``base``: the echoed prompt before it).
+    """
+
+    def __init__(self, stop: Sequence[str], base: int = 0):
+        self._text = TextAssembler(stop)
+        self._base = base
+        self._sent = 0
+        self._pending: list[tuple[int, TokenLogprob]] = []  # (end in characters, entry)
+
+    @property
+    def stopped(self) -> bool:
+        return self._text.stopped
+
+    def feed(
+        self, piece: bytes, entry: TokenLogprob | None = None
+    ) -> tuple[str, list[TokenLogprob]]:
+        start = self._text.decoded
+        text = self._text.feed(piece)
+        self._sent += len(text)
+        if entry is not None:
+            offset = self._base + start
+            self._pending.append((self._text.decoded, dataclasses.replace(entry, offset=offset)))
+        if self._text.stopped:
+            return text, self._release(lambda end, e: e.offset < self._base + self._sent)
+        return text, self._release(lambda end, e: end <= self._sent)
+
+    def finish(self) -> tuple[str, list[TokenLogprob]]:
+        text = self._text.flush()
+        self._sent += len(text)
+        if self._text.stopped:
+            return text, self._release(lambda end, e: e.offset < self._base + self._sent)
+        return text, self._release(lambda end, e: True)
+
+    def _release(self, keep: Any) -> list[TokenLogprob]:
+        out: list[TokenLogprob] = []
+        while self._pending and keep(*self._pending[0]):
+            out.append(self._pending.pop(0)[1])
+        if self._text.stopped:
+            self._pending.clear()  # what is left is the stop string and after: never sent
+        return out
+
+
+def prompt_logprobs(
+    llama: TokenizerLike, tokens: Sequence[int], entries: Sequence[TokenLogprob | None]
+) -> list[TokenLogprob]:
+    """Log-probability entries for an echoed prompt: ``entries[i]`` scores ``tokens[i]``
+    (None for the first), offsets in the prompt's text; the BOS token (no text) is left out."""
+    out: list[TokenLogprob] = []
+    offset = 0
+    bos = llama.token_bos()
+    for i, (token, entry) in enumerate(zip(tokens, entries, strict=True)):
+        if i == 0 and token == bos:
+            continue
+        raw = llama.detokenize([token])
+        if entry is None:
+            entry = TokenLogprob(raw.decode("utf-8", errors="replace"), raw, None)
+        out.append(dataclasses.replace(entry, offset=offset))
+        offset += len(raw.decode("utf-8", errors="replace"))
+    return out

@@ -65,8 +65,11 @@ class BackendMetrics:
     def observe(self, route: str, status: int, seconds: float) -> None:
         self.requests.record(route, status, seconds)
 
-    def finished(self, done: Finished, decoding: float | None) -> None:
-        self.prompt_tokens.inc(done.usage.prompt_tokens)
+    def finished(self, done: Finished, decoding: float | None, prompt: bool = True) -> None:
+        """A choice ended; ``prompt``: count its prompt's tokens (once per prompt, not per
+        choice of it)."""
+        if prompt:
+            self.prompt_tokens.inc(done.usage.prompt_tokens)
         self.generated.inc(done.usage.completion_tokens)
         if decoding is not None:
             self.decode_seconds.inc(decoding)
@@ -138,7 +141,8 @@ class MeteredEngine:
             async for event in events:
                 if isinstance(event, Finished):
                     now = time.perf_counter()
-                    self._metrics.finished(event, None if first is None else now - first)
+                    decoding = None if first is None else now - first
+                    self._metrics.finished(event, decoding, event.index % request.n == 0)
                 elif first is None:
                     first = time.perf_counter()
                     self._metrics.first_token.observe(first - started)

@@ -14,12 +14,10 @@ from pathlib import Path
 from typing import Any
 
 import llama_cpp.llama_cpp as lib
+import numpy as np
 
+from comeapi.backend.sampling import Logits
 from comeapi.errors import ConfigError
-
-# min_p as llama-cpp-python's Llama.generate() applies it, so a seed means the same sampler
-# chain in both engines.
-MIN_P = 0.05
 
 _backend_ready = False
 
@@ -83,6 +81,14 @@ class Tokenizer:
     def is_eog(self, token: int) -> bool:
         return bool(lib.llama_vocab_is_eog(self._vocab, token))
 
+    @property
+    def vocab(self) -> Any:
+        return self._vocab
+
+    @property
+    def n_vocab(self) -> int:
+        return int(lib.llama_vocab_n_tokens(self._vocab))
+
 
 class NativeModel:
     """A GGUF model loaded once, and a context with ``n_seq`` KV streams of ``ctx`` tokens.
@@ -140,26 +146,37 @@ class NativeModel:
         self.pad_token = bos if bos >= 0 else 0
 
     def decode(self, entries: Sequence[Entry]) -> int:
-        """Decode one batch; llama_decode's return code (0 is success)."""
+        """Decode one batch; llama_decode's return code (0 is success). At most ``n_seq``
+        entries may ask for logits (the context's output buffer holds no more)."""
         if not 0 < len(entries) <= self.batch_size:
             raise ValueError(f"batch of {len(entries)} tokens (limit {self.batch_size})")
-        b = self._batch
-        for i, e in enumerate(entries):
-            b.token[i] = e.token
-            b.pos[i] = e.pos
-            b.n_seq_id[i] = 1
-            b.seq_id[i][0] = e.seq
-            b.logits[i] = e.logits
-        b.n_tokens = len(entries)
-        return int(lib.llama_decode(self.ctx, b))
+        if sum(e.logits for e in entries) > self.n_seq:
+            raise ValueError(f"more than {self.n_seq} outputs in one batch")
+        return decode(self.ctx, self._batch, entries)
+
+    def logits(self, index: int) -> Logits:
+        """The logits of batch entry ``index`` of the last decode (a view: valid until the
+        next decode)."""
+        row = lib.llama_get_logits_ith(self.ctx, index)
+        return np.ctypeslib.as_array(row, shape=(self.tokenizer.n_vocab,))
 
     def forget(self, seq: int, from_pos: int = 0) -> None:
         """Drop stream ``seq``'s KV cells from position ``from_pos`` on (0: all of them)."""
         lib.llama_memory_seq_rm(self._memory, seq, from_pos, -1)
 
+    def copy(self, source: int, target: int) -> None:
+        """Make stream ``target`` a copy of stream ``source`` (every cell, at the same cell
+        indices; llama.cpp copies the buffer at the start of the next decode)."""
+        lib.llama_memory_seq_cp(self._memory, source, target, -1, -1)
+
     def kv_tokens(self, seq: int) -> int:
         """How many positions stream ``seq`` holds (0 when it is empty)."""
         return int(lib.llama_memory_seq_pos_max(self._memory, seq)) + 1
+
+    def first_position(self, seq: int) -> int:
+        """The lowest position stream ``seq`` still holds in every layer (-1 when empty):
+        above 0 once sliding-window layers have overwritten early cells."""
+        return int(lib.llama_memory_seq_pos_min(self._memory, seq))
 
     def close(self) -> None:
         if self._batch is not None:
@@ -173,30 +190,16 @@ class NativeModel:
             self._model = None
 
 
-class SamplerChain:
-    """One sequence's sampler: greedy at temperature 0, else top-k, top-p, min-p,
-    temperature and a seeded draw (the chain llama-cpp-python's ``Llama`` builds)."""
-
-    def __init__(self, *, temperature: float, top_k: int, top_p: float, seed: int):
-        self._chain = lib.llama_sampler_chain_init(lib.llama_sampler_chain_default_params())
-        add = lib.llama_sampler_chain_add
-        if temperature == 0:
-            add(self._chain, lib.llama_sampler_init_greedy())
-            return
-        add(self._chain, lib.llama_sampler_init_top_k(top_k))
-        add(self._chain, lib.llama_sampler_init_top_p(top_p, 1))
-        add(self._chain, lib.llama_sampler_init_min_p(MIN_P, 1))
-        add(self._chain, lib.llama_sampler_init_temp(temperature))
-        add(self._chain, lib.llama_sampler_init_dist(seed))
-
-    def sample(self, model: NativeModel, index: int) -> int:
-        """Sample (and accept) a token from the logits of batch entry ``index``."""
-        return int(lib.llama_sampler_sample(self._chain, model.ctx, index))
-
-    def close(self) -> None:
-        if self._chain is not None:
-            lib.llama_sampler_free(self._chain)
-            self._chain = None
+def decode(ctx: Any, batch: Any, entries: Sequence[Entry]) -> int:
+    """Fill ``batch`` (from llama_batch_init) with ``entries`` and decode it in ``ctx``."""
+    for i, e in enumerate(entries):
+        batch.token[i] = e.token
+        batch.pos[i] = e.pos
+        batch.n_seq_id[i] = 1
+        batch.seq_id[i][0] = e.seq
+        batch.logits[i] = e.logits
+    batch.n_tokens = len(entries)
+    return int(lib.llama_decode(ctx, batch))
 
 
 def quiet_llama_logs(verbose: bool) -> None:

@@ -1,7 +1,9 @@
-"""SerialEngine: one generation at a time per process, with llama-cpp-python's ``Llama``.
+"""SerialEngine: one request at a time per process, with llama-cpp-python's ``Llama``.
 
 Every llama.cpp call runs on one worker thread (a ``Llama`` is not thread-safe; llama.cpp
 releases the GIL while it computes), and tokens reach the event loop through an asyncio.Queue.
+A request's choices (``n``, several prompts) run one after another; the context keeps the
+last prompt's cells, and the next prompt reuses their common prefix in whole chunks.
 """
 
 from __future__ import annotations
@@ -9,22 +11,42 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import random
 import threading
 import time
 from collections import OrderedDict
 from collections.abc import AsyncIterator, Iterator
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import Any
 
 import llama_cpp
+import llama_cpp.llama_cpp as lib
+import numpy as np
 
-from comeapi.backend.decoding import ChatTemplate, TextAssembler, completion_budget, prompt_tokens
-from comeapi.backend.engine import Event, Finished, TextDelta
+from comeapi.backend.decoding import (
+    PREFILL_CHUNK,
+    ChatTemplate,
+    ChoiceText,
+    completion_budget,
+    prompt_logprobs,
+    prompt_texts,
+    reusable_prefix,
+    tokenize_prompt,
+)
+from comeapi.backend.engine import Event, Finished, TextDelta, choice_count
+from comeapi.backend.native import Entry, decode
+from comeapi.backend.sampling import (
+    Logits,
+    LogprobReader,
+    Sampler,
+    SamplingParams,
+    check_sampling,
+    grammar_for,
+)
 from comeapi.errors import ComeapiError, ConfigError, ModelNotFoundError
 from comeapi.models.catalogue import ModelFile, check_gguf, check_model_dir
 from comeapi.protocol.requests import GenerationRequest
-from comeapi.protocol.responses import Usage
+from comeapi.protocol.responses import TokenLogprob, Usage
 from comeapi.settings import Settings
 
 log = logging.getLogger("comeapi.backend")
@@ -34,6 +56,24 @@ log = logging.getLogger("comeapi.backend")
 class _Loaded:
     llama: llama_cpp.Llama
     template: ChatTemplate
+    # The prompt whose cells the context holds (prefilled in PREFILL_CHUNK chunks from 0).
+    prefilled: list[int] = field(default_factory=list)
+
+    def logits(self) -> Logits:
+        """The logits of the last token decoded (a view, valid until the next decode)."""
+        row = lib.llama_get_logits_ith(self.llama.ctx, -1)
+        return np.ctypeslib.as_array(row, shape=(self.llama.n_vocab(),))
+
+    def is_eog(self, token: int) -> bool:
+        # The vocabulary is private in Llama, but it is the only way to ask this.
+        return bool(lib.llama_vocab_is_eog(self.llama._model.vocab, token))
+
+
+@dataclass(frozen=True, slots=True)
+class _Prompt:
+    text: str
+    tokens: list[int]
+    budget: int
 
 
 class _Stream:
@@ -96,18 +136,19 @@ class SerialEngine:
             raise ModelNotFoundError(model_name, sorted(self._models))
         self._in_flight += 1
         stream: _Stream | None = None
+        left = choice_count(request)
         try:
             async with self._turn:
                 stream = _Stream(asyncio.get_running_loop())
                 self._streams.add(stream)
                 self._executor.submit(self._run, stream, request, model)
-                while True:
+                while left:
                     item = await stream.queue.get()
                     if isinstance(item, ComeapiError):
                         raise item
                     yield item
                     if isinstance(item, Finished):
-                        return
+                        left -= 1
         finally:
             # Runs when the consumer closes us early too (client gone): the worker sees the
             # flag before its next token, and the next request may queue behind it at once.
@@ -144,59 +185,140 @@ class SerialEngine:
     ) -> Iterator[Event]:
         loaded = self._load(model)
         llama = loaded.llama
-        tokens = prompt_tokens(llama, loaded.template, request)
         # llama.cpp may round the context up (128 -> 256) while llama-cpp-python's token
         # buffer keeps the size asked for: the smaller one is the real limit.
         n_ctx = min(llama.n_ctx(), self._settings.ctx)
-        budget = completion_budget(request, len(tokens), n_ctx)
-        if request.seed is not None:
-            # Reusing a cached prompt prefix changes the logits in the last bits, which is
-            # enough to change a sample: a seeded request evaluates its whole prompt afresh.
-            llama.reset()  # type: ignore[no-untyped-call]
-            llama.set_seed(request.seed)
-        else:
-            llama.set_seed(random.getrandbits(32))
-        text = TextAssembler(request.stop)
-        vocab = llama._model.vocab  # private, but the only way to ask "end of generation?"
+        prompts = []
+        for text in prompt_texts(loaded.template, request):
+            tokens = tokenize_prompt(llama, text)
+            prompts.append(_Prompt(text, tokens, completion_budget(request, len(tokens), n_ctx)))
+        grammar = grammar_for(request.response_format)
+        vocab = llama._model.vocab
+        check_sampling(vocab, llama.n_vocab(), SamplingParams.of(request, 0, grammar))
+        reader = None
+        if request.logprobs:
+            reader = LogprobReader(
+                lambda t: bytes(llama.detokenize([t], special=True)), request.top_logprobs
+            )
+        for p, prompt in enumerate(prompts):
+            echoed: list[TokenLogprob] = []
+            if request.echo and reader is not None:
+                echoed = self._score(loaded, prompt.tokens, reader)
+            first: Logits | None = None
+            for j in range(request.n):
+                index = p * request.n + j
+                if j == 0:
+                    first = self._prefill(loaded, prompt.tokens)
+                    if request.n > 1:
+                        first = first.copy()  # the next choices start from the same logits
+                else:
+                    llama.n_tokens = len(prompt.tokens)  # the prompt's cells stay
+                assert first is not None
+                if request.echo:
+                    yield TextDelta(prompt.text, index, tuple(echoed))
+                params = SamplingParams.of(request, index, grammar)
+                yield from self._choice(
+                    stream, loaded, request, prompt, index, params, reader, first
+                )
+                if stream.cancelled.is_set():
+                    return
+
+    def _choice(
+        self,
+        stream: _Stream,
+        loaded: _Loaded,
+        request: GenerationRequest,
+        prompt: _Prompt,
+        index: int,
+        params: SamplingParams,
+        reader: LogprobReader | None,
+        logits: Logits,
+    ) -> Iterator[Event]:
+        """One choice, from the logits of its prompt's last token."""
+        llama = loaded.llama
+        sampler = Sampler(llama._model.vocab, llama.n_vocab(), params)
+        text = ChoiceText(request.stop, base=len(prompt.text) if request.echo else 0)
         started = time.perf_counter()
         generated = 0
         reason = "length"
-        tokens_iter = llama.generate(
-            tokens, top_k=request.top_k, top_p=request.top_p, temp=request.temperature
-        )
-        with contextlib.closing(tokens_iter):
-            for token in tokens_iter:
+        try:
+            while True:
                 if stream.cancelled.is_set():
                     log.info("generation stopped after %d tokens: client gone", generated)
                     return
-                if llama_cpp.llama_vocab_is_eog(vocab, token):
+                token = sampler.sample(logits, loaded.is_eog)
+                if loaded.is_eog(token):
                     reason = "stop"
                     break
                 generated += 1
-                piece = text.feed(llama.detokenize([token]))
-                if piece:
-                    yield TextDelta(piece)
-                if text.stopped:
-                    reason = "stop"
+                entry = reader.read(logits, token) if reader is not None else None
+                piece, entries = text.feed(llama.detokenize([token]), entry)
+                if piece or entries:
+                    yield TextDelta(piece, index, tuple(entries))
+                if text.stopped or generated >= prompt.budget:
                     break
-                if generated >= budget:
-                    break
-        tail = text.flush()
-        if tail:
-            yield TextDelta(tail)
+                llama.eval([token])
+                logits = loaded.logits()
+        finally:
+            sampler.close()
+        tail, entries = text.finish()
+        if tail or entries:
+            yield TextDelta(tail, index, tuple(entries))
         if text.stopped:
             reason = "stop"
         elapsed = time.perf_counter() - started
         log.info(
-            "%s: %d prompt + %d tokens in %.2fs (%.1f tokens/s), %s",
-            model.name,
-            len(tokens),
+            "%s: choice %d: %d prompt + %d tokens in %.2fs (%.1f tokens/s), %s",
+            llama.model_path,
+            index,
+            len(prompt.tokens),
             generated,
             elapsed,
             generated / elapsed if elapsed > 0 else 0.0,
             reason,
         )
-        yield Finished(reason, Usage(prompt_tokens=len(tokens), completion_tokens=generated))
+        yield Finished(reason, Usage(len(prompt.tokens), generated), index)
+
+    def _prefill(self, loaded: _Loaded, tokens: list[int]) -> Logits:
+        """Compute the prompt's cells, keeping whole chunks shared with the last prompt
+        (exactly the cells a fresh prefill computes), and return its last logits."""
+        llama = loaded.llama
+        keep = reusable_prefix(loaded.prefilled, tokens)
+        loaded.prefilled = []
+        llama.n_tokens = keep  # eval() drops every cell from here on first
+        llama.eval(tokens[keep:])
+        loaded.prefilled = list(tokens)
+        if keep:
+            log.debug("prompt of %d tokens: %d reused", len(tokens), keep)
+        return loaded.logits()
+
+    def _score(
+        self, loaded: _Loaded, tokens: list[int], reader: LogprobReader
+    ) -> list[TokenLogprob]:
+        """The log probability of each prompt token given the ones before it (echo with
+        logprobs): one pass with every position's logits, whose cells are then dropped."""
+        llama = loaded.llama
+        loaded.prefilled = []
+        llama.n_tokens = 0
+        entries: list[TokenLogprob | None] = [None]
+        batch: Any = lib.llama_batch_init(PREFILL_CHUNK, 0, 1)
+        try:
+            lib.llama_memory_seq_rm(lib.llama_get_memory(llama.ctx), -1, 0, -1)
+            for start in range(0, len(tokens), PREFILL_CHUNK):
+                chunk = tokens[start : start + PREFILL_CHUNK]
+                if decode(
+                    llama.ctx, batch, [Entry(t, start + j, 0, True) for j, t in enumerate(chunk)]
+                ):
+                    raise ComeapiError("llama_decode failed while scoring the prompt")
+                for j in range(len(chunk)):
+                    if start + j + 1 < len(tokens):
+                        row = lib.llama_get_logits_ith(llama.ctx, j)
+                        logits = np.ctypeslib.as_array(row, shape=(llama.n_vocab(),))
+                        entries.append(reader.read(logits, tokens[start + j + 1]))
+        finally:
+            lib.llama_batch_free(batch)
+            lib.llama_memory_seq_rm(lib.llama_get_memory(llama.ctx), -1, 0, -1)
+        return prompt_logprobs(llama, tokens, entries)
 
     def _load(self, model: ModelFile) -> _Loaded:
         loaded = self._loaded.get(model.name)
@@ -222,6 +344,10 @@ class SerialEngine:
                 # threads (every core) spin against each other when cores are shared.
                 n_threads=self._settings.threads,
                 n_threads_batch=self._settings.threads,
+                # Prompts are computed in the batched engine's chunks: a reused prefix keeps
+                # whole chunks, and the rest is computed as a fresh prefill would.
+                n_batch=PREFILL_CHUNK,
+                n_ubatch=PREFILL_CHUNK,
                 n_gpu_layers=self._settings.n_gpu_layers,
                 verbose=False,
             )

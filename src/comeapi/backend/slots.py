@@ -2,7 +2,9 @@
 
 Each step decodes the next token of every generating sequence in one ``llama_decode`` call,
 then prefills a bounded amount of prompt (whole chunks) of newly admitted sequences; requests
-join and leave between steps. Waiting requests take free slots in FIFO order.
+join and leave between steps. Waiting sequences take free slots in FIFO order. A prompt starts
+from the longest prefix of whole chunks any stream holds (``comeapi.backend.prefixes``), and
+the n choices of one prompt share its prefill: one prefill, copied cells, the same logits.
 """
 
 from __future__ import annotations
@@ -15,17 +17,16 @@ from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from comeapi.backend.decoding import TextAssembler
+from comeapi.backend.decoding import PREFILL_CHUNK, ChoiceText, prompt_logprobs
 from comeapi.backend.engine import Event, Finished, TextDelta
-from comeapi.backend.native import Entry, NativeModel, SamplerChain
+from comeapi.backend.native import Entry, NativeModel
+from comeapi.backend.prefixes import PrefixCache
+from comeapi.backend.sampling import Logits, LogprobReader, Sampler, SamplingParams
 from comeapi.errors import ComeapiError, UnavailableError
-from comeapi.protocol.responses import Usage
+from comeapi.protocol.responses import TokenLogprob, Usage
 
 log = logging.getLogger("comeapi.backend")
 
-# Prompt tokens per llama_decode call of one sequence. Chunk boundaries depend only on the
-# prompt, so a prompt is computed the same way whatever else is running.
-PREFILL_CHUNK = 128
 # Prompt tokens prefilled per step (at least one chunk): bounds how long a long prompt
 # delays the next token of the sequences already generating.
 PREFILL_BUDGET = 128
@@ -39,31 +40,46 @@ Sink = Callable[[Event | ComeapiError], None]
 
 @dataclass(eq=False)
 class Sequence:
-    """One generation. The decode thread owns everything but ``cancelled``."""
+    """One choice of a request. The decode thread owns everything but ``cancelled``."""
 
     prompt: list[int]
     budget: int
-    temperature: float
-    top_k: int
-    top_p: float
-    seed: int
-    stop: tuple[str, ...]
+    sampling: SamplingParams
     sink: Sink
+    index: int = 0
+    stop: tuple[str, ...] = ()
+    echo: str | None = None  # completions' echo: this text is sent before the first token
+    logprobs: LogprobReader | None = None
+    score_prompt: bool = False  # echo with logprobs: the prompt tokens' log probabilities
+    leader: Sequence | None = None  # the choice of the same prompt whose prefill it shares
     label: str = ""
     cancelled: threading.Event = field(default_factory=threading.Event)
     slot: int = -1
     order: int = 0
     n_past: int = 0  # tokens in the KV cache
+    reused: int = 0  # prompt tokens whose cells were kept from an earlier prompt
+    scores: list[TokenLogprob | None] = field(default_factory=lambda: [None])
+    prompt_logprobs: list[TokenLogprob] | None = None
     next_token: int = -1  # sampled, to be decoded in the next step
     generated: int = 0
     started: float = 0.0
     first_token: float = 0.0
-    sampler: SamplerChain | None = None
-    text: TextAssembler | None = None
+    sampler: Sampler | None = None
+    text: ChoiceText | None = None
 
     @property
     def prefilling(self) -> bool:
         return self.n_past < len(self.prompt)
+
+    @property
+    def scoring(self) -> bool:
+        """Still computing its prompt's log probabilities (cells then dropped)."""
+        return self.score_prompt and self.prompt_logprobs is None
+
+    @property
+    def following(self) -> bool:
+        """Waiting for its leader's prefill, which it will share."""
+        return self.leader is not None and self.leader.slot >= 0 and self.leader.prefilling
 
 
 class DecodeLoop:
@@ -74,6 +90,7 @@ class DecodeLoop:
             raise ValueError("the context needs max(slots, 2) streams")
         self._model = model
         self._slots: list[Sequence | None] = [None] * slots
+        self._prefixes = PrefixCache(model, slots)
         self._waiting: deque[Sequence] = deque()
         self._lock = threading.Lock()
         self._wake = threading.Event()
@@ -87,16 +104,17 @@ class DecodeLoop:
     def start(self) -> None:
         self._thread.start()
 
-    def submit(self, seq: Sequence) -> None:
-        """Queue ``seq``; it takes the first free slot in FIFO order."""
+    def submit(self, *seqs: Sequence) -> None:
+        """Queue ``seqs`` (together: a prompt's choices stay next to each other); they take
+        free slots in FIFO order."""
         with self._lock:
             if self._stopping or self.failed is not None:
                 raise UnavailableError("the backend is shutting down", retry_after=2)
-            self._waiting.append(seq)
+            self._waiting.extend(seqs)
         self._wake.set()
 
     def cancel(self, seq: Sequence) -> None:
-        """Stop ``seq`` before the next step; its slot and KV cells are freed then."""
+        """Stop ``seq`` before the next step; its slot is freed then."""
         seq.cancelled.set()
         self._wake.set()
 
@@ -110,6 +128,13 @@ class DecodeLoop:
 
     def busy_slots(self) -> int:
         return sum(seq is not None for seq in self._slots)
+
+    def cached_prefixes(self) -> list[int]:
+        """Tokens each free slot keeps for later prompts (0 for busy slots)."""
+        return [
+            len(p) if s is None else 0
+            for s, p in zip(self._slots, self._prefixes.held, strict=True)
+        ]
 
     # --- the decode thread -----------------------------------------------------------------
 
@@ -140,22 +165,38 @@ class DecodeLoop:
                 self._waiting = deque(s for s in self._waiting if not s.cancelled.is_set())
 
     def _admit(self) -> None:
-        while True:
-            free = next((i for i, seq in enumerate(self._slots) if seq is None), None)
-            if free is None:
-                return
+        while None in self._slots:
             with self._lock:
                 if not self._waiting:
                     return
                 seq = self._waiting.popleft()
-            seq.slot = free
+            free = [i for i, s in enumerate(self._slots) if s is None]
+            fresh = seq.following or seq.scoring  # its slot's cells are dropped anyway
+            seq.slot = self._prefixes.choose(free, None if fresh else seq.prompt)
             seq.order = next(self._order)
             seq.started = time.perf_counter()
-            seq.sampler = SamplerChain(
-                temperature=seq.temperature, top_k=seq.top_k, top_p=seq.top_p, seed=seq.seed
+            seq.sampler = Sampler(
+                self._model.tokenizer.vocab, self._model.tokenizer.n_vocab, seq.sampling
             )
-            seq.text = TextAssembler(seq.stop)
-            self._slots[free] = seq
+            seq.text = ChoiceText(seq.stop, base=len(seq.echo) if seq.echo is not None else 0)
+            self._slots[seq.slot] = seq
+            if seq.leader is not None and seq.leader.prompt_logprobs is not None:
+                seq.prompt_logprobs = seq.leader.prompt_logprobs
+            if seq.following or seq.scoring:
+                self._prefixes.take(seq.slot, None, self._sources())
+            else:
+                seq.n_past = seq.reused = self._prefixes.take(seq.slot, seq.prompt, self._sources())
+
+    def _sources(self) -> list[list[int]]:
+        """The prompt tokens whose cells each busy stream holds, computed in whole chunks
+        from position 0 (what another prompt may copy)."""
+        out: list[list[int]] = []
+        for seq in self._slots:
+            if seq is None or seq.scoring or seq.following:
+                out.append([])
+            else:
+                out.append(seq.prompt[: min(seq.n_past, len(seq.prompt))])
+        return out
 
     def _decode_step(self) -> None:
         """One token for every generating sequence, all in one llama_decode call.
@@ -178,7 +219,8 @@ class DecodeLoop:
             if seq is not None and not seq.prefilling:
                 entries.append(Entry(seq.next_token, seq.n_past, stream, True))
             else:
-                pos = seq.n_past if seq is not None else 0
+                # After whatever the stream holds: a prompt being computed, a kept prefix.
+                pos = self._model.kv_tokens(stream)
                 entries.append(Entry(self._model.pad_token, pos, stream, False))
                 pads.append((stream, pos))
         try:
@@ -193,17 +235,19 @@ class DecodeLoop:
         for index, stream in enumerate(streams):
             seq = self._slots[stream] if stream < len(self._slots) else None
             if seq is not None and not seq.prefilling:
-                assert seq.sampler is not None
-                token = seq.sampler.sample(self._model, index)
                 seq.n_past += 1
-                self._accept(seq, token)
+                self._sample(seq, self._model.logits(index))
 
     def _prefill_step(self) -> None:
         budget = PREFILL_BUDGET
         pending = sorted(
-            (s for s in self._slots if s is not None and s.prefilling), key=lambda s: s.order
+            (s for s in self._slots if s is not None and s.prefilling and not s.following),
+            key=lambda s: s.order,
         )
         for seq in pending:
+            if seq.scoring:
+                budget -= self._score(seq)
+                continue
             while seq.prefilling:
                 start = seq.n_past
                 end = min(start + PREFILL_CHUNK, len(seq.prompt))
@@ -221,23 +265,63 @@ class DecodeLoop:
                 seq.n_past = end
                 budget -= end - start
                 if last:
-                    assert seq.sampler is not None
-                    seq.first_token = time.perf_counter()
-                    self._accept(seq, seq.sampler.sample(self._model, len(entries) - 1))
+                    self._prefilled(seq, self._model.logits(len(entries) - 1))
                 if budget <= 0:
                     return
 
-    def _accept(self, seq: Sequence, token: int) -> None:
-        """Stream a sampled token's text, or finish the sequence."""
+    def _score(self, seq: Sequence) -> int:
+        """One pass step over the prompt with every position's logits (at most one output
+        per stream of the context); the cells are dropped once the prompt is scored."""
+        start = len(seq.scores) - 1
+        end = min(start + self._model.n_seq, len(seq.prompt))
+        entries = [Entry(t, start + j, seq.slot, True) for j, t in enumerate(seq.prompt[start:end])]
+        rc = self._model.decode(entries)
+        if rc != 0:
+            self._fail(seq, ComeapiError(f"llama_decode failed ({rc})"))
+            return len(entries)
+        assert seq.logprobs is not None
+        for j in range(len(entries)):
+            if start + j + 1 < len(seq.prompt):
+                logits = self._model.logits(j)
+                seq.scores.append(seq.logprobs.read(logits, seq.prompt[start + j + 1]))
+        if end == len(seq.prompt):
+            tokenizer = self._model.tokenizer
+            seq.prompt_logprobs = prompt_logprobs(tokenizer, seq.prompt, seq.scores)
+            self._model.forget(seq.slot)
+        return len(entries)
+
+    def _prefilled(self, seq: Sequence, logits: Logits) -> None:
+        """The prompt is in the cache: its followers get a copy of the cells and sample from
+        the same logits, then it samples its own first token."""
+        now = time.perf_counter()
+        for other in self._slots:
+            if other is not None and other.leader is seq and other.n_past == 0:
+                self._model.copy(seq.slot, other.slot)
+                other.n_past = len(other.prompt)
+                other.prompt_logprobs = seq.prompt_logprobs
+                other.first_token = now
+                self._begin(other, logits)
+        seq.first_token = now
+        self._begin(seq, logits)
+
+    def _begin(self, seq: Sequence, logits: Logits) -> None:
+        if seq.echo is not None:
+            seq.sink(TextDelta(seq.echo, seq.index, tuple(seq.prompt_logprobs or ())))
+        self._sample(seq, logits)
+
+    def _sample(self, seq: Sequence, logits: Logits) -> None:
+        """Sample the next token; stream its text, or finish the sequence."""
         tokenizer = self._model.tokenizer
+        assert seq.sampler is not None and seq.text is not None
+        token = seq.sampler.sample(logits, tokenizer.is_eog)
         if tokenizer.is_eog(token):
             self._finish(seq, "stop")
             return
-        assert seq.text is not None
         seq.generated += 1
-        piece = seq.text.feed(tokenizer.piece(token))
-        if piece:
-            seq.sink(TextDelta(piece))
+        entry = seq.logprobs.read(logits, token) if seq.logprobs is not None else None
+        piece, entries = seq.text.feed(tokenizer.piece(token), entry)
+        if piece or entries:
+            seq.sink(TextDelta(piece, seq.index, tuple(entries)))
         if seq.text.stopped:
             self._finish(seq, "stop")
         elif seq.generated >= seq.budget:
@@ -247,18 +331,21 @@ class DecodeLoop:
 
     def _finish(self, seq: Sequence, reason: str) -> None:
         assert seq.text is not None
-        tail = seq.text.flush()
-        if tail:
-            seq.sink(TextDelta(tail))
+        tail, entries = seq.text.finish()
+        if tail or entries:
+            seq.sink(TextDelta(tail, seq.index, tuple(entries)))
         if seq.text.stopped:
             reason = "stop"
-        seq.sink(Finished(reason, Usage(len(seq.prompt), seq.generated)))
+        seq.sink(Finished(reason, Usage(len(seq.prompt), seq.generated), seq.index))
         elapsed = time.perf_counter() - seq.started
         log.info(
-            "%s slot %d: %d prompt + %d tokens in %.2fs (first token after %.2fs), %s",
+            "%s slot %d: choice %d: %d prompt (%d reused) + %d tokens in %.2fs "
+            "(first token after %.2fs), %s",
             seq.label,
             seq.slot,
+            seq.index,
             len(seq.prompt),
+            seq.reused,
             seq.generated,
             elapsed,
             (seq.first_token or time.perf_counter()) - seq.started,
@@ -272,9 +359,11 @@ class DecodeLoop:
         self._release(seq)
 
     def _release(self, seq: Sequence) -> None:
-        """Free the slot: its KV cells, its sampler; the next waiting request may take it."""
+        """Free the slot and the sampler; the slot keeps the prompt's whole chunks for a
+        later prompt, and the next waiting sequence may take it."""
         self._slots[seq.slot] = None
-        self._model.forget(seq.slot)
+        computed = 0 if seq.scoring else min(seq.n_past, len(seq.prompt))
+        self._prefixes.keep(seq.slot, seq.prompt[:computed])
         if seq.sampler is not None:
             seq.sampler.close()
             seq.sampler = None

@@ -1,7 +1,8 @@
 """Response bodies and server-sent events in ComeAPI's and OpenAI's formats.
 
-A generation, live or cached, is a sequence of text pieces and a finish reason; the same
-encoder turns it into a JSON body or SSE chunks, so cached and live answers look alike.
+A generation, live or cached, is one or more choices, each a sequence of text pieces (with
+their tokens' log probabilities when asked) and a finish reason; the same encoder turns it
+into a JSON body or SSE chunks, so cached and live answers look alike.
 """
 
 from __future__ import annotations
@@ -11,7 +12,7 @@ import json
 import random
 import re
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -37,6 +38,31 @@ class Usage:
             "completion_tokens": self.completion_tokens,
             "total_tokens": self.prompt_tokens + self.completion_tokens,
         }
+
+
+@dataclass(frozen=True, slots=True)
+class TokenLogprob:
+    """One token of a choice with its log probability and the most likely alternatives.
+
+    ``logprob`` is None for a prompt's first token (nothing precedes it); ``offset`` is where
+    the token's text starts in the choice's text, in characters (completions' text_offset).
+    """
+
+    token: str
+    raw: bytes  # the token's bytes (OpenAI's "bytes"): a token may hold part of a character
+    logprob: float | None
+    top: tuple[tuple[str, bytes, float], ...] = ()
+    offset: int = 0
+
+
+@dataclass(frozen=True, slots=True)
+class Choice:
+    """One finished choice of an answer."""
+
+    index: int
+    text: str
+    finish_reason: str
+    logprobs: tuple[TokenLogprob, ...] | None = None
 
 
 def new_id(kind: Kind) -> str:
@@ -73,12 +99,26 @@ def full_body(
     id: str | None = None,
     created: int | None = None,
 ) -> dict[str, Any]:
-    """The non-streaming answer body for ``kind``."""
+    """The non-streaming answer body for ``kind`` with one choice and no log probabilities."""
+    choice = Choice(0, text, finish_reason)
+    return answer_body(kind, model=model, choices=[choice], usage=usage, id=id, created=created)
+
+
+def answer_body(
+    kind: Kind,
+    *,
+    model: str,
+    choices: Sequence[Choice],
+    usage: Usage,
+    id: str | None = None,
+    created: int | None = None,
+) -> dict[str, Any]:
+    """The non-streaming answer body for ``kind``: ``choices`` in index order."""
     if kind == "generate":
         return {
-            "response": text,
+            "response": choices[0].text,
             "model": model,
-            "finish_reason": finish_reason,
+            "finish_reason": choices[0].finish_reason,
             "usage": usage.to_dict(),
         }
     head = {
@@ -87,24 +127,65 @@ def full_body(
         "model": model,
     }
     if kind == "completion":
-        choice: dict[str, Any] = {
-            "text": text,
-            "index": 0,
-            "logprobs": None,
-            "finish_reason": finish_reason,
+        items = [
+            {
+                "text": c.text,
+                "index": c.index,
+                "logprobs": completion_logprobs(c.logprobs),
+                "finish_reason": c.finish_reason,
+            }
+            for c in choices
+        ]
+        return {**head, "object": "text_completion", "choices": items, "usage": usage.to_dict()}
+    items = [
+        {
+            "index": c.index,
+            "message": {"role": "assistant", "content": c.text, "refusal": None},
+            "logprobs": chat_logprobs(c.logprobs),
+            "finish_reason": c.finish_reason,
         }
-        return {**head, "object": "text_completion", "choices": [choice], "usage": usage.to_dict()}
-    choice = {
-        "index": 0,
-        "message": {"role": "assistant", "content": text, "refusal": None},
-        "logprobs": None,
-        "finish_reason": finish_reason,
+        for c in choices
+    ]
+    return {**head, "object": "chat.completion", "choices": items, "usage": usage.to_dict()}
+
+
+def chat_logprobs(tokens: Sequence[TokenLogprob] | None) -> dict[str, Any] | None:
+    """OpenAI's chat ``logprobs``: ``content`` holds one entry per token."""
+    if tokens is None:
+        return None
+    content = [
+        {
+            "token": t.token,
+            "logprob": t.logprob,
+            "bytes": list(t.raw),
+            "top_logprobs": [
+                {"token": token, "logprob": logprob, "bytes": list(raw)}
+                for token, raw, logprob in t.top
+            ],
+        }
+        for t in tokens
+    ]
+    return {"content": content, "refusal": None}
+
+
+def completion_logprobs(tokens: Sequence[TokenLogprob] | None) -> dict[str, Any] | None:
+    """OpenAI's (legacy) completions ``logprobs``: parallel lists, alternatives as a map."""
+    if tokens is None:
+        return None
+    return {
+        "tokens": [t.token for t in tokens],
+        "token_logprobs": [t.logprob for t in tokens],
+        "top_logprobs": [
+            None if t.logprob is None else {token: lp for token, _, lp in t.top} for t in tokens
+        ],
+        "text_offset": [t.offset for t in tokens],
     }
-    return {**head, "object": "chat.completion", "choices": [choice], "usage": usage.to_dict()}
 
 
 class StreamEncoder:
-    """SSE chunks for one streamed answer: ``start()``, ``delta()`` per piece, ``finish()``."""
+    """SSE chunks for one streamed answer: ``start()`` per choice, ``delta()`` per piece,
+    ``stop()`` per choice, then ``end()``; ``finish()`` is ``stop()`` + ``end()`` for an
+    answer of one choice."""
 
     __slots__ = ("_head", "include_usage", "kind", "model")
 
@@ -128,18 +209,23 @@ class StreamEncoder:
             "model": model,
         }
 
-    def start(self) -> bytes:
-        """Chat streams open with the assistant role, as OpenAI's do; others send nothing."""
+    def start(self, index: int = 0) -> bytes:
+        """Chat streams open each choice with the assistant role, as OpenAI's do; others
+        send nothing."""
         if self.kind != "chat":
             return b""
-        return self._chunk({"role": "assistant", "content": "", "refusal": None}, None)
+        return self._chunk({"role": "assistant", "content": "", "refusal": None}, None, index)
 
-    def delta(self, text: str) -> bytes:
+    def delta(
+        self, text: str, index: int = 0, logprobs: Sequence[TokenLogprob] | None = None
+    ) -> bytes:
+        """A piece of choice ``index``'s text, with its tokens' log probabilities if asked
+        (``logprobs`` is None when they were not)."""
         if self.kind == "generate":
             return sse({"response": text, "model": self.model})
         if self.kind == "completion":
-            return self._chunk(text, None)
-        return self._chunk({"content": text}, None)
+            return self._chunk(text, None, index, completion_logprobs(logprobs))
+        return self._chunk({"content": text}, None, index, chat_logprobs(logprobs))
 
     def answer(self, text: str, finish_reason: str, usage: Usage) -> bytes:
         """A whole stream for a finished answer (a cached one): the same chunks on every
@@ -150,6 +236,16 @@ class StreamEncoder:
         return b"".join(pieces)
 
     def finish(self, finish_reason: str, usage: Usage) -> bytes:
+        return self.stop(finish_reason) + self.end(usage, finish_reason)
+
+    def stop(self, finish_reason: str, index: int = 0) -> bytes:
+        """The last chunk of choice ``index``: its finish reason."""
+        if self.kind == "generate":
+            return b""  # ComeAPI's stream says it in its last object (end())
+        return self._chunk("" if self.kind == "completion" else {}, finish_reason, index)
+
+    def end(self, usage: Usage, finish_reason: str = "stop") -> bytes:
+        """After every choice stopped: the usage chunk if asked, and ``[DONE]``."""
         if self.kind == "generate":
             last = {
                 "response": "",
@@ -159,16 +255,28 @@ class StreamEncoder:
                 "usage": usage.to_dict(),
             }
             return sse(last) + DONE
-        out = self._chunk("" if self.kind == "completion" else {}, finish_reason)
+        out = b""
         if self.include_usage:
-            out += sse({**self._head, "choices": [], "usage": usage.to_dict()})
+            out = sse({**self._head, "choices": [], "usage": usage.to_dict()})
         return out + DONE
 
-    def _chunk(self, delta: Any, finish_reason: str | None) -> bytes:
+    def _chunk(
+        self, delta: Any, finish_reason: str | None, index: int, logprobs: Any = None
+    ) -> bytes:
         if self.kind == "completion":
-            choice = {"text": delta, "index": 0, "logprobs": None, "finish_reason": finish_reason}
+            choice = {
+                "text": delta,
+                "index": index,
+                "logprobs": logprobs,
+                "finish_reason": finish_reason,
+            }
         else:
-            choice = {"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish_reason}
+            choice = {
+                "index": index,
+                "delta": delta,
+                "logprobs": logprobs,
+                "finish_reason": finish_reason,
+            }
         chunk = {**self._head, "choices": [choice]}
         if self.include_usage:  # OpenAI: every chunk has "usage", null until the last one
             chunk["usage"] = None
