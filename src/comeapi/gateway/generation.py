@@ -38,10 +38,15 @@ log = logging.getLogger("comeapi.gateway")
 CLIENT_GONE = 499  # nginx's code for "client closed the request", for the metrics only
 _CACHE_CONTROL = b"cache-control"
 _HIT_HEADERS = frozenset({_CACHE_CONTROL, VARIANT_HEADER.encode(), SECRET_HEADER.encode()})
+# The parse and lookup ``answer_now`` did for a request it left to the ASGI path.
+_PREPARED = "comeapi.prepared"
 
 
 class GenerationRoutes:
     """The generation routes (``protocol.requests.KINDS``), in front of ``app``."""
+
+    #: The paths ``answer_now`` may answer (``http.server.ImmediateAnswers``).
+    immediate_paths = frozenset(KINDS)
 
     def __init__(
         self,
@@ -69,6 +74,45 @@ class GenerationRoutes:
     def state(self) -> State:
         """The Starlette app's state (``state.gateway``), as if this were that app."""
         return self.app.state
+
+    def answer_now(
+        self, scope: Scope, body: bytes
+    ) -> tuple[list[tuple[bytes, bytes]], bytes] | None:
+        """A cache hit answered by the HTTP server itself, as soon as the whole request is
+        read and before any ASGI task exists (``http.server.GuardedHttpToolsProtocol``):
+        the headers and body to send with status 200, counted and recorded here as
+        ``__call__`` would. None for anything else (an error, a miss, a bypass): the request
+        then takes the ASGI path, which finds this parse and lookup in ``scope`` rather than
+        repeating them, so a miss is counted once."""
+        cache = self.cache
+        if (
+            cache is None
+            or scope["method"] != "POST"
+            or len(body) > self.settings.max_body_bytes
+            or self.keys.check(scope) is not None
+        ):
+            return None
+        started = time.perf_counter()
+        try:
+            request = parse_request(
+                KINDS[scope["path"]],
+                decode_json(body),
+                max_tokens_limit=self.settings.max_tokens_limit,
+            )
+            lookup = self._lookup(scope, request, cache)
+        except ComeapiError:
+            return None  # the ASGI path parses again and answers the error
+        if lookup is None or lookup.hit is None:
+            scope[_PREPARED] = (request, lookup)
+            return None
+        hit = lookup.hit
+        record = RequestRecord(scope)
+        record.request = request
+        record.outcome = hit
+        seconds = time.perf_counter() - started
+        self.metrics.observe(scope["path"], 200, seconds)
+        self.requests.add(record, 200, seconds)
+        return hit.headers, hit.body
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         kind = KINDS.get(scope["path"]) if scope["type"] == "http" else None
@@ -99,13 +143,18 @@ class GenerationRoutes:
                 raise error
             else:
                 raw = await read_asgi_body(scope, receive, self.settings.max_body_bytes)
-                request = parse_request(
-                    KINDS[scope["path"]],
-                    decode_json(raw),
-                    max_tokens_limit=self.settings.max_tokens_limit,
-                )
-                record.request = request
-                response = await self._answer(scope, receive, send, request, raw, record)
+                prepared = scope.pop(_PREPARED, None)
+                if prepared is None:
+                    record.request = request = parse_request(
+                        KINDS[scope["path"]],
+                        decode_json(raw),
+                        max_tokens_limit=self.settings.max_tokens_limit,
+                    )
+                    lookup = self._lookup(scope, request, self.cache)
+                else:
+                    request, lookup = prepared
+                    record.request = request
+                response = await self._answer(scope, receive, send, request, raw, record, lookup)
                 if response is None:
                     return 200
         except ClientDisconnect:
@@ -119,6 +168,23 @@ class GenerationRoutes:
         await response(scope, receive, send)
         return response.status_code
 
+    def _lookup(
+        self, scope: Scope, request: GenerationRequest, cache: ResponseCache | None
+    ) -> Lookup | None:
+        """The cache's verdict, or None when the request does not consult the cache: no
+        cache, or Cache-Control: no-cache (warmup) while misses are forwarded (when they are
+        rejected, no-cache must not become a way around the rule)."""
+        if cache is None:
+            return None
+        found = {k: v for k, v in scope["headers"] if k in _HIT_HEADERS}
+        bypass = b"no-cache" in found.get(_CACHE_CONTROL, b"")
+        if bypass and self.settings.on_miss == "forward":
+            return None
+        forced = cache.forced_variant(
+            found.get(VARIANT_HEADER.encode()), found.get(SECRET_HEADER.encode(), b"")
+        )
+        return cache.lookup(request, forced)
+
     async def _answer(
         self,
         scope: Scope,
@@ -127,20 +193,13 @@ class GenerationRoutes:
         request: GenerationRequest,
         raw: bytes,
         record: RequestRecord,
+        lookup: Lookup | None,
     ) -> Response | None:
         """None once a hit is sent; otherwise the response to send."""
         cache = self.cache
-        found = {k: v for k, v in scope["headers"] if k in _HIT_HEADERS}
-        # Cache-Control: no-cache (warmup) skips the lookup, unless misses are rejected:
-        # then it must not become a way around the rule.
-        bypass = b"no-cache" in found.get(_CACHE_CONTROL, b"")
-        if cache is None or (bypass and self.settings.on_miss == "forward"):
+        if cache is None or lookup is None:
             record.outcome = miss = Miss(looked_up=False)
             return await self._forward(scope, receive, request, raw, miss)
-        forced = cache.forced_variant(
-            found.get(VARIANT_HEADER.encode()), found.get(SECRET_HEADER.encode(), b"")
-        )
-        lookup = cache.lookup(request, forced)
         hit = lookup.hit
         if hit is not None:
             await send({"type": "http.response.start", "status": 200, "headers": hit.headers})
