@@ -59,9 +59,12 @@ class Load:
             f"the figures above are not results ({text})"
         )
 
-    def summarize(self, path: Path | None, *, name: str, what: str, headline: str) -> None:
+    def summarize(
+        self, path: Path | None, *, name: str, what: str, headline: str, notes: str = ""
+    ) -> None:
         """Append this run's headline to ``path`` as one JSON line (nothing when ``path`` is
-        None); withheld as ``verdict`` withholds it, so a table cannot quote a noisy figure."""
+        None); withheld as ``verdict`` withholds it, so a table cannot quote a noisy figure.
+        ``notes`` say what did not run and why; they are kept either way."""
         if path is None:
             return
         line = {
@@ -69,6 +72,7 @@ class Load:
             "what": what,
             "headline": headline if self.quiet else "WITHHELD",
             "withheld": not self.quiet,
+            "notes": notes,
             "command": command_line(),
             "cpus": self.cpus,
             "load_start": round(self.start, 2),
