@@ -122,8 +122,10 @@ class Target:
 
 def measure(targets: list[Target], rounds: int) -> None:
     """``rounds`` rounds of one request to each target, in a rotating order."""
-    for target in targets:
-        for _ in range(WARMUP):
+    # Warm-up in rounds too: a connection left idle while the others warm up would pass
+    # the backend's keep-alive timeout (5 s) on a slow machine, and break at its next use.
+    for _ in range(WARMUP):
+        for target in targets:
             target.post()
     cpu_before = {t.name: process_cpu_seconds(t.pid) for t in targets if t.pid is not None}
     for i in range(rounds):
