@@ -233,7 +233,7 @@ def run(args: argparse.Namespace) -> tuple[list[dict[str, Any]], str]:
             bench.notes.append(
                 f"Ran with this venv's Python {sys.version.split()[0]}, not Lambda's 3.12: no "
                 f"interpreter at --lambda-python '{args.lambda_python}' (`make bench` makes one "
-                "when python3.12 is on the PATH)"
+                "when a python3.12 runs, on the PATH or pyenv's)"
             )
     out = args.out or Path(tempfile.mkdtemp(prefix="comeapi-bench-"))
     out.mkdir(parents=True, exist_ok=True)
