@@ -9,12 +9,13 @@ MODEL  := models/gemma-3-270m-q4_k_m.gguf
 
 .DEFAULT_GOAL := help
 .PHONY: help run test check lint typecheck unit install install-dev model system-deps \
-	compose-plugin clean
+	compose-plugin clean bench llama-server lambda-python
 
 help:
 	@echo "make run    install what is missing, prepare the model and cache, start comeapi"
 	@echo "make test   install test dependencies, run ruff, mypy and the whole test suite"
 	@echo "make check  ruff format --check, ruff check, mypy --strict"
+	@echo "make bench  every benchmark, one table (BENCH_ARGS=--quick | --write-readme | --only ...)"
 	@echo "Phase 1 (nginx, docs/nginx.md): make warmup | cache-export | cache-copy | cache-import | all"
 	@echo "            variables: COMPOSE_PROJECT_NAME CACHE_VOLUME_NAME EXPORT_FILE REMOTE_HOST REMOTE_PATH"
 	@echo "            SSH_OPTS REMOTE_CACHE_VOLUME_NAME HELPER_IMAGE COMPOSE_CMD"
@@ -103,6 +104,67 @@ compose-plugin: install-dev
 		&& install -D -m 755 "$$bin" $(COMPOSE_PLUGIN_DIR)/docker-compose \
 		&& docker compose version; \
 	fi
+
+# --- Benchmarks (README, Benchmarks) ------------------------------------------------------
+# `make bench` runs every program under benchmarks/ in turn (benchmarks/run_all.py, about 20
+# minutes on 2 cores) and prints one table; BENCH_ARGS=--write-readme also puts it in the
+# README. What the comparisons need besides the project is made once, under ~/.cache/comeapi:
+# llama.cpp's own server for batching.py's (d), built from the llama.cpp that
+# llama-cpp-python vendors, with the wheel's LLAMA_CMAKE_ARGS so that both run the same
+# kernels (about 8 minutes on 2 cores, once; LLAMA_SERVER=/path uses another binary,
+# LLAMA_SERVER= none); Lambda's Python for lambda_coldstart.py, a venv of python3.12 with
+# this venv's boto3 (skipped when no python3.12 runs, on the PATH or pyenv's;
+# LAMBDA_PYTHON=/path/python uses another); llama_cpp.server's extras for batching.py's (c), into this venv. A piece that
+# cannot be made does not stop the run: its benchmark's row says what is missing.
+LLAMA_SERVER          ?= $(HOME)/.cache/comeapi/llama-server/$(notdir $(LLAMA_WHEELHOUSE))/llama-server
+LAMBDA_PYTHON_VERSION ?= 3.12
+LAMBDA_VENV           ?= $(HOME)/.cache/comeapi/bench-python$(LAMBDA_PYTHON_VERSION)
+LAMBDA_PYTHON         ?= $(LAMBDA_VENV)/bin/python
+BENCH_ARGS            ?=
+
+bench: install-dev $(MODEL) system-deps
+	@$(MAKE) --no-print-directory $(VENV)/.installed-bench \
+		|| echo "llama_cpp.server's extras could not be installed: batching.py's row will say so"
+	@$(MAKE) --no-print-directory llama-server \
+		|| echo "llama-server could not be built: batching.py's row will say so"
+	@$(MAKE) --no-print-directory lambda-python \
+		|| echo "no Lambda Python: lambda_coldstart.py runs with this venv's and its row says so"
+	$(BIN)/python benchmarks/run_all.py --llama-server '$(LLAMA_SERVER)' \
+		--lambda-python '$(LAMBDA_PYTHON)' $(BENCH_ARGS)
+
+$(VENV)/.installed-bench: $(VENV)/.installed-dev
+	$(BIN)/python -m pip install --quiet --find-links $(LLAMA_WHEELHOUSE) \
+		'$(subst ==,[server]==,$(LLAMA_CPP))'
+	touch $@
+
+llama-server: $(LLAMA_SERVER)
+$(HOME)/.cache/comeapi/llama-server/%/llama-server: | $(BIN)/python
+	@echo "Building llama-server from $(LLAMA_CPP)'s llama.cpp, CMAKE_ARGS \"$(LLAMA_CMAKE_ARGS)\""
+	@echo "(about 8 minutes on 2 cores, once)"
+	@command -v cmake >/dev/null || { [ "$$(id -u)" = 0 ] && apt-get update -qq \
+		&& DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends \
+		cmake >/dev/null; }
+	rm -rf '$(@D)/src' && mkdir -p '$(@D)/src'
+	$(BIN)/python -m pip download --quiet --no-deps --no-binary :all: -d '$(@D)/src' \
+		'$(LLAMA_CPP)'
+	tar xzf '$(@D)'/src/*.tar.gz -C '$(@D)/src'
+	cmake -S '$(@D)'/src/llama_cpp_python-*/vendor/llama.cpp -B '$(@D)/src/build' \
+		-DCMAKE_BUILD_TYPE=Release -DBUILD_SHARED_LIBS=OFF -DLLAMA_BUILD_SERVER=ON \
+		-DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF -DLLAMA_CURL=OFF \
+		-DLLAMA_OPENSSL=OFF $(LLAMA_CMAKE_ARGS)
+	cmake --build '$(@D)/src/build' --target llama-server -j $$(nproc)
+	install -m 755 '$(@D)/src/build/bin/llama-server' '$@'
+	rm -rf '$(@D)/src'
+
+lambda-python: $(if $(filter $(LAMBDA_VENV)/bin/python,$(LAMBDA_PYTHON)),$(LAMBDA_VENV)/.boto3)
+$(LAMBDA_VENV)/.boto3: | $(VENV)/.installed
+	@v=$(LAMBDA_PYTHON_VERSION); py=$$(for p in python$$v $(HOME)/.pyenv/versions/$$v.*/bin/python$$v; \
+		do "$$p" -c '' 2>/dev/null && echo "$$p" && break; done); \
+	[ -n "$$py" ] || { echo "no working python$$v (on the PATH or under ~/.pyenv)"; exit 1; }; \
+	echo "$$py -m venv $(LAMBDA_VENV)"; "$$py" -m venv '$(LAMBDA_VENV)'
+	'$(LAMBDA_VENV)/bin/python' -m pip install --quiet \
+		"boto3==$$($(BIN)/python -c 'import boto3; print(boto3.__version__)')"
+	touch $@
 
 # --- Phase 1: nginx's cache (docs/nginx.md) ------------------------------------------------
 # Docker mode (default): the cache is the named volume $(CACHE_VOLUME_NAME) of the compose

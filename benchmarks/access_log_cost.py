@@ -14,7 +14,8 @@ shared, so read the differences within one run.
 
 The record itself (made on every request, access log or not) is timed alone beside a plain
 tuple appended to a deque, the least any record could cost. Run against a tree without the
-request log (``PYTHONPATH=/path/to/other/src``), only the "off" row is measured.
+request log (``PYTHONPATH=/path/to/other/src``), only the "off" row is measured. The
+headline is withheld when the machine was busy (benchmarks/machine.py).
 """
 
 from __future__ import annotations
@@ -38,6 +39,7 @@ from comeapi.cache.open import open_store
 from comeapi.gateway.app import create_app
 from comeapi.gateway.cache import ResponseCache
 from comeapi.settings import Settings, load_settings
+from machine import Load, add_summary_option  # benchmarks/machine.py (the script's folder)
 from nginx_vs_gateway import (
     SHIPPED_CACHE,
     WrkResult,
@@ -117,7 +119,10 @@ class Client:
                     raise SystemExit(f"not a hit: {self.last_start}")
 
 
-def in_process(store_url: str, bodies: list[tuple[str, str]], args: argparse.Namespace) -> None:
+def in_process(
+    store_url: str, bodies: list[tuple[str, str]], args: argparse.Namespace
+) -> dict[str, float]:
+    """CPU microseconds per hit of each mode (median of the rounds)."""
     quiet_access_log()
     clients = {}
     for mode in MODES:
@@ -143,13 +148,15 @@ def in_process(store_url: str, bodies: list[tuple[str, str]], args: argparse.Nam
     per_hit = asyncio.run(measure())
     print(f"load average after: {load()}")
     base = statistics.median(per_hit["off"])
+    medians = {}
     for mode, values in per_hit.items():
-        median = statistics.median(values)
+        median = medians[mode] = statistics.median(values)
         rounds = " ".join(f"{v:.1f}" for v in values)
         print(
             f"  access log {mode:4}: {median:6.1f} us CPU per hit (median; rounds {rounds})"
             f"  {median - base:+.1f} us vs off"
         )
+    return medians
 
 
 def record_alone(args: argparse.Namespace) -> None:
@@ -182,7 +189,10 @@ def record_alone(args: argparse.Namespace) -> None:
         print(f"  {name}: {best:.2f} us per request (best of {args.rounds})")
 
 
-def with_wrk(store_url: str, base: Path, bodies: list[tuple[str, str]], args: Any) -> None:
+def with_wrk(
+    store_url: str, base: Path, bodies: list[tuple[str, str]], args: Any
+) -> dict[str, tuple[float, float]]:
+    """Requests per second and server CPU microseconds per request of each mode (medians)."""
     if shutil.which("wrk") is None:
         raise SystemExit("wrk is not installed (make system-deps)")
     script = base / "bodies.lua"
@@ -210,14 +220,17 @@ def with_wrk(store_url: str, base: Path, bodies: list[tuple[str, str]], args: An
         for server in reversed(servers):
             server.__exit__(None, None, None)
     base_cpu = statistics.median(r.cpu_us for r in results["off"])
+    medians = {}
     for mode, runs in results.items():
         rps = statistics.median(r.requests_per_s for r in runs)
         cpu = statistics.median(r.cpu_us for r in runs)
+        medians[mode] = (rps, cpu)
         errors = "; ".join(sorted({r.errors for r in runs if r.errors}))
         print(
             f"  access log {mode:4}: {rps:7.0f} req/s, server CPU {cpu:5.1f} us per request "
             f"(medians; {cpu - base_cpu:+.1f} us vs off){'  [' + errors + ']' if errors else ''}"
         )
+    return medians
 
 
 def main() -> None:
@@ -227,8 +240,11 @@ def main() -> None:
     parser.add_argument("--wrk", action="store_true", help="also measure comeapi serve + wrk")
     parser.add_argument("--duration", type=int, default=5, help="seconds per wrk run")
     parser.add_argument("--connections", type=int, default=32)
+    add_summary_option(parser)
     args = parser.parse_args()
     args.threads = 1
+    # In process: this one thread; with --wrk the servers and wrk fill every CPU.
+    machine = Load(own=float(os.cpu_count() or 1) if args.wrk else 1.0)
     base = Path(tempfile.mkdtemp(prefix="comeapi-access-log-"))
     try:
         store_url = f"sqlite:{base / 'store.db'}"
@@ -239,13 +255,28 @@ def main() -> None:
             timeout=120,
         )
         bodies = request_bodies()
-        in_process(store_url, bodies, args)
+        per_hit = in_process(store_url, bodies, args)
         if len(MODES) > 1:
             record_alone(args)
-        if args.wrk:
-            with_wrk(store_url, base, bodies, args)
+        served = with_wrk(store_url, base, bodies, args) if args.wrk else {}
     finally:
         shutil.rmtree(base, ignore_errors=True)
+    machine.finish()
+    modes = " / ".join(per_hit)
+    figures = f"{modes}: " + " / ".join(f"{us:.1f}" for us in per_hit.values())
+    figures += " us CPU per hit"
+    if served:
+        figures += "; " + " / ".join(f"{rps:,.0f}" for rps, _ in served.values()) + " req/s, "
+        figures += "server CPU " + " / ".join(f"{cpu:.1f}" for _, cpu in served.values())
+        figures += " us per request"
+    print(machine.verdict(figures))
+    machine.summarize(
+        args.summary,
+        name="access_log_cost",
+        what=f"access log per cache hit: {modes} (in process"
+        + (f", and `comeapi serve` under `wrk -t1 -c{args.connections}`)" if served else ")"),
+        headline=figures,
+    )
 
 
 if __name__ == "__main__":

@@ -3,7 +3,9 @@ generation speed (tokens/s) on the bundled model.
 
     .venv/bin/python benchmarks/backend_single.py [--tokens 128] [--runs 3] [-- BACKEND FLAGS]
 
-Everything after ``--`` is passed to ``comeapi backend`` (e.g. ``-- --threads 2``).
+Everything after ``--`` is passed to ``comeapi backend`` (e.g. ``-- --threads 2``). The
+figures are withheld when the machine was busy (benchmarks/machine.py): the backend's
+threads are its own load.
 """
 
 from __future__ import annotations
@@ -19,6 +21,8 @@ import time
 from pathlib import Path
 
 import httpx
+
+from machine import Load, add_summary_option  # benchmarks/machine.py (the script's folder)
 
 REPO = Path(__file__).resolve().parent.parent
 PROMPT = "Write a long story about a lighthouse keeper who finds a map. Once upon a time,"
@@ -36,7 +40,9 @@ def main() -> None:
     parser.add_argument("--runs", type=int, default=3)
     parser.add_argument("--model-dir", default=str(REPO / "models"))
     parser.add_argument("backend_flags", nargs="*")
+    add_summary_option(parser)
     args = parser.parse_args()
+    load = Load(own=float(backend_threads(args.backend_flags)))
 
     port = free_port()
     url = f"http://127.0.0.1:{port}"
@@ -60,8 +66,8 @@ def main() -> None:
             proc.terminate()
             proc.wait(30)
 
+    load.finish()
     print(f"command: {' '.join(argv[1:])}")
-    print(f"cpus: {os.cpu_count()}  load average: {os.getloadavg()[0]:.2f}")
     print(f"start-up (process start -> /health 200): {startup:.2f} s")
     print(
         f"single request, {args.tokens} tokens, {args.runs} runs: "
@@ -69,6 +75,31 @@ def main() -> None:
         f"(min {min(speeds):.1f}, max {max(speeds):.1f}); "
         f"median time to first token {statistics.median(first_tokens) * 1000:.0f} ms"
     )
+    figures = (
+        f"{statistics.median(speeds):.1f} tok/s, first token "
+        f"{statistics.median(first_tokens) * 1000:.0f} ms, start-up to `/health` 200 in "
+        f"{startup:.2f} s"
+    )
+    print(load.verdict(figures))
+    flags = " ".join(args.backend_flags)
+    load.summarize(
+        args.summary,
+        name="backend_single",
+        what=f"one backend, one request of {args.tokens} tokens"
+        + (f" (`{flags}`)" if flags else ""),
+        headline=figures,
+    )
+
+
+def backend_threads(flags: list[str]) -> int:
+    """The threads the backend decodes with: ``--threads N`` among its flags, else every
+    CPU (the most its default uses)."""
+    for i, flag in enumerate(flags):
+        if flag == "--threads" and i + 1 < len(flags):
+            return int(flags[i + 1])
+        if flag.startswith("--threads="):
+            return int(flag.split("=", 1)[1])
+    return os.cpu_count() or 1
 
 
 def wait_healthy(proc: subprocess.Popen[bytes], url: str, started: float) -> float:

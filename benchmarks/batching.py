@@ -10,13 +10,14 @@ aggregate tokens/s and p50 time to first token, measured side by side in one run
 (c) python -m llama_cpp.server    llama-cpp-python's server (skipped if its extras are missing:
     pip install 'llama-cpp-python[server]==0.3.36')
 (d) llama-server -np N            llama.cpp's C++ server, built separately (skipped unless
-    --llama-server PATH or $LLAMA_SERVER names the binary)
+    --llama-server PATH or $LLAMA_SERVER names the binary; `make llama-server` builds one)
 
 Every set-up gets the same model, context per request, thread budget and requests (OpenAI
 /v1/completions, stream, temperature 0.8, seed i). Each request starts with a unique tag so
 no server can reuse a cached prompt. Rounds are interleaved (a b c d, a b c d, ...) so a
 burst of load on a shared machine hits every set-up alike; the table shows the median round
-and the best round of each set-up, and the ratios of both.
+and the best round of each set-up, and the ratios of both, withheld when the machine was busy
+(benchmarks/machine.py; --threads is the run's own load).
 """
 
 from __future__ import annotations
@@ -40,6 +41,8 @@ from typing import Any
 
 import httpx
 import orjson
+
+from machine import Load, add_summary_option  # benchmarks/machine.py (the script's folder)
 
 REPO = Path(__file__).resolve().parent.parent
 MODEL = REPO / "models" / "gemma-3-270m-q4_k_m.gguf"
@@ -152,7 +155,7 @@ def start_setups(args: argparse.Namespace, servers: Servers) -> list[Setup]:
     port = free_port()
     c = Setup("c", "python -m llama_cpp.server", f"http://127.0.0.1:{port}", "/v1/models")
     if importlib.util.find_spec("fastapi") is None:
-        c.skipped = "llama_cpp.server's extras are not installed"
+        c.skipped = "llama_cpp.server's extras are not installed (make bench installs them)"
     else:
         servers.start(c, [
             sys.executable, "-m", "llama_cpp.server", "--model", args.model,
@@ -166,7 +169,7 @@ def start_setups(args: argparse.Namespace, servers: Servers) -> list[Setup]:
     port = free_port()
     d = Setup("d", f"llama-server -np {n}", f"http://127.0.0.1:{port}", "/health")
     if not args.llama_server or not Path(args.llama_server).is_file():
-        d.skipped = "no llama-server binary (--llama-server PATH or $LLAMA_SERVER)"
+        d.skipped = "no llama-server binary (--llama-server PATH, $LLAMA_SERVER; make llama-server)"
     else:
         servers.start(d, [
             args.llama_server, "-m", args.model, "--host", "127.0.0.1", "--port", str(port),
@@ -261,7 +264,9 @@ def main() -> None:
     parser.add_argument("--ctx", type=int, default=1024, help="context per request")
     parser.add_argument("--model", default=str(MODEL))
     parser.add_argument("--llama-server", default=os.environ.get("LLAMA_SERVER", ""))
+    add_summary_option(parser)
     args = parser.parse_args()
+    load = Load(own=float(args.threads))  # each set-up in turn, with this many threads
 
     servers = Servers()
     with servers.running():
@@ -272,19 +277,18 @@ def main() -> None:
             asyncio.run(run_round(setup, argparse.Namespace(**{**vars(args), "max_tokens": 4}),
                                   "warmup"))  # fmt: skip
             setup.rates.clear(), setup.ttfts.clear(), setup.tokens.clear()
-        load_before = os.getloadavg()[0]
         for round_no in range(args.rounds):
             for setup in live:
                 asyncio.run(run_round(setup, args, f"r{round_no}{setup.key}"))
         rss = {s.key: peak_rss_mb(s.procs) for s in live}
-        report(setups, args, rss, load_before)
+        load.finish()
+        report(setups, args, rss, load)
 
 
 def report(setups: list[Setup], args: argparse.Namespace, rss: dict[str, float],
-           load_before: float) -> None:  # fmt: skip
+           load: Load) -> None:  # fmt: skip
     model_mb = Path(args.model).stat().st_size / 2**20
-    print(f"cpus: {len(os.sched_getaffinity(0))}  load average before/after: "
-          f"{load_before:.2f}/{os.getloadavg()[0]:.2f}  model: {model_mb:.0f} MB")  # fmt: skip
+    print(f"model: {model_mb:.0f} MB")
     print(f"{args.concurrency} concurrent streams x {args.max_tokens} tokens, {args.rounds} "
           f"interleaved rounds, medians; {args.threads} threads per set-up")  # fmt: skip
     header = f"{'set-up':42s} {'tok/s':>7s} {'best':>7s} {'p50 TTFT':>9s} {'tokens':>7s}"
@@ -304,8 +308,11 @@ def report(setups: list[Setup], args: argparse.Namespace, rss: dict[str, float],
               f"{', '.join(f'{r:.1f}' for r in s.rates)}")  # fmt: skip
     for other, goal in (("d", 1.0), ("b", 1.5)):
         if "a" in medians and other in medians:
-            print(f"(a)/({other}) = {medians['a'] / medians[other]:.2f} median, "
-                  f"{bests['a'] / bests[other]:.2f} best  (goal >= {goal})")  # fmt: skip
+            ratios = (
+                f"(a)/({other}) = {medians['a'] / medians[other]:.2f} median, "
+                f"{bests['a'] / bests[other]:.2f} best  (goal >= {goal})"
+            )
+            print(load.verdict(ratios))
     if "a" in rss:
         print(f"peak RSS of (a): {rss['a']:.0f} MB = {rss['a'] / model_mb:.2f} x the model file")
     print("commands:")
@@ -313,6 +320,32 @@ def report(setups: list[Setup], args: argparse.Namespace, rss: dict[str, float],
         for argv in s.commands:
             shown = [Path(a).name if a == sys.executable else a for a in argv]
             print(f"  ({s.key}) {' '.join(shown)}")
+    load.summarize(
+        args.summary,
+        name="batching",
+        what=f"continuous batching, {args.concurrency} concurrent x {args.max_tokens} tokens: "
+        f"(a) `backend --slots {args.concurrency}`, (b) balancer over {args.threads} "
+        f"single-slot backends, (c) `llama_cpp.server`, (d) `llama-server -np {args.concurrency}`",
+        headline=headline(setups, medians, rss),
+        notes="; ".join(f"({s.key}) not run: {s.skipped}" for s in setups if s.skipped),
+    )
+
+
+def headline(setups: list[Setup], medians: dict[str, float], rss: dict[str, float]) -> str:
+    """The median tokens/s of each set-up that ran, (a)'s ratios against (d) and (b), first
+    token and memory of (a) against (b)."""
+    rates = ", ".join(f"({s.key}) {medians[s.key]:.1f}" for s in setups if s.key in medians)
+    parts = [f"{rates} tok/s"]
+    for other, goal, bold in (("d", 1.0, "**"), ("b", 1.5, "")):
+        if "a" in medians and other in medians:
+            ratio = medians["a"] / medians[other]
+            parts.append(f"{bold}(a)/({other}) {ratio:.2f}{bold} (goal >= {goal})")
+    ttft = {s.key: statistics.median(s.ttfts) for s in setups if s.ttfts}
+    if "a" in ttft and "b" in ttft:
+        parts.append(f"p50 first token (a) {ttft['a'] * 1000:.0f} ms vs (b) {ttft['b']:.1f} s")
+    if "a" in rss and "b" in rss:
+        parts.append(f"peak RSS (a) {rss['a']:.0f} MB vs (b) {rss['b']:.0f} MB")
+    return "; ".join(parts)
 
 
 if __name__ == "__main__":

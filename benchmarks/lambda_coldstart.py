@@ -22,9 +22,9 @@ boto3 is precompiled, as in the Lambda runtime. Goal: snapshot <= 0.3x of the ba
 Warm: one container answering the same event again and again (median / p99): from its
 snapshot; and from the table with the DynamoDB call excluded (an in-memory client).
 
-A ratio measured on a busy machine is not worth printing: if the 1-minute load average per
-CPU is over --max-load at the start, or at the end less the one process this program keeps
-running, the times are printed but the ratios are not.
+A ratio measured on a busy machine is not worth printing: when the load average says the
+machine was busy (benchmarks/machine.py; this program keeps one process running, its own
+load), the times are printed but the ratios are not.
 A real Lambda at 256 MB gets a fraction of a core, so its times are several times these; the
 ratio is what transfers.
 
@@ -57,6 +57,7 @@ from tests.helpers import Proc, free_port  # noqa: E402
 
 from comeapi.cache.dynamo import DynamoStore, create_table, make_client  # noqa: E402
 from comeapi.serverless.package import build_package  # noqa: E402
+from machine import Load, add_summary_option  # noqa: E402  (benchmarks/machine.py)
 
 TABLE = "comeapi-bench"
 PROMPT = "日本の首都はどこですか"
@@ -118,10 +119,6 @@ import comeapi.serverless.handler
 print(len(set(sys.modules) - before))
 """
 )
-
-
-def load_per_cpu() -> float:
-    return os.getloadavg()[0] / (os.cpu_count() or 1)
 
 
 @contextmanager
@@ -209,7 +206,8 @@ def print_cold(results: dict[str, tuple[float, float]], runs: int, ratios: bool)
     print("  goal: snapshot <= 0.3x of the baseline")
 
 
-def warm(n: int, root: Path, store: DynamoStore) -> None:
+def warm(n: int, root: Path, store: DynamoStore) -> dict[str, tuple[float, float]]:
+    """Median and p99 seconds of a warm hit from the snapshot and from the table."""
     from comeapi.serverless.events import http_api_event
     from comeapi.serverless.handler import ServerlessApp
     from comeapi.serverless.snapshot import load_snapshot
@@ -238,9 +236,12 @@ def warm(n: int, root: Path, store: DynamoStore) -> None:
     )
     assert from_snapshot.snapshot is not None, "the snapshot was dropped"
     print(f"warm hit, {n} calls (median / p99)")
+    figures = {}
     for label, samples in rows:
         p99 = samples[int(len(samples) * 0.99) - 1]
-        print(f"  {label:34s} {statistics.median(samples) * 1e6:8.1f} us / {p99 * 1e6:8.1f} us")
+        figures[label] = (statistics.median(samples), p99)
+        print(f"  {label:34s} {figures[label][0] * 1e6:8.1f} us / {p99 * 1e6:8.1f} us")
+    return figures
 
 
 class MemoryClient:
@@ -260,36 +261,39 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--runs", type=int, default=21, help="cold start samples per program")
     parser.add_argument("--warm", type=int, default=5000, help="warm invocations")
-    parser.add_argument(
-        "--max-load", type=float, default=1.0, help="1-min load average per CPU above which "
-        "ratios are not reported",
-    )  # fmt: skip
     parser.add_argument("--python", default=sys.executable, help="interpreter of the cold runs")
+    add_summary_option(parser)
     args = parser.parse_args()
     cpus = os.cpu_count() or 1
-    start_load = os.getloadavg()
+    # A child, or this program itself, is runnable throughout: one CPU of its own.
+    load = Load(own=1.0)
     version = subprocess.run(
         [args.python, "-c", "import sys, boto3; print(sys.version.split()[0], boto3.__version__)"],
         capture_output=True, text=True, check=True, timeout=60,
     ).stdout.split()  # fmt: skip
     print(f"cold runs: python {version[0]}, boto3 {version[1]}; {cpus} CPUs; model {MODEL}")
-    print(f"load average at start: {start_load[0]:.2f} {start_load[1]:.2f} {start_load[2]:.2f}")
     with tempfile.TemporaryDirectory() as tmp, moto_table(Path(tmp)) as (endpoint, store):
         results = cold(args.runs, args.python, Path(tmp), endpoint, store)
-        end_load = os.getloadavg()[0]
-        # At the end the 1-minute average also counts this program, which keeps one process
-        # (a child, or itself) runnable throughout: that one is not other work.
-        busy = max(start_load[0], end_load - 1) / cpus > args.max_load
-        print(f"load average at the end: {end_load:.2f} (this program's own 1 included)")
-        print_cold(results, args.runs, ratios=not busy)
-        if busy:
-            print(
-                f"  ratios NOT reported: load average {start_load[0]:.2f} at start, "
-                f"{end_load:.2f} at the end (this program's own 1 included), over "
-                f"{args.max_load} per CPU on {cpus} CPUs; "
-                "run again on a quiet machine"
-            )
-        warm(args.warm, Path(tmp), store)
+        load.finish()
+        print_cold(results, args.runs, ratios=load.quiet)
+        if not load.quiet:
+            print("  " + load.verdict("ratios NOT reported; run again on a quiet machine"))
+        hits = warm(args.warm, Path(tmp), store)
+    base = results["import boto3 + DynamoDB client"][0]
+    snapshot, source = (results[f"snapshot, {form}"][0] for form in ("with .pyc", "source"))
+    table = results["table (before), with .pyc"][0]
+    (snap_p50, snap_p99), (table_p50, _) = hits.values()
+    load.summarize(
+        args.summary,
+        name="lambda_coldstart",
+        what="Lambda cold start to the first cached answer (import, init, one v2 event) vs "
+        "`import boto3` + client",
+        headline=f"Python {version[0]}: from the package's snapshot {snapshot * 1e3:.0f} ms vs "
+        f"{base * 1e3:.0f} ms, **{snapshot / base:.2f}x** with `.pyc` (goal <= 0.3x), "
+        f"{source / base:.2f}x as source; before (no snapshot) {table / base:.2f}x. Warm hit "
+        f"from the snapshot {snap_p50 * 1e6:.0f} us (p99 {snap_p99 * 1e6:.0f} us), from the "
+        f"table without the DynamoDB call {table_p50 * 1e6:.0f} us",
+    )
 
 
 if __name__ == "__main__":

@@ -4,12 +4,20 @@ The machine is shared: a figure measured while other work ran says little. Each 
 prints the load average when it starts and when it ends, and reports its ratios as results
 only when the 1-minute load, less what the benchmark itself adds, stayed below
 ``QUIET_LOAD_PER_CPU`` per CPU; otherwise it says the ratios were withheld.
+
+With ``--summary FILE`` a benchmark also appends its headline to FILE as one JSON line
+(``Load.summarize``), which benchmarks/run_all.py (``make bench``) gathers into one table.
 """
 
 from __future__ import annotations
 
+import argparse
+import json
 import os
+import shlex
+import sys
 from dataclasses import dataclass, field
+from pathlib import Path
 
 QUIET_LOAD_PER_CPU = 0.5
 
@@ -50,6 +58,63 @@ class Load:
             f"(beyond {limit:.1f} + this benchmark's own {self.own:.1f}); "
             f"the figures above are not results ({text})"
         )
+
+    def summarize(
+        self, path: Path | None, *, name: str, what: str, headline: str, notes: str = ""
+    ) -> None:
+        """Append this run's headline to ``path`` as one JSON line (nothing when ``path`` is
+        None); withheld as ``verdict`` withholds it, so a table cannot quote a noisy figure.
+        ``notes`` say what did not run and why; they are kept either way."""
+        if path is None:
+            return
+        line = {
+            "name": name,
+            "what": what,
+            "headline": headline if self.quiet else "WITHHELD",
+            "withheld": not self.quiet,
+            "notes": notes,
+            "command": command_line(),
+            "cpus": self.cpus,
+            "load_start": round(self.start, 2),
+            "load_end": None if self.end is None else round(self.end, 2),
+            "own": self.own,
+        }
+        with path.open("a", encoding="utf-8") as out:
+            out.write(json.dumps(line, ensure_ascii=False) + "\n")
+
+
+def add_summary_option(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--summary",
+        type=Path,
+        metavar="FILE",
+        help="append the headline to FILE as one JSON line (benchmarks/run_all.py reads it)",
+    )
+
+
+def command_line(argv: list[str] | None = None) -> str:
+    """The command that ran this benchmark, as typed from the repository's root: the
+    interpreter and script relative to it where they lie inside, ``--summary FILE`` left
+    out (it says where the figure went, not how it was measured)."""
+    argv = list(sys.argv if argv is None else argv)
+    shown: list[str] = []
+    skip = False
+    for arg in argv[1:]:
+        if skip:
+            skip = False
+        elif arg == "--summary":
+            skip = True
+        elif not arg.startswith("--summary="):
+            shown.append(arg)
+    return shlex.join([_relative(sys.executable), _relative(argv[0]), *shown])
+
+
+def _relative(path: str) -> str:
+    """``path`` relative to the repository when it lies inside it (symlinks kept: the
+    virtualenv's python is a link to the base interpreter)."""
+    repo = Path(__file__).resolve().parent.parent
+    absolute = Path(os.path.abspath(path))
+    return str(absolute.relative_to(repo)) if absolute.is_relative_to(repo) else path
 
 
 def process_cpu_seconds(pid: int) -> float:

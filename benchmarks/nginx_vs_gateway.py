@@ -38,7 +38,11 @@ from pathlib import Path
 
 import httpx
 
-from machine import Load, process_cpu_seconds  # benchmarks/machine.py (the script's folder)
+from machine import (  # benchmarks/machine.py (the script's folder)
+    Load,
+    add_summary_option,
+    process_cpu_seconds,
+)
 
 REPO = Path(__file__).resolve().parent.parent
 DEPLOY = REPO / "deploy" / "nginx"
@@ -179,6 +183,7 @@ def main() -> None:
         help="also run `comeapi serve` from this src directory (e.g. a worktree of an older "
         "commit) beside the current one: the before/after of a change in one run",
     )
+    add_summary_option(parser)
     args = parser.parse_args()
     for tool in ("nginx", "wrk"):
         if shutil.which(tool) is None:
@@ -369,6 +374,16 @@ def report(runs: dict[str, list[WrkResult]], args: argparse.Namespace, load: Loa
             f"{nginx_p99:.2f} ms (goal: no worse), CPU per hit {comeapi_cpu / nginx_cpu:.2f}x "
             f"nginx's: {'met' if met else 'NOT met'}"
         )
+    )
+    workers = f"{args.gateway_workers} worker{'s' if args.gateway_workers > 1 else ''}"
+    load.summarize(
+        args.summary,
+        name="nginx_vs_gateway",
+        what=f"cache hits, `comeapi serve` ({workers}, {args.server}) vs nginx `proxy_cache` "
+        f"({args.nginx_workers} workers), same 50 answers, `wrk -t{args.threads} "
+        f"-c{args.connections}`, POST",
+        headline=f"{comeapi_rps:,.0f} vs {nginx_rps:,.0f} req/s, **{ratio:.2f}x** (goal >= "
+        f"{goal}), p99 {comeapi_p99:.1f} vs {nginx_p99:.1f} ms: {'met' if met else 'NOT met'}",
     )
 
 

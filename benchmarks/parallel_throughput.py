@@ -8,7 +8,8 @@ Three set-ups, each behind its own ``comeapi serve``, measured in interleaved ro
   single/all-threads  one backend using every core (--threads = cores): the fair baseline
   single/1-thread     one backend with one thread (ComeAPI's per-backend setting)
   pool                N backends (default: one per core) with one thread each
-ComeAPI measured 1.27x for its pool of 5 on 8 cores.
+ComeAPI measured 1.27x for its pool of 5 on 8 cores. The ratios are withheld when the
+machine was busy (benchmarks/machine.py): each set-up's threads fill every core.
 """
 
 from __future__ import annotations
@@ -30,6 +31,7 @@ from pathlib import Path
 import httpx
 
 from comeapi.cli.bench import run_parallel
+from machine import Load, add_summary_option  # benchmarks/machine.py (the script's folder)
 
 REPO = Path(__file__).resolve().parent.parent
 PROMPT = "Write a long story about a lighthouse keeper who finds a map. Once upon a time,"
@@ -110,7 +112,9 @@ def main() -> None:
     parser.add_argument("--backends", type=int, default=cores, help="pool size (default: cores)")
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--model-dir", default=str(REPO / "models"))
+    add_summary_option(parser)
     args = parser.parse_args()
+    load = Load(own=float(cores))  # every set-up has as many threads as cores
 
     setups = [
         Setup("single/all-threads", threads=cores, count=1),
@@ -155,7 +159,7 @@ def main() -> None:
                 assert setup.runs is not None
                 setup.runs.append(result.tokens_per_second)
 
-    print(f"cpus: {cores}  load average: {os.getloadavg()[0]:.2f}")
+    load.finish()
     print(
         f"{args.concurrency} concurrent x {args.max_tokens} tokens, {args.rounds} rounds "
         "(median aggregate tokens/s):"
@@ -164,9 +168,21 @@ def main() -> None:
     for setup in setups:
         runs = ", ".join(f"{r:.1f}" for r in setup.runs or [])
         print(f"  {setup.name:20s} {medians[setup.name]:7.1f} tokens/s   (runs: {runs})")
-    pool = medians[setups[2].name]
-    print(f"  pool / single all-threads: {pool / medians[setups[0].name]:.2f}x")
-    print(f"  pool / single 1-thread:    {pool / medians[setups[1].name]:.2f}x")
+    all_threads, one_thread, pool = (medians[s.name] for s in setups)
+    print(
+        load.verdict(
+            f"pool / single all-threads: {pool / all_threads:.2f}x, "
+            f"pool / single 1-thread: {pool / one_thread:.2f}x"
+        )
+    )
+    load.summarize(
+        args.summary,
+        name="parallel_throughput",
+        what=f"ComeAPI's parallel test, {args.concurrency} concurrent x {args.max_tokens} tokens",
+        headline=f"pool of {args.backends} single-thread backends {pool:.1f} tok/s vs one "
+        f"backend {all_threads:.1f} tok/s (all threads): **{pool / all_threads:.2f}x** "
+        f"(ComeAPI measured 1.27x); {pool / one_thread:.2f}x vs one single-thread backend",
+    )
 
 
 if __name__ == "__main__":
