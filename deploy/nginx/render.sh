@@ -99,6 +99,25 @@ else
         printf "    \"~^[Bb]earer +%s *$\" 1;\n", key
     } END { printf "    default 0;" }')
 fi
+# COMEAPI_CORS_ORIGINS: comma-separated, as comeapi reads it (--cors-origin); "*" is any
+# origin, empty is none. One map entry per origin, a regular expression because nginx
+# compares plain map strings case-insensitively and comeapi compares origins exactly.
+cors_origins=$(printf '%s' "${COMEAPI_CORS_ORIGINS:-}" | tr ',' '\n' \
+    | awk '{ gsub(/^[ \t]+|[ \t]+$/, "") } length { print }')
+COMEAPI_CORS_VARY=Origin
+if [ -z "$cors_origins" ]; then
+    COMEAPI_CORS_ORIGIN_ENTRIES="    default \"\";"
+    COMEAPI_CORS_VARY=""
+elif printf '%s\n' "$cors_origins" | grep -qx '[*]'; then
+    COMEAPI_CORS_ORIGIN_ENTRIES="    default \"*\";"
+else
+    printf '%s\n' "$cors_origins" | grep -qv '^[a-z][a-z0-9+.-]*://[A-Za-z0-9.:-]*[A-Za-z0-9]$' \
+        && die "COMEAPI_CORS_ORIGINS: each origin is scheme://host[:port] (A-Z a-z 0-9 . : -), or * for any; comma-separated"
+    COMEAPI_CORS_ORIGIN_ENTRIES=$(printf '%s\n' "$cors_origins" | awk '{
+        origin = $1; gsub(/[.]/, "[.]", origin); gsub(/[+]/, "[+]", origin)
+        printf "    \"~^%s$\" 1;\n", origin
+    } END { printf "    default 0;" }')
+fi
 NGINX_RESOLVER_LINE=""
 # A short resolver_timeout: with comeapi's container stopped, Docker's DNS forwards its name
 # to the host's DNS servers, and a miss would wait for their answer (30 s by default, or
@@ -109,7 +128,8 @@ NGINX_CONF_DIR=$OUT_DIR
 export COMEAPI_UPSTREAM COMEAPI_DEFAULT_MODEL COMEAPI_MAX_TOKENS_LIMIT COMEAPI_VARIANT_BUCKETS COMEAPI_VARIANT_CHOICES \
     COMEAPI_VARIANT_SECRET NGINX_LISTEN NGINX_WARMUP_LISTEN NGINX_CACHE_DIR \
     NGINX_CACHE_MAX_SIZE NGINX_MAX_BODY NGINX_GENERATION_TIMEOUT NGINX_STATE_DIR NGINX_LOG_DIR \
-    NGINX_JS_MODULE NGINX_USER_LINE NGINX_RESOLVER_LINE NGINX_CONF_DIR COMEAPI_API_KEY_ENTRIES
+    NGINX_JS_MODULE NGINX_USER_LINE NGINX_RESOLVER_LINE NGINX_CONF_DIR COMEAPI_API_KEY_ENTRIES \
+    COMEAPI_CORS_ORIGIN_ENTRIES COMEAPI_CORS_VARY
 
 # Replace @NAME@ with ENVIRON[NAME] (plain string operations: values are never patterns).
 fill() {
@@ -130,6 +150,7 @@ umask 077 # the rendered files hold the variant secret
 fill "$SRC_DIR/nginx.conf" "$OUT_DIR/nginx.conf"
 fill "$SRC_DIR/comeapi.conf" "$OUT_DIR/comeapi.conf"
 fill "$SRC_DIR/comeapi-locations.conf" "$OUT_DIR/comeapi-locations.conf"
+fill "$SRC_DIR/comeapi-cors.conf" "$OUT_DIR/comeapi-cors.conf"
 umask 022
 cp "$SRC_DIR"/njs/*.js "$OUT_DIR/njs/"
 mkdir -p "$NGINX_STATE_DIR" "$NGINX_LOG_DIR" "$NGINX_CACHE_DIR"

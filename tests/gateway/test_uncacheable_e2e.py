@@ -47,6 +47,8 @@ UNCACHEABLE = [
     ("/v1/completions", {"prompt": [PROMPT, PROMPT]}, "prompt"),
     ("/completions", {"echo": True}, "echo"),
     ("/chat/completions", {"response_format": JSON_SCHEMA}, "response_format"),
+    ("/v1/completions", {"response_format": {"type": "json_object"}}, "response_format"),
+    ("/completions", {"response_format": JSON_SCHEMA}, "response_format"),
 ]
 
 

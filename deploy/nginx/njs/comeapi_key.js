@@ -536,6 +536,7 @@ function parseCompletion(body, req) {
     req.logprobs = has(body, 'logprobs');
     integer(body, 'logprobs', 0, 0, MAX_TOP_LOGPROBS);
     req.echo = flag(body, 'echo');
+    req.responseFormat = responseFormat(body.response_format);
     openaiCommon(body, req);
 }
 

@@ -189,6 +189,7 @@ def _completion(body: dict[str, Any]) -> GenerationRequest:
     logprobs = body.get("logprobs") is not None
     top_logprobs = _integer(body, "logprobs", 0, 0, MAX_TOP_LOGPROBS)
     echo = _flag(body, "echo")
+    response_format = _response_format(body.get("response_format"))
     return GenerationRequest(
         kind="completion",
         prompt=prompts[0],
@@ -199,6 +200,7 @@ def _completion(body: dict[str, Any]) -> GenerationRequest:
         logprobs=logprobs,
         top_logprobs=top_logprobs,
         echo=echo,
+        response_format=response_format,
         **_openai_common(body),
     )
 
