@@ -60,6 +60,8 @@ def benchmarks(llama_server: str, lambda_python: str) -> list[Bench]:
         Bench("nginx-1", "nginx_vs_gateway.py", [], quick_wrk),
         Bench("nginx-2", "nginx_vs_gateway.py", ["--gateway-workers", "2"],
               ["--gateway-workers", "2", *quick_wrk]),
+        Bench("hit", "hit_in_process.py", [], ["--hits", "200", "--rounds", "1"],
+              "docs/cache.md#how-a-hit-is-served"),
         Bench("balancer", "balancer_overhead.py", ["--requests", "400"], ["--requests", "20"],
               "docs/balancer.md"),
         Bench("parallel", "parallel_throughput.py", ["--rounds", "3"],

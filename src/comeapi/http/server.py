@@ -11,7 +11,7 @@ app lists in ``immediate_paths`` (the gateway's generation routes), no task is s
 the headers arrive; once the body is complete, the app's ``answer_now`` is asked first, and
 a hit is written straight to the socket. Anything else (an error, a miss, a streamed body)
 then starts the ASGI task as uvicorn would. The task, the receive/send messages and uvicorn's
-per-header checks were about a third of a hit's CPU (``benchmarks/nginx_vs_gateway.py``).
+per-header checks were about a third of a hit's CPU (``benchmarks/hit_in_process.py``).
 """
 
 from __future__ import annotations
