@@ -273,16 +273,15 @@ $(SAM_VENV)/.installed:
 
 # The images `sam local` runs where no registry is reachable (with one: AWS's
 # public.ecr.aws/lambda/python:3.12 and motoserver/moto). LAMBDA_BASE_IMAGE: a Debian bookworm
-# image (made with debootstrap, see docs/aws.md); the runtime image copies the CPython 3.12
+# image (made with debootstrap, see docs/aws.md). The runtime image copies the CPython 3.12
 # `make lambda-python` finds (LAMBDA_RUNTIME_PYTHON=/path/python3.12 chooses another) and
 # installs the venv's boto3 beside awslambdaric. The moto image runs the venv's moto (and what
-# its server needs) on MOTO_BASE_IMAGE, a Debian with python3 and python3-venv of this venv's
-# version.
+# its server needs, as wheels made by this venv's Python 3.11) on MOTO_BASE_IMAGE's python3.
 LAMBDA_BASE_IMAGE     ?= comeapi/debian:bookworm-minbase
 LAMBDA_RUNTIME_IMAGE  ?= comeapi/lambda-python3.12:local
 LAMBDA_RUNTIME_PYTHON ?=
 AWSLAMBDARIC_VERSION  ?= 4.2.2
-MOTO_BASE_IMAGE       ?= python:3.11-slim-bookworm
+MOTO_BASE_IMAGE       ?= $(LAMBDA_BASE_IMAGE)
 MOTO_IMAGE            ?= comeapi/moto:local
 # NAME==VERSION of each named package as this venv has it.
 VENV_PINS              = $$($(BIN)/python -c 'import importlib.metadata as m, sys; \

@@ -9,12 +9,12 @@
 #       interface client, and boto3, which the runtime provides) installed into /var/runtime
 #       by PYTHON's pip for Python 3.12 (binary wheels only: nothing is compiled).
 #   images.sh moto --base IMAGE --tag TAG --pip PYTHON [REQUIREMENT ...]
-#       moto's server for DynamoDB on IMAGE (Debian with python3 and python3-venv of PYTHON's
-#       version), from wheels PYTHON's pip makes here of the REQUIREMENTs (default: moto,
-#       flask, flask-cors, py-partiql-parser: what the server and its DynamoDB need, without
-#       moto[server]'s extras for other services, which triple the image).
-# The builds use the host's network (apt-get in the runtime image reaches the base image's
-# Debian mirror).
+#       moto's server for DynamoDB on IMAGE (Debian bookworm; python3 and python3-venv are
+#       installed if missing, and must be PYTHON's version), from wheels PYTHON's pip makes
+#       here of the REQUIREMENTs (default: moto, flask, flask-cors, py-partiql-parser: what
+#       the server and its DynamoDB need, without moto[server]'s extras for other services,
+#       which triple the image).
+# The builds use the host's network (apt-get reaches the base image's Debian mirror).
 set -euo pipefail
 
 die() {
