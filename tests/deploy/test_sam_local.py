@@ -155,7 +155,7 @@ def start_api(local: Local, env: dict[str, str], parameters: dict[str, str]) -> 
 
 
 @pytest.fixture(scope="module")
-def local(model_dir: Path) -> Iterator[Local]:
+def local() -> Iterator[Local]:
     work_dir = Path(tempfile.mkdtemp(prefix="comeapi-sam-test-"))
     engine: DockerEngine | None = None
     aws: LocalAws | None = None
