@@ -9,7 +9,7 @@ MODEL  := models/gemma-3-270m-q4_k_m.gguf
 
 .DEFAULT_GOAL := help
 .PHONY: help run test check lint typecheck unit install install-dev model system-deps \
-	compose-plugin clean bench llama-server lambda-python
+	compose-plugin clean bench llama-server lambda-python sam-cli
 
 help:
 	@echo "make run    install what is missing, prepare the model and cache, start comeapi"
@@ -21,13 +21,14 @@ help:
 	@echo "            SSH_OPTS REMOTE_CACHE_VOLUME_NAME HELPER_IMAGE COMPOSE_CMD"
 	@echo "            CACHE_DIR=/path uses a host directory instead of the Docker volume"
 	@echo "            make wheelhouse: wheels for an offline image build (deploy/nginx/wheelhouse)"
+	@echo "Phase 2 (AWS, docs/aws.md): make lambda-package | sam-cli | lambda-runtime-image | moto-image"
 
 # The models directory is the repo's (where $(MODEL) is prepared); the store is the default
 # one in the per-user data directory (~/.local/share/comeapi/cache.db, docs/cache.md).
 run: install $(MODEL)
 	$(BIN)/comeapi up --model-dir models
 
-test: install-dev $(MODEL) system-deps compose-plugin check unit
+test: install-dev $(MODEL) system-deps compose-plugin sam-cli check unit
 
 check: install-dev
 	$(BIN)/ruff format --check src tests benchmarks
@@ -120,6 +121,11 @@ LLAMA_SERVER          ?= $(HOME)/.cache/comeapi/llama-server/$(notdir $(LLAMA_WH
 LAMBDA_PYTHON_VERSION ?= 3.12
 LAMBDA_VENV           ?= $(HOME)/.cache/comeapi/bench-python$(LAMBDA_PYTHON_VERSION)
 LAMBDA_PYTHON         ?= $(LAMBDA_VENV)/bin/python
+# The first python$(LAMBDA_PYTHON_VERSION) that runs, on the PATH (an inactive pyenv shim does
+# not) or pyenv's.
+FIND_LAMBDA_PYTHON     = for p in python$(LAMBDA_PYTHON_VERSION) \
+	$(HOME)/.pyenv/versions/$(LAMBDA_PYTHON_VERSION).*/bin/python$(LAMBDA_PYTHON_VERSION); \
+	do "$$p" -c '' 2>/dev/null && echo "$$p" && break; done
 BENCH_ARGS            ?=
 
 bench: install-dev $(MODEL) system-deps
@@ -158,9 +164,8 @@ $(HOME)/.cache/comeapi/llama-server/%/llama-server: | $(BIN)/python
 
 lambda-python: $(if $(filter $(LAMBDA_VENV)/bin/python,$(LAMBDA_PYTHON)),$(LAMBDA_VENV)/.boto3)
 $(LAMBDA_VENV)/.boto3: | $(VENV)/.installed
-	@v=$(LAMBDA_PYTHON_VERSION); py=$$(for p in python$$v $(HOME)/.pyenv/versions/$$v.*/bin/python$$v; \
-		do "$$p" -c '' 2>/dev/null && echo "$$p" && break; done); \
-	[ -n "$$py" ] || { echo "no working python$$v (on the PATH or under ~/.pyenv)"; exit 1; }; \
+	@py=$$($(FIND_LAMBDA_PYTHON)); \
+	[ -n "$$py" ] || { echo "no working python$(LAMBDA_PYTHON_VERSION) (on the PATH or under ~/.pyenv)"; exit 1; }; \
 	echo "$$py -m venv $(LAMBDA_VENV)"; "$$py" -m venv '$(LAMBDA_VENV)'
 	'$(LAMBDA_VENV)/bin/python' -m pip install --quiet \
 		"boto3==$$($(BIN)/python -c 'import boto3; print(boto3.__version__)')"
@@ -249,3 +254,46 @@ LAMBDA_PACKAGE_ARGS ?=
 .PHONY: lambda-package
 lambda-package: install
 	$(BIN)/comeapi aws package $(LAMBDA_PACKAGE) --table $(LAMBDA_TABLE) $(LAMBDA_PACKAGE_ARGS)
+
+# --- Phase 2 locally: AWS SAM CLI's emulator (docs/aws.md, "Run it locally under SAM") ------
+# aws-sam-cli pins many packages of its own, so it lives in its own venv, made once under
+# ~/.cache/comeapi and shared by every clone; `make -s sam-cli` prints the sam to run.
+SAM_CLI_VERSION ?= 1.170.0
+SAM_VENV        ?= $(HOME)/.cache/comeapi/sam-cli-$(SAM_CLI_VERSION)
+SAM             := $(SAM_VENV)/bin/sam
+
+.PHONY: sam-cli lambda-runtime-image moto-image
+sam-cli: $(SAM_VENV)/.installed
+	@echo $(SAM)
+$(SAM_VENV)/.installed:
+	@echo "Installing aws-sam-cli $(SAM_CLI_VERSION) into $(SAM_VENV) (once)" >&2
+	$(PYTHON) -m venv $(SAM_VENV) >&2
+	$(SAM_VENV)/bin/python -m pip install --quiet 'aws-sam-cli==$(SAM_CLI_VERSION)' >&2
+	touch $@
+
+# The images `sam local` runs where no registry is reachable (with one: AWS's
+# public.ecr.aws/lambda/python:3.12 and motoserver/moto). LAMBDA_BASE_IMAGE: a Debian bookworm
+# image (made with debootstrap, see docs/aws.md). The runtime image copies the CPython 3.12
+# `make lambda-python` finds (LAMBDA_RUNTIME_PYTHON=/path/python3.12 chooses another) and
+# installs the venv's boto3 beside awslambdaric. The moto image runs the venv's moto (and what
+# its server needs, as wheels made by this venv's Python 3.11) on MOTO_BASE_IMAGE's python3.
+LAMBDA_BASE_IMAGE     ?= comeapi/debian:bookworm-minbase
+LAMBDA_RUNTIME_IMAGE  ?= comeapi/lambda-python3.12:local
+LAMBDA_RUNTIME_PYTHON ?=
+AWSLAMBDARIC_VERSION  ?= 4.2.2
+MOTO_BASE_IMAGE       ?= $(LAMBDA_BASE_IMAGE)
+MOTO_IMAGE            ?= comeapi/moto:local
+# NAME==VERSION of each named package as this venv has it.
+VENV_PINS              = $$($(BIN)/python -c 'import importlib.metadata as m, sys; \
+	print(" ".join(f"{n}=={m.version(n)}" for n in sys.argv[1:]))' $(1))
+
+lambda-runtime-image: | $(VENV)/.installed
+	@py=$$($(if $(LAMBDA_RUNTIME_PYTHON),echo '$(LAMBDA_RUNTIME_PYTHON)',$(FIND_LAMBDA_PYTHON))); \
+	[ -n "$$py" ] || { echo "no working python$(LAMBDA_PYTHON_VERSION) (on the PATH or under ~/.pyenv)"; exit 1; }; \
+	set -x; deploy/aws/local/images.sh runtime --python "$$py" --base '$(LAMBDA_BASE_IMAGE)' \
+		--tag '$(LAMBDA_RUNTIME_IMAGE)' --pip $(BIN)/python \
+		awslambdaric==$(AWSLAMBDARIC_VERSION) $(call VENV_PINS,boto3)
+
+moto-image: | $(VENV)/.installed-dev
+	deploy/aws/local/images.sh moto --base '$(MOTO_BASE_IMAGE)' --tag '$(MOTO_IMAGE)' \
+		--pip $(BIN)/python $(call VENV_PINS,moto flask flask-cors py-partiql-parser)

@@ -3,7 +3,9 @@ function package built the way docs/aws.md says, imported from where CodeUri poi
 
 from __future__ import annotations
 
+import ast
 import importlib
+import itertools
 import json
 import os
 import shutil
@@ -30,6 +32,9 @@ from tests.helpers import REPO, Proc
 from tests.serverless.conftest import cold_start
 
 TEMPLATE = REPO / "deploy" / "aws" / "template.yaml"
+SERVERLESS = REPO / "src" / "comeapi" / "serverless"
+# What Lambda itself sets in a function's environment.
+SET_BY_LAMBDA = {"AWS_LAMBDA_FUNCTION_NAME", "AWS_REGION"}
 
 
 def cfn_lint(path: Path) -> subprocess.CompletedProcess[str]:
@@ -231,3 +236,113 @@ def test_on_demand_parts_exist_only_with_an_instance(template: dict[str, Any]) -
     env = resources["CacheFunction"]["Properties"]["Environment"]["Variables"]
     assert env["ON_MISS"] == {"Fn::If": ["OnDemand", "start-backend", "reject"]}
     assert env["TABLE_NAME"] == {"Ref": "CacheTable"}
+
+
+def environment_reads(path: Path) -> set[tuple[str, str]]:
+    """(function, variable) for each environment variable the module reads by name:
+    ``environ.get("X")``, ``environ["X"]``, ``helper(environ, "X", ...)``."""
+    found: set[tuple[str, str]] = set()
+
+    def is_environ(node: ast.expr) -> bool:
+        return (isinstance(node, ast.Name) and node.id == "environ") or (
+            isinstance(node, ast.Attribute) and node.attr == "environ"
+        )
+
+    def names(node: ast.AST) -> list[str]:
+        if isinstance(node, ast.Subscript) and is_environ(node.value):
+            return [node.slice.value] if isinstance(node.slice, ast.Constant) else []
+        if not isinstance(node, ast.Call):
+            return []
+        func, args = node.func, node.args
+        if isinstance(func, ast.Attribute) and func.attr == "get" and is_environ(func.value):
+            return [args[0].value] if args and isinstance(args[0], ast.Constant) else []
+        return [
+            b.value
+            for a, b in itertools.pairwise(args)
+            if is_environ(a) and isinstance(b, ast.Constant)
+        ]
+
+    tree = ast.parse(path.read_text(encoding="utf-8"))
+    for function in ast.walk(tree):
+        if isinstance(function, ast.FunctionDef):
+            for node in ast.walk(function):
+                found.update((function.name, str(name)) for name in names(node))
+    return found
+
+
+def test_every_variable_the_functions_read_is_declared(template: dict[str, Any]) -> None:
+    """`sam local --env-vars` sets only declared variables, so an undeclared one cannot point
+    the function at a local DynamoDB (a miss then went to AWS and timed out after 29 s)."""
+    reads = {read for path in SERVERLESS.glob("*.py") for read in environment_reads(path)}
+    idle = {name for function, name in reads if function == "idle_stop_handler"}
+    cache = {name for function, name in reads if function != "idle_stop_handler"}
+    assert {"TABLE_NAME", "DYNAMODB_ENDPOINT_URL", "SNAPSHOT", "FORWARD_TIMEOUT"} <= cache
+    resources = template["Resources"]
+    for name, wanted in (("CacheFunction", cache), ("IdleStopFunction", idle)):
+        declared = resources[name]["Properties"]["Environment"]["Variables"]
+        assert wanted - SET_BY_LAMBDA <= set(declared), (name, wanted - set(declared))
+    # Empty on AWS: the region's own endpoint.
+    assert (
+        resources["CacheFunction"]["Properties"]["Environment"]["Variables"][
+            "DYNAMODB_ENDPOINT_URL"
+        ]
+        == ""
+    )
+
+
+def test_the_architecture_is_a_parameter_arm64_by_default(template: dict[str, Any]) -> None:
+    """arm64 on AWS; x86_64 for `sam local` on an x86-64 machine (no arm64 emulation)."""
+    parameter = template["Parameters"]["Architecture"]
+    assert parameter["Default"] == "arm64"
+    assert set(parameter["AllowedValues"]) == {"arm64", "x86_64"}
+    for name in ("CacheFunction", "IdleStopFunction"):
+        properties = template["Resources"][name]["Properties"]
+        assert properties["Architectures"] == [{"Ref": "Architecture"}]
+
+
+def test_the_package_build_finds_the_runtimes_python_or_fails(
+    template: dict[str, Any], package: tuple[Path, str], tmp_path: Path
+) -> None:
+    """`sam build` must not ship source without saying so: with python3.12 on the PATH an
+    inactive pyenv shim (it exits 127) and no other, the build fails; pyenv's own install
+    of the runtime's version is found behind the shim; PYC=off ships source on purpose.
+    (This interpreter's version stands in for the runtime's.)"""
+    copied, _ = package
+    code = copied.parent / template["Resources"]["CacheFunction"]["Properties"]["CodeUri"]
+    version = f"{sys.version_info[0]}.{sys.version_info[1]}"
+    shims = tmp_path / "shims"
+    shims.mkdir()
+    shim = shims / f"python{version}"
+    shim.write_text("#!/bin/sh\necho 'pyenv: command not found' >&2\nexit 127\n")
+    shim.chmod(0o755)
+    home = tmp_path / "home"
+    home.mkdir()
+
+    def build(*args: str) -> tuple[subprocess.CompletedProcess[str], Path]:
+        scratch, artifacts = tmp_path / "scratch", tmp_path / "artifacts"
+        for path in (scratch, artifacts):
+            shutil.rmtree(path, ignore_errors=True)
+        shutil.copytree(code, scratch)
+        artifacts.mkdir()
+        env = {"PATH": f"{shims}:/usr/bin:/bin", "HOME": str(home), "ARTIFACTS_DIR": str(artifacts)}
+        done = subprocess.run(
+            ["make", "-s", "build-CacheFunction", f"RUNTIME={version}", *args],
+            cwd=scratch, env=env, capture_output=True, text=True, timeout=120, check=False,
+        )  # fmt: skip
+        return done, artifacts
+
+    tag = sys.implementation.cache_tag
+    compiled = Path("comeapi", "serverless", "__pycache__", f"handler.{tag}.pyc")
+    failed, artifacts = build()
+    assert failed.returncode != 0, failed.stdout
+    assert f"no Python {version}" in failed.stderr and "PYC=off" in failed.stderr
+    source, artifacts = build("PYC=off")
+    assert source.returncode == 0, source.stderr
+    assert not list(artifacts.rglob("*.pyc"))
+    pyenv = home / ".pyenv" / "versions" / f"{version}.99" / "bin"
+    pyenv.mkdir(parents=True)
+    (pyenv / f"python{version}").symlink_to(sys.executable)
+    found, artifacts = build()
+    assert found.returncode == 0, found.stderr
+    assert str(pyenv) in found.stdout
+    assert (artifacts / compiled).is_file()

@@ -29,19 +29,30 @@ RUNTIME = "3.12"  # the template's Runtime (python3.12); .pyc files are per Pyth
 MAKEFILE = """\
 # Written by `comeapi aws package`. `sam build` runs this target (the template's Metadata:
 # BuildMethod: makefile) in a copy of this directory, ARTIFACTS_DIR being the function's build.
-# It copies the package and compiles it for the runtime's Python $(RUNTIME); without a python
-# of that version the package ships as source (each cold start then compiles what it imports).
-PYTHON  ?= python{runtime}
+# It copies the package and compiles it for the runtime's Python $(RUNTIME): Lambda's /var/task
+# is read-only, so a module shipped without its .pyc is compiled again at every cold start.
+# The compiler is PYTHON if set, else the first of python$(RUNTIME) on the PATH and pyenv's
+# $(RUNTIME).x that runs and is $(RUNTIME) (an inactive pyenv shim on the PATH does not run).
+# With none the build fails rather than ship source unnoticed; PYC=off ships source on purpose.
+PYTHON  ?=
 RUNTIME ?= {runtime}
+PYC     ?= on
+PYENV   := $(wildcard $(HOME)/.pyenv/versions/$(RUNTIME).*/bin/python$(RUNTIME))
 
 build-{function}:
 \tcp -R {copied} "$(ARTIFACTS_DIR)/"
-\tif $(PYTHON) -c 'import sys; sys.exit("%d.%d" % sys.version_info[:2] != "$(RUNTIME)")' \\
-\t\t2>/dev/null; then \\
-\t\t$(PYTHON) -m compileall -q --invalidation-mode unchecked-hash "$(ARTIFACTS_DIR)/comeapi"; \\
-\telse \\
-\t\techo "no Python $(RUNTIME) as $(PYTHON): the package ships without .pyc files"; \\
-\tfi
+\t@if [ "$(PYC)" = off ]; then echo "PYC=off: the package ships without .pyc files"; exit 0; fi; \\
+\tfor p in $(or $(PYTHON),python$(RUNTIME) $(PYENV)); do \\
+\t\tif "$$p" -c 'import sys; sys.exit("%d.%d" % sys.version_info[:2] != "$(RUNTIME)")' \\
+\t\t\t2>/dev/null; then \\
+\t\t\techo "compiling for Python $(RUNTIME) with $$p"; \\
+\t\t\texec "$$p" -m compileall -q --invalidation-mode unchecked-hash "$(ARTIFACTS_DIR)/comeapi"; \\
+\t\tfi; \\
+\tdone; \\
+\techo "no Python $(RUNTIME) to compile the package with (PYTHON, python$(RUNTIME) on the PATH," \\
+\t\t"~/.pyenv/versions/$(RUNTIME).*): set PYTHON=/path/to/python$(RUNTIME), or PYC=off to" \\
+\t\t"ship source (each cold start then compiles what it imports)" >&2; \\
+\texit 1
 """
 
 
