@@ -31,6 +31,24 @@ def test_the_shipped_set_has_ten_japanese_and_english_prompts() -> None:
     assert all(item.params["max_tokens"] <= 64 for item in shipped.items)
 
 
+EXAMPLES = Path(__file__).parents[2] / "examples"
+
+
+def test_the_requirements_prompts_are_an_example_set() -> None:
+    """The requirements' ten prompts, Japanese and English, for a multilingual model."""
+    example = load_prompt_set(EXAMPLES / "requirements-prompts.yaml")
+    assert len(example.items) == 10
+    assert example.model != DEFAULT_MODEL
+    assert example.items[0].prompt == "こんにちは、調子はどうですか？"
+    assert example.items[3].prompt == "日本の首都はどこですか？"
+    assert example.items[8].messages == (
+        ("system", "You are a helpful assistant. Answer briefly."),
+        ("user", "How do I make a good cup of coffee?"),
+    )
+    japanese = [i for i in example.items if any("\u3040" <= ch <= "\u30ff" for ch in i.prompt)]
+    assert len(japanese) == 5
+
+
 def test_items_know_their_key_params_route_and_request() -> None:
     text = """
 model: tiny.gguf
