@@ -16,6 +16,7 @@ import time
 from collections import Counter
 from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass
+from types import MappingProxyType
 from typing import Any
 
 import anyio.to_thread
@@ -262,6 +263,10 @@ class ResponseCache:
                 self._served[key] = served
             else:
                 self._served.pop(key, None)
+
+    def groups(self) -> Mapping[str, tuple[Entry, ...]]:
+        """Every stored variant by key (a read-only view of the index)."""
+        return MappingProxyType(self._index)
 
     def group(self, key: str) -> tuple[Entry, ...]:
         """Every stored variant of ``key`` (served or not), in variant order."""
