@@ -10,6 +10,7 @@ import signal
 import subprocess
 import time
 from collections.abc import Callable, Iterator
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -144,6 +145,18 @@ def test_a_rerun_fills_only_what_is_missing(store: SqliteStore) -> None:
     report = warm(store, fake, ["http://a:1"], variants=2, force=True)
     assert report.totals()["generated"] == 4
     assert [row.extra for row in report.rows] == [1, 1]  # variant 2 kept, reported
+
+
+def test_force_leaves_a_pinned_variant_alone(store: SqliteStore) -> None:
+    fake = FakeBackends({"http://a:1": 1})
+    warm(store, fake, ["http://a:1"], variants=2)
+    first = min(store.entries(), key=lambda e: (e.key, e.variant))
+    store.put(replace(first, pinned=True, checksum=""))
+    fake.requests.clear()
+    report = warm(store, fake, ["http://a:1"], variants=2, force=True)
+    assert report.ok and report.totals() == {"present": 1, "generated": 3, "failed": 0}
+    kept = store.get(first.key, first.variant)
+    assert kept is not None and kept.pinned and kept.answer == first.answer
 
 
 def test_concurrency_is_the_pools_capacity(store: SqliteStore) -> None:

@@ -12,7 +12,7 @@ from __future__ import annotations
 import asyncio
 import itertools
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Collection, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -142,15 +142,21 @@ async def _probe(
 
 
 def plan(
-    prompt_set: PromptSet, present: dict[str, set[int]], variants: int, *, force: bool = False
+    prompt_set: PromptSet,
+    present: dict[str, set[int]],
+    variants: int,
+    *,
+    force: bool = False,
+    pinned: Collection[tuple[str, int]] = (),
 ) -> tuple[list[PromptRow], list[tuple[PromptRow, int]]]:
-    """The per-prompt rows and the (row, variant) jobs still to generate."""
+    """The per-prompt rows and the (row, variant) jobs still to generate. ``force`` makes
+    every variant a job again, except a pinned one (a person chose to keep it)."""
     rows, jobs = [], []
     for item in prompt_set.items:
         have = present.get(item.key, set())
         row = PromptRow(item, extra=sum(1 for v in have if v >= variants))
         for variant in range(variants):
-            if variant in have and not force:
+            if variant in have and (not force or (item.key, variant) in pinned):
                 row.present += 1
             else:
                 jobs.append((row, variant))
@@ -179,7 +185,8 @@ async def run_warmup(
     """Fill ``store`` with variants 0..N-1 of every prompt of ``prompt_set``."""
     started = time.monotonic()
     present = await asyncio.to_thread(store.variants_by_key)
-    rows, jobs = plan(prompt_set, present, variants, force=force)
+    pinned = await asyncio.to_thread(_pinned, store) if force else set()
+    rows, jobs = plan(prompt_set, present, variants, force=force, pinned=pinned)
     timeout = httpx.Timeout(request_timeout, connect=connect_timeout)
     headers = {**HEADERS, **({"Authorization": f"Bearer {api_key}"} if api_key else {})}
     async with httpx.AsyncClient(timeout=timeout, transport=transport, headers=headers) as client:
@@ -200,6 +207,10 @@ async def run_warmup(
         row.complete = all(v in have for v in range(variants))
     report.seconds = time.monotonic() - started
     return report
+
+
+def _pinned(store: ResponseStore) -> set[tuple[str, int]]:
+    return {(e.key, e.variant) for e in store.entries() if e.pinned}
 
 
 def _capacity(targets: list[Target]) -> int | None:
