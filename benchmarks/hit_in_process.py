@@ -148,18 +148,25 @@ def main() -> None:
     if args.baseline_src is not None:
         versions["baseline"] = args.baseline_src.resolve()
     with tempfile.TemporaryDirectory(prefix="comeapi-hit-bench-") as tmp:
-        store = f"sqlite:{Path(tmp) / 'store.db'}"
-        subprocess.run(
-            [sys.executable, "-m", "comeapi", "cache", "import", "--store", store, str(SHIPPED)],
-            check=True,
-            capture_output=True,
-            cwd=REPO,
-            timeout=120,
-        )
+        # A store per version, imported by that version: an older comeapi may not open a
+        # store of a newer schema.
+        stores = {}
+        for name, src in versions.items():
+            stores[name] = f"sqlite:{Path(tmp) / name / 'store.db'}"
+            (Path(tmp) / name).mkdir()
+            importer = [sys.executable, "-m", "comeapi", "cache", "import"]
+            subprocess.run(
+                [*importer, "--store", stores[name], str(SHIPPED)],
+                check=True,
+                capture_output=True,
+                cwd=REPO,
+                env={**os.environ, "PYTHONPATH": str(src)},
+                timeout=120,
+            )
         runs: dict[str, list[float]] = {name: [] for name in versions}
         for _ in range(args.rounds):
             for name, src in versions.items():
-                runs[name].append(child_run(src, store, args.hits))
+                runs[name].append(child_run(src, stores[name], args.hits))
     load.finish()
     for name, values in runs.items():
         shown = ", ".join(f"{v:.1f}" for v in values)

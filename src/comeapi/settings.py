@@ -23,6 +23,7 @@ from pydantic_settings import (
     TomlConfigSettingsSource,
 )
 
+from comeapi.cache.serving import parse_serve_states
 from comeapi.errors import ConfigError
 
 ENV_PREFIX = "COMEAPI_"
@@ -166,6 +167,12 @@ class Settings(BaseSettings):
     idle_timeout: float = Field(
         600.0, gt=0, description="Seconds without a forwarded request before on-demand stop."
     )
+    serve_states: CommaList = Field(
+        default_factory=lambda: ["approved", "pending"],
+        description="Review states of the answers served: approved (only answers a person "
+        "approved) or approved,pending (also those not reviewed yet: the shipped demo's "
+        "default). Rejected answers are never served. Applied when the store is loaded.",
+    )
     variant_secret: str | None = Field(
         None,
         description="Shared secret that lets a trusted proxy (nginx) pick the variant with "
@@ -184,12 +191,17 @@ class Settings(BaseSettings):
         "or * for any (empty: none).",
     )
 
-    @field_validator("backends", "api_keys", "cors_origins", mode="before")
+    @field_validator("backends", "api_keys", "cors_origins", "serve_states", mode="before")
     @classmethod
     def _split_commas(cls, value: Any) -> Any:
         if isinstance(value, str):
             return [part.strip() for part in value.split(",") if part.strip()]
         return value
+
+    @field_validator("serve_states")
+    @classmethod
+    def _check_serve_states(cls, value: list[str]) -> list[str]:
+        return sorted(parse_serve_states(value))
 
     @field_validator("backend_api_key")
     @classmethod

@@ -1,4 +1,5 @@
-"""``comeapi warmup`` and ``comeapi cache ls|export|import|copy|push|pull``.
+"""``comeapi warmup`` and ``comeapi cache ls|export|import|copy|push|pull``, and the review
+commands of ``comeapi.cli.review`` (``review|approve|reject|pin|unpin|edit|regenerate``).
 
 Every command takes ``--store URL`` (default: the ``store`` setting, COMEAPI_STORE); the
 DynamoDB commands ``push`` and ``pull`` load boto3 only when run.
@@ -26,6 +27,10 @@ from comeapi.cli.progress import ProgressReport
 LAZY_COMMANDS = {
     "push": "comeapi.cli.cache_dynamo:push",
     "pull": "comeapi.cli.cache_dynamo:pull",
+    **{
+        name: f"comeapi.cli.review:{name}"
+        for name in ("review", "approve", "reject", "pin", "unpin", "edit")
+    },
 }
 
 

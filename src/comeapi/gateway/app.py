@@ -34,6 +34,7 @@ from comeapi.gateway.generation import GenerationRoutes
 from comeapi.gateway.metrics import GatewayMetrics
 from comeapi.gateway.ondemand import OnDemandBackends, pool_supervisor
 from comeapi.gateway.requestlog import RequestLog, RequestLogMiddleware
+from comeapi.gateway.review import ReviewRoutes
 from comeapi.http.auth import PUBLIC_PATHS, APIKeyMiddleware
 from comeapi.http.cors import CORSMiddleware
 from comeapi.http.errors import EXCEPTION_HANDLERS
@@ -251,6 +252,7 @@ def create_app(
         settings, pool, gateway.metrics, gateway.requests, cache, gateway.on_demand
     )
     routes += dashboard.routes()
+    routes += ReviewRoutes(cache).routes()
 
     @contextlib.asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
