@@ -23,6 +23,7 @@ from pydantic_settings import (
     TomlConfigSettingsSource,
 )
 
+from comeapi.cache.checks import CheckPolicy
 from comeapi.cache.serving import parse_serve_states
 from comeapi.errors import ConfigError
 
@@ -173,6 +174,19 @@ class Settings(BaseSettings):
         "approved) or approved,pending (also those not reviewed yet: the shipped demo's "
         "default). Rejected answers are never served. Applied when the store is loaded.",
     )
+    checks: CommaList = Field(
+        default_factory=list,
+        description="What a quality check does to a new answer, NAME=reject|flag|off (e.g. "
+        "truncated=reject): reject regenerates it, flag keeps it with the reason. On top of "
+        "the prompt set's `checks` and the defaults (everything rejects but truncated).",
+    )
+    check_retries: int = Field(
+        3,
+        ge=0,
+        le=20,
+        description="New seeds tried for an answer the checks reject; after the last, the "
+        "best try is kept with its flags.",
+    )
     variant_secret: str | None = Field(
         None,
         description="Shared secret that lets a trusted proxy (nginx) pick the variant with "
@@ -191,11 +205,22 @@ class Settings(BaseSettings):
         "or * for any (empty: none).",
     )
 
-    @field_validator("backends", "api_keys", "cors_origins", "serve_states", mode="before")
+    @field_validator(
+        "backends", "api_keys", "cors_origins", "serve_states", "checks", mode="before"
+    )
     @classmethod
     def _split_commas(cls, value: Any) -> Any:
         if isinstance(value, str):
             return [part.strip() for part in value.split(",") if part.strip()]
+        return value
+
+    @field_validator("checks")
+    @classmethod
+    def _check_checks(cls, value: list[str]) -> list[str]:
+        try:
+            CheckPolicy.parse(value)
+        except ConfigError as exc:
+            raise ValueError(exc.message.removeprefix("checks: ")) from None
         return value
 
     @field_validator("serve_states")

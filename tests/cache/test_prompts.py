@@ -186,3 +186,16 @@ def test_unreadable_file(tmp_path: Path) -> None:
     binary.write_bytes(b"\xff\xfe\x00")
     with pytest.raises(ConfigError, match="cannot read"):
         load_prompt_set(binary)
+
+
+def test_the_set_says_what_the_checks_do_and_settings_override_it() -> None:
+    s = parse_prompt_set("checks: {truncated: reject, language: off}\nprompts: [Hi]\n", "p.yaml")
+    policy = s.policy()
+    assert policy.action("truncated") == "reject" and policy.action("language") == "off"
+    assert policy.action("loop") == "reject"  # the default for what the file leaves
+    assert s.policy(["truncated=flag"]).action("truncated") == "flag"
+    with pytest.raises(ConfigError) as info:
+        parse_prompt_set("prompts: [Hi]\nchecks:\n  truncate: reject\n  loop: maybe\n", "p.yaml")
+    message = info.value.message
+    assert "p.yaml: checks.truncate: unknown check" in message and "line 3" in message
+    assert "p.yaml: checks.loop: must be reject, flag or off (got 'maybe'), line 4" in message
