@@ -27,7 +27,7 @@ LAZY_COMMANDS = {
     "pull": "comeapi.cli.cache_dynamo:pull",
     **{
         name: f"comeapi.cli.review:{name}"
-        for name in ("review", "approve", "reject", "pin", "unpin", "edit")
+        for name in ("review", "approve", "reject", "pin", "unpin", "edit", "regenerate")
     },
 }
 
