@@ -17,6 +17,7 @@ help:
 	@echo "make check  ruff format --check, ruff check, mypy --strict"
 	@echo "make bench  every benchmark, one table (BENCH_ARGS=--quick | --write-readme | --only ...)"
 	@echo "Phase 1 (nginx, docs/nginx.md): make warmup | cache-export | cache-copy | cache-import | all"
+	@echo "            make cache-purge KEYS=\"KEY ...\": stop serving those prompts' stored answers"
 	@echo "            variables: COMPOSE_PROJECT_NAME CACHE_VOLUME_NAME EXPORT_FILE REMOTE_HOST REMOTE_PATH"
 	@echo "            SSH_OPTS REMOTE_CACHE_VOLUME_NAME HELPER_IMAGE COMPOSE_CMD"
 	@echo "            CACHE_DIR=/path uses a host directory instead of the Docker volume"
@@ -203,7 +204,7 @@ CACHE_FLAGS           = $(call CACHE_WHERE,$(1)) --file $(EXPORT_FILE) $(if $(CA
 WARMUP_PYTHON        ?= $(if $(CACHE_DIR),$(BIN)/python,$(COMPOSE) run --rm --no-deps -T comeapi python)
 DOCKER_WHEELHOUSE    := deploy/nginx/wheelhouse
 
-.PHONY: warmup cache-export cache-copy cache-import all nginx-config wheelhouse
+.PHONY: warmup cache-export cache-copy cache-import cache-purge all nginx-config wheelhouse
 
 all: warmup cache-export cache-copy cache-import
 	@echo "All cache management tasks completed."
@@ -222,6 +223,12 @@ cache-copy:
 
 cache-import:
 	@$(CACHE_SH) $(if $(REMOTE_HOST),remote-import --remote "$(REMOTE_HOST)" --remote-path $(REMOTE_PATH) --ssh-opts "$(SSH_OPTS)" $(call CACHE_FLAGS,$(REMOTE_CACHE_VOLUME_NAME)),import $(if $(NGINX_PID_FILE),--pid-file $(NGINX_PID_FILE)) $(call CACHE_FLAGS,$(CACHE_VOLUME_NAME)))
+
+# Stop nginx serving the stored answers of some prompts, e.g. after `comeapi cache reject`:
+# KEYS="KEY ..." (the prompts' cache keys); nginx may keep running. `make warmup` refills them.
+KEYS ?=
+cache-purge:
+	@$(CACHE_SH) purge $(call CACHE_WHERE,$(CACHE_VOLUME_NAME)) $(foreach k,$(KEYS),--key $(k))
 
 # Host mode: render deploy/nginx into NGINX_CONF_DIR (settings from the environment).
 nginx-config:

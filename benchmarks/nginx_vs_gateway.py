@@ -285,9 +285,18 @@ def bench(base: Path, args: argparse.Namespace) -> None:
     bodies = request_bodies()
     script = base / "bodies.lua"
     script.write_text(lua_script(bodies))
-    # The baseline gets its own copy of the store: an older comeapi may change its format.
+    # The baseline gets its own store, imported by its own code: an older comeapi may not
+    # open a store of a newer schema.
     baseline_port = free_port()
-    shutil.copyfile(base / "store.db", base / "baseline.db")
+    if args.baseline_src is not None:
+        subprocess.run(
+            [*py, "cache", "import", "--store", f"sqlite:{base}/baseline.db", str(SHIPPED_CACHE)],
+            check=True,
+            capture_output=True,
+            cwd=REPO,
+            env={**os.environ, "PYTHONPATH": str(args.baseline_src.resolve())},
+            timeout=120,
+        )
     baseline = [*py, "serve", "--port", str(baseline_port), "--store", f"sqlite:{base}/baseline.db"]
     baseline += ["--backend", f"http://127.0.0.1:{free_port()}", "--log-level", "warning"]
     baseline += ["--workers", str(args.gateway_workers)]

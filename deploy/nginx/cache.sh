@@ -8,6 +8,9 @@
 #   cache.sh remote-import --file FILE --remote USER@HOST --remote-path PATH
 #                   (--dir DIR | --volume NAME) [--owner USER[:GROUP]]
 #   cache.sh count  (--dir DIR | --volume NAME)
+#   cache.sh purge  (--dir DIR | --volume NAME) --key KEY [--key KEY ...]
+#                   (every stored answer of those prompts, all slots and routes; KEY is the
+#                   prompt's cache key, `comeapi cache review --json` shows it)
 # Docker mode runs tar in a throwaway container of --image (default alpine; any image with
 # sh, tar, gzip, find and chown). --ssh-opts "OPTIONS" go to ssh and scp (e.g. "-F FILE",
 # or "-o Port=2222 -i KEY"; -o options work for both, -p/-P do not).
@@ -26,6 +29,7 @@ die() {
 CMD=${1:-}
 [ $# -gt 0 ] && shift
 DIR="" VOLUME="" FILE="" OWNER="" PID_FILE="" REMOTE="" REMOTE_PATH="" IMAGE=alpine SSH_OPTS=""
+KEYS=()
 while [ $# -gt 0 ]; do
     case $1 in
     --dir) DIR=$2; shift 2 ;;
@@ -37,6 +41,7 @@ while [ $# -gt 0 ]; do
     --remote-path) REMOTE_PATH=$2; shift 2 ;;
     --image) IMAGE=$2; shift 2 ;;
     --ssh-opts) SSH_OPTS=$2; shift 2 ;;
+    --key) KEYS+=("$2"); shift 2 ;;
     *) die "unknown argument $1 (see the top of $0)" ;;
     esac
 done
@@ -178,11 +183,38 @@ do_remote_import() {
     remote_ssh "$REMOTE" "bash -s -- $(printf '%q ' "${args[@]}")" <"$0"
 }
 
+# Delete the entries of some prompts while nginx runs: an entry's file starts with a header
+# holding its cache key ("KEY: <route>:<prompt key>:<format>:<slot>"), and nginx treats a
+# known key whose file is gone as a MISS, so the next request for that slot goes to comeapi,
+# which answers it with a variant it serves (and warmup.sh fills it again).
+do_purge() {
+    need_target
+    [ ${#KEYS[@]} -gt 0 ] || die "purge needs --key KEY (a prompt's cache key, 64 hex digits)"
+    local key pattern="" listed n=0
+    for key in "${KEYS[@]}"; do
+        [[ $key =~ ^[0-9a-f]{64}$ ]] || die "--key $key is not a cache key (64 lowercase hex digits)"
+        pattern="$pattern${pattern:+|}$key"
+    done
+    # The files of those keys (those with a dot are still being written), listed, then deleted.
+    local find_keys="find . -type f ! -name '$TEMP_PATTERN' -exec grep -lE '^KEY: [^ ]*:($pattern):' {} +"
+    if [ -n "$DIR" ]; then
+        [ -d "$DIR" ] || die "cache directory $DIR does not exist"
+        listed=$(cd "$DIR" && sh -c "$find_keys" || true)
+        [ -z "$listed" ] || (cd "$DIR" && xargs rm -f <<<"$listed")
+    else
+        listed=$(docker_helper -w /cache "$IMAGE" sh -c \
+            "$find_keys >/tmp/purge; cat /tmp/purge; xargs rm -f </tmp/purge")
+    fi
+    [ -z "$listed" ] || n=$(wc -l <<<"$listed" | tr -d ' ')
+    echo "cache.sh: purged $n cache entries of ${#KEYS[@]} prompt(s) from ${DIR:-volume $VOLUME}"
+}
+
 case $CMD in
 export) do_export ;;
+purge) do_purge ;;
 import) do_import ;;
 copy) do_copy ;;
 remote-import) do_remote_import ;;
 count) need_target && count ;;
-*) die "usage: cache.sh export|import|copy|remote-import|count ... (see the top of $0)" ;;
+*) die "usage: cache.sh export|import|copy|remote-import|count|purge ... (see the top of $0)" ;;
 esac

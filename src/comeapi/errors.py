@@ -7,11 +7,14 @@ into OpenAI's error shape in one place (``comeapi.http.errors``).
     ComeapiError
     ├── ConfigError ............. bad settings, prompt set or model file (start-up)
     ├── RequestError ............ 400: the client's request is invalid
-    │   └── ContextLengthError .. 400: prompt + max_tokens do not fit the context
+    │   ├── ContextLengthError .. 400: prompt + max_tokens do not fit the context
+    │   └── AmbiguousPromptError  400: a prompt names several cached prompts (lists them)
     ├── AuthenticationError ..... 401: missing or wrong API key
     ├── NotFoundError ........... 404: unknown route
     │   ├── ModelNotFoundError .. 404: unknown model_name (lists the known models)
-    │   └── PromptNotCachedError  404: prompt not in the cache (lists the known prompts)
+    │   ├── PromptNotCachedError  404: prompt not in the cache (lists the known prompts)
+    │   └── AnswerNotFoundError . 404: no stored answer of that prompt and variant
+    ├── ReviewConflictError ..... 409: a review change that contradicts the answer's state
     ├── PayloadTooLargeError .... 413: request body over the limit
     ├── UnavailableError ........ 503 + Retry-After: nothing can take the request now
     │   ├── QueueFullError ...... every backend busy and the wait queue is full
@@ -70,6 +73,22 @@ class ContextLengthError(RequestError):
     code = "context_length_exceeded"
 
 
+class AmbiguousPromptError(RequestError):
+    """A prompt text that names several cached prompts (another model, a prompt and a chat
+    with the same last message): ``candidates`` lists them, to be named by key."""
+
+    code = "ambiguous_prompt"
+
+    def __init__(self, message: str, candidates: list[dict[str, Any]], *, param: str = "prompt"):
+        super().__init__(message, param=param)
+        self.candidates = candidates
+
+    def to_dict(self) -> dict[str, Any]:
+        body = super().to_dict()
+        body["error"]["candidates"] = self.candidates
+        return body
+
+
 class AuthenticationError(ComeapiError):
     status = 401
     type = "authentication_error"
@@ -111,6 +130,18 @@ class PromptNotCachedError(NotFoundError):
         body = super().to_dict()
         body["error"]["known_prompts"] = self.known_prompts
         return body
+
+
+class AnswerNotFoundError(NotFoundError):
+    code = "answer_not_found"
+
+
+class ReviewConflictError(ComeapiError):
+    """Pinning a rejected answer, regenerating a pinned one: say what to do first."""
+
+    status = 409
+    type = "invalid_request_error"
+    code = "review_conflict"
 
 
 class PayloadTooLargeError(ComeapiError):

@@ -23,6 +23,8 @@ from pydantic_settings import (
     TomlConfigSettingsSource,
 )
 
+from comeapi.cache.checks import CheckPolicy
+from comeapi.cache.serving import parse_serve_states
 from comeapi.errors import ConfigError
 
 ENV_PREFIX = "COMEAPI_"
@@ -166,6 +168,25 @@ class Settings(BaseSettings):
     idle_timeout: float = Field(
         600.0, gt=0, description="Seconds without a forwarded request before on-demand stop."
     )
+    serve_states: CommaList = Field(
+        default_factory=lambda: ["approved", "pending"],
+        description="Review states of the answers served: approved (only answers a person "
+        "approved) or approved,pending (also those not reviewed yet: the shipped demo's "
+        "default). Rejected answers are never served. Applied when the store is loaded.",
+    )
+    checks: CommaList = Field(
+        default_factory=list,
+        description="What a quality check does to a new answer, NAME=reject|flag|off (e.g. "
+        "truncated=reject): reject regenerates it, flag keeps it with the reason. On top of "
+        "the prompt set's `checks` and the defaults (everything rejects but truncated).",
+    )
+    check_retries: int = Field(
+        3,
+        ge=0,
+        le=20,
+        description="New seeds tried for an answer the checks reject; after the last, the "
+        "best try is kept with its flags.",
+    )
     variant_secret: str | None = Field(
         None,
         description="Shared secret that lets a trusted proxy (nginx) pick the variant with "
@@ -184,12 +205,28 @@ class Settings(BaseSettings):
         "or * for any (empty: none).",
     )
 
-    @field_validator("backends", "api_keys", "cors_origins", mode="before")
+    @field_validator(
+        "backends", "api_keys", "cors_origins", "serve_states", "checks", mode="before"
+    )
     @classmethod
     def _split_commas(cls, value: Any) -> Any:
         if isinstance(value, str):
             return [part.strip() for part in value.split(",") if part.strip()]
         return value
+
+    @field_validator("checks")
+    @classmethod
+    def _check_checks(cls, value: list[str]) -> list[str]:
+        try:
+            CheckPolicy.parse(value)
+        except ConfigError as exc:
+            raise ValueError(exc.message.removeprefix("checks: ")) from None
+        return value
+
+    @field_validator("serve_states")
+    @classmethod
+    def _check_serve_states(cls, value: list[str]) -> list[str]:
+        return sorted(parse_serve_states(value))
 
     @field_validator("backend_api_key")
     @classmethod

@@ -6,6 +6,7 @@ import gzip
 import hashlib
 import io
 import tarfile
+from dataclasses import replace
 from pathlib import Path
 
 from comeapi.cache.key import chat_key, prompt_key
@@ -70,3 +71,33 @@ def build_archive(path: Path, members: dict[str, bytes]) -> Path:
             tar.addfile(info, io.BytesIO(data))
     path.write_bytes(gzip.compress(buf.getvalue()))
     return path
+
+
+def reviewed(entry: Entry, **review: object) -> Entry:
+    """``entry`` with review fields changed (``state``, ``flags``, ...), sealed again."""
+    return replace(entry, **review, checksum="").sealed()  # type: ignore[arg-type]
+
+
+def reviewed_entries() -> list[Entry]:
+    """Two prompts x 3 variants with every kind of review: approved and pinned, rejected
+    with flags, pending after an edit (history), and plain pending ones."""
+    entries = sample_entries(prompts=2, variants=3)
+    history = (
+        {
+            "answer": "<start_of_image> old text",
+            "finish_reason": "length",
+            "params": {"seed": 1},
+            "flags": ["special_token"],
+            "completion_tokens": 8,
+            "replaced": 1_700_000_100.0,
+            "why": "edit",
+        },
+    )
+    return [
+        reviewed(entries[0], state="approved", pinned=True),
+        reviewed(entries[1], state="rejected", flags=("loop", "truncated")),
+        reviewed(entries[2], history=history, answer="typed by a person"),
+        entries[3],
+        reviewed(entries[4], state="approved"),
+        reviewed(entries[5], flags=("truncated",)),
+    ]

@@ -27,7 +27,7 @@ from comeapi.cache.archive import (
 from comeapi.cache.sqlite import SqliteStore
 from comeapi.cache.store import Entry
 from comeapi.errors import ArchiveError, StoreError
-from tests.cache.factory import build_archive, sample_entries
+from tests.cache.factory import build_archive, reviewed_entries, sample_entries
 
 
 def _sorted(entries: list[Entry]) -> list[Entry]:
@@ -54,7 +54,7 @@ def test_archive_layout_and_manifest(tmp_path: Path) -> None:
         manifest = json.loads(_member(tar, MANIFEST))
         body = _member(tar, ENTRIES)
     assert manifest["format"] == "comeapi-cache"
-    assert manifest["version"] == 1
+    assert manifest["version"] == 2
     assert manifest["key_version"] == 1
     lines = body.splitlines(keepends=True)
     assert len(lines) == 4
@@ -212,7 +212,8 @@ def test_a_duplicated_entry_is_rejected(
 @pytest.mark.parametrize(
     ("change", "message"),
     [
-        ({"version": 2}, "format version 2; this comeapi reads version 1"),
+        ({"version": 3}, "format version 3; this comeapi reads version 1 or 2"),
+        ({"version": True}, "format version True"),
         ({"version": None}, "format version None"),
         ({"format": "nginx-cache"}, "not a comeapi cache archive"),
         ({"key_version": 2}, "cache key version 2"),
@@ -297,3 +298,94 @@ def test_a_jsonl_without_its_header_is_rejected(tmp_path: Path) -> None:
     (tmp_path / "bare.jsonl").write_bytes(body)
     with pytest.raises(ArchiveError, match=r"line 1 is not a comeapi \.jsonl header"):
         read_jsonl(tmp_path / "bare.jsonl")
+
+
+# --- the review, and files from before it ---------------------------------------------------
+
+
+def test_the_review_travels_through_archive_and_jsonl(tmp_path: Path) -> None:
+    entries = reviewed_entries()
+    write_archive(entries, tmp_path / "r.tar.gz")
+    write_jsonl(entries, tmp_path / "r.jsonl")
+    for path in (tmp_path / "r.tar.gz", tmp_path / "r.jsonl"):
+        back = read_entries_file(path)
+        assert back == _sorted(entries)
+        assert {e.state for e in back} == {"approved", "rejected", "pending"}
+        assert any(e.pinned for e in back) and any(e.edited for e in back)
+
+
+def _version_1_lines(entries: list[Entry]) -> bytes:
+    """Entry lines as comeapi wrote them before review: no review fields at all."""
+    lines = []
+    for e in _sorted(entries):
+        doc = e.to_dict()
+        for name in ("state", "flags", "pinned", "history"):
+            del doc[name]
+        text = json.dumps(doc, ensure_ascii=False, sort_keys=True, separators=(",", ":"))
+        lines.append(text.encode() + b"\n")
+    return b"".join(lines)
+
+
+def test_a_version_1_archive_imports_as_pending(
+    tmp_path: Path, parts: tuple[dict[str, Any], bytes]
+) -> None:
+    manifest, _ = parts
+    entries = sample_entries(prompts=2, variants=3)
+    body = _version_1_lines(entries)
+    v1 = {**_resealed(manifest, body), "version": 1}
+    path = build_archive(tmp_path / "v1.tar.gz", {MANIFEST: json.dumps(v1).encode(), ENTRIES: body})
+    back = read_archive(path)
+    assert back == _sorted(entries)
+    assert {e.state for e in back} == {"pending"}
+    with SqliteStore(tmp_path / "s.db") as store:
+        store.put_many(back)
+        assert len(store.load_index()) == 2
+
+
+def test_a_version_1_jsonl_imports_as_pending(tmp_path: Path) -> None:
+    entries = sample_entries(prompts=1, variants=2)
+    body = _version_1_lines(entries)
+    header = {
+        "entries": 2,
+        "entries_sha256": hashlib.sha256(body).hexdigest(),
+        "format": "comeapi-cache-jsonl",
+        "key_version": 1,
+        "version": 1,
+    }
+    _jsonl(tmp_path / "v1.jsonl", header, body)
+    assert read_jsonl(tmp_path / "v1.jsonl") == _sorted(entries)
+
+
+def test_a_version_1_file_carrying_a_review_is_refused(
+    tmp_path: Path, parts: tuple[dict[str, Any], bytes]
+) -> None:
+    manifest, body = parts
+
+    def approve(doc: dict[str, Any]) -> None:
+        doc["state"] = "approved"
+        doc["checksum"] = Entry.from_dict(doc).compute_checksum()
+
+    body = _edit_first(body, approve)
+    v1 = {**_resealed(manifest, body), "version": 1}
+    path = build_archive(tmp_path / "v1.tar.gz", {MANIFEST: json.dumps(v1).encode(), ENTRIES: body})
+    with pytest.raises(ArchiveError, match="format version 1 has no review state"):
+        read_archive(path)
+    read_archive(  # the same lines in a version 2 archive are fine
+        build_archive(
+            tmp_path / "v2.tar.gz",
+            {MANIFEST: json.dumps(_resealed(manifest, body)).encode(), ENTRIES: body},
+        )
+    )
+
+
+def test_a_tampered_state_with_resealed_manifest_fails_the_entry_checksum(
+    tmp_path: Path, parts: tuple[dict[str, Any], bytes]
+) -> None:
+    manifest, body = parts
+    body = _edit_first(body, lambda d: d.update(state="approved"))
+    path = build_archive(
+        tmp_path / "t.tar.gz",
+        {MANIFEST: json.dumps(_resealed(manifest, body)).encode(), ENTRIES: body},
+    )
+    with pytest.raises(ArchiveError, match=r"line 1: entry .* fails its checksum"):
+        read_archive(path)

@@ -18,7 +18,7 @@ from moto import mock_aws
 from comeapi.cache.dynamo import DynamoStore, create_table, dynamo_errors, make_client
 from comeapi.cache.dynamo_items import CATALOGUE_KEY, Catalogue, encode_entry
 from comeapi.cache.open import open_store
-from comeapi.cache.store import Entry
+from comeapi.cache.store import Entry, PromptInfo
 from comeapi.errors import ConfigError, StoreError, StoreUnavailableError
 from tests.aws_local import (
     REGION,
@@ -27,6 +27,7 @@ from tests.aws_local import (
     prompt_entries,
     start_moto_server,
 )
+from tests.cache.factory import reviewed, reviewed_entries
 from tests.helpers import Proc, free_port
 
 CHAT = (("system", "Answer briefly."), ("user", "Hello"))
@@ -100,6 +101,44 @@ def test_replace_all_mirrors_the_source_and_is_idempotent(store: DynamoStore) ->
         )
         assert store.catalogue().variants() == {new[0].key: 3, new[3].key: 2}
     assert store.revision() == 3
+
+
+def test_the_review_roundtrips_and_the_catalogue_marks_it(store: DynamoStore) -> None:
+    entries = reviewed_entries()
+    store.put_many(entries)
+    for e in entries:
+        assert store.get(e.key, e.variant) == e
+    marks = {p.key: p.marks for p in store.catalogue().prompts}
+    assert marks == {entries[0].key: "Arp", entries[3].key: "pap"}
+    assert store.catalogue().served({"approved", "pending"}) == {
+        entries[0].key: (0,),  # the pinned one only
+        entries[3].key: (0, 1, 2),
+    }
+    assert store.catalogue().served({"approved"}) == {entries[0].key: (0,), entries[3].key: (1,)}
+    # One variant changes: the catalogue row follows (the table is queried for the rest).
+    store.put(reviewed(entries[3], state="rejected"))
+    assert {p.key: p.marks for p in store.catalogue().prompts}[entries[3].key] == "rap"
+    store.replace_all([reviewed(entries[0], pinned=False)])
+    assert [p.marks for p in store.catalogue().prompts] == ["a"]
+
+
+def test_an_item_from_before_review_reads_as_pending(store: DynamoStore, client: Any) -> None:
+    entry = prompt_entries("old", 1)[0]
+    item = encode_entry(entry)
+    for name in ("state", "flags", "pinned", "history"):
+        del item[name]
+    client.put_item(TableName=TABLE, Item=item)
+    got = store.get(entry.key, 0)
+    assert got == entry and got is not None and got.state == "pending"
+    old_row = Catalogue(1, (PromptInfo(entry.key, "prompt", "old", entry.model, 1),))
+    assert old_row.served({"approved", "pending"}) == {entry.key: (0,)}
+    assert old_row.served({"approved"}) == {}
+
+
+def test_malformed_marks_are_a_corrupt_catalogue() -> None:
+    row = PromptInfo("k", "prompt", "p", "m.gguf", 2, "ax")
+    with pytest.raises(StoreError, match="not a review state"):
+        Catalogue(1, (row,)).served({"approved"})
 
 
 def test_a_prompt_over_the_partition_key_limit_works(store: DynamoStore) -> None:

@@ -31,6 +31,24 @@ def test_the_shipped_set_has_ten_japanese_and_english_prompts() -> None:
     assert all(item.params["max_tokens"] <= 64 for item in shipped.items)
 
 
+EXAMPLES = Path(__file__).parents[2] / "examples"
+
+
+def test_the_requirements_prompts_are_an_example_set() -> None:
+    """The requirements' ten prompts, Japanese and English, for a multilingual model."""
+    example = load_prompt_set(EXAMPLES / "requirements-prompts.yaml")
+    assert len(example.items) == 10
+    assert example.model != DEFAULT_MODEL
+    assert example.items[0].prompt == "こんにちは、調子はどうですか？"
+    assert example.items[3].prompt == "日本の首都はどこですか？"
+    assert example.items[8].messages == (
+        ("system", "You are a helpful assistant. Answer briefly."),
+        ("user", "How do I make a good cup of coffee?"),
+    )
+    japanese = [i for i in example.items if any("\u3040" <= ch <= "\u30ff" for ch in i.prompt)]
+    assert len(japanese) == 5
+
+
 def test_items_know_their_key_params_route_and_request() -> None:
     text = """
 model: tiny.gguf
@@ -168,3 +186,16 @@ def test_unreadable_file(tmp_path: Path) -> None:
     binary.write_bytes(b"\xff\xfe\x00")
     with pytest.raises(ConfigError, match="cannot read"):
         load_prompt_set(binary)
+
+
+def test_the_set_says_what_the_checks_do_and_settings_override_it() -> None:
+    s = parse_prompt_set("checks: {truncated: reject, language: off}\nprompts: [Hi]\n", "p.yaml")
+    policy = s.policy()
+    assert policy.action("truncated") == "reject" and policy.action("language") == "off"
+    assert policy.action("loop") == "reject"  # the default for what the file leaves
+    assert s.policy(["truncated=flag"]).action("truncated") == "flag"
+    with pytest.raises(ConfigError) as info:
+        parse_prompt_set("prompts: [Hi]\nchecks:\n  truncate: reject\n  loop: maybe\n", "p.yaml")
+    message = info.value.message
+    assert "p.yaml: checks.truncate: unknown check" in message and "line 3" in message
+    assert "p.yaml: checks.loop: must be reject, flag or off (got 'maybe'), line 4" in message

@@ -16,9 +16,17 @@ from pathlib import Path
 
 import pytest
 
-from comeapi.cache.sqlite import SqliteStore
+from comeapi.cache.sqlite import SqliteStore, _row
+from comeapi.cache.store import Entry
 from comeapi.errors import StoreError, StoreUnavailableError
-from tests.cache.factory import chat_entry, file_hash, prompt_entry, sample_entries
+from tests.cache.factory import (
+    chat_entry,
+    file_hash,
+    prompt_entry,
+    reviewed,
+    reviewed_entries,
+    sample_entries,
+)
 from tests.helpers import Proc
 
 
@@ -107,6 +115,100 @@ def test_a_corrupt_row_is_never_served(db: Path) -> None:
         conn.execute("UPDATE entries SET answer = 'tampered' WHERE variant = 1")
     with SqliteStore(db) as store, pytest.raises(StoreError, match="checksum"):
         store.load_index()
+
+
+def test_review_fields_roundtrip(db: Path) -> None:
+    entries = reviewed_entries()
+    with SqliteStore(db) as store:
+        store.put_many(entries)
+    with SqliteStore(db) as again:
+        assert list(again.entries()) == sorted(entries, key=lambda e: (e.key, e.variant))
+        again.load_index()  # every checksum verifies
+
+
+def test_a_rejected_answer_cannot_be_pinned(db: Path) -> None:
+    with SqliteStore(db) as store, pytest.raises(StoreError, match="cannot be pinned"):
+        store.put(reviewed(prompt_entry("hi", 0), state="rejected", pinned=True))
+
+
+def test_a_tampered_state_is_never_served(db: Path) -> None:
+    with SqliteStore(db) as store:
+        store.put(reviewed(prompt_entry("hi", 0), state="rejected"))
+    with sqlite3.connect(db) as conn:
+        conn.execute("UPDATE entries SET state = 'approved'")
+    with SqliteStore(db) as store, pytest.raises(StoreError, match="checksum"):
+        store.load_index()
+
+
+# The schema comeapi wrote before review (schema 1), verbatim.
+SCHEMA_1 = """
+CREATE TABLE entries (
+    key               TEXT    NOT NULL,
+    variant           INTEGER NOT NULL CHECK (variant >= 0),
+    kind              TEXT    NOT NULL CHECK (kind IN ('prompt', 'chat')),
+    prompt            TEXT    NOT NULL,
+    messages          TEXT,
+    answer            TEXT    NOT NULL,
+    model             TEXT    NOT NULL,
+    params            TEXT    NOT NULL,
+    finish_reason     TEXT    NOT NULL,
+    prompt_tokens     INTEGER NOT NULL,
+    completion_tokens INTEGER NOT NULL,
+    created           REAL    NOT NULL,
+    checksum          TEXT    NOT NULL,
+    PRIMARY KEY (key, variant)
+) WITHOUT ROWID;
+CREATE TABLE hits (
+    key     TEXT    NOT NULL,
+    variant INTEGER NOT NULL,
+    count   INTEGER NOT NULL,
+    PRIMARY KEY (key, variant)
+) WITHOUT ROWID;
+CREATE TABLE meta (name TEXT PRIMARY KEY, value INTEGER NOT NULL);
+INSERT INTO meta (name, value) VALUES ('revision', 7);
+PRAGMA user_version = 1;
+"""
+
+
+def schema_1_store(path: Path, entries: list[Entry]) -> None:
+    """A store as comeapi wrote it before review: schema 1, rows of 13 columns."""
+    with contextlib.closing(sqlite3.connect(path)) as conn:
+        conn.executescript(SCHEMA_1)
+        conn.executemany(
+            "INSERT INTO entries VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            [_row(e)[:13] for e in entries],
+        )
+        conn.execute("INSERT INTO hits VALUES (?, 0, 3)", (entries[0].key,))
+        conn.commit()
+
+
+def test_a_schema_1_store_is_upgraded_and_its_entries_become_pending(db: Path) -> None:
+    entries = sample_entries(prompts=2, variants=3)
+    schema_1_store(db, entries)
+    with SqliteStore(db) as store:
+        index = store.load_index()  # every old checksum still verifies
+        loaded = [e for group in index.values() for e in group]
+        assert sorted(loaded, key=lambda e: (e.key, e.variant)) == sorted(
+            entries, key=lambda e: (e.key, e.variant)
+        )
+        assert {(e.state, e.flags, e.pinned, e.history) for e in loaded} == {
+            ("pending", (), False, ())
+        }
+        assert store.revision() == 7  # the upgrade changes no answer
+        assert store.hit_counts() == {(entries[0].key, 0): 3}
+        store.put(reviewed(entries[0], state="approved"))
+    with contextlib.closing(sqlite3.connect(db)) as conn:
+        assert conn.execute("PRAGMA user_version").fetchone()[0] == 2
+    with SqliteStore(db) as again:
+        assert again.get(entries[0].key, 0) == reviewed(entries[0], state="approved")
+
+
+def test_a_read_only_schema_1_store_says_it_needs_upgrading(db: Path) -> None:
+    schema_1_store(db, sample_entries(prompts=1, variants=1))
+    before = file_hash(db)
+    with read_only(db), pytest.raises(StoreError, match="cannot upgrade it from schema 1"):
+        SqliteStore(db)
+    assert file_hash(db) == before
 
 
 WRITER = """

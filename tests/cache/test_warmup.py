@@ -6,20 +6,23 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import re
 import signal
 import subprocess
 import time
 from collections.abc import Callable, Iterator
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
 import httpx
 import pytest
 
+from comeapi.cache.checks import check_answer, failing
 from comeapi.cache.prompts import PromptSet, parse_prompt_set
 from comeapi.cache.sqlite import SqliteStore
 from comeapi.cache.store import Entry, ResponseStore
-from comeapi.cache.warmup import run_warmup
+from comeapi.cache.warmup import CHECK_RETRIES, RESEED_STRIDE, run_warmup
 from comeapi.errors import StoreError, UnavailableError
 from tests.helpers import Proc, comeapi_argv, free_port
 
@@ -66,13 +69,22 @@ class FakeBackends:
         failure = self.fail(base, body)
         if failure is not None:
             return failure
-        text = f"answer seed {body['seed']}"
+        text = answer_text(body)
         usage = {"prompt_tokens": 3, "completion_tokens": 4, "total_tokens": 7}
         if request.url.path == "/v1/chat/completions":
             choice = {"message": {"role": "assistant", "content": text}, "finish_reason": "length"}
         else:
             choice = {"text": text, "finish_reason": "length"}
         return httpx.Response(200, json={"choices": [choice], "usage": usage})
+
+
+def answer_text(body: dict[str, Any]) -> str:
+    """What the fake backends answer: a sentence in the prompt's language (passes the
+    checks)."""
+    asked = body.get("prompt") or body["messages"][-1]["content"]
+    if any("\u3040" <= ch <= "\u30ff" for ch in asked):
+        return f"答えは{body['seed']}です。"
+    return f"Answer seed {body['seed']}."
 
 
 @pytest.fixture
@@ -98,12 +110,19 @@ def test_fills_every_variant_with_seed_params_and_usage(store: SqliteStore) -> N
     fake = FakeBackends({"http://a:1": 1})
     report = warm(store, fake, ["http://a:1"])
     assert report.ok
-    assert report.totals() == {"present": 0, "generated": 6, "failed": 0}
+    assert report.totals() == {
+        "present": 0,
+        "generated": 6,
+        "failed": 0,
+        "regenerated": 0,
+        "flagged": 0,
+    }
     index = store.load_index()
     assert sorted(len(v) for v in index.values()) == [3, 3]
     for group in index.values():
         for e in group:
-            assert e.answer == f"answer seed {e.variant}"
+            assert e.answer == answer_text({**request_of(e), "seed": e.variant})
+            assert e.flags == () and e.state == "pending"
             assert e.params == {
                 "max_tokens": 4,
                 "temperature": 0.8,
@@ -134,7 +153,13 @@ def test_a_rerun_fills_only_what_is_missing(store: SqliteStore) -> None:
     before = {(e.key, e.variant): e for e in store.entries()}
     fake.requests.clear()
     report = warm(store, fake, ["http://a:1"], variants=3)
-    assert report.totals() == {"present": 4, "generated": 2, "failed": 0}
+    assert report.totals() == {
+        "present": 4,
+        "generated": 2,
+        "failed": 0,
+        "regenerated": 0,
+        "flagged": 0,
+    }
     assert sorted(b["seed"] for _, b, _ in fake.requests) == [2, 2]
     after = {(e.key, e.variant): e for e in store.entries()}
     assert all(after[k] == e for k, e in before.items())  # untouched
@@ -194,7 +219,8 @@ def test_failures_are_reported_and_the_rest_is_kept(store: SqliteStore) -> None:
     fake.fail = fail
     report = warm(store, fake, ["http://a:1", "http://b:2"])
     assert not report.ok
-    assert report.totals() == {"present": 0, "generated": 4, "failed": 2}
+    totals = report.totals()
+    assert (totals["present"], totals["generated"], totals["failed"]) == (0, 4, 2)
     assert [r.complete for r in report.rows] == [False, False]
     text = "\n".join(report.failures)
     assert "prompts[1] variant 1" in text and "llama exploded" in text
@@ -252,6 +278,28 @@ def backend(tmp_path_factory: pytest.TempPathFactory, model_dir: Path) -> Iterat
         proc.stop()
 
 
+def assert_checked(entry: Entry, log: str) -> None:
+    """The entry's flags are what the checks say of its text, and its seed says how many
+    tries the checks rejected (listed in warmup's report)."""
+    flags = check_answer(
+        entry.answer,
+        kind=entry.kind,
+        prompt=entry.prompt,
+        messages=entry.messages,
+        finish_reason=entry.finish_reason,
+    )
+    assert entry.flags == flags
+    seed = entry.params["seed"]
+    assert seed % RESEED_STRIDE == entry.variant
+    tries = seed // RESEED_STRIDE
+    assert tries <= CHECK_RETRIES
+    if failing(flags):
+        assert tries == CHECK_RETRIES or not tries  # kept only when every try failed
+    said = " ".join(log.split())
+    if tries:
+        assert re.search(rf"regenerated: prompts\[\d\] variant {entry.variant}: seed", said)
+
+
 def _warmup_argv(prompts: Path, db: Path, url: str, *extra: str) -> list[str]:
     return comeapi_argv(
         "warmup", "--prompts", str(prompts), "--store", f"sqlite:{db}", "--url", url, *extra
@@ -267,7 +315,8 @@ def test_real_warmup_fills_exactly_n_per_prompt(
     db = tmp_path / "cache.db"
     first = spawn(_warmup_argv(prompts, db, backend), name="warmup")
     assert first.popen.wait(240) == 0, first.log()
-    assert "6 generated, 0 already present, 0 failed" in first.log()
+    said = " ".join(first.log().split())
+    assert re.search(r"6 generated \(.*\), 0 already present, 0 failed", said)
     with SqliteStore(db) as store:
         index = store.load_index()
     assert {k: [e.variant for e in g] for k, g in index.items()} == {
@@ -275,10 +324,14 @@ def test_real_warmup_fills_exactly_n_per_prompt(
     }
     for group in index.values():
         for e in group:
-            assert e.answer and e.completion_tokens <= 4 and e.params["seed"] == e.variant
+            assert e.answer and e.completion_tokens <= 4
+            assert_checked(e, first.log())
     again = spawn(_warmup_argv(prompts, db, backend), name="again")
     assert again.popen.wait(120) == 0, again.log()
-    assert "0 generated, 6 already present" in again.log()
+    assert (
+        "0 generated (0 rejected tries generated again, 0 kept with flags), 6 already "
+        in " ".join(again.log().split())
+    )
     with SqliteStore(db) as store:
         assert store.load_index() == index
     # seed = variant: generating variant 0 again gives the same answers.
@@ -289,6 +342,8 @@ def test_real_warmup_fills_exactly_n_per_prompt(
     for key, group in index.items():
         assert regenerated[key][0].created > group[0].created
         assert regenerated[key][0].answer == group[0].answer
+        assert regenerated[key][0].params == group[0].params  # the same seeds were tried
+        assert [h["why"] for h in regenerated[key][0].history] == ["regenerate"]
         assert regenerated[key][1:] == group[1:]
 
 
@@ -322,7 +377,10 @@ def test_real_warmup_killed_mid_run_resumes_to_exactly_n(
     assert 1 <= len(survivors) < 6, "the kill did not land mid-run"
     resumed = spawn(_warmup_argv(prompts, db, backend), name="resumed")
     assert resumed.popen.wait(240) == 0, resumed.log()
-    assert f"{6 - len(survivors)} generated, {len(survivors)} already present" in resumed.log()
+    said = " ".join(resumed.log().split())
+    assert re.search(
+        rf"{6 - len(survivors)} generated \(.*\), {len(survivors)} already present", said
+    )
     with SqliteStore(db) as store:
         index = store.load_index()  # verifies every checksum
     assert sorted([e.variant for e in g] for g in index.values()) == [[0, 1, 2], [0, 1, 2]]
@@ -420,24 +478,136 @@ def test_cli_targets_come_from_backends_range(tmp_path: Path) -> None:
     assert f"http://127.0.0.1:{port + 1}: nothing listens there" in flat
 
 
-def test_blank_answer_is_generated_again_with_a_further_seed(store: SqliteStore) -> None:
-    from comeapi.cache.warmup import BLANK_RESEEDS, RESEED_STRIDE
+def request_of(entry: Entry) -> dict[str, Any]:
+    if entry.messages is not None:
+        return {"messages": [{"role": r, "content": c} for r, c in entry.messages]}
+    return {"prompt": entry.prompt}
 
+
+ONE_PROMPT = SET.split("  - messages")[0]
+
+
+def test_a_rejected_answer_is_generated_again_with_a_further_seed(store: SqliteStore) -> None:
     fake = FakeBackends({"http://a:1": 1})
-    blank_seeds = {1, 1 + RESEED_STRIDE}  # variant 1 is blank twice, then fine
+    bad = {  # seed -> answer: variant 1 fails twice, then passes
+        1: "The sea<start_of_image> is wide.",
+        1
+        + RESEED_STRIDE: "Once upon a time, once upon a time, once upon a time, once upon a time.",
+        2: " \n\u3000",
+    }
 
-    def blank(base: str, body: dict[str, Any]) -> httpx.Response | None:
-        if body["seed"] in blank_seeds:
-            return httpx.Response(200, json={"choices": [{"text": " \n\u3000"}], "usage": {}})
+    def answer(base: str, body: dict[str, Any]) -> httpx.Response | None:
+        if body["seed"] in bad:
+            choice = {"text": bad[body["seed"]], "finish_reason": "stop"}
+            return httpx.Response(200, json={"choices": [choice], "usage": {}})
         return None
 
-    fake.fail = blank
-    report = warm(store, fake, ["http://a:1"], prompts=prompt_set(SET.split("  - messages")[0]))
+    fake.fail = answer
+    report = warm(store, fake, ["http://a:1"], prompts=prompt_set(ONE_PROMPT))
     assert report.ok
-    entry = next(iter(store.load_index().values()))[1]
-    assert entry.params["seed"] == 1 + 2 * RESEED_STRIDE
-    assert entry.answer == f"answer seed {1 + 2 * RESEED_STRIDE}"
-    # A slot that stays blank after every reseed is still filled: N variants, always.
-    blank_seeds.update(2 + k * RESEED_STRIDE for k in range(BLANK_RESEEDS + 1))
-    warm(store, fake, ["http://a:1"], prompts=prompt_set(SET.split("  - messages")[0]), force=True)
-    assert len(next(iter(store.load_index().values()))) == 3
+    [row] = report.rows
+    assert {v: [(r.seed, r.flags) for r in tries] for v, tries in row.rejected.items()} == {
+        1: [(1, ("special_token",)), (1 + RESEED_STRIDE, ("echo", "loop"))],
+        2: [(2, ("empty",))],
+    }
+    assert report.totals()["regenerated"] == 3 and report.totals()["flagged"] == 0
+    group = next(iter(store.load_index().values()))
+    assert [e.params["seed"] for e in group] == [0, 1 + 2 * RESEED_STRIDE, 2 + RESEED_STRIDE]
+    assert all(e.flags == () for e in group)
+    assert group[1].answer == f"Answer seed {1 + 2 * RESEED_STRIDE}."
+
+
+def test_when_every_try_is_rejected_the_best_is_kept_flagged(store: SqliteStore) -> None:
+    fake = FakeBackends({"http://a:1": 1})
+
+    def answer(base: str, body: dict[str, Any]) -> httpx.Response | None:
+        if body["seed"] % RESEED_STRIDE != 0:
+            return None
+        # variant 0: a loop with markup first, then only a loop, then markup again
+        text = {0: "<b>Sea</b> " * 8, RESEED_STRIDE: "Sea sea. " * 8}.get(body["seed"], "<b>x</b>")
+        choice = {"text": text, "finish_reason": "stop"}
+        return httpx.Response(200, json={"choices": [choice], "usage": {}})
+
+    fake.fail = answer
+    report = warm(store, fake, ["http://a:1"], prompts=prompt_set(ONE_PROMPT), retries=2)
+    assert report.ok  # every variant is stored: flagged, not missing
+    [row] = report.rows
+    assert row.flagged == {0: ("loop",)}
+    assert [r.seed for r in row.rejected[0]] == [0, RESEED_STRIDE, 2 * RESEED_STRIDE]
+    kept = store.get(row.item.key, 0)
+    assert kept is not None
+    assert kept.flags == ("loop",) and kept.params["seed"] == RESEED_STRIDE
+    assert kept.state == "pending"
+
+
+def test_the_policy_decides_what_is_regenerated(store: SqliteStore) -> None:
+    fake = FakeBackends({"http://a:1": 1})
+
+    def cut(base: str, body: dict[str, Any]) -> httpx.Response | None:
+        if body["seed"] == 0:
+            choice = {"text": "It was a dark and", "finish_reason": "length"}
+            return httpx.Response(200, json={"choices": [choice], "usage": {}})
+        return None
+
+    fake.fail = cut
+    one = prompt_set(ONE_PROMPT)
+    report = warm(store, fake, ["http://a:1"], prompts=one, variants=1)
+    assert report.rows[0].flagged == {0: ("truncated",)}  # by default truncated only flags
+    strict = one.policy(["truncated=reject"])
+    report = warm(store, fake, ["http://a:1"], prompts=one, variants=1, force=True, policy=strict)
+    assert report.rows[0].flagged == {}
+    entry = store.get(one.items[0].key, 0)
+    assert entry is not None and entry.params["seed"] == RESEED_STRIDE
+    # the forced run kept the replaced text in the entry's history
+    assert [h["answer"] for h in entry.history] == ["It was a dark and"]
+    assert entry.history[0]["why"] == "regenerate"
+
+
+def test_force_leaves_pinned_variants_alone(store: SqliteStore) -> None:
+
+    fake = FakeBackends({"http://a:1": 1})
+    one = prompt_set(ONE_PROMPT)
+    warm(store, fake, ["http://a:1"], prompts=one, variants=2)
+    pinned = store.get(one.items[0].key, 1)
+    assert pinned is not None
+    store.put(replace(pinned, pinned=True, state="approved", checksum=""))
+    fake.requests.clear()
+    report = warm(store, fake, ["http://a:1"], prompts=one, variants=2, force=True)
+    assert [b["seed"] for _, b, _ in fake.requests] == [0]
+    assert report.rows[0].pinned == 1
+    after = store.get(one.items[0].key, 1)
+    assert after is not None and after.pinned and after.history == ()
+
+
+def test_generate_variant_for_one_entry() -> None:
+    """The public coroutine that `comeapi cache regenerate` uses: an entry's prompt item,
+    a new seed, the checks run (the first try is rejected, the second kept)."""
+    from comeapi.cache.warmup import generate_variant, prompt_item
+
+    fake = FakeBackends({"http://a:1": 1})
+
+    def first_empty(base: str, body: dict[str, Any]) -> httpx.Response | None:
+        if body["seed"] == 77:
+            choice = {"message": {"role": "assistant", "content": ""}, "finish_reason": "stop"}
+            return httpx.Response(200, json={"choices": [choice], "usage": {}})
+        return None
+
+    fake.fail = first_empty
+    item = prompt_set().items[1]  # the chat
+    old = Entry(
+        item.key, 3, "chat", item.prompt, "old", item.model, item.messages,
+        {**item.params, "seed": 3},
+    ).sealed()  # fmt: skip
+    rebuilt = prompt_item(old)
+    assert (rebuilt.key, rebuilt.messages, rebuilt.params) == (item.key, item.messages, item.params)
+
+    async def run() -> Entry:
+        async with httpx.AsyncClient(transport=httpx.MockTransport(fake)) as client:
+            return await generate_variant(rebuilt, 3, 77, ["http://a:1"], client=client)
+
+    fresh = asyncio.run(run())
+    assert fresh.variant == 3 and fresh.key == item.key
+    assert fresh.params == {**item.params, "seed": 77 + RESEED_STRIDE}
+    assert fresh.answer == f"答えは{77 + RESEED_STRIDE}です。" and fresh.flags == ()
+    fresh.verify()
+    assert [b["seed"] for _, b, _ in fake.requests] == [77, 77 + RESEED_STRIDE]

@@ -4,9 +4,14 @@ tests/conformance/requests.jsonl holds one case per line: a route, a body (``bod
 or ``raw`` as the exact text sent) and the expected outcome, one of
   {"key": DOC}            valid and answerable from the cache: the key is the SHA-256 of DOC
                           serialised canonically (computed here, independently of comeapi);
+                          ``served``: the variants that may answer (default [0]);
+  {"miss": DOC}           valid and keyed so, but no stored answer of it is served (all
+                          rejected): 404 prompt_not_cached where misses are refused;
   {"error": PARAM}        400 naming PARAM (null: the body is not a JSON object), and
                           ``code`` when the case gives one;
   {"uncacheable": PARAM}  valid, but asks for what no stored answer carries (PARAM says what).
+``stored`` lists the review of the variants the tiers hold for the case's key (default: one
+pending variant); the tiers serve with the default serve_states (approved,pending).
 ``expand`` replaces ``<NAME>`` in every string of the case by a text repeated N times.
 """
 
@@ -28,14 +33,31 @@ class Case:
     route: str
     raw: bytes
     expect: dict[str, Any]
+    stored: tuple[dict[str, Any], ...] = ({},)
 
     @property
     def outcome(self) -> str:
-        return next(k for k in ("key", "error", "uncacheable") if k in self.expect)
+        return next(k for k in ("key", "miss", "error", "uncacheable") if k in self.expect)
+
+    @property
+    def keyed(self) -> bool:
+        """Whether the request has a key (a hit, or a miss of a reviewed prompt)."""
+        return self.outcome in ("key", "miss")
 
     @property
     def key(self) -> str:
-        return canonical_key(self.expect["key"])
+        return canonical_key(self.expect[self.outcome])
+
+    @property
+    def served(self) -> set[str]:
+        """The answer texts a hit may carry."""
+        return {answer_for(self, v) for v in self.expect.get("served", [0])}
+
+    @property
+    def asks(self) -> int:
+        """How often a tier test sends it: a case with several variants stored, more than
+        once (the choice is random)."""
+        return 1 if len(self.stored) == 1 and self.outcome != "miss" else 12
 
     def __str__(self) -> str:
         return self.id
@@ -70,39 +92,44 @@ def load_cases() -> list[Case]:
             raw = doc["raw"].encode("utf-8", errors="surrogatepass")
         else:
             raw = json.dumps(doc["body"], ensure_ascii=False).encode("utf-8")
-        cases.append(Case(doc["id"], doc["route"], raw, doc["expect"]))
+        stored = tuple(doc.get("stored", [{}]))
+        cases.append(Case(doc["id"], doc["route"], raw, doc["expect"], stored))
     return cases
 
 
 CASES = load_cases()
 
 
-def answer_for(case: Case) -> str:
-    """The answer the tier tests store for a case's key: one per distinct key."""
-    return "answer " + case.key[:12]
+def answer_for(case: Case, variant: int = 0) -> str:
+    """The answer the tier tests store for a case's key and variant."""
+    return "answer " + case.key[:12] + (f" variant {variant}" if variant else "")
 
 
 def entries(model_default: str = DEFAULT_MODEL) -> list[Any]:
-    """One sealed entry (variant 0) per distinct key of the table, answering answer_for()."""
+    """Sealed entries for every distinct key of the table, answering answer_for(): one
+    pending variant, or the ``stored`` variants with their review."""
     from comeapi.cache.store import Entry
 
-    out: dict[str, Entry] = {}
+    out: dict[tuple[str, int], Entry] = {}
     for case in CASES:
-        if case.outcome != "key":
+        if not case.keyed:
             continue
-        doc = case.expect["key"]
+        doc = case.expect[case.outcome]
         messages = doc.get("messages")
-        out[case.key] = Entry(
-            key=case.key,
-            variant=0,
-            kind="chat" if messages is not None else "prompt",
-            prompt=doc["prompt"] if messages is None else messages[-1][1],
-            answer=answer_for(case),
-            model=doc["model"],
-            messages=tuple((r, c) for r, c in messages) if messages is not None else None,
-            prompt_tokens=3,
-            completion_tokens=2,
-        ).sealed()
+        for variant, review in enumerate(case.stored):
+            out[(case.key, variant)] = Entry(
+                key=case.key,
+                variant=variant,
+                kind="chat" if messages is not None else "prompt",
+                prompt=doc["prompt"] if messages is None else messages[-1][1],
+                answer=answer_for(case, variant),
+                model=doc["model"],
+                messages=tuple((r, c) for r, c in messages) if messages is not None else None,
+                prompt_tokens=3,
+                completion_tokens=2,
+                state=review.get("state", "pending"),
+                pinned=review.get("pinned", False),
+            ).sealed()
     return list(out.values())
 
 
@@ -135,7 +162,12 @@ def check_reply(case: Case, status: int, headers: Any, body: bytes, *, tier: str
         assert status == 200, where
         assert headers.get("x-cache") == "HIT", where
         stream = headers.get("content-type", "").startswith("text/event-stream")
-        assert answer_text(case.route, body, stream) == answer_for(case), where
+        assert answer_text(case.route, body, stream) in case.served, where
+        return
+    if case.outcome == "miss":
+        assert status == 404, where
+        error = json.loads(body)["error"]
+        assert error["code"] == "prompt_not_cached", where
         return
     assert status == 400, where
     error = json.loads(body)["error"]

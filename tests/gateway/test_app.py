@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 from collections.abc import AsyncIterator
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -463,6 +464,35 @@ async def test_a_trusted_proxy_fills_the_variant_it_chose(tmp_path: Path) -> Non
         stored = store.get(prompt_key("fresh", MODEL), 1)
     assert stored is not None and stored.answer == "from http://backend-0:8000"
     assert fakes.total_generations() == 1
+
+
+async def test_a_forwarded_answer_the_cache_would_not_serve_is_marked_no_store(
+    tmp_path: Path,
+) -> None:
+    """nginx keeps whatever 200 comeapi sends a slot: an answer comeapi itself would not
+    serve (not approved under serve_states=approved, or a prompt whose answers were all
+    rejected) carries X-Comeapi-No-Store, and no reviewed slot is overwritten."""
+    fakes = FakeCluster(1)
+    cache = cache_over(tmp_path, variant_secret="s", serve_states={"approved"})
+    key = prompt_key("cached", MODEL)
+    cache.store.put_many([replace(e, state="rejected", checksum="") for e in cache.store.entries()])
+    trusted = {"X-Comeapi-Variant": "1", "X-Comeapi-Variant-Secret": "s"}
+    async with running(fakes, cache=cache) as (client, _):
+        fresh = await client.post("/generate", json={"prompt": "fresh"}, headers=trusted)
+        rejected = await client.post("/generate", json={"prompt": "cached"}, headers=trusted)
+    assert fresh.headers["x-cache"] == "MISS" and fresh.headers["x-comeapi-no-store"] == "1"
+    assert rejected.headers["x-cache"] == "MISS" and rejected.headers["x-comeapi-no-store"] == "1"
+    assert "x-cache-variant" not in rejected.headers  # no slot was filled
+    with SqliteStore(tmp_path / "cache.db") as store:
+        new = store.get(prompt_key("fresh", MODEL), 1)
+        assert new is not None and new.state == "pending"  # stored, to be reviewed
+        kept = store.get(key, 1)
+        assert kept is not None and kept.state == "rejected" and kept.answer == "from cache 1"
+    (tmp_path / "default").mkdir()
+    default = cache_over(tmp_path / "default", variant_secret="s")
+    async with running(FakeCluster(1), cache=default) as (client, _):
+        served = await client.post("/generate", json={"prompt": "fresh"}, headers=trusted)
+    assert served.headers["x-cache"] == "MISS" and "x-comeapi-no-store" not in served.headers
 
 
 # --- authentication -----------------------------------------------------------------------

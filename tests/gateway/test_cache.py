@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import random
+from dataclasses import replace
 from pathlib import Path
 
 import anyio
@@ -197,3 +198,111 @@ def test_hit_counts_reach_the_store(store: SqliteStore) -> None:
     status = cache.status()
     assert status["hits"] == 7 and status["prompts"] == 2
     assert sum(p["hits"] for p in status["by_prompt"]) == 7
+
+
+# --- what is served: serve_states and pinning, decided at load ----------------------------
+
+
+def _review(store: SqliteStore, changes: dict[int, dict[str, object]]) -> None:
+    """Give variants of PROMPT a review (variant -> fields)."""
+    key = prompt_key(PROMPT, MODEL)
+    changed = []
+    for variant, review in changes.items():
+        entry = store.get(key, variant)
+        assert entry is not None
+        changed.append(replace(entry, **review, checksum=""))  # type: ignore[arg-type]
+    store.put_many(changed)
+
+
+def _served(cache: ResponseCache, n: int = 300) -> set[int]:
+    seen = set()
+    for _ in range(n):
+        hit = lookup(cache, "generate", {"prompt": PROMPT}, NO_HEADERS).hit
+        assert hit is not None
+        seen.add(hit.variant)
+    return seen
+
+
+def test_serve_states_choose_the_variants_served(store: SqliteStore) -> None:
+    _review(store, {0: {"state": "approved"}, 1: {"state": "rejected"}, 2: {"state": "approved"}})
+    assert _served(_cache(store)) == {0, 2, 3, 4}  # approved,pending: the default
+    assert _served(_cache(store, serve_states={"approved"})) == {0, 2}
+
+
+def test_only_pinned_variants_are_served_when_one_is_served(store: SqliteStore) -> None:
+    _review(
+        store,
+        {
+            0: {"state": "approved"},
+            3: {"pinned": True},
+            4: {"pinned": True, "state": "approved"},
+        },
+    )
+    assert _served(_cache(store)) == {3, 4}
+    # Pending answers not served: the approved pinned one only.
+    assert _served(_cache(store, serve_states={"approved"})) == {4}
+    _review(store, {4: {"pinned": False}})
+    # The only pinned variant is pending, so not served: pinning narrows nothing.
+    assert _served(_cache(store, serve_states={"approved"})) == {0, 4}
+    assert _served(_cache(store)) == {3}
+
+
+def test_a_prompt_with_no_served_answer_is_a_miss(store: SqliteStore) -> None:
+    _review(store, {v: {"state": "rejected"} for v in range(5)})
+    cache = _cache(store, variant_secret="k")
+    miss = lookup(cache, "generate", {"prompt": PROMPT}, NO_HEADERS)
+    assert miss.hit is None and miss.key == prompt_key(PROMPT, MODEL)
+    assert not miss.keep  # a forwarded answer must not be kept by nginx either
+    assert PROMPT not in cache.known_prompts()
+    assert "Tell me a joke." in cache.known_prompts()
+    # A trusted proxy's slot is not generated over a rejected answer.
+    forced = lookup(cache, "generate", {"prompt": PROMPT}, TRUSTED(1))
+    assert forced == Lookup(None, prompt_key(PROMPT, MODEL), None, keep=False)
+    request = parse_request("generate", {"prompt": PROMPT}, max_tokens_limit=2048)
+    answer = {"response": "live", "model": MODEL, "usage": {}}
+    anyio.run(cache.store_answer, forced, request, answer)
+    stored = store.get(prompt_key(PROMPT, MODEL), 1)
+    assert stored is not None and stored.state == "rejected" and stored.answer != "live"
+
+
+def TRUSTED(slot: int) -> Headers:
+    return Headers({"x-comeapi-variant": str(slot), "x-comeapi-variant-secret": "k"})
+
+
+def test_a_forced_slot_of_a_variant_not_served_holds_a_served_one(store: SqliteStore) -> None:
+    _review(store, {1: {"state": "rejected"}, 3: {"state": "rejected"}})
+    cache = _cache(store, variant_secret="k")
+    served = (0, 2, 4)
+    for slot in range(5):
+        for _ in range(3):  # the same stand-in every time
+            hit = lookup(cache, "generate", {"prompt": PROMPT}, TRUSTED(slot)).hit
+            assert hit is not None
+            if slot in served:
+                assert hit.variant == slot and hit.header("x-comeapi-slot") is None
+            else:
+                assert hit.variant == served[slot % 3]
+                assert hit.header("x-comeapi-slot") == str(slot)
+                assert orjson.loads(hit.body)["variant"] == hit.variant
+
+
+def test_with_approved_only_a_new_answer_is_not_kept_by_a_proxy(tmp_path: Path) -> None:
+    store = SqliteStore(tmp_path / "c.db")
+    cache = _cache(store, variant_secret="k", serve_states={"approved"})
+    miss = lookup(cache, "generate", {"prompt": "new"}, TRUSTED(2))
+    assert miss.forced_variant == 2 and not miss.keep
+    assert lookup(cache, "generate", {"prompt": "new"}, NO_HEADERS).keep is False
+    default = _cache(SqliteStore(tmp_path / "d.db"), variant_secret="k")
+    assert lookup(default, "generate", {"prompt": "new"}, TRUSTED(2)).keep
+
+
+def test_a_change_is_served_at_once(store: SqliteStore) -> None:
+    cache = _cache(store)
+    key = prompt_key(PROMPT, MODEL)
+    group = cache.group(key)
+    rejected = [replace(e, state="rejected", checksum="") for e in group if e.variant != 2]
+    anyio.run(cache.put, [e.sealed() for e in rejected])
+    assert _served(cache, 50) == {2}
+    assert cache.served_variants(key) == (2,)
+    assert {e.variant: e.state for e in store.entries() if e.key == key}[0] == "rejected"
+    status = {p["key"]: p for p in cache.status()["by_prompt"]}[key]
+    assert status["marks"] == "rrprr" and status["served_variants"] == [2]

@@ -40,7 +40,7 @@ UNCACHEABLE = [
     ("/v1/chat/completions", {"n": 2}, "n"),
     ("/v1/chat/completions", {"response_format": {"type": "json_object"}}, "response_format"),
     ("/v1/chat/completions", {"tools": [TOOL]}, "tools"),
-    ("/v1/chat/completions", {"logit_bias": {"100": 5}}, "logit_bias"),
+    ("/v1/chat/completions", {"logit_bias": {"531": 5}}, "logit_bias"),
     ("/chat/completions", {"n": 3}, "n"),
     ("/v1/completions", {"logprobs": 2}, "logprobs"),
     ("/v1/completions", {"echo": True}, "echo"),

@@ -8,6 +8,7 @@ import os
 import subprocess
 import sys
 from collections import Counter
+from dataclasses import replace
 from typing import Any
 
 import boto3
@@ -16,8 +17,9 @@ from botocore.config import Config
 from botocore.stub import Stubber
 
 from comeapi.cache.dynamo import DynamoStore
-from comeapi.cache.dynamo_items import Catalogue, encode_catalogue
+from comeapi.cache.dynamo_items import Catalogue, encode_catalogue, encode_entry
 from comeapi.cache.store import Entry, PromptInfo
+from comeapi.errors import ConfigError
 from comeapi.serverless import handler as handler_module
 from comeapi.serverless.events import http_api_event
 from comeapi.serverless.handler import ServerlessApp
@@ -234,6 +236,89 @@ def test_a_push_after_the_catalogue_was_read(store: DynamoStore, entries: list[E
     # A new prompt is found after miss_refresh seconds without waiting for the TTL.
     clock.now += 6
     assert app(post("/generate", {"prompt": "new prompt"}), None)["statusCode"] == 200
+
+
+# --- what is served: the catalogue's review marks under serve_states ----------------------
+
+
+def _reviewed(store: DynamoStore, prompt: str, review: dict[int, dict[str, Any]]) -> None:
+    changed = []
+    for variant, fields in review.items():
+        entry = store.get(prompt_entries(prompt, 1)[0].key, variant)
+        assert entry is not None
+        changed.append(replace(entry, **fields, checksum=""))
+    store.put_many(changed)
+
+
+def _variants_served(app: ServerlessApp, prompt: str, n: int = 120) -> set[int]:
+    seen = set()
+    for _ in range(n):
+        result = app(post("/generate", {"prompt": prompt}), None)
+        assert result["statusCode"] == 200, result["body"]
+        seen.add(int(result["headers"]["X-Cache-Variant"]))
+    return seen
+
+
+def test_serve_states_and_pins_decide_what_the_table_serves(store: DynamoStore) -> None:
+    _reviewed(
+        store,
+        GENERATE_PROMPT,
+        {0: {"state": "approved"}, 1: {"state": "rejected"}, 2: {"state": "approved"}},
+    )
+    assert _variants_served(ServerlessApp(store), GENERATE_PROMPT) == {0, 2, 3, 4}
+    approved_only = ServerlessApp(store, serve_states={"approved"})
+    assert _variants_served(approved_only, GENERATE_PROMPT) == {0, 2}
+    # A prompt with nothing approved is a miss when only approved answers are served.
+    assert_error(
+        approved_only(post("/generate", {"prompt": COMPLETION_PROMPT}), None),
+        404,
+        "prompt_not_cached",
+    )
+    _reviewed(store, GENERATE_PROMPT, {2: {"pinned": True}})
+    assert _variants_served(ServerlessApp(store), GENERATE_PROMPT) == {2}
+
+
+def test_a_rejected_only_prompt_is_a_miss_and_not_listed(store: DynamoStore) -> None:
+    _reviewed(store, GENERATE_PROMPT, {v: {"state": "rejected"} for v in range(5)})
+    app = ServerlessApp(store)
+    error = assert_error(
+        app(post("/generate", {"prompt": GENERATE_PROMPT}), None), 404, "prompt_not_cached"
+    )
+    assert GENERATE_PROMPT not in error["known_prompts"]
+    status = decoded(app(http_api_event("GET", "/status"), None))["status"]
+    assert status["served_answers"] == 10 and status["cached_answers"] == 15
+
+
+def test_an_answer_rejected_after_the_catalogue_was_read_is_not_served(
+    store: DynamoStore,
+) -> None:
+    """The table's entry says rejected while the cached catalogue still lists it: the
+    handler reads the catalogue again rather than serve it."""
+    app = ServerlessApp(store, randbelow=lambda n: 0, catalogue_ttl=3600)
+    assert (
+        app(post("/generate", {"prompt": GENERATE_PROMPT}), None)["headers"]["X-Cache-Variant"]
+        == "0"
+    )
+    key = prompt_entries(GENERATE_PROMPT, 1)[0].key
+    entry = store.get(key, 0)
+    assert entry is not None
+    # Only the item changes (a push that died before its catalogue write, say).
+    store.client.put_item(
+        TableName=TABLE, Item=encode_entry(replace(entry, state="rejected", checksum="").sealed())
+    )
+    result = app(post("/generate", {"prompt": GENERATE_PROMPT}), None)
+    assert result["statusCode"] == 200
+    assert result["headers"]["X-Cache-Variant"] != "0"
+
+
+def test_serve_states_from_the_environment(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("TABLE_NAME", TABLE)
+    monkeypatch.setenv("SNAPSHOT", "off")
+    monkeypatch.setenv("SERVE_STATES", "approved")
+    assert ServerlessApp.from_env(os.environ, client=object()).serve_states == {"approved"}
+    monkeypatch.setenv("SERVE_STATES", "approved,rejected")
+    with pytest.raises(ConfigError, match="SERVE_STATES: 'rejected': a rejected answer is never"):
+        ServerlessApp.from_env(os.environ, client=object())
 
 
 # --- errors, in the gateway's shape ---------------------------------------------------------

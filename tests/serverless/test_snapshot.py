@@ -22,6 +22,7 @@ from comeapi.serverless.handler import ServerlessApp
 from comeapi.serverless.package import build_package
 from comeapi.serverless.snapshot import ARCHIVE, META, load_snapshot, write_snapshot
 from tests.aws_local import REGION, dummy_credentials, prompt_entries, start_moto_server
+from tests.cache.factory import reviewed
 from tests.conformance.table import CASES, check_reply
 from tests.conformance.table import entries as conformance_entries
 from tests.helpers import Proc, free_port
@@ -107,6 +108,24 @@ def test_a_snapshot_is_the_table_at_one_revision(store: DynamoStore, tmp_path: P
         assert loaded.get(entry.key, entry.variant) == entry
     # The archive is an ordinary export archive: `comeapi cache import` reads it.
     assert len(read_archive(tmp_path / ARCHIVE)) == 5
+
+
+def test_a_snapshot_carries_the_review(store: DynamoStore, tmp_path: Path) -> None:
+    entries = prompt_entries(GENERATE_PROMPT, 5)
+    store.put_many([reviewed(entries[1], state="rejected"), reviewed(entries[2], state="approved")])
+    write_snapshot(store, tmp_path)
+    loaded = load_snapshot(str(tmp_path))
+    assert loaded is not None
+    assert [p.marks for p in loaded.catalogue().prompts] == ["prapp"]
+    assert loaded.catalogue() == store.catalogue()
+    rejected = loaded.get(entries[1].key, 1)
+    assert rejected is not None and rejected.state == "rejected"
+    # Marks that disagree with the entries (a hand-edited snapshot.json) are refused.
+    meta = json.loads((tmp_path / META).read_text())
+    meta["catalogue"]["prompts"][0]["marks"] = "paapp"
+    (tmp_path / META).write_text(json.dumps(meta))
+    with pytest.raises(StoreError, match=r"review marks .* differ from its entries"):
+        load_snapshot(str(tmp_path))
 
 
 def test_no_snapshot_directory_is_none(tmp_path: Path) -> None:

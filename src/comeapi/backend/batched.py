@@ -146,7 +146,10 @@ class BatchedEngine:
             budgets = [completion_budget(request, len(p), self.context_per_slot) for p in prompts]
             grammar = grammar_for(request.response_format)
             check_sampling(
-                tokenizer.vocab, tokenizer.n_vocab, SamplingParams.of(request, 0, grammar)
+                tokenizer.vocab,
+                tokenizer.n_vocab,
+                SamplingParams.of(request, 0, grammar),
+                tokenizer.special,
             )
         reader = None
         if request.logprobs:

@@ -17,6 +17,7 @@ import llama_cpp.llama_cpp as lib
 import numpy as np
 
 from comeapi.backend.sampling import Logits
+from comeapi.backend.vocab import special_tokens
 from comeapi.errors import ConfigError
 
 _backend_ready = False
@@ -50,6 +51,7 @@ class Tokenizer:
     def __init__(self, model: Any, vocab: Any):
         self._vocab = vocab
         self.metadata = _metadata(model)
+        self.special = special_tokens(vocab)  # never sampled (comeapi.backend.vocab)
 
     def token_bos(self) -> int:
         return int(lib.llama_vocab_bos(self._vocab))

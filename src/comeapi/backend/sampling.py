@@ -1,8 +1,9 @@
 """Choosing each next token, the same way in both engines, and the log probabilities of it.
 
 A ``Sampler`` is one choice's: logit bias and presence/frequency penalties (numpy, over the
-whole vocabulary), an optional grammar (JSON mode, JSON schemas), then llama.cpp's chain
-(greedy at temperature 0, else top-k, top-p, min-p, temperature and a seeded draw).
+whole vocabulary), the model's special tokens masked out (``comeapi.backend.vocab``), an
+optional grammar (JSON mode, JSON schemas), then llama.cpp's chain (greedy at temperature 0,
+else top-k, top-p, min-p, temperature and a seeded draw).
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ import numpy as np
 import numpy.typing as npt
 from llama_cpp.llama_grammar import JSON_GBNF, json_schema_to_gbnf
 
+from comeapi.backend.vocab import TokenIds, token_text
 from comeapi.errors import RequestError
 from comeapi.protocol.requests import GenerationRequest, ResponseFormat
 from comeapi.protocol.responses import TokenLogprob
@@ -85,13 +87,23 @@ def grammar_for(response_format: ResponseFormat | None) -> str | None:
         ) from None
 
 
-def check_sampling(vocab: Any, n_vocab: int, params: SamplingParams) -> None:
+def check_sampling(
+    vocab: Any, n_vocab: int, params: SamplingParams, special: TokenIds | None = None
+) -> None:
     """RequestError (400) for what a sampler could not take: token ids outside the
-    vocabulary, a grammar llama.cpp cannot parse."""
-    for token, _ in params.logit_bias:
+    vocabulary, a positive bias on a special token (never sampled: the bias could not do
+    what it asks), a grammar llama.cpp cannot parse."""
+    never = set() if special is None else set(special.tolist())
+    for token, bias in params.logit_bias:
         if token >= n_vocab:
             raise RequestError(
                 f"logit_bias: token {token} is not in this model's vocabulary of {n_vocab}",
+                param="logit_bias",
+            )
+        if bias > 0 and token in never:
+            raise RequestError(
+                f"logit_bias: token {token} ({token_text(vocab, token)}) is a special token, "
+                "which comeapi never generates",
                 param="logit_bias",
             )
     if params.grammar is not None:
@@ -101,8 +113,12 @@ def check_sampling(vocab: Any, n_vocab: int, params: SamplingParams) -> None:
 class Sampler:
     """Samples one choice's tokens from logits (a numpy view of llama.cpp's row)."""
 
-    def __init__(self, vocab: Any, n_vocab: int, params: SamplingParams):
+    def __init__(
+        self, vocab: Any, n_vocab: int, params: SamplingParams, special: TokenIds | None = None
+    ):
         self._params = params
+        # Masked after the bias and penalties: nothing a request sends brings them back.
+        self._special = special if special is not None else np.empty(0, dtype=np.intp)
         self._cur = np.empty(n_vocab, dtype=_TOKEN_DATA)
         self._ids = _ids(n_vocab)
         self._bias_ids = np.array([t for t, _ in params.logit_bias], dtype=np.intp)
@@ -137,6 +153,8 @@ class Sampler:
             counts = np.fromiter(self._counts.values(), dtype=np.float32, count=len(ids))
             p = self._params
             cur["logit"][ids] -= counts * p.frequency_penalty + p.presence_penalty
+        if len(self._special):
+            cur["logit"][self._special] = -np.inf
         token = self._apply(self._chain, cur) if self._grammar is None else self._constrained()
         if self._penalised:
             self._counts[token] += 1

@@ -43,6 +43,7 @@ from comeapi.backend.sampling import (
     check_sampling,
     grammar_for,
 )
+from comeapi.backend.vocab import TokenIds, special_tokens
 from comeapi.errors import ComeapiError, ConfigError, ModelNotFoundError
 from comeapi.models.catalogue import ModelFile, check_gguf, check_model_dir
 from comeapi.protocol.requests import GenerationRequest
@@ -56,6 +57,7 @@ log = logging.getLogger("comeapi.backend")
 class _Loaded:
     llama: llama_cpp.Llama
     template: ChatTemplate
+    special: TokenIds  # never sampled (comeapi.backend.vocab)
     # The prompt whose cells the context holds (prefilled in PREFILL_CHUNK chunks from 0).
     prefilled: list[int] = field(default_factory=list)
 
@@ -194,7 +196,9 @@ class SerialEngine:
             prompts.append(_Prompt(text, tokens, completion_budget(request, len(tokens), n_ctx)))
         grammar = grammar_for(request.response_format)
         vocab = llama._model.vocab
-        check_sampling(vocab, llama.n_vocab(), SamplingParams.of(request, 0, grammar))
+        check_sampling(
+            vocab, llama.n_vocab(), SamplingParams.of(request, 0, grammar), loaded.special
+        )
         reader = None
         if request.logprobs:
             reader = LogprobReader(
@@ -236,7 +240,7 @@ class SerialEngine:
     ) -> Iterator[Event]:
         """One choice, from the logits of its prompt's last token."""
         llama = loaded.llama
-        sampler = Sampler(llama._model.vocab, llama.n_vocab(), params)
+        sampler = Sampler(llama._model.vocab, llama.n_vocab(), params, loaded.special)
         text = ChoiceText(request.stop, base=len(prompt.text) if request.echo else 0)
         started = time.perf_counter()
         generated = 0
@@ -353,7 +357,7 @@ class SerialEngine:
             )
         except (ValueError, RuntimeError) as exc:
             raise ConfigError(f"model file {model.path} cannot be loaded: {exc}") from exc
-        loaded = _Loaded(llama, ChatTemplate(llama))
+        loaded = _Loaded(llama, ChatTemplate(llama), special_tokens(llama._model.vocab))
         self._loaded[model.name] = loaded
         self._loaded_names = tuple(self._loaded)
         log.info("model %s loaded (chat template: %s)", model.name, loaded.template.name)

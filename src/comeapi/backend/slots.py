@@ -175,8 +175,9 @@ class DecodeLoop:
             seq.slot = self._prefixes.choose(free, None if fresh else seq.prompt)
             seq.order = next(self._order)
             seq.started = time.perf_counter()
+            tokenizer = self._model.tokenizer
             seq.sampler = Sampler(
-                self._model.tokenizer.vocab, self._model.tokenizer.n_vocab, seq.sampling
+                tokenizer.vocab, tokenizer.n_vocab, seq.sampling, tokenizer.special
             )
             seq.text = ChoiceText(seq.stop, base=len(seq.echo) if seq.echo is not None else 0)
             self._slots[seq.slot] = seq

@@ -9,6 +9,9 @@ tampered or incompatible archive fails before the store is touched; it streams, 
 ceilings below, so a hostile archive (a gzip bomb, a sparse member) costs no more memory than
 a good one. The same entry lines without the tar (``*.jsonl``), after one header line with
 their count and SHA-256, are the reviewable form the repo ships its default cache in.
+
+Version 2 entry lines carry the review (state, flags, pinned, history); version 1 files
+(from before review) are still read, their entries ``pending``.
 """
 
 from __future__ import annotations
@@ -36,7 +39,9 @@ from comeapi.errors import ArchiveError, StoreError
 
 FORMAT = "comeapi-cache"
 JSONL_FORMAT = "comeapi-cache-jsonl"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
+#: Versions this comeapi reads: 1 has no review fields (its entries read as pending).
+READ_VERSIONS = (1, 2)
 MANIFEST = "manifest.json"
 ENTRIES = "entries.jsonl"
 
@@ -161,6 +166,7 @@ def read_archive(path: Path) -> list[Entry]:
         )
     if _prompt_counts(entries) != manifest.get("prompts"):
         raise ArchiveError(f"archive {path}: variant counts per prompt differ from the manifest")
+    _check_review(f"archive {path}", manifest["version"], entries)
     return entries
 
 
@@ -185,6 +191,7 @@ def read_jsonl(path: Path) -> list[Entry]:
     if reader.body_sha256() != header.get("entries_sha256"):
         raise ArchiveError(f"{path}: the entry lines do not match the SHA-256 in its header")
     reader.check_entries()
+    _check_review(str(path), header["version"], entries)
     return entries
 
 
@@ -203,6 +210,10 @@ def entry_problem(entry: Entry) -> str | None:
             return f"has {name} {count}, outside 0..{MAX_TOKENS}"
     if not math.isfinite(entry.created):
         return f"has a creation time of {entry.created}"
+    if list(entry.flags) != sorted(set(entry.flags)):
+        return "has flags that are not sorted and distinct"
+    if entry.pinned and entry.state == "rejected":
+        return "is pinned and rejected"
     if entry.kind == "chat" and entry.messages:
         key = chat_key(entry.messages, entry.model)
     elif entry.kind == "prompt" and entry.messages is None:
@@ -212,6 +223,18 @@ def entry_problem(entry: Entry) -> str | None:
     if key != entry.key:
         return "has a key that is not the key of its prompt and model (another key version?)"
     return None
+
+
+def _check_review(where: str, version: int, entries: list[Entry]) -> None:
+    """A version 1 file was written before review existed: review fields in it are forged."""
+    if version >= 2:
+        return
+    for entry in entries:
+        if entry.state != "pending" or entry.flags or entry.pinned or entry.history:
+            raise ArchiveError(
+                f"{where}: format version 1 has no review state, yet entry {_name(entry)} "
+                "carries one"
+            )
 
 
 def _parse_line(where: str, n: int, line: bytes) -> Entry:
@@ -296,10 +319,10 @@ def _jsonl_header(where: str, line: bytes) -> dict[str, Any]:
             f"{where}: line 1 is not a comeapi .jsonl header (written by `comeapi cache export "
             "FILE.jsonl`, it gives the format, the entry count and their SHA-256)"
         )
-    if header.get("version") != FORMAT_VERSION or header.get("key_version") != KEY_VERSION:
+    if not _readable(header.get("version")) or header.get("key_version") != KEY_VERSION:
         raise ArchiveError(
             f"{where}: format version {header.get('version')!r}, key version "
-            f"{header.get('key_version')!r}; this comeapi reads {FORMAT_VERSION} and "
+            f"{header.get('key_version')!r}; this comeapi reads {_versions()} and "
             f"{KEY_VERSION}"
         )
     return header
@@ -502,10 +525,10 @@ def _manifest(path: Path, raw: bytes) -> dict[str, Any]:
         raise ArchiveError(
             f"archive {path} is not a comeapi cache archive (format is not {FORMAT!r})"
         )
-    if manifest.get("version") != FORMAT_VERSION:
+    if not _readable(manifest.get("version")):
         raise ArchiveError(
             f"archive {path} has format version {manifest.get('version')!r}; this comeapi "
-            f"reads version {FORMAT_VERSION} (export it again with a matching comeapi)"
+            f"reads version {_versions()} (export it again with a matching comeapi)"
         )
     if manifest.get("key_version") != KEY_VERSION:
         raise ArchiveError(
@@ -513,6 +536,14 @@ def _manifest(path: Path, raw: bytes) -> dict[str, Any]:
             f"comeapi uses version {KEY_VERSION}"
         )
     return manifest
+
+
+def _readable(version: Any) -> bool:
+    return type(version) is int and version in READ_VERSIONS
+
+
+def _versions() -> str:
+    return " or ".join(str(v) for v in READ_VERSIONS)
 
 
 def _atomic_write(path: Path, fill: Callable[[io.BufferedWriter], object]) -> None:

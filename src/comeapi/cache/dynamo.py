@@ -37,6 +37,7 @@ from comeapi.cache.dynamo_items import (
     encode_entry,
     item_size,
 )
+from comeapi.cache.serving import mark, marks
 from comeapi.cache.store import Entry, PromptInfo, ResponseStore
 from comeapi.errors import ConfigError, StoreError, StoreUnavailableError
 
@@ -272,20 +273,19 @@ class DynamoStore(ResponseStore):
         current = self.catalogue(consistent=True)
         infos = {p.key: p for p in current.prompts}
         for key, entry in touched.items():
-            infos[key] = _info(entry, self._contiguous_variants(key))
+            infos[key] = _info(entry, self._stored_marks(key))
         self._put_catalogue(Catalogue(current.revision + 1, tuple(infos.values())), current)
         return len(unique)
 
     def _replace_all(self, entries: list[Entry]) -> int:
         unique = _dedupe(entries)
         self._batch_write([{"PutRequest": {"Item": encode_entry(e)}} for e in unique])
-        variants: dict[str, set[int]] = {}
-        first: dict[str, Entry] = {}
+        groups: dict[str, dict[int, Entry]] = {}
         for e in unique:
-            variants.setdefault(e.key, set()).add(e.variant)
-            if e.key not in first or e.variant < first[e.key].variant:
-                first[e.key] = e
-        infos = tuple(_info(first[k], _count_contiguous(v)) for k, v in variants.items())
+            groups.setdefault(e.key, {})[e.variant] = e
+        infos = tuple(
+            _info(group[min(group)], _contiguous_marks(group.values())) for group in groups.values()
+        )
         current = self.catalogue(consistent=True)
         self._put_catalogue(Catalogue(current.revision + 1, infos), current)
         wanted = {(e.key, e.variant) for e in unique}
@@ -298,20 +298,26 @@ class DynamoStore(ResponseStore):
         self._batch_write(stale)
         return len(unique)
 
-    def _contiguous_variants(self, key: str) -> int:
-        present: set[int] = set()
+    def _stored_marks(self, key: str) -> str:
+        """The marks of ``key``'s contiguous variants as the table holds them now."""
+        present: dict[int, str] = {}
         kwargs: dict[str, Any] = {
             "TableName": self.table,
             "KeyConditionExpression": "#k = :k",
-            "ExpressionAttributeNames": {"#k": "key"},
+            "ExpressionAttributeNames": {"#k": "key", "#s": "state"},
             "ExpressionAttributeValues": {":k": {"S": key}},
-            "ProjectionExpression": "variant",
+            "ProjectionExpression": "variant, #s, pinned",
             "ConsistentRead": True,
         }
         with dynamo_errors("Query"):
             for page in self.client.get_paginator("query").paginate(**kwargs):
-                present.update(int(i["variant"]["N"]) for i in page.get("Items", []))
-        return _count_contiguous(present)
+                for i in page.get("Items", []):
+                    state = i.get("state", {}).get("S", "pending")
+                    present[int(i["variant"]["N"])] = mark(
+                        state, i.get("pinned", {}).get("BOOL", False)
+                    )
+        n = _count_contiguous(present)
+        return "".join(present[v] for v in range(n))
 
     def _put_catalogue(self, catalogue: Catalogue, previous: Catalogue) -> None:
         """Write the catalogue unless another writer replaced ``previous`` meanwhile."""
@@ -354,8 +360,14 @@ class DynamoStore(ResponseStore):
                 )
 
 
-def _info(entry: Entry, variants: int) -> PromptInfo:
-    return PromptInfo(entry.key, entry.kind, entry.prompt, entry.model, variants)
+def _info(entry: Entry, marks: str) -> PromptInfo:
+    """A catalogue row: its variant count is how many contiguous variants ``marks`` covers."""
+    return PromptInfo(entry.key, entry.kind, entry.prompt, entry.model, len(marks), marks)
+
+
+def _contiguous_marks(group: Iterable[Entry]) -> str:
+    by_variant = {e.variant: e for e in group}
+    return marks(by_variant[v] for v in range(_count_contiguous(by_variant)))
 
 
 def _count_contiguous(variants: Iterable[int]) -> int:

@@ -2,16 +2,23 @@
 
 Items are in the low-level format (``{"S": ...}``), as the client sends and returns them, so
 no boto3 resource layer (and its Decimal conversions) is involved. ``params`` is stored as
-canonical JSON text so that an entry's checksum survives the round trip.
+canonical JSON text so that an entry's checksum survives the round trip; so are the review's
+``flags`` and ``history`` (``state`` is a string, ``pinned`` a boolean). An item written
+before review has none of these and reads as pending.
+
+The catalogue lists, per prompt, the ``marks`` of its variants (``comeapi.cache.serving``):
+what a reader may pick is decided from it once per catalogue, not per request.
 """
 
 from __future__ import annotations
 
 import json
 import time
+from collections.abc import Collection
 from typing import Any, NamedTuple
 
-from comeapi.cache.store import Entry, PromptInfo
+from comeapi.cache.serving import served_variants
+from comeapi.cache.store import Entry, PromptInfo, parse_state
 from comeapi.errors import StoreError
 
 CATALOGUE_KEY = "#catalogue"  # never a hex digest, so never a prompt's key
@@ -31,6 +38,19 @@ class Catalogue(NamedTuple):
     def variants(self) -> dict[str, int]:
         return {p.key: p.variants for p in self.prompts}
 
+    def served(self, serve: Collection[str]) -> dict[str, tuple[int, ...]]:
+        """The variants a reader may pick per prompt under ``serve`` (serve_states); prompts
+        with none are left out (a miss). StoreError if a row's marks are malformed."""
+        out: dict[str, tuple[int, ...]] = {}
+        for p in self.prompts:
+            try:
+                variants = served_variants(p.marks, p.variants, serve)
+            except ValueError as exc:
+                raise StoreError(f"the catalogue row of {p.key}: {exc}", code="corrupt") from None
+            if variants:
+                out[p.key] = variants
+        return out
+
 
 def encode_entry(entry: Entry) -> dict[str, Any]:
     """An entry as a low-level DynamoDB item (params as canonical JSON text)."""
@@ -47,6 +67,10 @@ def encode_entry(entry: Entry) -> dict[str, Any]:
         "completion_tokens": {"N": str(entry.completion_tokens)},
         "created": {"N": repr(float(entry.created))},
         "checksum": {"S": entry.checksum},
+        "state": {"S": entry.state},
+        "flags": {"S": json.dumps(list(entry.flags), ensure_ascii=False)},
+        "pinned": {"BOOL": entry.pinned},
+        "history": {"S": json.dumps(list(entry.history), ensure_ascii=False, sort_keys=True)},
     }
     if entry.messages is not None:
         item["messages"] = {"L": [{"L": [{"S": r}, {"S": c}]} for r, c in entry.messages]}
@@ -80,6 +104,10 @@ def decode_entry(item: dict[str, Any]) -> Entry:
             prompt_tokens=int(item["prompt_tokens"]["N"]),
             completion_tokens=int(item["completion_tokens"]["N"]),
             created=float(item["created"]["N"]),
+            state=parse_state(item["state"]["S"] if "state" in item else "pending"),
+            flags=tuple(json.loads(item["flags"]["S"])) if "flags" in item else (),
+            pinned=bool(item["pinned"]["BOOL"]) if "pinned" in item else False,
+            history=tuple(json.loads(item["history"]["S"])) if "history" in item else (),
             checksum=item["checksum"]["S"],
         )
     except (KeyError, IndexError, TypeError, ValueError) as exc:
@@ -96,6 +124,7 @@ def encode_catalogue(catalogue: Catalogue) -> dict[str, Any]:
                 "prompt": {"S": shorten(p.prompt)},
                 "model": {"S": p.model},
                 "variants": {"N": str(p.variants)},
+                "marks": {"S": p.marks},
             }
         }
         for p in sorted(catalogue.prompts, key=lambda p: p.key)
@@ -118,6 +147,7 @@ def decode_catalogue(item: dict[str, Any]) -> Catalogue:
                 prompt=m["prompt"]["S"],
                 model=m["model"]["S"],
                 variants=int(m["variants"]["N"]),
+                marks=m["marks"]["S"] if "marks" in m else "",
             )
             for m in (p["M"] for p in item["prompts"]["L"])
         )

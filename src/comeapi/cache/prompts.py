@@ -6,6 +6,7 @@ A YAML (or JSON) file::
     variants: 5                         # default: the `variants` setting (5)
     max_tokens: 64                      # generation parameters for every prompt ...
     temperature: 0.8
+    checks: {truncated: reject}         # what the quality checks do (default: cache/checks.py)
     prompts:
       - prompt: "こんにちは"              # /generate and /v1/completions
       - prompt: "Once upon a time"
@@ -19,12 +20,14 @@ Every error names the file, the field and the line.
 from __future__ import annotations
 
 import importlib.resources
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import yaml
 
+from comeapi.cache.checks import ACTIONS, CHECKS, Action, CheckPolicy
 from comeapi.cache.key import chat_key, normalise, prompt_key
 from comeapi.cache.store import EntryKind
 from comeapi.errors import ConfigError
@@ -34,7 +37,7 @@ ROLES = ("system", "developer", "user", "assistant")
 # ComeAPI's /generate defaults, with a shorter answer: cached answers are read, not streamed
 # for minutes, and the shipped data stays small.
 DEFAULT_PARAMS: dict[str, Any] = {"max_tokens": 64, "temperature": 0.8, "top_k": 40, "top_p": 0.9}
-_SET_FIELDS = ("model", "variants", *DEFAULT_PARAMS, "prompts")
+_SET_FIELDS = ("model", "variants", *DEFAULT_PARAMS, "checks", "prompts")
 _ITEM_FIELDS = ("prompt", "messages", *DEFAULT_PARAMS)
 
 FieldPath = tuple[str | int, ...]
@@ -74,9 +77,15 @@ class PromptSet:
     model: str
     variants: int | None  # None: the file leaves it to the `variants` setting
     items: tuple[PromptItem, ...] = field(default_factory=tuple)
+    checks: dict[str, Action] = field(default_factory=dict)  # what the file says of each check
 
     def by_key(self) -> dict[str, PromptItem]:
         return {item.key: item for item in self.items}
+
+    def policy(self, overrides: Sequence[str] = ()) -> CheckPolicy:
+        """The checks' policy: the defaults, then this file's ``checks``, then ``overrides``
+        (the ``checks`` setting, NAME=ACTION)."""
+        return CheckPolicy.parse(overrides, CheckPolicy().updated(self.checks))
 
 
 def shipped_prompts_path() -> Path:
@@ -135,6 +144,7 @@ class _Parser:
         if variants is not None and not _int_in(variants, 1, 100):
             self.error(("variants",), f"must be an integer from 1 to 100 (got {variants!r})")
         base = self._params(data, (), DEFAULT_PARAMS)
+        checks = self._checks(data.get("checks", {}))
         prompts = data.get("prompts")
         items: list[PromptItem] = []
         if not isinstance(prompts, list) or not prompts:
@@ -154,7 +164,7 @@ class _Parser:
                 seen.setdefault(item.key, i)
                 items.append(item)
         self.raise_errors()
-        return PromptSet(self.source, model.strip(), variants, tuple(items))
+        return PromptSet(self.source, model.strip(), variants, tuple(items), checks)
 
     def raise_errors(self) -> None:
         if self.errors:
@@ -193,6 +203,22 @@ class _Parser:
         return PromptItem(
             i, "chat", shown, messages, model, params, chat_key(messages, model), line
         )
+
+    def _checks(self, raw: Any) -> dict[str, Action]:
+        if not isinstance(raw, dict):
+            self.error(("checks",), "must be a mapping of check name to reject, flag or off")
+            return {}
+        checks: dict[str, Action] = {}
+        for name, action in raw.items():
+            if action is False:  # YAML 1.1 reads a bare `off` as false
+                action = "off"
+            if name not in CHECKS:
+                self.error(("checks", str(name)), f"unknown check (known: {', '.join(CHECKS)})")
+            elif action not in ACTIONS:
+                self.error(("checks", str(name)), f"must be reject, flag or off (got {action!r})")
+            else:
+                checks[name] = action
+        return checks
 
     def _messages(self, raw: Any, path: FieldPath) -> tuple[tuple[str, str], ...] | None:
         if not isinstance(raw, list) or not raw:

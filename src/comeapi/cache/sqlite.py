@@ -10,6 +10,10 @@ gateway killed it, exit 135). Without it, a damaged or unwritable file is an err
 The gateway reads the store only to reload it, so WAL's readers-never-wait buys little here.
 A file deleted or replaced under a running process is noticed on its next query (device and
 inode compared): a replaced one is reopened, a deleted one reported (``problem``).
+
+Schema 2 added the review columns (state, flags, pinned, history); a schema 1 store is
+upgraded in place when first opened, its entries becoming ``pending`` (their checksums still
+hold: see ``comeapi.cache.store``).
 """
 
 from __future__ import annotations
@@ -29,7 +33,7 @@ from comeapi.errors import StoreError, StoreUnavailableError
 
 log = logging.getLogger("comeapi.cache")
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS entries (
@@ -46,6 +50,11 @@ CREATE TABLE IF NOT EXISTS entries (
     completion_tokens INTEGER NOT NULL,
     created           REAL    NOT NULL,
     checksum          TEXT    NOT NULL,
+    state             TEXT    NOT NULL DEFAULT 'pending'
+                      CHECK (state IN ('pending', 'approved', 'rejected')),
+    flags             TEXT    NOT NULL DEFAULT '[]',
+    pinned            INTEGER NOT NULL DEFAULT 0 CHECK (pinned IN (0, 1)),
+    history           TEXT    NOT NULL DEFAULT '[]',
     PRIMARY KEY (key, variant)
 ) WITHOUT ROWID;
 CREATE TABLE IF NOT EXISTS hits (
@@ -60,12 +69,20 @@ CREATE TABLE IF NOT EXISTS meta (
 );
 INSERT OR IGNORE INTO meta (name, value) VALUES ('revision', 0);
 """
+# Schema 1 -> 2: the review columns, with the defaults every older entry reads as.
+_UPGRADE_1_TO_2 = """
+ALTER TABLE entries ADD COLUMN state TEXT NOT NULL DEFAULT 'pending'
+    CHECK (state IN ('pending', 'approved', 'rejected'));
+ALTER TABLE entries ADD COLUMN flags TEXT NOT NULL DEFAULT '[]';
+ALTER TABLE entries ADD COLUMN pinned INTEGER NOT NULL DEFAULT 0 CHECK (pinned IN (0, 1));
+ALTER TABLE entries ADD COLUMN history TEXT NOT NULL DEFAULT '[]';
+"""
 
 _COLUMNS = (
     "key, variant, kind, prompt, messages, answer, model, params, finish_reason, "
-    "prompt_tokens, completion_tokens, created, checksum"
+    "prompt_tokens, completion_tokens, created, checksum, state, flags, pinned, history"
 )
-_INSERT = f"INSERT OR REPLACE INTO entries ({_COLUMNS}) VALUES ({', '.join('?' * 13)})"
+_INSERT = f"INSERT OR REPLACE INTO entries ({_COLUMNS}) VALUES ({', '.join('?' * 17)})"
 _BUMP = "UPDATE meta SET value = value + 1 WHERE name = 'revision'"
 
 
@@ -204,15 +221,26 @@ class SqliteStore(ResponseStore):
             )
         if version == SCHEMA_VERSION:
             return
+        what = "initialise it" if version == 0 else f"upgrade it from schema {version}"
         if self.read_only:
             raise StoreError(
-                f"store {self.path} is read-only and not yet initialised", code="store_read_only"
+                f"store {self.path} is read-only: cannot {what}", code="store_read_only"
             )
+        with self._translate(what):
+            self._migrate(conn)
+
+    def _migrate(self, conn: sqlite3.Connection) -> None:
+        """Create the schema, or upgrade an older one, in one transaction."""
         conn.execute("BEGIN IMMEDIATE")
         try:
+            # Read again under the write lock: another process may have upgraded it meanwhile.
+            version = int(conn.execute("PRAGMA user_version").fetchone()[0])
+            script = _UPGRADE_1_TO_2 if version == 1 else _SCHEMA if version == 0 else ""
             # Not executescript: it would commit the transaction we just opened.
-            for statement in filter(str.strip, _SCHEMA.split(";")):
+            for statement in filter(str.strip, script.split(";")):
                 conn.execute(statement)
+            if version == 1:
+                log.info("store %s: upgraded to schema %d (review state)", self.path, 2)
             conn.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
             conn.execute("COMMIT")
         except BaseException:
@@ -331,6 +359,10 @@ def _row(e: Entry) -> tuple[Any, ...]:
         e.completion_tokens,
         e.created,
         e.checksum,
+        e.state,
+        json.dumps(list(e.flags), ensure_ascii=False),
+        int(e.pinned),
+        json.dumps(list(e.history), ensure_ascii=False, sort_keys=True),
     )
 
 
@@ -351,4 +383,8 @@ def _entry(r: tuple[Any, ...]) -> Entry:
         completion_tokens=int(r[10]),
         created=float(r[11]),
         checksum=r[12],
+        state=r[13],
+        flags=tuple(json.loads(r[14])),
+        pinned=bool(r[15]),
+        history=tuple(json.loads(r[16])),
     )

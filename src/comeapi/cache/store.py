@@ -3,6 +3,11 @@
 ``ResponseStore`` is the public face; each backend (SQLite, DynamoDB) implements the small
 hooks below it. Every store keeps entries whole: a reader sees an entry completely or not at
 all, and a failed write leaves what was there. Storage errors surface as ``StoreError``.
+
+An entry carries its review (``state``, ``flags``, ``pinned``, ``history``) beside the answer.
+Its checksum covers every field, but a review field at its default value is left out of the
+checksummed document, so an entry written before review existed keeps its checksum and reads
+as ``pending``, unflagged, unpinned, with no history.
 """
 
 from __future__ import annotations
@@ -17,6 +22,17 @@ from typing import Any, Literal
 from comeapi.errors import StoreError
 
 EntryKind = Literal["prompt", "chat"]
+ReviewState = Literal["pending", "approved", "rejected"]
+REVIEW_STATES: tuple[ReviewState, ...] = ("pending", "approved", "rejected")
+#: Why an earlier text of an answer was replaced (``Entry.history``).
+REPLACED_BY = ("edit", "regenerate")
+#: The review fields at their defaults: omitted from the checksummed document (see above).
+_REVIEW_DEFAULTS: dict[str, Any] = {
+    "state": "pending",
+    "flags": [],
+    "pinned": False,
+    "history": [],
+}
 
 
 @dataclass(frozen=True, slots=True)
@@ -35,12 +51,29 @@ class Entry:
     prompt_tokens: int = 0
     completion_tokens: int = 0
     created: float = 0.0
+    # The review: see comeapi.cache.review for what changes these and comeapi.cache.serving
+    # for what is served. ``flags`` are the quality checks the current text fails (sorted);
+    # ``history`` the earlier texts, oldest first, each {"answer", "finish_reason", "params",
+    # "flags", "completion_tokens", "replaced" (Unix time), "why": "edit" | "regenerate"}.
+    state: ReviewState = "pending"
+    flags: tuple[str, ...] = ()
+    pinned: bool = False
+    history: tuple[dict[str, Any], ...] = ()
     checksum: str = ""
 
+    @property
+    def edited(self) -> bool:
+        """Whether the current text was typed by a person: the last replacement was an edit."""
+        return bool(self.history) and self.history[-1].get("why") == "edit"
+
     def compute_checksum(self) -> str:
-        """SHA-256 over everything but the checksum itself (canonical JSON)."""
+        """SHA-256 over everything but the checksum itself (canonical JSON), review fields at
+        their defaults left out (so entries from before review keep their checksums)."""
         doc = self.to_dict()
         doc.pop("checksum")
+        for name, default in _REVIEW_DEFAULTS.items():
+            if doc[name] == default:
+                del doc[name]
         canon = json.dumps(doc, ensure_ascii=False, separators=(",", ":"), sort_keys=True)
         return hashlib.sha256(canon.encode("utf-8")).hexdigest()
 
@@ -66,6 +99,10 @@ class Entry:
             "prompt_tokens": self.prompt_tokens,
             "completion_tokens": self.completion_tokens,
             "created": self.created,
+            "state": self.state,
+            "flags": list(self.flags),
+            "pinned": self.pinned,
+            "history": [dict(h) for h in self.history],
             "checksum": self.checksum,
         }
 
@@ -85,19 +122,52 @@ class Entry:
             prompt_tokens=int(d.get("prompt_tokens", 0)),
             completion_tokens=int(d.get("completion_tokens", 0)),
             created=float(d.get("created", 0.0)),
+            state=parse_state(d.get("state", "pending")),
+            flags=_flags(d.get("flags") or []),
+            pinned=_bool(d.get("pinned", False), "pinned"),
+            history=_history(d.get("history") or []),
             checksum=str(d.get("checksum", "")),
         )
 
 
+def parse_state(value: Any) -> ReviewState:
+    """``value`` as a review state; ValueError if it is not one."""
+    for state in REVIEW_STATES:
+        if value == state:
+            return state
+    raise ValueError(f"state {value!r} is not one of {', '.join(REVIEW_STATES)}")
+
+
+def _flags(value: Any) -> tuple[str, ...]:
+    if not isinstance(value, list | tuple) or not all(isinstance(f, str) for f in value):
+        raise TypeError("flags must be a list of check names")
+    return tuple(value)
+
+
+def _bool(value: Any, name: str) -> bool:
+    if not isinstance(value, bool):
+        raise TypeError(f"{name} must be true or false")
+    return value
+
+
+def _history(value: Any) -> tuple[dict[str, Any], ...]:
+    if not isinstance(value, list | tuple) or not all(isinstance(h, dict) for h in value):
+        raise TypeError("history must be a list of objects")
+    return tuple(dict(h) for h in value)
+
+
 @dataclass(frozen=True, slots=True)
 class PromptInfo:
-    """A cached prompt as listings show it."""
+    """A cached prompt as listings show it. In a DynamoDB catalogue, ``marks`` is the review
+    of variants 0..N-1, one letter each (``comeapi.cache.serving``), empty in a catalogue
+    written before review (all pending); other stores leave it empty."""
 
     key: str
     kind: EntryKind
     prompt: str
     model: str
     variants: int
+    marks: str = ""
 
 
 class ResponseStore(ABC):
@@ -199,6 +269,18 @@ def _checked(entries: Iterable[Entry]) -> list[Entry]:
             raise StoreError(
                 f"entry {e.key}#{e.variant}: kind {e.kind!r} does not match its messages",
                 code="invalid",
+            )
+        if e.state not in REVIEW_STATES:
+            raise StoreError(
+                f"entry {e.key}#{e.variant}: unknown state {e.state!r}", code="invalid"
+            )
+        if list(e.flags) != sorted(set(e.flags)):
+            raise StoreError(
+                f"entry {e.key}#{e.variant}: flags must be sorted and distinct", code="invalid"
+            )
+        if e.pinned and e.state == "rejected":
+            raise StoreError(
+                f"entry {e.key}#{e.variant}: a rejected answer cannot be pinned", code="invalid"
             )
         e = e if e.checksum else e.sealed()
         e.verify()

@@ -1,36 +1,58 @@
 """Warmup: generate every missing variant of a prompt set through backends, over HTTP.
 
 Variant ``i`` is generated with ``seed = i`` (reproducible), as many at once as the backends
-have free slots; a blank answer (a base model may emit only whitespace) is not worth caching,
-so that slot is generated again with ``seed = i + k * RESEED_STRIDE``, k = 1..BLANK_RESEEDS;
-each answer is stored the moment it arrives (one atomic write), so a warmup killed at any
-moment keeps everything already written and a rerun fills only the gaps.
+have free slots; the quality checks score each answer, and one the policy rejects is
+generated again with further seeds (``comeapi.cache.generate``), the reasons kept in the
+entry's ``flags``. Each answer is stored the moment it arrives (one atomic write), so a
+warmup killed at any moment keeps everything already written and a rerun fills only the
+gaps. ``--force`` regenerates every variant but the pinned ones, keeping the old text in
+the entry's history.
+
+``generate_variant`` (one checked variant, e.g. for ``comeapi cache regenerate``) and
+``prompt_item`` (an entry's prompt item) are public here.
 """
 
 from __future__ import annotations
 
 import asyncio
-import itertools
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import Literal
 
 import httpx
 
+from comeapi.cache.checks import CheckPolicy
+from comeapi.cache.generate import (
+    CHECK_RETRIES,
+    RESEED_STRIDE,
+    Rejected,
+    VariantGenerator,
+    generate_variant,
+    prompt_item,
+)
 from comeapi.cache.prompts import PromptItem, PromptSet
+from comeapi.cache.review import regenerated
 from comeapi.cache.store import Entry, ResponseStore
 from comeapi.errors import StoreError, UnavailableError
 from comeapi.protocol.health import read_health
 
-HEADERS = {"Cache-Control": "no-cache"}  # a gateway in between must not answer from its cache
-DEFAULT_CONCURRENCY = 2
-ATTEMPTS = 3  # per variant, across targets
-BLANK_RESEEDS = 3
-RESEED_STRIDE = 1_000_000
-MAX_BUSY_WAIT = 5.0  # longest pause on a 503 before trying again (s)
+__all__ = [
+    "CHECK_RETRIES",
+    "RESEED_STRIDE",
+    "PromptRow",
+    "Target",
+    "WarmupReport",
+    "generate_variant",
+    "plan",
+    "probe_targets",
+    "prompt_item",
+    "run_warmup",
+]
 
-Outcome = Literal["generated", "failed"]
+DEFAULT_CONCURRENCY = 2
+
+Outcome = Literal["generated", "flagged", "failed"]
 OnResult = Callable[[PromptItem, int, Outcome], None]
 OnWait = Callable[[str, str], None]  # (url, why it is not ready yet)
 
@@ -45,10 +67,20 @@ class Target:
 class PromptRow:
     item: PromptItem
     present: int = 0  # variants below N already stored before this run
-    generated: int = 0
+    generated: int = 0  # stored by this run (flagged ones included)
     failed: int = 0
     extra: int = 0  # variants >= N found in the store (left alone)
+    pinned: int = 0  # variants --force left alone
     complete: bool = False
+    # variant -> the generations the checks rejected before the one stored
+    rejected: dict[int, list[Rejected]] = field(default_factory=dict)
+    # variant -> the flags of the answer stored (every try was rejected, or flag-only checks)
+    flagged: dict[int, tuple[str, ...]] = field(default_factory=dict)
+
+    @property
+    def regenerated(self) -> int:
+        """Generations thrown away because the checks rejected them."""
+        return sum(len(r) for r in self.rejected.values())
 
 
 @dataclass(slots=True)
@@ -69,15 +101,9 @@ class WarmupReport:
             "present": sum(r.present for r in self.rows),
             "generated": sum(r.generated for r in self.rows),
             "failed": sum(r.failed for r in self.rows),
+            "regenerated": sum(r.regenerated for r in self.rows),
+            "flagged": sum(len(r.flagged) for r in self.rows),
         }
-
-
-class _Failed(Exception):
-    """One attempt at one variant failed (the message says why)."""
-
-    def __init__(self, message: str, *, retry_after: float | None = None):
-        super().__init__(message)
-        self.retry_after = retry_after
 
 
 async def probe_targets(
@@ -142,9 +168,15 @@ async def _probe(
 
 
 def plan(
-    prompt_set: PromptSet, present: dict[str, set[int]], variants: int, *, force: bool = False
+    prompt_set: PromptSet,
+    present: dict[str, set[int]],
+    variants: int,
+    *,
+    force: bool = False,
+    pinned: set[tuple[str, int]] | frozenset[tuple[str, int]] = frozenset(),
 ) -> tuple[list[PromptRow], list[tuple[PromptRow, int]]]:
-    """The per-prompt rows and the (row, variant) jobs still to generate."""
+    """The per-prompt rows and the (row, variant) jobs still to generate (``force``: every
+    variant but the ``pinned`` (key, variant) ones)."""
     rows, jobs = [], []
     for item in prompt_set.items:
         have = present.get(item.key, set())
@@ -152,6 +184,9 @@ def plan(
         for variant in range(variants):
             if variant in have and not force:
                 row.present += 1
+            elif variant in have and (item.key, variant) in pinned:
+                row.present += 1
+                row.pinned += 1
             else:
                 jobs.append((row, variant))
         rows.append(row)
@@ -171,17 +206,21 @@ async def run_warmup(
     health_timeout: float = 2.0,
     api_key: str | None = None,
     wait: float = 60.0,
+    policy: CheckPolicy | None = None,
+    retries: int = CHECK_RETRIES,
     on_start: Callable[[int], None] | None = None,
     on_result: OnResult | None = None,
     on_wait: OnWait | None = None,
     transport: httpx.AsyncBaseTransport | None = None,
 ) -> WarmupReport:
-    """Fill ``store`` with variants 0..N-1 of every prompt of ``prompt_set``."""
+    """Fill ``store`` with variants 0..N-1 of every prompt of ``prompt_set``, each checked
+    under ``policy`` and generated again up to ``retries`` times while it is rejected."""
     started = time.monotonic()
     present = await asyncio.to_thread(store.variants_by_key)
-    rows, jobs = plan(prompt_set, present, variants, force=force)
+    pinned = await asyncio.to_thread(_pinned, store) if force else set()
+    rows, jobs = plan(prompt_set, present, variants, force=force, pinned=pinned)
     timeout = httpx.Timeout(request_timeout, connect=connect_timeout)
-    headers = {**HEADERS, **({"Authorization": f"Bearer {api_key}"} if api_key else {})}
+    headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
     async with httpx.AsyncClient(timeout=timeout, transport=transport, headers=headers) as client:
         targets: list[Target] = []
         if jobs:
@@ -193,13 +232,20 @@ async def run_warmup(
         if on_start is not None:
             on_start(len(jobs))
         if jobs:
-            await _Runner(client, store, targets, report, on_result).run(jobs, width)
+            generator = VariantGenerator(
+                client, [t.url for t in targets], policy=policy, retries=retries
+            )
+            await _Runner(generator, store, targets, report, on_result).run(jobs, width)
     final = await asyncio.to_thread(store.variants_by_key)
     for row in rows:
         have = final.get(row.item.key, set())
         row.complete = all(v in have for v in range(variants))
     report.seconds = time.monotonic() - started
     return report
+
+
+def _pinned(store: ResponseStore) -> set[tuple[str, int]]:
+    return {(e.key, e.variant) for e in store.entries() if e.pinned}
 
 
 def _capacity(targets: list[Target]) -> int | None:
@@ -211,13 +257,13 @@ def _capacity(targets: list[Target]) -> int | None:
 class _Runner:
     def __init__(
         self,
-        client: httpx.AsyncClient,
+        generator: VariantGenerator,
         store: ResponseStore,
         targets: list[Target],
         report: WarmupReport,
         on_result: OnResult | None,
     ):
-        self.client = client
+        self.generator = generator
         self.store = store
         self.report = report
         self.on_result = on_result
@@ -246,102 +292,39 @@ class _Runner:
                 row, variant = queue.get_nowait()
             except asyncio.QueueEmpty:
                 return
-            entry = await self._generate(row, variant, home)
-            if entry is None:
+            try:
+                outcome = await self.generator.generate(row.item, variant, variant, home)
+            except UnavailableError as exc:
+                name = f"prompts[{row.item.index}] variant {variant}"
+                self.report.failures.append(f"{name}: {exc.message}")
                 self._done(row, variant, "failed")
                 continue
             try:
-                await asyncio.to_thread(self.store.put, entry)
+                await asyncio.to_thread(self._store, outcome.entry)
             except StoreError as exc:  # the store is unusable: stop, don't waste generations
                 self.store_failed = exc
                 self.report.failures.append(f"store: {exc.message}")
                 self._done(row, variant, "failed")
                 return
-            self._done(row, variant, "generated")
+            if outcome.rejected:
+                row.rejected[variant] = outcome.rejected
+            if outcome.entry.flags:
+                row.flagged[variant] = outcome.entry.flags
+            self._done(row, variant, "flagged" if outcome.entry.flags else "generated")
+
+    def _store(self, entry: Entry) -> None:
+        """Write ``entry``; over an earlier answer (``--force``) as its regeneration, the
+        old text kept in its history."""
+        old = self.store.get(entry.key, entry.variant)
+        if old is None:
+            self.store.put(entry)
+        elif not old.pinned:  # pinned meanwhile: a person chose that one, it stays
+            self.store.put(regenerated(old, entry))
 
     def _done(self, row: PromptRow, variant: int, outcome: Outcome) -> None:
-        if outcome == "generated":
-            row.generated += 1
-        else:
+        if outcome == "failed":
             row.failed += 1
+        else:
+            row.generated += 1
         if self.on_result is not None:
             self.on_result(row.item, variant, outcome)
-
-    async def _generate(self, row: PromptRow, variant: int, home: int) -> Entry | None:
-        rotation = itertools.islice(itertools.cycle(range(len(self.urls))), home, None)
-        errors: list[str] = []
-        busy_waits = 0
-        seed = variant
-        while len(errors) < ATTEMPTS:
-            url = self.urls[next(rotation)]
-            try:
-                entry = await self._request(url, row.item, variant, seed)
-                if entry.answer.strip() or seed >= variant + BLANK_RESEEDS * RESEED_STRIDE:
-                    return entry
-                seed += RESEED_STRIDE
-                continue
-            except _Failed as exc:
-                if exc.retry_after is not None and busy_waits < 10:
-                    busy_waits += 1  # busy or loading: not the backend's fault, wait and retry
-                    await asyncio.sleep(min(exc.retry_after, MAX_BUSY_WAIT))
-                    continue
-                errors.append(f"{url}: {exc}")
-                await asyncio.sleep(0.2 * len(errors))
-        name = f"prompts[{row.item.index}] variant {variant}"
-        self.report.failures.append(f"{name}: {' | '.join(errors)}")
-        return None
-
-    async def _request(self, url: str, item: PromptItem, variant: int, seed: int) -> Entry:
-        body = {**item.request_body(variant), "seed": seed}
-        try:
-            response = await self.client.post(url + item.route, json=body)
-        except httpx.TimeoutException as exc:
-            raise _Failed(f"timed out ({type(exc).__name__})") from exc
-        except httpx.HTTPError as exc:
-            raise _Failed(f"{type(exc).__name__}: {exc}") from exc
-        if response.status_code == 503:
-            raise _Failed("busy (503)", retry_after=_retry_after(response))
-        if response.status_code != 200:
-            raise _Failed(f"HTTP {response.status_code}: {_error_message(response)}")
-        try:
-            return _entry(item, variant, body, response.json())
-        except (ValueError, KeyError, IndexError, TypeError) as exc:
-            raise _Failed(f"malformed answer: {exc!r}") from exc
-
-
-def _entry(item: PromptItem, variant: int, body: dict[str, Any], data: Any) -> Entry:
-    choice = data["choices"][0]
-    text = choice["message"]["content"] if item.kind == "chat" else choice["text"]
-    if not isinstance(text, str):
-        raise TypeError(f"answer text is {type(text).__name__}")
-    usage = data.get("usage") or {}
-    params = {k: v for k, v in body.items() if k not in ("model", "prompt", "messages")}
-    return Entry(
-        key=item.key,
-        variant=variant,
-        kind=item.kind,
-        prompt=item.prompt,
-        messages=item.messages,
-        answer=text,
-        model=item.model,
-        params=params,
-        finish_reason=str(choice.get("finish_reason") or "stop"),
-        prompt_tokens=int(usage.get("prompt_tokens", 0)),
-        completion_tokens=int(usage.get("completion_tokens", 0)),
-        created=time.time(),
-    ).sealed()
-
-
-def _retry_after(response: httpx.Response) -> float:
-    try:
-        return max(0.2, float(response.headers.get("retry-after", "1")))
-    except ValueError:
-        return 1.0
-
-
-def _error_message(response: httpx.Response) -> str:
-    try:
-        message = response.json()["error"]["message"]
-        return str(message)[:300]
-    except (ValueError, KeyError, TypeError):
-        return response.text[:300]

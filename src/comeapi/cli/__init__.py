@@ -17,7 +17,7 @@ COMMANDS = {
     "models": "comeapi.cli.models:models",
     "serve": "comeapi.cli.serve:serve",
     "up": "comeapi.cli.serve:up",
-    "warmup": "comeapi.cli.cache:warmup",
+    "warmup": "comeapi.cli.warmup:warmup",
     "cache": "comeapi.cli.cache:cache",
     "bench": "comeapi.cli.bench:bench",
     "aws": "comeapi.cli.aws:aws",

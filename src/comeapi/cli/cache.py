@@ -1,4 +1,6 @@
-"""``comeapi warmup`` and ``comeapi cache ls|export|import|copy|push|pull``.
+"""``comeapi cache ls|export|import|copy|push|pull``, the review commands of
+``comeapi.cli.review`` (``review|approve|reject|pin|unpin|edit|regenerate``) and ``comeapi
+cache check`` (``comeapi.cli.check``).
 
 Every command takes ``--store URL`` (default: the ``store`` setting, COMEAPI_STORE); the
 DynamoDB commands ``push`` and ``pull`` load boto3 only when run.
@@ -6,10 +8,8 @@ DynamoDB commands ``push`` and ``pull`` load boto3 only when run.
 
 from __future__ import annotations
 
-import asyncio
 import importlib
 import json
-import logging
 import shutil
 import subprocess
 from pathlib import Path
@@ -19,171 +19,17 @@ import click
 from rich.console import Console
 from rich.table import Table
 
-from comeapi.cli.options import build_settings, settings_options, user_errors
-from comeapi.cli.progress import ProgressReport
+from comeapi.cli.options import build_settings, settings_options, short, user_errors
 
 # name -> "module:attribute", imported only when the command runs (boto3 is slow to import).
 LAZY_COMMANDS = {
     "push": "comeapi.cli.cache_dynamo:push",
     "pull": "comeapi.cli.cache_dynamo:pull",
+    **{
+        name: f"comeapi.cli.review:{name}"
+        for name in ("review", "approve", "reject", "pin", "unpin", "edit", "regenerate")
+    },
 }
-
-
-# --- warmup -------------------------------------------------------------------------------
-
-
-@click.command()
-@settings_options(
-    "prompts",
-    "store",
-    "variants",
-    "backends",
-    "backends_range",
-    "connect_timeout",
-    "request_timeout",
-    "health_timeout",
-    "backend_api_key",
-    flags={"backends": "--backend", "backends_range": "--backends"},
-)
-@click.option(
-    "--url",
-    "urls",
-    multiple=True,
-    help="Backend or gateway URL to generate with (repeatable), instead of the configured "
-    "backends (--backend, --backends); with none of these, the gateway at host:port.",
-)
-@click.option(
-    "--concurrency",
-    type=click.IntRange(1, 256),
-    default=None,
-    help="Requests at once. Default: the backends' total capacity from /health, else 2.",
-)
-@click.option("--force", is_flag=True, help="Regenerate every variant, not only missing ones.")
-@click.option(
-    "--wait",
-    type=click.FloatRange(0),
-    default=120.0,
-    show_default=True,
-    help="Seconds to wait for backends that are still loading (not for one that refuses "
-    "the connection: that fails at once).",
-)
-@click.pass_context
-def warmup(
-    ctx: click.Context,
-    /,
-    urls: tuple[str, ...],
-    concurrency: int | None,
-    force: bool,
-    wait: float,
-    **values: Any,
-) -> None:
-    """Generate every missing variant of the prompt set into the store.
-
-    Variant i is generated with seed i. Each answer is stored as it arrives, so an
-    interrupted warmup loses nothing and a rerun fills only what is missing.
-    """
-    from comeapi.cache.default import open_configured_store
-    from comeapi.cache.prompts import load_prompt_set
-    from comeapi.cache.warmup import run_warmup
-
-    settings = build_settings(ctx, values)
-    logging.getLogger("httpx").setLevel(logging.WARNING)  # one line per request is noise here
-    err = Console(stderr=True)
-    with user_errors():
-        prompt_set = load_prompt_set(settings.prompts)
-        variants = values.get("variants") or prompt_set.variants or settings.variants
-        targets = [u.rstrip("/") for u in urls] or settings.backend_urls()
-        gateway_key = next(iter(settings.api_keys), None)
-        api_key = settings.backend_api_key or gateway_key
-        if not targets:
-            # Through the gateway, which sends its backends the key they take.
-            targets = [f"http://{settings.host}:{settings.port}"]
-            api_key = gateway_key or settings.backend_api_key
-        store = open_configured_store(settings)
-        err.print(
-            f"warmup: {len(prompt_set.items)} prompts x {variants} variants "
-            f"({prompt_set.source}) into {settings.store} via {', '.join(targets)}",
-            highlight=False,
-        )
-        progress: list[ProgressReport] = []
-        failed = 0
-
-        def on_wait(url: str, why: str) -> None:
-            err.print(f"warmup: waiting up to {wait:g} s for {url}: {why}", highlight=False)
-
-        def on_start(total: int) -> None:
-            if total == 0:
-                err.print("warmup: every variant is already stored", highlight=False)
-            progress.append(ProgressReport(err, "generating", total).__enter__())
-
-        def on_result(item: Any, variant: int, outcome: str) -> None:
-            nonlocal failed
-            failed += outcome == "failed"
-            label = f"generating ({failed} failed)" if failed else "generating"
-            progress[0].advance(description=label)
-
-        try:
-            report = asyncio.run(
-                run_warmup(
-                    prompt_set,
-                    store,
-                    targets,
-                    variants=variants,
-                    concurrency=concurrency,
-                    force=force,
-                    connect_timeout=settings.connect_timeout,
-                    request_timeout=settings.request_timeout,
-                    health_timeout=settings.health_timeout,
-                    api_key=api_key,
-                    wait=wait,
-                    on_start=on_start,
-                    on_result=on_result,
-                    on_wait=on_wait,
-                )
-            )
-        finally:
-            if progress:
-                progress[0].__exit__(None, None, None)
-            store.close()
-    _print_report(report)
-    if not report.ok:
-        ctx.exit(1)
-
-
-def _print_report(report: Any) -> None:
-    out = Console()
-    table = Table(title=f"warmup: {report.variants} variants per prompt")
-    for column in ("#", "kind", "prompt", "present", "generated", "failed", "complete"):
-        table.add_column(column, justify="right" if column not in ("kind", "prompt") else "left")
-    for row in report.rows:
-        table.add_row(
-            str(row.item.index),
-            row.item.kind,
-            _short(row.item.prompt, 40),
-            str(row.present),
-            str(row.generated),
-            str(row.failed),
-            "yes" if row.complete else "NO",
-        )
-    totals = report.totals()
-    table.add_row("", "", "total", *(str(totals[k]) for k in ("present", "generated", "failed")))
-    out.print(table)
-    where = ", ".join(f"{t.url} ({t.capacity or '?'})" for t in report.targets) or "-"
-    out.print(
-        f"{totals['generated']} generated, {totals['present']} already present, "
-        f"{totals['failed']} failed in {report.seconds:.1f}s "
-        f"(concurrency {report.concurrency}; backends: {where})"
-    )
-    for row in report.rows:
-        if row.extra:
-            out.print(f"note: prompts[{row.item.index}] also has {row.extra} variants >= N (kept)")
-    for failure in report.failures[:20]:
-        out.print(f"[red]failed:[/red] {failure}", markup=True, highlight=False)
-
-
-def _short(text: str, width: int) -> str:
-    flat = " ".join(text.split())
-    return flat if len(flat) <= width else flat[: width - 1] + "…"
 
 
 # --- the cache group ----------------------------------------------------------------------
@@ -253,7 +99,7 @@ def ls(ctx: click.Context, /, as_json: bool, **values: Any) -> None:
             str(len(row["variants"])),
             str(row["total_hits"]),
             " ".join(f"{v}:{n}" for v, n in row["hits"].items()),
-            _short(row["prompt"], 48),
+            short(row["prompt"], 48),
         )
     Console().print(table)
 

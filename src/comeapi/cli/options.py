@@ -103,3 +103,9 @@ def user_errors() -> Iterator[None]:
 def one_line(message: str) -> str:
     """A message of several lines (a list of problems) as one line."""
     return "; ".join(line.strip() for line in message.splitlines() if line.strip())
+
+
+def short(text: str, width: int) -> str:
+    """``text`` on one line, cut to ``width`` characters (for table cells)."""
+    flat = " ".join(text.split())
+    return flat if len(flat) <= width else flat[: width - 1] + "…"

@@ -38,6 +38,7 @@ GATEWAY_FIELDS = (
     "variants",
     "on_miss",
     "store_misses",
+    "serve_states",
     "variant_secret",
     "cache_refresh",
     "on_demand",

@@ -226,6 +226,276 @@
     $("requests").tBodies[0].replaceChildren(...rows);
   }
 
+  // --- review: every answer, its state and the buttons that change it --------------------
+
+  const REVIEW_MS = 10000;
+  let reviewTimer = null;
+  let reviewAnswers = null; // the last list from cache/answers
+  let reviewText = null; // ... as it came, to tell whether it changed
+  let reviewBusy = false; // a change in flight or an editor open: no reload under the user
+
+  function authHeaders(extra) {
+    const key = sessionStorage.getItem(KEY);
+    return Object.assign(key ? { Authorization: "Bearer " + key } : {}, extra || {});
+  }
+
+  function reviewStatus(text, bad) {
+    $("review-status").textContent = text;
+    $("review-status").className = "note" + (bad ? " bad" : "");
+  }
+
+  function scheduleReview() {
+    clearTimeout(reviewTimer);
+    reviewTimer = setTimeout(loadReview, REVIEW_MS);
+  }
+
+  async function loadReview() {
+    if (reviewBusy) {
+      scheduleReview();
+      return;
+    }
+    let response;
+    try {
+      response = await fetch("cache/answers", { headers: authHeaders(), cache: "no-store" });
+    } catch (err) {
+      reviewStatus("could not load the answers; retrying", true);
+      scheduleReview();
+      return;
+    }
+    if (response.status === 401) return; // the data poll asks for the key
+    if (response.status === 404) {
+      $("review-note").textContent = "This gateway runs without a response cache.";
+      $("review-prompts").replaceChildren();
+      return;
+    }
+    if (!response.ok) {
+      reviewStatus(`the gateway answered ${response.status}; retrying`, true);
+      scheduleReview();
+      return;
+    }
+    const text = await response.text();
+    if (reviewBusy) {
+      // An editor opened, or a change started, while this was loading: not under them.
+      scheduleReview();
+      return;
+    }
+    if (text !== reviewText) {
+      // Redrawn only when something changed: a button under the pointer stays where it is.
+      reviewText = text;
+      reviewAnswers = JSON.parse(text);
+      renderReview();
+    }
+    scheduleReview();
+  }
+
+  function shown(answer, filter) {
+    if (filter === "all") return true;
+    if (filter === "flagged") return answer.flags.length > 0;
+    return answer.state === filter;
+  }
+
+  function renderReview() {
+    const data = reviewAnswers;
+    if (!data) return;
+    const filter = $("review-filter").value;
+    const groups = new Map();
+    for (const a of data.answers) {
+      if (!groups.has(a.key)) groups.set(a.key, []);
+      groups.get(a.key).push(a);
+    }
+    const served = data.answers.filter((a) => a.served).length;
+    const count = (state) => data.answers.filter((a) => a.state === state).length;
+    $("review-note").textContent =
+      `${data.answers.length} answers of ${groups.size} prompts: ${count("approved")} approved, ` +
+      `${count("pending")} pending, ${count("rejected")} rejected; ${served} served ` +
+      `(serve_states ${data.serve_states.join(",")}). A rejected answer is never served; while ` +
+      "a prompt has a served pinned answer, only pinned ones are.";
+    const blocks = [];
+    for (const [key, answers] of groups) {
+      const visible = answers.filter((a) => shown(a, filter));
+      if (visible.length) blocks.push(promptBlock(key, answers, visible));
+    }
+    if (!blocks.length) {
+      const p = document.createElement("p");
+      p.className = "note";
+      p.textContent = "No answer matches this filter.";
+      blocks.push(p);
+    }
+    $("review-prompts").replaceChildren(...blocks);
+  }
+
+  function button(label, action, key, variant) {
+    const b = document.createElement("button");
+    b.type = "button";
+    b.textContent = label;
+    b.dataset.action = action;
+    b.dataset.key = key;
+    if (variant !== undefined) b.dataset.variant = String(variant);
+    return b;
+  }
+
+  function promptBlock(key, answers, visible) {
+    const first = answers[0];
+    const block = document.createElement("div");
+    block.className = "review-prompt";
+    block.dataset.key = key;
+    const head = document.createElement("div");
+    head.className = "review-head";
+    const title = document.createElement("h3");
+    title.textContent = first.prompt;
+    const meta = document.createElement("small");
+    const served = answers.filter((a) => a.served).length;
+    const system = (first.messages || []).find((m) => m[0] === "system" || m[0] === "developer");
+    meta.textContent =
+      `${first.kind} · ${first.model} · ${key.slice(0, 12)} · ${served} of ${answers.length} served` +
+      (system ? ` · system: ${system[1]}` : "");
+    const actions = document.createElement("span");
+    actions.className = "actions";
+    actions.append(button("Approve all", "approve", key), button("Reject all", "reject", key));
+    head.append(title, actions, meta);
+    const table = document.createElement("table");
+    const thead = document.createElement("thead");
+    const hr = document.createElement("tr");
+    for (const [text, cls] of [["v", "num"], ["State", ""], ["Flags", ""], ["Served", ""], ["Tokens", "num"], ["Answer", "answer"], ["", ""]]) {
+      hr.append(th(text, cls));
+    }
+    thead.append(hr);
+    const tbody = document.createElement("tbody");
+    for (const a of visible) tbody.append(answerRow(a));
+    table.append(thead, tbody);
+    const scroll = document.createElement("div");
+    scroll.className = "scroll";
+    scroll.append(table);
+    block.append(head, scroll);
+    return block;
+  }
+
+  function answerRow(a) {
+    const tr = document.createElement("tr");
+    tr.className = "answer-row";
+    tr.dataset.key = a.key;
+    tr.dataset.variant = String(a.variant);
+    tr.dataset.state = a.state;
+    tr.dataset.served = String(a.served);
+    tr.append(cell(a.variant, "num"));
+    const state = document.createElement("td");
+    state.className = "state-cell";
+    state.append(badge(a.state, a.state));
+    if (a.pinned) state.append(" ", badge("pinned", "pinned"));
+    if (a.edited) state.append(" ", badge("edited", "edited"));
+    tr.append(state);
+    const flags = document.createElement("td");
+    flags.className = "flags";
+    for (const f of a.flags) flags.append(badge(f, "flag"), " ");
+    if (!a.flags.length) flags.textContent = "–";
+    tr.append(flags);
+    tr.append(cell(a.served ? "yes" : "no", a.served ? "ok" : "muted"));
+    tr.append(cell(a.completion_tokens, "num"));
+    const text = document.createElement("td");
+    text.className = "answer";
+    const body = document.createElement("div");
+    body.className = "answer-text";
+    body.textContent = a.text;
+    text.append(body);
+    if (a.history.length) {
+      const details = document.createElement("details");
+      const summary = document.createElement("summary");
+      summary.textContent = `history (${a.history.length})`;
+      details.append(summary);
+      for (const h of a.history) {
+        const old = document.createElement("div");
+        old.className = "answer-text old";
+        old.textContent = `${h.why}: ${h.answer}`;
+        details.append(old);
+      }
+      text.append(details);
+    }
+    tr.append(text);
+    const actions = document.createElement("td");
+    actions.className = "actions";
+    actions.append(
+      button("Approve", "approve", a.key, a.variant),
+      button("Reject", "reject", a.key, a.variant),
+      a.pinned ? button("Unpin", "unpin", a.key, a.variant) : button("Pin", "pin", a.key, a.variant),
+      button("Regenerate", "regenerate", a.key, a.variant),
+      button("Edit", "edit", a.key, a.variant),
+    );
+    tr.append(actions);
+    return tr;
+  }
+
+  function openEditor(row, key, variant) {
+    const answer = reviewAnswers.answers.find((a) => a.key === key && a.variant === variant);
+    const td = row.querySelector("td.answer");
+    const area = document.createElement("textarea");
+    area.className = "editor";
+    area.value = answer ? answer.text : "";
+    area.rows = Math.min(12, Math.max(3, area.value.split("\n").length + 1));
+    const save = button("Save", "save", key, variant);
+    const cancel = button("Cancel", "cancel", key, variant);
+    const bar = document.createElement("div");
+    bar.className = "editor-bar";
+    bar.append(save, cancel);
+    td.replaceChildren(area, bar);
+    reviewBusy = true;
+    area.focus();
+  }
+
+  async function act(key, variant, action, text) {
+    const path = `cache/answers/${encodeURIComponent(key)}` + (variant === undefined ? "" : `/${variant}`);
+    const body = text === undefined ? { action } : { action, text };
+    reviewBusy = true;
+    reviewStatus(`${action}…`, false);
+    let response;
+    try {
+      response = await fetch(path, {
+        method: "POST",
+        headers: authHeaders({ "Content-Type": "application/json" }),
+        body: JSON.stringify(body),
+      });
+    } catch (err) {
+      reviewBusy = false;
+      reviewStatus(`${action} failed: the gateway is unreachable`, true);
+      return;
+    }
+    reviewBusy = false;
+    const data = await response.json().catch(() => null);
+    if (!response.ok) {
+      const message = data && data.error ? data.error.message : `HTTP ${response.status}`;
+      reviewStatus(`${action} failed: ${message}`, true);
+      renderReview();
+      return;
+    }
+    const changed = data.answers.map((a) => a.variant).join(", ");
+    reviewStatus(`${action}: variant ${changed} of ${data.answers[0].prompt}`, false);
+    await loadReview();
+  }
+
+  $("review-prompts").addEventListener("click", (event) => {
+    const b = event.target.closest("button[data-action]");
+    if (!b) return;
+    const key = b.dataset.key;
+    const variant = b.dataset.variant === undefined ? undefined : Number(b.dataset.variant);
+    const action = b.dataset.action;
+    if (action === "edit") {
+      openEditor(b.closest("tr"), key, variant);
+    } else if (action === "cancel") {
+      reviewBusy = false;
+      renderReview();
+    } else if (action === "save") {
+      const text = b.closest("td").querySelector("textarea").value;
+      act(key, variant, "edit", text);
+    } else {
+      for (const other of b.closest(".review-prompt").querySelectorAll("button")) other.disabled = true;
+      act(key, variant, action);
+    }
+  });
+  $("review-filter").addEventListener("change", renderReview);
+  $("review-reload").addEventListener("click", () => {
+    reviewBusy = false;
+    loadReview();
+  });
+
   // --- the key, and polling --------------------------------------------------------------
 
   function askKey(problem) {
@@ -268,9 +538,11 @@
     }
     const data = await response.json();
     $("key-form").hidden = true;
+    const first = $("main").hidden;
     $("main").hidden = false;
     $("forget").hidden = !key;
     render(data);
+    if (first) loadReview(); // the key works: load the answers too
     schedule();
   }
 
@@ -287,6 +559,8 @@
 
   $("forget").addEventListener("click", () => {
     clearTimeout(timer);
+    clearTimeout(reviewTimer);
+    reviewAnswers = reviewText = null;
     previous = null;
     askKey(null);
   });

@@ -2,7 +2,9 @@
 
 The hit path is: key the prompt, pick a variant uniformly at random, send bytes built from
 the entry. No store query, no backend, no logging per request; hit counts are kept in memory
-and written to the store in the background.
+and written to the store in the background. Which variants may be picked (``serve_states``,
+pinning: ``comeapi.cache.serving``) is decided when the store is loaded or an answer changes,
+never per request.
 """
 
 from __future__ import annotations
@@ -12,8 +14,9 @@ import logging
 import random
 import time
 from collections import Counter
-from collections.abc import Mapping
+from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass
+from types import MappingProxyType
 from typing import Any
 
 import anyio.to_thread
@@ -21,6 +24,7 @@ import orjson
 
 from comeapi.cache.key import canonical_model, choose_default_model, lookup_key, uncacheable
 from comeapi.cache.replies import hit_body, hit_stream
+from comeapi.cache.serving import DEFAULT_SERVE_STATES, marks, served_entries
 from comeapi.cache.store import Entry, ResponseStore
 from comeapi.errors import RequestError
 from comeapi.models.bundled import BUNDLED_MODEL
@@ -30,6 +34,12 @@ log = logging.getLogger("comeapi.gateway.cache")
 
 VARIANT_HEADER = "x-comeapi-variant"
 SECRET_HEADER = "x-comeapi-variant-secret"
+#: On an answer to a forced slot whose own variant is not served: the slot asked for (the
+#: answer is another, servable variant, named by X-Cache-Variant).
+SLOT_HEADER = "x-comeapi-slot"
+#: On a forwarded answer the cache would not serve (not reviewed while only approved answers
+#: are served, or a prompt whose answers were all turned down): a proxy must not keep it.
+NO_STORE_HEADER = "x-comeapi-no-store"
 _JSON = b"application/json"
 _SSE = b"text/event-stream"
 
@@ -58,12 +68,14 @@ class Lookup:
 
     ``hit`` is set on a hit. On a miss, ``key`` is the prompt's key (None when the request
     asks for what no stored answer carries) and ``forced_variant`` the slot a trusted proxy
-    asked for: the gateway generates it with that seed and stores it.
+    asked for: the gateway generates it with that seed and stores it. ``keep`` is False when
+    the forwarded answer will not be served from the cache (NO_STORE_HEADER).
     """
 
     hit: Hit | None
     key: str | None = None
     forced_variant: int | None = None
+    keep: bool = True  # whether a proxy may keep a forwarded answer to this request
 
 
 MISS_UNKEYED = Lookup(None)
@@ -80,17 +92,22 @@ class ResponseCache:
         default_model: str | None = None,
         variant_secret: str | None = None,
         store_misses: bool = False,
+        serve_states: Collection[str] = DEFAULT_SERVE_STATES,
         rng: random.Random | None = None,
     ):
         self.store = store
         self.variants = variants
         self.store_misses = store_misses
+        self.serve_states = frozenset(serve_states)
+        # A new answer is pending: may a proxy keep one that the gateway forwarded?
+        self._keep_new = "pending" in self.serve_states
         self._configured_model = default_model
         self._secret = variant_secret.encode() if variant_secret else None
         # Uniform, not secret: a Mersenne Twister seeded from os.urandom, rather than a
         # system call per hit (SystemRandom).
         self._rng = rng or random.Random()
-        self._index: dict[str, tuple[Entry, ...]] = {}
+        self._index: dict[str, tuple[Entry, ...]] = {}  # every stored variant, by key
+        self._served: dict[str, tuple[Entry, ...]] = {}  # the ones served; keys with none left out
         self._generate_bodies: dict[tuple[str, int], bytes] = {}
         self.default_model = canonical_model(default_model or BUNDLED_MODEL)
         self._revision: int | None = None
@@ -107,10 +124,18 @@ class ResponseCache:
         index = self.store.load_index()
         models = {e.model for group in index.values() for e in group}
         self._stored_hits = self.store.hit_counts()
+        served = {k: served_entries(g, self.serve_states) for k, g in index.items()}
         self._index, self._revision = index, revision
+        self._served = {k: g for k, g in served.items() if g}
         self._generate_bodies = {}
         self.default_model = choose_default_model(self._configured_model, models, BUNDLED_MODEL)
-        log.info("cache: %d prompts, %d answers loaded", len(index), self.answer_count())
+        log.info(
+            "cache: %d prompts, %d answers loaded, %d served (%s)",
+            len(index),
+            self.answer_count(),
+            sum(len(g) for g in self._served.values()),
+            ",".join(sorted(self.serve_states)),
+        )
 
     async def refresh(self) -> None:
         """Reload if the store changed (an import, a warmup) and write pending hit counts."""
@@ -141,17 +166,30 @@ class ResponseCache:
         if uncacheable(request) is not None:
             return MISS_UNKEYED
         key = lookup_key(request, self.default_model)
-        group = self._index.get(key, ())
+        group = self._served.get(key, ())
         if forced is not None:
-            for entry in group:
-                if entry.variant == forced:
-                    return self._hit(request, entry)
-            self.misses += 1
-            return Lookup(None, key, forced)
+            return self._forced(request, key, group, forced)
         if group:
             return self._hit(request, group[self._rng.randrange(len(group))])
         self.misses += 1
-        return Lookup(None, key)
+        return Lookup(None, key, keep=self._keep_new and key not in self._index)
+
+    def _forced(
+        self, request: GenerationRequest, key: str, group: tuple[Entry, ...], forced: int
+    ) -> Lookup:
+        """The slot a trusted proxy chose: its variant if served; a stored variant that is
+        not served is stood in for by a served one (the same one for the same slot); an
+        empty slot is generated with its seed."""
+        for entry in group:
+            if entry.variant == forced:
+                return self._hit(request, entry)
+        stored = any(e.variant == forced for e in self._index.get(key, ()))
+        if stored and group:
+            return self._hit(request, group[forced % len(group)], slot=forced)
+        self.misses += 1
+        if stored:  # reviewed out, and nothing served in its place: never overwrite it
+            return Lookup(None, key, keep=False)
+        return Lookup(None, key, forced, keep=self._keep_new)
 
     def forced_variant(self, variant: bytes | None, secret: bytes) -> int | None:
         """The variant a trusted proxy chose (X-Comeapi-Variant with the shared secret in
@@ -167,19 +205,23 @@ class ResponseCache:
             )
         return int(variant)
 
-    def _hit(self, request: GenerationRequest, entry: Entry) -> Lookup:
+    def _hit(self, request: GenerationRequest, entry: Entry, slot: int | None = None) -> Lookup:
         self.hits += 1
         self._pending_hits[(entry.key, entry.variant)] += 1
         if request.stream:
             payload = hit_stream(request, entry)
-            return Lookup(Hit(payload, _headers(_SSE, payload, entry.variant, stream=True), entry))
-        if request.kind == "generate":  # no id or timestamp in ComeAPI's body: encode it once
-            slot = (entry.key, entry.variant)
-            payload = self._generate_bodies.get(slot) or orjson.dumps(hit_body("generate", entry))
-            self._generate_bodies[slot] = payload
+            headers = _headers(_SSE, payload, entry.variant, stream=True)
+        elif request.kind == "generate":  # no id or timestamp in ComeAPI's body: encode it once
+            cached = (entry.key, entry.variant)
+            payload = self._generate_bodies.get(cached) or orjson.dumps(hit_body("generate", entry))
+            self._generate_bodies[cached] = payload
+            headers = _headers(_JSON, payload, entry.variant)
         else:
             payload = orjson.dumps(hit_body(request.kind, entry))
-        return Lookup(Hit(payload, _headers(_JSON, payload, entry.variant), entry))
+            headers = _headers(_JSON, payload, entry.variant)
+        if slot is not None:
+            headers.append((SLOT_HEADER.encode(), str(slot).encode()))
+        return Lookup(Hit(payload, headers, entry))
 
     # --- filling slots from forwarded answers --------------------------------------------
 
@@ -205,11 +247,37 @@ class ResponseCache:
         entry = _entry_from_answer(lookup.key, variant, model, request, answer)
         if entry is None:
             return
-        entry = entry.sealed()
-        await anyio.to_thread.run_sync(self.store.put, entry)
-        group = [e for e in self._index.get(entry.key, ()) if e.variant != variant]
-        self._index[entry.key] = tuple(sorted([*group, entry], key=lambda e: e.variant))
-        self._generate_bodies.pop((entry.key, variant), None)
+        await self.put([entry.sealed()])
+
+    async def put(self, entries: Sequence[Entry]) -> None:
+        """Write ``entries`` to the store in one write, then into the index at once (what is
+        served follows). StoreError if the store refuses them: the index is unchanged."""
+        await anyio.to_thread.run_sync(self.store.put_many, entries)
+        for entry in entries:
+            group = [e for e in self._index.get(entry.key, ()) if e.variant != entry.variant]
+            self._index[entry.key] = tuple(sorted([*group, entry], key=lambda e: e.variant))
+            self._generate_bodies.pop((entry.key, entry.variant), None)
+        for key in {e.key for e in entries}:
+            served = served_entries(self._index[key], self.serve_states)
+            if served:
+                self._served[key] = served
+            else:
+                self._served.pop(key, None)
+
+    def groups(self) -> Mapping[str, tuple[Entry, ...]]:
+        """Every stored variant by key (a read-only view of the index)."""
+        return MappingProxyType(self._index)
+
+    def group(self, key: str) -> tuple[Entry, ...]:
+        """Every stored variant of ``key`` (served or not), in variant order."""
+        return self._index.get(key, ())
+
+    def served_variants(self, key: str) -> tuple[int, ...]:
+        return tuple(e.variant for e in self._served.get(key, ()))
+
+    def entries(self) -> list[Entry]:
+        """Every stored answer, by prompt and variant."""
+        return [e for key in sorted(self._index) for e in self._index[key]]
 
     # --- reporting ------------------------------------------------------------------------
 
@@ -220,7 +288,8 @@ class ResponseCache:
         return sum(len(group) for group in self._index.values())
 
     def known_prompts(self) -> list[str]:
-        return sorted({group[0].prompt for group in self._index.values() if group})
+        """The prompts a request can hit (those with an answer served)."""
+        return sorted({group[0].prompt for group in self._served.values()})
 
     def status(self) -> dict[str, Any]:
         prompts = []
@@ -233,6 +302,8 @@ class ResponseCache:
                     "kind": group[0].kind,
                     "model": group[0].model,
                     "variants": len(group),
+                    "served_variants": list(self.served_variants(key)),
+                    "marks": marks(group),
                     "hits": sum(hits.values()),
                     "hits_by_variant": {str(v): n for v, n in sorted(hits.items())},
                 }
@@ -241,6 +312,8 @@ class ResponseCache:
         return {
             "prompts": len(self._index),
             "answers": self.answer_count(),
+            "served_answers": sum(len(g) for g in self._served.values()),
+            "serve_states": sorted(self.serve_states),
             "variants_per_prompt": self.variants,
             "hits": self.hits,
             "misses": self.misses,

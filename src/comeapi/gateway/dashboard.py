@@ -21,6 +21,7 @@ from comeapi.gateway.cache import ResponseCache
 from comeapi.gateway.metrics import GatewayMetrics
 from comeapi.gateway.ondemand import OnDemandBackends
 from comeapi.gateway.requestlog import RequestLog
+from comeapi.gateway.review import LIST_PATH
 from comeapi.http.responses import JSONResponse
 from comeapi.settings import Settings
 
@@ -33,8 +34,8 @@ PAGE_FILES = {
 }
 #: Paths that need no key: the page's files, which carry no data.
 PAGE_PATHS = frozenset(PAGE_FILES)
-#: Paths kept out of the recent-requests table (the page's own polling).
-UNLISTED_PATHS = frozenset({*PAGE_FILES, DATA_PATH})
+#: Paths kept out of the recent-requests table (the page's own polling; its review list).
+UNLISTED_PATHS = frozenset({*PAGE_FILES, DATA_PATH, LIST_PATH})
 #: Prompts listed in the hits table at most (the most hit ones).
 MAX_PROMPTS = 100
 DEFAULT_ROWS = 50

@@ -23,7 +23,13 @@ from comeapi.balancer.pool import BackendPool
 from comeapi.balancer.proxy import Forwarder, forward_headers
 from comeapi.cache.key import uncacheable
 from comeapi.errors import ComeapiError, PromptNotCachedError, RequestError, StoreError
-from comeapi.gateway.cache import SECRET_HEADER, VARIANT_HEADER, Lookup, ResponseCache
+from comeapi.gateway.cache import (
+    NO_STORE_HEADER,
+    SECRET_HEADER,
+    VARIANT_HEADER,
+    Lookup,
+    ResponseCache,
+)
 from comeapi.gateway.metrics import GatewayMetrics
 from comeapi.gateway.ondemand import OnDemandBackends
 from comeapi.gateway.requestlog import Miss, RequestLog, RequestRecord
@@ -237,6 +243,8 @@ class GenerationRoutes:
         response.headers["X-Cache"] = "MISS"
         if forced is not None:
             response.headers["X-Cache-Variant"] = str(forced)
+        if not found.keep:
+            response.headers[NO_STORE_HEADER] = "1"
         fills = forced is not None or cache.store_misses
         if fills and found.key is not None and response.status_code == 200 and not request.stream:
             await self._store(cache, found, request, response)

@@ -93,6 +93,7 @@ def build_cache(settings: Settings) -> ResponseCache:
         default_model=settings.default_model,
         variant_secret=settings.variant_secret,
         store_misses=settings.store_misses,
+        serve_states=settings.serve_states,
     )
 
 

@@ -16,10 +16,15 @@ in the snapshot.
 Requests are parsed by ``comeapi.protocol.requests`` and keyed by ``comeapi.cache.key``, as on
 the gateway and in nginx.
 
+What is served: the catalogue's review marks under SERVE_STATES (``comeapi.cache.serving``),
+worked out once per catalogue read; an entry read from the table must still be in one of
+those states (the catalogue may lag a push), else the catalogue is read again.
+
 Environment: TABLE_NAME (required), DEFAULT_MODEL, ON_MISS (``reject`` or ``start-backend``,
 see ``ondemand``), API_KEYS (comma-separated bearer tokens; empty: open), CATALOGUE_TTL (s),
 MAX_TOKENS_LIMIT (as the gateway's ``max_tokens_limit``, default 2048), SNAPSHOT (``auto``: the
-package's snapshot if it has one, ``off``: the table only).
+package's snapshot if it has one, ``off``: the table only), SERVE_STATES (as the gateway's
+``serve_states``: ``approved`` or ``approved,pending``, the default).
 """
 
 from __future__ import annotations
@@ -34,12 +39,13 @@ import os
 import secrets
 import threading
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Collection, Mapping
 from typing import TYPE_CHECKING, Any, Protocol
 
 from comeapi.cache.dynamo_items import Catalogue
 from comeapi.cache.key import choose_default_model, lookup_key, uncacheable
 from comeapi.cache.replies import hit_body, hit_stream
+from comeapi.cache.serving import DEFAULT_SERVE_STATES, parse_serve_states
 from comeapi.cache.store import Entry
 from comeapi.errors import (
     AuthenticationError,
@@ -100,6 +106,7 @@ class ServerlessApp:
         api_keys: tuple[str, ...] = (),
         catalogue_ttl: float = 60.0,
         miss_refresh: float = 5.0,
+        serve_states: Collection[str] = DEFAULT_SERVE_STATES,
         background: bool = True,
         randbelow: Callable[[int], int] = secrets.randbelow,
         clock: Callable[[], float] = time.monotonic,
@@ -121,8 +128,9 @@ class ServerlessApp:
         self._randbelow = randbelow
         self._clock = clock
         self.background = background
+        self.serve_states = frozenset(serve_states)
         self._catalogue: Catalogue | None = None
-        self._variants: dict[str, int] = {}
+        self._variants: dict[str, tuple[int, ...]] = {}  # what may be picked, per key
         self._loaded_at = 0.0
         self._checked_at: float | None = None  # when the table last confirmed the snapshot
         self._check: threading.Thread | None = None
@@ -166,6 +174,10 @@ class ServerlessApp:
         if not limit.isdigit() or int(limit) < 1:
             raise ConfigError("MAX_TOKENS_LIMIT must be a positive whole number")
         keys = tuple(k.strip() for k in environ.get("API_KEYS", "").split(",") if k.strip())
+        try:
+            serve = parse_serve_states(environ.get("SERVE_STATES") or DEFAULT_SERVE_STATES)
+        except ValueError as exc:
+            raise ConfigError(f"SERVE_STATES: {exc}") from None
         return cls(
             # Without a snapshot every request needs the table: make its client now, at init.
             make_store if snapshot is not None else make_store(),
@@ -175,6 +187,7 @@ class ServerlessApp:
             on_miss=on_miss,
             api_keys=keys,
             catalogue_ttl=ttl,
+            serve_states=serve,
         )
 
     def __call__(self, event: dict[str, Any], context: Any = None) -> dict[str, Any]:
@@ -222,14 +235,17 @@ class ServerlessApp:
         if self._catalogue is None:
             self._load_catalogue()  # the default model may depend on what is cached
         key = lookup_key(parsed, self.default_model)
+        tried = -1
         for attempt in range(2):
-            n = self._variants_of(key, refresh_on_miss=attempt == 0)
-            if not n:
+            variants = self._variants_of(key, refresh_on_miss=attempt == 0)
+            if tried in variants:  # the catalogue still lists it: take another one
+                variants = tuple(v for v in variants if v != tried)
+            if not variants:
                 return self._miss(request)
-            variant = self._randbelow(n)
-            entry = self._reader().get(key, variant)
-            if entry is not None:
-                return _hit(parsed, entry, variant)
+            tried = variants[self._randbelow(len(variants))]
+            entry = self._reader().get(key, tried)
+            if entry is not None and entry.state in self.serve_states:
+                return _hit(parsed, entry, tried)
             # Pushed over since we read the catalogue: read it again (from the table).
             self._drop_snapshot()
             self._load_catalogue()
@@ -242,17 +258,18 @@ class ServerlessApp:
         if self.on_miss is not None:
             return self.on_miss(request)
         assert self._catalogue is not None
-        raise PromptNotCachedError([p.prompt for p in self._catalogue.prompts])
+        served = self._variants
+        raise PromptNotCachedError([p.prompt for p in self._catalogue.prompts if p.key in served])
 
-    def _variants_of(self, key: str, *, refresh_on_miss: bool) -> int:
+    def _variants_of(self, key: str, *, refresh_on_miss: bool) -> tuple[int, ...]:
         now = self._clock()
         if self._catalogue is None or (
             self.snapshot is None and now - self._loaded_at > self.catalogue_ttl
         ):
             self._load_catalogue()
-        n = self._variants.get(key, 0)
-        if n or not refresh_on_miss:
-            return n
+        variants = self._variants.get(key, ())
+        if variants or not refresh_on_miss:
+            return variants
         # A prompt pushed a moment ago: look again, but at most every miss_refresh seconds.
         if self.snapshot is not None:
             if self._checked_at is None or now - self._checked_at > self.miss_refresh:
@@ -262,11 +279,11 @@ class ServerlessApp:
                     self._load_catalogue()
         elif now - self._loaded_at > self.miss_refresh:
             self._load_catalogue()
-        return self._variants.get(key, 0)
+        return self._variants.get(key, ())
 
     def _load_catalogue(self) -> None:
         self._catalogue = self._reader().catalogue()
-        self._variants = self._catalogue.variants()
+        self._variants = self._catalogue.served(self.serve_states)
         self._loaded_at = self._clock()
         models = (p.model for p in self._catalogue.prompts)
         self.default_model = choose_default_model(self.configured_model, models, BUNDLED_MODEL)
@@ -376,6 +393,8 @@ class ServerlessApp:
             "mode": "serverless",
             "cached_prompts": len(prompts),
             "cached_answers": sum(p.variants for p in prompts),
+            "served_answers": sum(len(v) for v in self._variants.values()),
+            "serve_states": sorted(self.serve_states),
             "on_miss": "start-backend" if self.on_miss is not None else "reject",
             "answers_from": "snapshot" if self.snapshot is not None else "table",
             "catalogue_revision": catalogue.revision,

@@ -4,11 +4,16 @@ AWS call and without loading boto3.
 The directory ``comeapi-snapshot/`` at the package root holds two files:
   ``cache.tar.gz``   the entries, in the export archive format (``comeapi cache export``);
   ``snapshot.json``  the table it was taken from, that table's catalogue (revision, time of
-                     writing, prompts with their variant counts) and the archive's SHA-256.
+                     writing, prompts with their variant counts and review marks) and the
+                     archive's SHA-256.
 ``comeapi aws package`` takes it from the table itself, with consistent reads and the
 catalogue read before and after the scan, so a snapshot is the table at one catalogue
 revision. The table stays the source of truth: the handler serves from a snapshot only until
 it sees the table's catalogue differ (the freshness rule, in ``handler.py``).
+
+Every entry is kept, rejected ones too (the snapshot is the table); what is served is decided
+by the handler's ``serve_states`` from the marks, which must agree with the entries' review.
+Version 2 added the marks; a version 1 snapshot (none) reads as all pending.
 """
 
 from __future__ import annotations
@@ -18,11 +23,13 @@ import json
 import logging
 import os
 from collections.abc import Mapping
+from dataclasses import replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from comeapi.cache.archive import read_archive, write_archive
 from comeapi.cache.dynamo_items import Catalogue
+from comeapi.cache.serving import marks
 from comeapi.cache.store import Entry, PromptInfo
 from comeapi.errors import ComeapiError, ConfigError, StoreError
 
@@ -33,7 +40,8 @@ SNAPSHOT_DIR = "comeapi-snapshot"
 ARCHIVE = "cache.tar.gz"
 META = "snapshot.json"
 FORMAT = "comeapi-lambda-snapshot"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
+READ_VERSIONS = (1, 2)
 
 
 class Snapshot:
@@ -86,8 +94,8 @@ def load_snapshot(directory: str) -> Snapshot | None:
         raise _corrupt(directory, f"cannot read it ({exc})") from None
     if not isinstance(meta, dict) or meta.get("format") != FORMAT:
         raise _corrupt(directory, f"{META} is not a {FORMAT} file")
-    if meta.get("version") != FORMAT_VERSION:
-        raise _corrupt(directory, f"format version {meta.get('version')!r} is not {FORMAT_VERSION}")
+    if meta.get("version") not in READ_VERSIONS or type(meta.get("version")) is not int:
+        raise _corrupt(directory, f"format version {meta.get('version')!r} is not 1 or 2")
     if meta.get("archive_sha256") != archive_sha256:
         raise _corrupt(directory, f"{ARCHIVE} does not match its SHA-256 in {META}")
     try:
@@ -99,6 +107,9 @@ def load_snapshot(directory: str) -> Snapshot | None:
     missing = _missing(catalogue, entries)
     if missing:
         raise _corrupt(directory, f"the catalogue lists {missing}, which the archive lacks")
+    for p in catalogue.prompts:
+        if p.marks and p.marks != marks(entries[(p.key, v)] for v in range(p.variants)):
+            raise _corrupt(directory, f"the review marks of {p.key} differ from its entries")
     return Snapshot(table, catalogue, entries)
 
 
@@ -149,6 +160,12 @@ def write_snapshot(store: DynamoStore, directory: Path, *, attempts: int = 3) ->
     # Only what the catalogue lists can be picked; a variant past a gap would be dead weight.
     wanted = {(p.key, v) for p in before.prompts for v in range(p.variants)}
     kept = [e for k, e in entries.items() if k in wanted]
+    # The marks from the entries themselves (a table written before review has none).
+    prompts = tuple(
+        replace(p, marks=marks(entries[(p.key, v)] for v in range(p.variants)))
+        for p in before.prompts
+    )
+    catalogue = Catalogue(before.revision, prompts, before.updated)
     directory.mkdir(parents=True, exist_ok=True)
     archive = directory / ARCHIVE
     write_archive(kept, archive)
@@ -158,18 +175,18 @@ def write_snapshot(store: DynamoStore, directory: Path, *, attempts: int = 3) ->
         "table": store.table,
         "archive_sha256": hashlib.sha256(archive.read_bytes()).hexdigest(),
         "catalogue": {
-            "revision": before.revision,
-            "updated": before.updated,
+            "revision": catalogue.revision,
+            "updated": catalogue.updated,
             "prompts": [
                 {"key": p.key, "kind": p.kind, "prompt": p.prompt, "model": p.model,
-                 "variants": p.variants}
-                for p in sorted(before.prompts, key=lambda p: p.key)
+                 "variants": p.variants, "marks": p.marks}
+                for p in sorted(catalogue.prompts, key=lambda p: p.key)
             ],
         },
     }  # fmt: skip
     text = json.dumps(meta, ensure_ascii=False, indent=2, sort_keys=True) + "\n"
     (directory / META).write_text(text, encoding="utf-8")
-    return Snapshot(store.table, before, {(e.key, e.variant): e for e in kept})
+    return Snapshot(store.table, catalogue, {(e.key, e.variant): e for e in kept})
 
 
 def _catalogue(doc: dict[str, Any]) -> Catalogue:
@@ -180,6 +197,7 @@ def _catalogue(doc: dict[str, Any]) -> Catalogue:
             prompt=str(p["prompt"]),
             model=str(p["model"]),
             variants=int(p["variants"]),
+            marks=str(p.get("marks", "")),
         )
         for p in doc["prompts"]
     )
