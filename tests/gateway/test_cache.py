@@ -1,4 +1,5 @@
-"""The gateway's cache layer against a real SqliteStore: choice, forced variants, streaming."""
+"""The gateway's index against a real SqliteStore: the choice, misses, forced slots, filling
+slots, hit counts. (How a hit is encoded: tests/cache/test_replies.py.)"""
 
 from __future__ import annotations
 
@@ -6,7 +7,6 @@ import random
 from pathlib import Path
 
 import anyio
-import orjson
 import pytest
 from starlette.datastructures import Headers
 
@@ -15,6 +15,8 @@ from comeapi.cache.sqlite import SqliteStore
 from comeapi.cache.store import Entry
 from comeapi.errors import RequestError
 from comeapi.gateway.cache import Lookup, ResponseCache
+from comeapi.gateway.cache_status import cache_status
+from comeapi.gateway.forced import ForcedVariants
 from comeapi.protocol.requests import Kind, parse_request
 
 MODEL = "gemma-3-270m-q4_k_m.gguf"
@@ -68,7 +70,7 @@ NO_HEADERS = Headers({})
 
 
 def lookup(cache: ResponseCache, kind: Kind, body: dict[str, object], headers: Headers) -> Lookup:
-    forced = cache.forced_variant(
+    forced = ForcedVariants(cache.variant_secret, cache.variants).read(
         headers.get("x-comeapi-variant", "").encode() or None,
         headers.get("x-comeapi-variant-secret", "").encode(),
     )
@@ -81,8 +83,8 @@ def test_choice_is_uniform_over_the_variants(store: SqliteStore) -> None:
     n = 2000
     for _ in range(n):
         found = lookup(cache, "generate", {"prompt": PROMPT}, NO_HEADERS)
-        assert found.hit is not None
-        counts[found.hit.variant] += 1
+        assert found.entry is not None
+        counts[found.entry.variant] += 1
     expected = n / 5
     chi2 = sum((c - expected) ** 2 / expected for c in counts)
     # 4 degrees of freedom: p = 0.001 at 18.47. Every variant must be reachable.
@@ -90,30 +92,26 @@ def test_choice_is_uniform_over_the_variants(store: SqliteStore) -> None:
     assert min(counts) > 0
 
 
-def test_hit_body_in_each_wire_format(store: SqliteStore) -> None:
+def test_a_prompt_is_found_in_every_route_and_byte_form(store: SqliteStore) -> None:
     cache = _cache(store)
-    gen = lookup(cache, "generate", {"prompt": f"  {PROMPT}\r\n"}, NO_HEADERS).hit
-    assert gen is not None and gen.header("x-cache") == "HIT"
-    body = orjson.loads(gen.body)
-    assert body["response"].startswith("answer number") and body["model"] == MODEL
-    comp = lookup(cache, "completion", {"prompt": PROMPT, "model": MODEL}, NO_HEADERS).hit
-    assert comp is not None
-    assert orjson.loads(comp.body)["choices"][0]["text"].startswith("answer number")
+    gen = lookup(cache, "generate", {"prompt": f"  {PROMPT}\r\n"}, NO_HEADERS).entry
+    assert gen is not None and gen.answer.startswith("answer number")
+    comp = lookup(cache, "completion", {"prompt": PROMPT, "model": MODEL}, NO_HEADERS).entry
+    assert comp is not None and comp.key == gen.key
     chat_body = {
         "model": "gemma-3-270m-q4_k_m",
         "messages": [{"role": "user", "content": "Tell me a joke."}],
     }
-    chat = lookup(cache, "chat", chat_body, NO_HEADERS).hit
-    assert chat is not None
-    assert orjson.loads(chat.body)["choices"][0]["message"]["content"] == "A chat answer."
+    chat = lookup(cache, "chat", chat_body, NO_HEADERS).entry
+    assert chat is not None and chat.answer == "A chat answer."
 
 
 def test_unknown_prompt_or_other_model_is_a_miss(store: SqliteStore) -> None:
     cache = _cache(store)
     miss = lookup(cache, "generate", {"prompt": "something else"}, NO_HEADERS)
-    assert miss.hit is None and miss.key == prompt_key("something else", MODEL)
+    assert miss.entry is None and miss.key == prompt_key("something else", MODEL)
     other = lookup(cache, "generate", {"prompt": PROMPT, "model_name": "other.gguf"}, NO_HEADERS)
-    assert other.hit is None
+    assert other.entry is None
     image = {
         "messages": [
             {
@@ -129,31 +127,12 @@ def test_unknown_prompt_or_other_model_is_a_miss(store: SqliteStore) -> None:
     assert lookup(cache, "chat", image, NO_HEADERS) == Lookup(None)
 
 
-def test_stream_hit_is_sse_chunks_that_rebuild_the_answer(store: SqliteStore) -> None:
-    cache = _cache(store)
-    found = lookup(
-        cache,
-        "completion",
-        {"prompt": PROMPT, "stream": True},
-        Headers({"x-comeapi-variant": "2"}),
-    )
-    resp = found.hit
-    assert resp is not None and resp.header("content-type") == "text/event-stream"
-    events = [e for e in resp.body.decode().split("\n\n") if e]
-    assert events[-1] == "data: [DONE]"
-    chunks = [orjson.loads(e.removeprefix("data: ")) for e in events[:-1]]
-    assert len(chunks) > 3
-    text = "".join(c["choices"][0]["text"] for c in chunks)
-    assert text.startswith("answer number") and text.endswith("答え")
-    assert chunks[-1]["choices"][0]["finish_reason"] == "stop"
-
-
 def test_variant_header_needs_the_secret(store: SqliteStore) -> None:
     cache = _cache(store, variant_secret="s3cret")
     body = {"prompt": PROMPT}
     for _ in range(20):
         spoofed = Headers({"x-comeapi-variant": "3", "x-comeapi-variant-secret": "guess"})
-        resp = lookup(cache, "generate", body, spoofed).hit
+        resp = lookup(cache, "generate", body, spoofed).entry
         assert resp is not None
         if resp.variant != 3:
             break
@@ -161,7 +140,7 @@ def test_variant_header_needs_the_secret(store: SqliteStore) -> None:
         pytest.fail("a client without the secret always got the variant it asked for")
     trusted = Headers({"x-comeapi-variant": "3", "x-comeapi-variant-secret": "s3cret"})
     for _ in range(10):
-        resp = lookup(cache, "generate", body, trusted).hit
+        resp = lookup(cache, "generate", body, trusted).entry
         assert resp is not None and resp.variant == 3
     with pytest.raises(RequestError):
         lookup(
@@ -178,13 +157,13 @@ def test_forced_missing_variant_is_filled_from_the_answer(tmp_path: Path) -> Non
     headers = Headers({"x-comeapi-variant": "4", "x-comeapi-variant-secret": "k"})
     body = {"prompt": "A new prompt", "max_tokens": 8}
     miss = lookup(cache, "generate", body, headers)
-    assert miss.hit is None and miss.forced_variant == 4
+    assert miss.entry is None and miss.forced_variant == 4
     answer = {"response": "generated", "model": MODEL, "finish_reason": "length", "usage": {}}
     request = parse_request("generate", body, max_tokens_limit=2048)
     anyio.run(cache.store_answer, miss, request, answer)
     stored = store.get(prompt_key("A new prompt", MODEL), 4)
     assert stored is not None and stored.answer == "generated" and stored.params["seed"] == 4
-    hit = lookup(cache, "generate", body, headers).hit
+    hit = lookup(cache, "generate", body, headers).entry
     assert hit is not None and hit.variant == 4
 
 
@@ -194,6 +173,6 @@ def test_hit_counts_reach_the_store(store: SqliteStore) -> None:
         lookup(cache, "generate", {"prompt": PROMPT}, NO_HEADERS)
     anyio.run(cache.flush_hits)
     assert sum(store.hit_counts().values()) == 7
-    status = cache.status()
+    status = cache_status(cache)
     assert status["hits"] == 7 and status["prompts"] == 2
     assert sum(p["hits"] for p in status["by_prompt"]) == 7

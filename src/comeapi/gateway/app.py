@@ -29,6 +29,7 @@ from comeapi.balancer.transport import default_upstream
 from comeapi.balancer.upstream import HttpxUpstream, Timeouts, Upstream
 from comeapi.errors import ModelNotFoundError
 from comeapi.gateway.cache import ResponseCache
+from comeapi.gateway.cache_status import cache_status
 from comeapi.gateway.dashboard import PAGE_PATHS, UNLISTED_PATHS, Dashboard
 from comeapi.gateway.generation import GenerationRoutes
 from comeapi.gateway.metrics import GatewayMetrics
@@ -153,7 +154,7 @@ class Gateway:
                 "routing": self.pool.routing,
                 "queue_size": self.pool.queue_size,
                 "backends": [b.to_dict() for b in self.pool.backends],
-                "cache": self.cache.status() if self.cache is not None else None,
+                "cache": cache_status(self.cache) if self.cache is not None else None,
                 "on_demand": self.on_demand.status() if self.on_demand is not None else None,
             }
         )

@@ -1,67 +1,41 @@
-"""Answer known prompts from an in-memory copy of the response store.
+"""The gateway's index of the response store: every answer in memory, looked up by key.
 
-The hit path is: key the prompt, pick a variant uniformly at random, send bytes built from
-the entry. No store query, no backend, no logging per request; hit counts are kept in memory
-and written to the store in the background.
+A lookup is: key the request, pick a variant uniformly at random (or the slot a trusted
+proxy chose). No store query, no backend, no logging; hits are counted in memory and written
+to the store in the background. How a hit is encoded is ``cache.replies``; which slot a
+proxy may force is ``gateway.forced``; what /status shows is ``gateway.cache_status``.
 """
 
 from __future__ import annotations
 
-import hmac
 import logging
 import random
-import time
 from collections import Counter
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
 import anyio.to_thread
-import orjson
 
 from comeapi.cache.key import canonical_model, choose_default_model, lookup_key, uncacheable
-from comeapi.cache.replies import hit_body, hit_stream
+from comeapi.cache.replies import entry_from_answer
 from comeapi.cache.store import Entry, ResponseStore
-from comeapi.errors import RequestError
 from comeapi.models.bundled import BUNDLED_MODEL
 from comeapi.protocol.requests import GenerationRequest
 
 log = logging.getLogger("comeapi.gateway.cache")
-
-VARIANT_HEADER = "x-comeapi-variant"
-SECRET_HEADER = "x-comeapi-variant-secret"
-_JSON = b"application/json"
-_SSE = b"text/event-stream"
-
-
-@dataclass(frozen=True, slots=True)
-class Hit:
-    """A cached answer ready to send: the body and its raw ASGI headers (status 200), and
-    the entry it came from (for the request log)."""
-
-    body: bytes
-    headers: list[tuple[bytes, bytes]]
-    entry: Entry
-
-    def header(self, name: str) -> str | None:
-        wanted = name.lower().encode()
-        return next((v.decode() for k, v in self.headers if k == wanted), None)
-
-    @property
-    def variant(self) -> int:
-        return int(self.header("x-cache-variant") or -1)
 
 
 @dataclass(frozen=True, slots=True)
 class Lookup:
     """The cache's verdict on one request.
 
-    ``hit`` is set on a hit. On a miss, ``key`` is the prompt's key (None when the request
-    asks for what no stored answer carries) and ``forced_variant`` the slot a trusted proxy
-    asked for: the gateway generates it with that seed and stores it.
+    ``entry`` is the variant chosen on a hit. On a miss, ``key`` is the prompt's key (None
+    when the request asks for what no stored answer carries) and ``forced_variant`` the slot
+    a trusted proxy asked for: the gateway generates it with that seed and stores it.
     """
 
-    hit: Hit | None
+    entry: Entry | None
     key: str | None = None
     forced_variant: int | None = None
 
@@ -84,14 +58,13 @@ class ResponseCache:
     ):
         self.store = store
         self.variants = variants
+        self.variant_secret = variant_secret
         self.store_misses = store_misses
         self._configured_model = default_model
-        self._secret = variant_secret.encode() if variant_secret else None
         # Uniform, not secret: a Mersenne Twister seeded from os.urandom, rather than a
         # system call per hit (SystemRandom).
         self._rng = rng or random.Random()
         self._index: dict[str, tuple[Entry, ...]] = {}
-        self._generate_bodies: dict[tuple[str, int], bytes] = {}
         self.default_model = canonical_model(default_model or BUNDLED_MODEL)
         self._revision: int | None = None
         self._pending_hits: Counter[tuple[str, int]] = Counter()
@@ -108,7 +81,6 @@ class ResponseCache:
         models = {e.model for group in index.values() for e in group}
         self._stored_hits = self.store.hit_counts()
         self._index, self._revision = index, revision
-        self._generate_bodies = {}
         self.default_model = choose_default_model(self._configured_model, models, BUNDLED_MODEL)
         log.info("cache: %d prompts, %d answers loaded", len(index), self.answer_count())
 
@@ -137,49 +109,33 @@ class ResponseCache:
     def lookup(self, request: GenerationRequest, forced: int | None = None) -> Lookup:
         """A hit, or the miss's key. ``request`` is already validated: the verdict on a
         body never depends on what the cache holds. ``forced`` is the slot a trusted proxy
-        chose (``forced_variant``)."""
+        chose (``gateway.forced``)."""
         if uncacheable(request) is not None:
             return MISS_UNKEYED
-        key = lookup_key(request, self.default_model)
-        group = self._index.get(key, ())
-        if forced is not None:
+        return self.lookup_key(lookup_key(request, self.default_model), forced)
+
+    def lookup_key(self, key: str, forced: int | None = None) -> Lookup:
+        """``lookup`` for a request whose key is known (``key_of``)."""
+        group = self._index.get(key)
+        if group:
+            if forced is None:
+                entry = group[self._rng.randrange(len(group))] if len(group) > 1 else group[0]
+                self.hits += 1
+                self._pending_hits[(key, entry.variant)] += 1
+                return Lookup(entry)
             for entry in group:
                 if entry.variant == forced:
-                    return self._hit(request, entry)
-            self.misses += 1
-            return Lookup(None, key, forced)
-        if group:
-            return self._hit(request, group[self._rng.randrange(len(group))])
+                    self.hits += 1
+                    self._pending_hits[(key, forced)] += 1
+                    return Lookup(entry)
         self.misses += 1
-        return Lookup(None, key)
+        return Lookup(None, key, forced)
 
-    def forced_variant(self, variant: bytes | None, secret: bytes) -> int | None:
-        """The variant a trusted proxy chose (X-Comeapi-Variant with the shared secret in
-        X-Comeapi-Variant-Secret); the header is ignored from anyone else."""
-        if variant is None or self._secret is None:
+    def key_of(self, request: GenerationRequest) -> str | None:
+        """The key ``lookup`` would use for ``request``, None when no stored answer fits it."""
+        if uncacheable(request) is not None:
             return None
-        if not hmac.compare_digest(secret, self._secret):
-            return None
-        if not variant.isdigit() or int(variant) >= self.variants:
-            raise RequestError(
-                f"{VARIANT_HEADER}: expected 0..{self.variants - 1}, got {variant.decode()!r}",
-                param=VARIANT_HEADER,
-            )
-        return int(variant)
-
-    def _hit(self, request: GenerationRequest, entry: Entry) -> Lookup:
-        self.hits += 1
-        self._pending_hits[(entry.key, entry.variant)] += 1
-        if request.stream:
-            payload = hit_stream(request, entry)
-            return Lookup(Hit(payload, _headers(_SSE, payload, entry.variant, stream=True), entry))
-        if request.kind == "generate":  # no id or timestamp in ComeAPI's body: encode it once
-            slot = (entry.key, entry.variant)
-            payload = self._generate_bodies.get(slot) or orjson.dumps(hit_body("generate", entry))
-            self._generate_bodies[slot] = payload
-        else:
-            payload = orjson.dumps(hit_body(request.kind, entry))
-        return Lookup(Hit(payload, _headers(_JSON, payload, entry.variant), entry))
+        return lookup_key(request, self.default_model)
 
     # --- filling slots from forwarded answers --------------------------------------------
 
@@ -202,16 +158,19 @@ class ResponseCache:
         if variant is None:
             return
         model = canonical_model(request.model or self.default_model)
-        entry = _entry_from_answer(lookup.key, variant, model, request, answer)
+        entry = entry_from_answer(lookup.key, variant, model, request, answer)
         if entry is None:
             return
         entry = entry.sealed()
         await anyio.to_thread.run_sync(self.store.put, entry)
         group = [e for e in self._index.get(entry.key, ()) if e.variant != variant]
         self._index[entry.key] = tuple(sorted([*group, entry], key=lambda e: e.variant))
-        self._generate_bodies.pop((entry.key, variant), None)
 
-    # --- reporting ------------------------------------------------------------------------
+    # --- what it holds ----------------------------------------------------------------------
+
+    def groups(self) -> Mapping[str, tuple[Entry, ...]]:
+        """Every key's stored variants (read-only)."""
+        return self._index
 
     def models(self) -> set[str]:
         return {group[0].model for group in self._index.values() if group}
@@ -222,96 +181,7 @@ class ResponseCache:
     def known_prompts(self) -> list[str]:
         return sorted({group[0].prompt for group in self._index.values() if group})
 
-    def status(self) -> dict[str, Any]:
-        prompts = []
-        for key, group in self._index.items():
-            hits = {e.variant: self._hit_total(key, e.variant) for e in group}
-            prompts.append(
-                {
-                    "key": key,
-                    "prompt": group[0].prompt,
-                    "kind": group[0].kind,
-                    "model": group[0].model,
-                    "variants": len(group),
-                    "hits": sum(hits.values()),
-                    "hits_by_variant": {str(v): n for v, n in sorted(hits.items())},
-                }
-            )
-        looked_up = self.hits + self.misses
-        return {
-            "prompts": len(self._index),
-            "answers": self.answer_count(),
-            "variants_per_prompt": self.variants,
-            "hits": self.hits,
-            "misses": self.misses,
-            "hit_ratio": round(self.hits / looked_up, 4) if looked_up else None,
-            "store_problem": self.store.problem,
-            "by_prompt": sorted(prompts, key=lambda p: p["prompt"]),
-        }
-
-    def _hit_total(self, key: str, variant: int) -> int:
+    def hit_count(self, key: str, variant: int) -> int:
+        """Hits of one slot since the store began counting, those not yet written included."""
         slot = (key, variant)
         return self._stored_hits.get(slot, 0) + self._pending_hits.get(slot, 0)
-
-
-def _headers(
-    content_type: bytes, body: bytes, variant: int, *, stream: bool = False
-) -> list[tuple[bytes, bytes]]:
-    headers = [
-        (b"content-type", content_type),
-        (b"content-length", str(len(body)).encode()),
-        (b"x-cache", b"HIT"),
-        (b"x-cache-variant", str(variant).encode()),
-    ]
-    if stream:
-        headers.append((b"cache-control", b"no-cache"))
-    return headers
-
-
-def _entry_from_answer(
-    key: str, variant: int, model: str, request: GenerationRequest, answer: Mapping[str, Any]
-) -> Entry | None:
-    """An Entry from a backend's JSON answer, or None when the answer is not one."""
-    kind = request.kind
-    try:
-        if kind == "generate":
-            text, finish = answer["response"], answer.get("finish_reason", "stop")
-        else:
-            choice = answer["choices"][0]
-            text = choice["text"] if kind == "completion" else choice["message"]["content"]
-            finish = choice.get("finish_reason") or "stop"
-        usage = answer.get("usage") or {}
-        prompt_tokens = int(usage.get("prompt_tokens", 0))
-        completion_tokens = int(usage.get("completion_tokens", 0))
-    except (KeyError, IndexError, TypeError, ValueError):
-        return None
-    if not isinstance(text, str):
-        return None
-    messages = None
-    if request.messages is not None:
-        messages = tuple((m.role, m.content) for m in request.messages)
-        prompt = next((c for r, c in reversed(messages) if r == "user"), messages[-1][1])
-    else:
-        assert request.prompt is not None
-        prompt = request.prompt
-    params: dict[str, Any] = {
-        "max_tokens": request.max_tokens,
-        "temperature": request.temperature,
-        "top_k": request.top_k,
-        "top_p": request.top_p,
-        "seed": request.seed if request.seed is not None else variant,
-    }
-    return Entry(
-        key=key,
-        variant=variant,
-        kind="chat" if messages is not None else "prompt",
-        prompt=prompt.strip(),
-        answer=text,
-        model=model,  # the model the key was made with, whatever the backend calls it
-        messages=messages,
-        params={k: v for k, v in params.items() if v is not None},
-        finish_reason=str(finish),
-        prompt_tokens=prompt_tokens,
-        completion_tokens=completion_tokens,
-        created=time.time(),
-    )

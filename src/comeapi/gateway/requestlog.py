@@ -23,7 +23,7 @@ from starlette.responses import Response
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from comeapi.balancer.relay import UpstreamStream
-from comeapi.gateway.cache import Hit
+from comeapi.cache.replies import HitReply
 from comeapi.protocol.requests import GenerationRequest
 
 #: Characters a key=value value may hold unquoted.
@@ -112,8 +112,8 @@ class RequestRecord:
         self.path: str = scope["path"]
         self.client: tuple[str, int] | None = scope.get("client")
         self.request: GenerationRequest | None = None
-        #: The cache's hit, or the ``Miss``; None where the cache had no part.
-        self.outcome: Hit | Miss | None = None
+        #: The cache's hit (the reply sent), or the ``Miss``; None where the cache had no part.
+        self.outcome: HitReply | Miss | None = None
         # time, status and seconds are set when the request ends (RequestLog.add).
         self.time: float
         self.status: int
@@ -124,7 +124,7 @@ class RequestRecord:
         outcome = self.outcome
         request = self.request
         cache = variant = model = backend = prompt_tokens = completion_tokens = None
-        if isinstance(outcome, Hit):
+        if isinstance(outcome, HitReply):
             entry = outcome.entry
             cache, variant, model = "HIT", entry.variant, entry.model
             prompt_tokens, completion_tokens = entry.prompt_tokens, entry.completion_tokens
