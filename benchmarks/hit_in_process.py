@@ -130,6 +130,14 @@ def child_run(src: Path, store: str, hits: int) -> float:
     return float(json.loads(out.stdout.splitlines()[-1])["us"])
 
 
+def _loop_factory() -> Any:
+    try:
+        import uvloop
+    except ImportError:
+        return None
+    return uvloop.new_event_loop
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--hits", type=int, default=5000, help="hits per measurement")
@@ -140,7 +148,10 @@ def main() -> None:
     args = parser.parse_args()
     if args.child:
         # The best of three in one process: the least disturbed by the rest of the machine.
-        print(json.dumps({"us": min(asyncio.run(measure(args.child, args.hits, 3)))}))
+        # On uvloop, as `comeapi serve` runs (its timers and tasks cost less than asyncio's).
+        with asyncio.Runner(loop_factory=_loop_factory()) as runner:
+            us = min(runner.run(measure(args.child, args.hits, 3)))
+        print(json.dumps({"us": us}))
         return
 
     load = Load(own=1.0)

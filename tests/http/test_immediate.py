@@ -29,7 +29,7 @@ from comeapi.balancer.pool import BackendPool
 from comeapi.cache.prompts import load_prompt_set
 from comeapi.gateway.app import create_app
 from comeapi.gateway.server import build_cache, uvicorn_config
-from comeapi.http.server import GuardedHttpToolsProtocol
+from comeapi.http.protocol import HttpProtocol
 from comeapi.settings import load_settings
 from tests.helpers import REPO, Proc, comeapi_argv, free_port
 
@@ -93,7 +93,7 @@ class MemoryTransport(asyncio.Transport):
 
 
 class Connection:
-    def __init__(self, protocol: GuardedHttpToolsProtocol, transport: MemoryTransport, app: Any):
+    def __init__(self, protocol: HttpProtocol, transport: MemoryTransport, app: Any):
         self.protocol = protocol
         self.transport = transport
         self.app = app
@@ -128,7 +128,7 @@ async def open_connection(store: str, **options: Any) -> AsyncIterator[Connectio
         app_state={},
         _loop=asyncio.get_running_loop(),
     )
-    assert isinstance(protocol, GuardedHttpToolsProtocol)
+    assert isinstance(protocol, HttpProtocol)
     transport = MemoryTransport()
     protocol.connection_made(transport)
     try:

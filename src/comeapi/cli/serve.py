@@ -29,6 +29,8 @@ GATEWAY_FIELDS = (
     "max_body_bytes",
     "max_tokens_limit",
     "header_timeout",
+    "max_header_size",
+    "max_header_count",
     "body_timeout",
     "max_connections",
     "log_level",

@@ -35,6 +35,7 @@ from comeapi.gateway.ondemand import OnDemandBackends
 from comeapi.gateway.requestlog import Miss, RequestLog, RequestRecord
 from comeapi.http.auth import APIKeys, auth_error_response
 from comeapi.http.errors import error_response
+from comeapi.http.immediate import NOTE, ImmediateRequest
 from comeapi.http.responses import read_asgi_body
 from comeapi.protocol.requests import KINDS, GenerationRequest
 from comeapi.settings import Settings
@@ -47,14 +48,12 @@ _CACHE_CONTROL = b"cache-control"
 _VARIANT = VARIANT_HEADER.encode()
 _SECRET = SECRET_HEADER.encode()
 _HIT_HEADERS = frozenset({_CACHE_CONTROL, _VARIANT, _SECRET})
-# The verdict ``answer_now`` reached on a request it left to the ASGI path.
-_PREPARED = "comeapi.prepared"
 
 
 class GenerationRoutes:
     """The generation routes (``protocol.requests.KINDS``), in front of ``app``."""
 
-    #: The paths ``answer_now`` may answer (``http.server.ImmediateAnswers``).
+    #: The paths ``answer_now`` may answer (``http.immediate.ImmediateAnswers``).
     immediate_paths = frozenset(KINDS)
 
     def __init__(
@@ -92,40 +91,38 @@ class GenerationRoutes:
 
     # --- the hit path, before any ASGI task ------------------------------------------------
 
-    def answer_now(
-        self, scope: Scope, body: bytes
-    ) -> tuple[list[tuple[bytes, bytes]], bytes] | None:
+    def answer_now(self, request: ImmediateRequest) -> tuple[bytes, bytes] | None:
         """A cache hit answered by the HTTP server itself, as soon as the whole request is
-        read and before any ASGI task exists (``http.server.GuardedHttpToolsProtocol``):
-        the headers and body to send with status 200, counted and recorded here as
-        ``__call__`` would. None for anything else (an error, a miss, a bypass): the request
-        then takes the ASGI path, which finds this verdict and lookup in ``scope`` rather
-        than repeating them, so a miss is counted once."""
+        read and before any ASGI task exists (``http.immediate``): the header lines and
+        body of a 200, counted and recorded here as ``__call__`` would. None for anything
+        else (an error, a miss, a bypass): the request then takes the ASGI path, which finds
+        this verdict and lookup in ``request.note`` rather than repeating them, so a miss is
+        counted once."""
+        path, headers, body = request.path, request.headers, request.body
         if (
             self.cache is None
             or len(body) > self.settings.max_body_bytes
-            or self.keys.check(scope) is not None
+            or (self.keys and self.keys.check_headers(path, headers) is not None)
         ):
             return None
         started = time.perf_counter()
-        path = scope["path"]
         try:
-            prepared, lookup = self._verdict(path, scope["headers"], body)
+            prepared, lookup = self._verdict(path, headers, body)
         except ComeapiError:
             return None  # the ASGI path parses again and answers the error
         if lookup is None or lookup.entry is None:
-            scope[_PREPARED] = (prepared, lookup)
+            request.note = (prepared, lookup)
             return None
         reply = self.replies.get(lookup.entry, prepared.format)
         payload = reply.body()
         self.door.remember(path, body, prepared)
-        record = RequestRecord(scope)
+        record = RequestRecord("POST", path, request.client)
         record.request = prepared.request
         record.outcome = reply
         seconds = time.perf_counter() - started
         self.metrics.observe(path, 200, seconds)
         self.requests.add(record, 200, seconds)
-        return _asgi_headers(reply, payload), payload
+        return reply.head, payload
 
     def _verdict(
         self, path: str, headers: RawHeaders, body: bytes
@@ -154,7 +151,7 @@ class GenerationRoutes:
             await self.app(scope, receive, send)
             return
         started = time.perf_counter()
-        record = RequestRecord(scope)
+        record = RequestRecord.of(scope)
         status = 500
         try:
             status = await self._route(scope, receive, send, record)
@@ -177,7 +174,7 @@ class GenerationRoutes:
                 raise error
             else:
                 raw = await read_asgi_body(scope, receive, self.settings.max_body_bytes)
-                known = scope.pop(_PREPARED, None)
+                known = scope.pop(NOTE, None)
                 if known is None:
                     known = self._verdict(scope["path"], scope["headers"], raw)
                 prepared, lookup = known

@@ -107,10 +107,10 @@ class RequestRecord:
 
     __slots__ = ("client", "method", "outcome", "path", "request", "seconds", "status", "time")
 
-    def __init__(self, scope: Scope):
-        self.method: str = scope["method"]
-        self.path: str = scope["path"]
-        self.client: tuple[str, int] | None = scope.get("client")
+    def __init__(self, method: str, path: str, client: tuple[str, int] | None):
+        self.method = method
+        self.path = path
+        self.client = client
         self.request: GenerationRequest | None = None
         #: The cache's hit (the reply sent), or the ``Miss``; None where the cache had no part.
         self.outcome: HitReply | Miss | None = None
@@ -118,6 +118,10 @@ class RequestRecord:
         self.time: float
         self.status: int
         self.seconds: float
+
+    @classmethod
+    def of(cls, scope: Scope) -> RequestRecord:
+        return cls(scope["method"], scope["path"], scope.get("client"))
 
     def fields(self) -> dict[str, Any]:
         """The record as ``FIELDS``; None where a field does not apply or is not known."""
@@ -257,7 +261,7 @@ class RequestLogMiddleware:
             await self.app(scope, receive, send)
             return
         started = time.perf_counter()
-        record = RequestRecord(scope)
+        record = RequestRecord.of(scope)
         status = 500
 
         async def send_status(message: Message) -> None:
