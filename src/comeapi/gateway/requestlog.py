@@ -211,10 +211,13 @@ class AccessLog:
 
     def text_line(self, f: dict[str, Any]) -> str:
         """``CLIENT - - [TIME] "METHOD PATH" STATUS - key=value ...``: the common log format
-        (the size is not tracked: "-"), then the other fields."""
+        (the size is not tracked: "-"), then the other fields. What a client controls (its
+        forwarded address, the path, the model) is written bare only when it is a plain
+        token, else quoted and escaped like a JSON string: no client can forge a field or
+        the start of a line."""
         self._tick(f["time"])
         return (
-            f"{f['client'] or '-'} - - [{self._clf}] "
+            f"{_value(f['client'])} - - [{self._clf}] "
             f"{_quoted(f['method'] + ' ' + f['path'])} {f['status']} - "
             f"cache={_value(f['cache'])} variant={_value(f['variant'])} "
             f"model={_value(f['model'])} backend={_value(f['backend'])} "
