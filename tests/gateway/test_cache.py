@@ -3,7 +3,9 @@ slots, hit counts. (How a hit is encoded: tests/cache/test_replies.py.)"""
 
 from __future__ import annotations
 
+import logging
 import random
+import sqlite3
 from pathlib import Path
 
 import anyio
@@ -176,3 +178,28 @@ def test_hit_counts_reach_the_store(store: SqliteStore) -> None:
     status = cache_status(cache)
     assert status["hits"] == 7 and status["prompts"] == 2
     assert sum(p["hits"] for p in status["by_prompt"]) == 7
+
+
+def test_a_store_that_cannot_be_written_is_one_warning_and_a_problem_until_it_recovers(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    store = SqliteStore(tmp_path / "c.db", timeout=0.1)
+    store.put_many(_entries())
+    cache = _cache(store)
+    for _ in range(3):
+        lookup(cache, "generate", {"prompt": PROMPT}, NO_HEADERS)
+    # Another process holds the write lock: every write fails (readers still read).
+    blocker = sqlite3.connect(tmp_path / "c.db", isolation_level=None)
+    blocker.execute("BEGIN IMMEDIATE")
+    caplog.set_level(logging.DEBUG, logger="comeapi")
+    for _ in range(5):  # five refreshes (25 s of a running gateway)
+        anyio.run(cache.refresh)
+    told = [r for r in caplog.records if r.levelno >= logging.WARNING]
+    assert len(told) == 1 and told[0].exc_info is None, told
+    problem = cache_status(cache)["store_problem"]
+    assert problem and "locked" in problem
+    blocker.execute("ROLLBACK")
+    blocker.close()
+    anyio.run(cache.refresh)
+    assert cache_status(cache)["store_problem"] is None
+    assert sum(store.hit_counts().values()) == 3  # no hit was lost meanwhile

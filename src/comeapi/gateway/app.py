@@ -105,10 +105,7 @@ class Gateway:
         assert self.cache is not None
         while True:
             await asyncio.sleep(self.settings.cache_refresh)
-            try:
-                await self.cache.refresh()
-            except Exception:
-                log.exception("cache refresh failed; serving the answers already loaded")
+            await self.cache.refresh()  # says what fails, once (``cache.problem``)
 
     async def startup(self) -> None:
         if self.cache is not None:

@@ -71,6 +71,8 @@ class ResponseCache:
         self._stored_hits: dict[tuple[str, int], int] = {}
         self.hits = 0
         self.misses = 0
+        #: Why the store cannot be read or written right now, for /status (None: all well).
+        self.problem: str | None = None
 
     # --- loading -------------------------------------------------------------------------
 
@@ -85,24 +87,45 @@ class ResponseCache:
         log.info("cache: %d prompts, %d answers loaded", len(index), self.answer_count())
 
     async def refresh(self) -> None:
-        """Reload if the store changed (an import, a warmup) and write pending hit counts."""
-        revision = await anyio.to_thread.run_sync(self.store.revision)
-        if revision is None or revision != self._revision:
-            await anyio.to_thread.run_sync(self.reload)
+        """Reload if the store changed (an import, a warmup) and write pending hit counts.
+        A store that cannot be read or written is said once (a warning and ``problem``),
+        not at every refresh; the answers loaded are served meanwhile, hits kept."""
+        try:
+            revision = await anyio.to_thread.run_sync(self.store.revision)
+            if revision is None or revision != self._revision:
+                await anyio.to_thread.run_sync(self.reload)
+        except Exception as exc:
+            self._failed("read", exc)
+            return
         await self.flush_hits()
 
     async def flush_hits(self) -> None:
         if not self._pending_hits:
+            self._recovered()
             return
         pending, self._pending_hits = self._pending_hits, Counter()
         try:
             await anyio.to_thread.run_sync(self.store.record_hits, pending)
-        except Exception:
+        except Exception as exc:
             self._pending_hits.update(pending)  # keep them for the next flush
-            log.exception("cache: could not record hit counts")
+            self._failed("write hit counts to", exc)
             return
+        self._recovered()
         for slot, n in pending.items():
             self._stored_hits[slot] = self._stored_hits.get(slot, 0) + n
+
+    def _failed(self, action: str, exc: Exception) -> None:
+        problem = f"cannot {action} the store: {getattr(exc, 'message', None) or exc}"
+        if self.problem is None:
+            log.warning("cache: %s; serving the answers loaded, retrying at each refresh", problem)
+        else:
+            log.debug("cache: still %s", problem)
+        self.problem = problem
+
+    def _recovered(self) -> None:
+        if self.problem is not None:
+            log.warning("cache: the store works again (was: %s)", self.problem)
+            self.problem = None
 
     # --- the hit path --------------------------------------------------------------------
 
@@ -162,7 +185,11 @@ class ResponseCache:
         if entry is None:
             return
         entry = entry.sealed()
-        await anyio.to_thread.run_sync(self.store.put, entry)
+        try:
+            await anyio.to_thread.run_sync(self.store.put, entry)
+        except Exception as exc:
+            self._failed("write an answer to", exc)
+            raise
         group = [e for e in self._index.get(entry.key, ()) if e.variant != variant]
         self._index[entry.key] = tuple(sorted([*group, entry], key=lambda e: e.variant))
 

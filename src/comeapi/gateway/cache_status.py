@@ -34,6 +34,6 @@ def cache_status(cache: ResponseCache) -> dict[str, Any]:
         "hits": cache.hits,
         "misses": cache.misses,
         "hit_ratio": round(cache.hits / looked_up, 4) if looked_up else None,
-        "store_problem": cache.store.problem,
+        "store_problem": cache.store.problem or cache.problem,
         "by_prompt": sorted(prompts, key=lambda p: p["prompt"]),
     }
