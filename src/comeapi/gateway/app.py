@@ -81,7 +81,7 @@ class Gateway:
             interval=settings.health_interval,
             timeout=settings.health_timeout,
         )
-        self.metrics = GatewayMetrics(pool)
+        self.metrics = GatewayMetrics(pool, cache)
         self.requests = RequestLog(settings.request_log_size, settings.access_log)
         self.forwarder = Forwarder(
             pool,
