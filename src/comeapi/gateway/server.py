@@ -20,7 +20,6 @@ from collections.abc import Callable, Coroutine, Iterator
 from typing import Any
 
 import uvicorn
-from uvicorn.supervisors import Multiprocess
 
 from comeapi.balancer.pool import BackendPool
 from comeapi.errors import ConfigError
@@ -32,7 +31,7 @@ from comeapi.settings import Settings
 
 log = logging.getLogger("comeapi.gateway")
 
-# `--workers N`: each worker process rebuilds the app from the settings passed here.
+# ``worker_app`` rebuilds the app from the settings passed here.
 WORKER_SETTINGS_ENV = "_COMEAPI_GATEWAY_SETTINGS"
 SIGNALS = (signal.SIGINT, signal.SIGTERM)
 
@@ -96,9 +95,14 @@ def build_cache(settings: Settings) -> ResponseCache:
     )
 
 
-async def serve(settings: Settings, *, urls: list[str] | None = None) -> None:
+async def serve(
+    settings: Settings,
+    *,
+    urls: list[str] | None = None,
+    sockets: list[socket.socket] | None = None,
+) -> None:
     """Serve the gateway in front of ``urls`` (default: the configured backends) until a
-    signal, then shut down gracefully."""
+    signal, then shut down gracefully. ``sockets``: listen on these rather than bind."""
     if settings.on_demand:
         from comeapi.gateway.ondemand import pool_supervisor
 
@@ -116,7 +120,7 @@ async def serve(settings: Settings, *, urls: list[str] | None = None) -> None:
         settings.store,
     )
     with handle_signals(lambda sig: server.handle_exit(sig, None)):
-        await server.serve()
+        await server.serve(sockets)
     if not server.started:
         raise SystemExit(1)  # uvicorn has logged why (port in use, ...)
 
@@ -215,21 +219,20 @@ def run(main: Coroutine[Any, Any, None]) -> None:
 
 
 def run_gateway(settings: Settings) -> None:
-    """``comeapi serve``: one process, or ``settings.workers`` processes sharing the port."""
+    """``comeapi serve``: one process, or ``settings.workers`` processes sharing the port
+    (``gateway.workers``)."""
     warn_if_exposed(settings)
     if settings.workers == 1:
         run(serve(settings))
         return
-    os.environ[WORKER_SETTINGS_ENV] = settings.model_dump_json()
-    # What uvicorn.run does for workers, with comeapi's own configuration class.
-    config = uvicorn_config(
-        settings, f"{__name__}:worker_app", factory=True, workers=settings.workers
-    )
-    Multiprocess(config, sockets=[config.bind_socket()]).run()
+    from comeapi.gateway.workers import run_workers
+
+    run_workers(settings)
 
 
 def worker_app() -> GatewayApp:
-    """The app of one ``--workers`` process (uvicorn imports and calls this)."""
+    """The gateway app built from the settings in ``WORKER_SETTINGS_ENV``, for running it
+    under another ASGI server (benchmarks/nginx_vs_gateway.py's granian row)."""
     settings = Settings.model_validate_json(os.environ[WORKER_SETTINGS_ENV])
     return create_app(settings, BackendPool.from_settings(settings), build_cache(settings))
 
