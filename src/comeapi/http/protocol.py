@@ -109,7 +109,7 @@ class HttpProtocol(asyncio.Protocol):
         self.url = b""
         self.headers: list[tuple[bytes, bytes]] = []
         self._length = -1  # Content-Length, -1 without one
-        self._chunked = self._expect = False
+        self._chunked = self._expect = self._forwarded = False
         self._pending: tuple[bool, str] | None = None  # (keep-alive, version) of an immediate
         self._body = bytearray()
         self._head_bytes = 0  # bytes received since the head began (an upper bound)
@@ -209,7 +209,7 @@ class HttpProtocol(asyncio.Protocol):
         self.url = b""
         self.headers = []
         self._length = -1
-        self._chunked = self._expect = False
+        self._chunked = self._expect = self._forwarded = False
         self._head_bytes = 0
         self.deadlines.request_started()
 
@@ -247,6 +247,8 @@ class HttpProtocol(asyncio.Protocol):
             self._chunked = True
         elif name == b"expect" and value.lower() == b"100-continue":
             self._expect = True
+        elif name in _FORWARDED:
+            self._forwarded = True
 
     def on_headers_complete(self) -> None:
         self.deadlines.headers_read()
@@ -303,7 +305,7 @@ class HttpProtocol(asyncio.Protocol):
         assert self.immediate is not None
         body = bytes(self._body)
         client = self.client
-        if self._trusted and any(name in _FORWARDED for name, _ in self.headers):
+        if self._trusted and self._forwarded:
             client = self.immediate.forwarded_client(client, self.headers)
         request = ImmediateRequest(self.url.decode("ascii"), self.headers, body, client)
         try:
