@@ -73,6 +73,48 @@ class Refused(Exception):
         self.code = code
 
 
+class Coalescing:
+    """The connection's transport as the ASGI cycle writes to it: what one turn of the event
+    loop writes goes out in one system call. uvicorn's cycle writes a response's head and
+    its body separately: two sends, two TCP segments and two wake-ups of the client for
+    every small answer, where nginx sends one. Immediate answers (``write_now``) go out at
+    once, after anything held."""
+
+    __slots__ = ("_held", "_loop", "transport")
+
+    def __init__(self, transport: asyncio.Transport, loop: asyncio.AbstractEventLoop):
+        self.transport = transport
+        self._loop = loop
+        self._held: list[bytes] = []
+
+    def write(self, data: bytes) -> None:
+        if not self._held:
+            self._loop.call_soon(self.flush)
+        self._held.append(data)
+
+    def write_now(self, data: bytes) -> None:
+        if self._held:
+            self._held.append(data)
+            self.flush()
+        else:
+            self.transport.write(data)
+
+    def flush(self) -> None:
+        held, self._held = self._held, []
+        if held and not self.transport.is_closing():
+            self.transport.write(b"".join(held))
+
+    def close(self) -> None:
+        self.flush()
+        self.transport.close()
+
+    def is_closing(self) -> bool:
+        return self.transport.is_closing()
+
+    def get_extra_info(self, name: str, default: Any = None) -> Any:
+        return self.transport.get_extra_info(name, default)
+
+
 class HttpProtocol(asyncio.Protocol):
     """One HTTP/1.1 connection (uvicorn's ``--http`` protocol class)."""
 
@@ -122,6 +164,7 @@ class HttpProtocol(asyncio.Protocol):
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
         self.connections.add(self)  # type: ignore[arg-type]
         self.transport = transport
+        self.out = Coalescing(transport, self.loop)
         self.flow = FlowControl(transport)
         self.server = get_local_addr(transport)
         self.client = get_remote_addr(transport)
@@ -141,7 +184,7 @@ class HttpProtocol(asyncio.Protocol):
             # Full: the address holding the most unfinished heads loses its oldest.
             victim = limits.half_open.oldest_of_the_greediest()
             if isinstance(victim, HttpProtocol) and victim is not self:
-                victim.transport.close()
+                victim.out.close()
                 victim._uncount_half_open()
 
     def connection_lost(self, exc: Exception | None) -> None:
@@ -193,7 +236,7 @@ class HttpProtocol(asyncio.Protocol):
     def shutdown(self) -> None:
         """The server is stopping: close once the response in progress is sent."""
         if self.cycle is None or self.cycle.response_complete:
-            self.transport.close()
+            self.out.close()
         else:
             self.cycle.keep_alive = False
 
@@ -321,7 +364,7 @@ class HttpProtocol(asyncio.Protocol):
         if default is not self._default_src:  # uvicorn makes a new list each second (date)
             self._default_src = default
             self._default_head = b"".join(b"%s: %s\r\n" % pair for pair in default)
-        self.transport.write(
+        self.out.write_now(
             b"".join(
                 (
                     _OK,
@@ -335,7 +378,7 @@ class HttpProtocol(asyncio.Protocol):
         )
         self.server_state.total_requests += 1
         if not keep_alive:
-            self.transport.close()
+            self.out.close()
         else:
             self.deadlines.idle()
 
@@ -380,7 +423,7 @@ class HttpProtocol(asyncio.Protocol):
         existing = self.cycle
         self.cycle = cycle = RequestResponseCycle(
             scope=scope,
-            transport=self.transport,
+            transport=self.out,  # type: ignore[arg-type]
             flow=self.flow,
             logger=self.logger,
             access_logger=self.access_logger,
@@ -429,7 +472,7 @@ class HttpProtocol(asyncio.Protocol):
                 # Closing tells an app waiting for the body that the client is gone.
                 self._send_error(408, "the request body was not received in time", "timeout")
                 return
-        self.transport.close()  # no headers: nobody to answer; idle: keep-alive is over
+        self.out.close()  # no headers: nobody to answer; idle: keep-alive is over
 
     def _count_half_open(self) -> None:
         self.limits.half_open.add(self._host, self)
@@ -454,8 +497,8 @@ class HttpProtocol(asyncio.Protocol):
             b"content-length: %d\r\n" % len(body),
             b"connection: close\r\n\r\n",
         ]
-        self.transport.write(b"".join(head) + body)
-        self.transport.close()
+        self.out.write_now(b"".join(head) + body)
+        self.out.close()
 
 
 _UPGRADE = "protocol upgrades (WebSocket, h2c) are not supported"
