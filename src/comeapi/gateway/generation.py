@@ -77,6 +77,9 @@ class GenerationRoutes:
         self.cache = cache
         self.on_demand = on_demand
         self.keys = APIKeys(settings.api_keys)
+        self._keys_set = bool(self.keys)
+        self._max_body = settings.max_body_bytes
+        self._bypass_allowed = settings.on_miss == "forward"
         self.door = FrontDoor(settings.max_tokens_limit)
         self.replies = Replies()
         self.forced = ForcedVariants(
@@ -101,8 +104,8 @@ class GenerationRoutes:
         path, headers, body = request.path, request.headers, request.body
         if (
             self.cache is None
-            or len(body) > self.settings.max_body_bytes
-            or (self.keys and self.keys.check_headers(path, headers) is not None)
+            or len(body) > self._max_body
+            or (self._keys_set and self.keys.check_headers(path, headers) is not None)
         ):
             return None
         started = time.perf_counter()
@@ -136,9 +139,12 @@ class GenerationRoutes:
         if cache is None:
             return prepared, None
         found = {k: v for k, v in headers if k in _HIT_HEADERS}
-        if b"no-cache" in found.get(_CACHE_CONTROL, b"") and self.settings.on_miss == "forward":
-            return prepared, None
-        forced = self.forced.read(found.get(_VARIANT), found.get(_SECRET, b""))
+        if found:
+            if b"no-cache" in found.get(_CACHE_CONTROL, b"") and self._bypass_allowed:
+                return prepared, None
+            forced = self.forced.read(found.get(_VARIANT), found.get(_SECRET, b""))
+        else:
+            forced = None
         if prepared.key is None:
             return prepared, Lookup(None)
         return prepared, cache.lookup_key(prepared.key, forced)

@@ -50,7 +50,8 @@ class Immediate:
 
     def __init__(self, app: ImmediateAnswers, trusted: ProxyHeadersMiddleware | None):
         self.app = app
-        self.paths = frozenset(path.encode() for path in app.immediate_paths)
+        #: The raw request target of each path (as sent, no query) -> the path.
+        self.paths = {path.encode(): path for path in app.immediate_paths}
         self._trusted = trusted
 
     @classmethod

@@ -350,7 +350,7 @@ class HttpProtocol(asyncio.Protocol):
         client = self.client
         if self._trusted and self._forwarded:
             client = self.immediate.forwarded_client(client, self.headers)
-        request = ImmediateRequest(self.url.decode("ascii"), self.headers, body, client)
+        request = ImmediateRequest(self.immediate.paths[self.url], self.headers, body, client)
         try:
             answer = self.immediate.app.answer_now(request)
         except Exception:
