@@ -12,7 +12,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import os
 import secrets
 import signal
 import socket
@@ -31,8 +30,6 @@ from comeapi.settings import Settings
 
 log = logging.getLogger("comeapi.gateway")
 
-# ``worker_app`` rebuilds the app from the settings passed here.
-WORKER_SETTINGS_ENV = "_COMEAPI_GATEWAY_SETTINGS"
 SIGNALS = (signal.SIGINT, signal.SIGTERM)
 
 
@@ -228,13 +225,6 @@ def run_gateway(settings: Settings) -> None:
     from comeapi.gateway.workers import run_workers
 
     run_workers(settings)
-
-
-def worker_app() -> GatewayApp:
-    """The gateway app built from the settings in ``WORKER_SETTINGS_ENV``, for running it
-    under another ASGI server (benchmarks/nginx_vs_gateway.py's granian row)."""
-    settings = Settings.model_validate_json(os.environ[WORKER_SETTINGS_ENV])
-    return create_app(settings, BackendPool.from_settings(settings), build_cache(settings))
 
 
 def warn_if_exposed(settings: Settings) -> None:
