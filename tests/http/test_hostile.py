@@ -292,3 +292,15 @@ def test_one_address_cannot_fill_the_connection_table(store: str, tmp_path: Path
         for sock in held:
             sock.close()
         proc.stop()
+
+
+def test_an_http2_offer_is_answered_in_http1(gateway: int) -> None:
+    # curl --http2 on http:// offers h2c; like nginx, the server answers in HTTP/1.1.
+    request = (
+        b"GET /health HTTP/1.1\r\nHost: x\r\nConnection: Upgrade, HTTP2-Settings\r\n"
+        b"Upgrade: h2c\r\nHTTP2-Settings: AAMAAABkAAQAoAAAAAIAAAAA\r\n\r\n"
+    )
+    with socket.create_connection(("127.0.0.1", gateway), timeout=5) as sock:
+        sock.sendall(request)
+        answers = read_responses(sock, 1, within=10)
+    assert [s for s, _ in answers] == [200], answers

@@ -9,8 +9,8 @@ hit_in_process.py``); a hit here builds none of them. And the limits a public se
 are applied while reading: request line and header lines (``max_header_size``, 414/431),
 header count (``max_header_count``, 431), the whole head (4 x ``max_header_size``, 431,
 checked as bytes arrive), Transfer-Encoding other than ``chunked`` (501, as nginx), protocol
-upgrades (400); deadlines and half-open connections (``http.deadlines``). Every error the
-server writes itself is JSON in OpenAI's shape.
+upgrades other than an ignored HTTP/2 offer (400); deadlines and half-open connections
+(``http.deadlines``). Every error the server writes itself is JSON in OpenAI's shape.
 """
 
 from __future__ import annotations
@@ -152,6 +152,7 @@ class HttpProtocol(asyncio.Protocol):
         self.headers: list[tuple[bytes, bytes]] = []
         self._length = -1  # Content-Length, -1 without one
         self._chunked = self._expect = self._forwarded = False
+        self._upgrade = b""
         self._pending: tuple[bool, str] | None = None  # (keep-alive, version) of an immediate
         self._body = bytearray()
         self._head_bytes = 0  # bytes received since the head began (an upper bound)
@@ -220,7 +221,8 @@ class HttpProtocol(asyncio.Protocol):
             self._send_error(400, "Invalid HTTP request received.", "bad_request")
             return
         except httptools.HttpParserUpgrade:
-            self._refuse_upgrade()
+            if self._upgrade != b"h2c":
+                self._refuse_upgrade()
             return
         if self.deadlines.reading_headers and not self.transport.is_closing():
             # A head still incomplete: httptools keeps its pieces until they end, so its
@@ -253,6 +255,7 @@ class HttpProtocol(asyncio.Protocol):
         self.headers = []
         self._length = -1
         self._chunked = self._expect = self._forwarded = False
+        self._upgrade = b""
         self._head_bytes = 0
         self.deadlines.request_started()
 
@@ -292,15 +295,21 @@ class HttpProtocol(asyncio.Protocol):
             self._expect = True
         elif name in _FORWARDED:
             self._forwarded = True
+        elif name == b"upgrade":
+            self._upgrade = value.lower()
 
     def on_headers_complete(self) -> None:
         self.deadlines.headers_read()
         self._uncount_half_open()
         parser = self.parser
-        if parser.should_upgrade():
-            raise Refused(400, _UPGRADE, "upgrade_not_supported")
         version = parser.get_http_version()
         keep_alive = version != "1.0" and parser.should_keep_alive()
+        if parser.should_upgrade():
+            if self._upgrade != b"h2c":
+                raise Refused(400, _UPGRADE, "upgrade_not_supported")
+            # An HTTP/2 offer (curl --http2): answered in HTTP/1.1, as nginx does; httptools
+            # reads nothing after it on this connection, so it is closed after the answer.
+            keep_alive = False
         cycle = self.cycle
         if (
             self.immediate is not None
@@ -501,7 +510,7 @@ class HttpProtocol(asyncio.Protocol):
         self.out.close()
 
 
-_UPGRADE = "protocol upgrades (WebSocket, h2c) are not supported"
+_UPGRADE = "protocol upgrades (WebSocket) are not supported"
 
 
 def error_body(message: str, code: str, kind: str = "invalid_request_error") -> bytes:
