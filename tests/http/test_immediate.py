@@ -72,9 +72,11 @@ class MemoryTransport(asyncio.Transport):
         super().__init__()
         self.out = bytearray()
         self.closed = False
+        self.writes = 0  # system calls a socket would have made
 
     def write(self, data: bytes | bytearray | memoryview) -> None:
         self.out += data
+        self.writes += 1
 
     def is_closing(self) -> bool:
         return self.closed
@@ -185,6 +187,18 @@ async def test_errors_and_misses_take_the_asgi_path_and_a_miss_counts_once(
     assert written.startswith(b"HTTP/1.1 503 "), written[:300]
     assert b'"code":"no_backend_available"' in written
     assert gateway.cache.misses == 1
+
+
+@pytest.mark.anyio
+async def test_an_asgi_answer_goes_out_in_one_write(connection: Connection) -> None:
+    # uvicorn's cycle writes a response's head, then its body: two sends, two segments.
+    path, body = cached_bodies()[0]
+    invalid = json.dumps({**json.loads(body), "max_tokens": -1}).encode()
+    connection.transport.writes = 0
+    connection.feed(http_request(path, invalid))
+    written = await connection.settle()
+    assert written.startswith(b"HTTP/1.1 400 ") and written.endswith(b"}")
+    assert connection.transport.writes == 1
 
 
 @pytest.mark.anyio
