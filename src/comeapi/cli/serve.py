@@ -85,7 +85,7 @@ def serve(ctx: click.Context, /, **values: Any) -> None:
     Listens on 127.0.0.1:9000 unless --host/--port say otherwise.
     """
     settings = build_settings(ctx, values)
-    configure_logging(settings)
+    _configure_logging(settings)
     if settings.on_demand and (settings.workers > 1 or settings.backend_urls()):
         raise click.UsageError(
             "--on-demand starts its own backends (--count, --base-port, --model-dir ...) and "
@@ -117,7 +117,7 @@ def up(ctx: click.Context, /, **values: Any) -> None:
     accept only --backend-api-key, which the gateway sends them (a new one each run if unset).
     """
     settings = build_settings(ctx, values)
-    configure_logging(settings)
+    _configure_logging(settings)
     from comeapi.gateway.server import run, warn_if_exposed
     from comeapi.gateway.server import up as run_up
 
@@ -135,12 +135,7 @@ def check_store(settings: Settings) -> None:
     open_configured_store(settings).close()
 
 
-def configure_logging(settings: Settings) -> None:
-    """The CLI's log format (again in a `--workers` process) at ``settings.log_level``."""
-    logging.basicConfig(
-        level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
-    )
-    logging.getLogger().setLevel(settings.log_level.upper())
-    if settings.log_level != "debug":
-        # httpx logs every request at INFO: one line per proxied request and health probe.
-        logging.getLogger("httpx").setLevel(logging.WARNING)
+def _configure_logging(settings: Settings) -> None:
+    from comeapi.gateway.server import configure_logging
+
+    configure_logging(settings)

@@ -24,6 +24,7 @@ from comeapi.balancer.pool import BackendPool
 from comeapi.errors import ConfigError
 from comeapi.gateway.app import Gateway, GatewayApp, create_app
 from comeapi.gateway.cache import ResponseCache
+from comeapi.gateway.workers import STARTUP_FAILURE, reuse_port_socket, run_workers
 from comeapi.http.auth import warn_if_open
 from comeapi.http.server import server_config
 from comeapi.settings import Settings
@@ -222,9 +223,29 @@ def run_gateway(settings: Settings) -> None:
     if settings.workers == 1:
         run(serve(settings))
         return
-    from comeapi.gateway.workers import run_workers
+    run_workers(settings, worker_main)
 
-    run_workers(settings)
+
+def worker_main(settings_json: str) -> None:
+    """One ``--workers`` process: the gateway on its own SO_REUSEPORT socket until SIGTERM."""
+    settings = Settings.model_validate_json(settings_json)
+    configure_logging(settings)
+    sock = reuse_port_socket(settings.host, settings.port)
+    try:
+        run(serve(settings, sockets=[sock]))
+    except SystemExit as exc:
+        raise SystemExit(STARTUP_FAILURE if exc.code else 0) from None
+
+
+def configure_logging(settings: Settings) -> None:
+    """The CLI's log format (again in a ``--workers`` process) at ``settings.log_level``."""
+    logging.basicConfig(
+        level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
+    logging.getLogger().setLevel(settings.log_level.upper())
+    if settings.log_level != "debug":
+        # httpx logs every request at INFO: one line per proxied request and health probe.
+        logging.getLogger("httpx").setLevel(logging.WARNING)
 
 
 def warn_if_exposed(settings: Settings) -> None:

@@ -21,6 +21,7 @@ import os
 import signal
 import socket
 import time
+from collections.abc import Callable
 from multiprocessing.process import BaseProcess
 
 from comeapi.errors import ConfigError
@@ -46,22 +47,10 @@ def reuse_port_socket(host: str, port: int) -> socket.socket:
     return sock
 
 
-def worker_main(settings_json: str) -> None:
-    """One worker process: the gateway on its own SO_REUSEPORT socket until SIGTERM."""
-    from comeapi.cli.serve import configure_logging
-    from comeapi.gateway.server import run, serve
-
-    settings = Settings.model_validate_json(settings_json)
-    configure_logging(settings)
-    sock = reuse_port_socket(settings.host, settings.port)
-    try:
-        run(serve(settings, sockets=[sock]))
-    except SystemExit as exc:
-        raise SystemExit(STARTUP_FAILURE if exc.code else 0) from None
-
-
-def run_workers(settings: Settings) -> None:
-    """Run ``settings.workers`` workers until SIGINT/SIGTERM, then stop them gracefully."""
+def run_workers(settings: Settings, target: Callable[[str], None]) -> None:
+    """Run ``settings.workers`` processes of ``target(settings as JSON)`` (a module-level
+    function: ``gateway.server.worker_main``) until SIGINT/SIGTERM, then stop them
+    gracefully."""
     from comeapi.backend.supervisor import port_taken
 
     problem = port_taken(settings.host, settings.port)
@@ -76,7 +65,7 @@ def run_workers(settings: Settings) -> None:
     previous = {sig: signal.signal(sig, lambda s, _: stopping.append(s)) for sig in _SIGNALS}
 
     def start() -> BaseProcess:
-        process = context.Process(target=worker_main, args=(settings_json,), daemon=False)
+        process = context.Process(target=target, args=(settings_json,), daemon=False)
         process.start()
         return process
 
