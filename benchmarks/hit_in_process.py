@@ -1,6 +1,7 @@
 """CPU time of one cache hit inside the gateway's HTTP server, without sockets.
 
     .venv/bin/python benchmarks/hit_in_process.py [--baseline-src DIR] [--hits 5000] [--rounds 5]
+    .venv/bin/python benchmarks/hit_in_process.py --callgrind --hits 1000 [--baseline-src DIR]
 
 uvicorn's protocol, as `comeapi serve` configures it, is fed the ten shipped prompts' requests
 from memory on one keep-alive connection, over the 50 shipped answers imported into a fresh
@@ -8,7 +9,8 @@ SQLite store; the figure is the thread's CPU time per hit (HTTP parsing, the gat
 and the response, not the kernel's socket work). ``--baseline-src`` runs an older checkout's
 ``src`` beside the current one, each round alternating, so a change to the hit path is
 measured before and after in one run. Each measurement is a child process of its own
-(``--child``), since both versions are the same package.
+(``--child``), since both versions are the same package. ``--callgrind`` counts instructions
+per hit instead (valgrind's callgrind; independent of what else runs on the machine).
 """
 
 from __future__ import annotations
@@ -118,6 +120,25 @@ async def measure(store: str, hits: int, repeats: int) -> list[float]:
     return results
 
 
+def child_instructions(src: Path, store: str, hits: int) -> float:
+    """Instructions per hit under callgrind (independent of the machine's load): the run
+    with 3x ``hits`` less the run with ``hits``, over 2x ``hits``."""
+    collected = []
+    for n in (hits, 3 * hits):
+        argv = ["valgrind", "--tool=callgrind", "--callgrind-out-file=/dev/null"]
+        argv += [sys.executable, __file__, "--child", store, "--hits", str(n), "--repeats", "1"]
+        out = subprocess.run(
+            argv,
+            env={**os.environ, "PYTHONPATH": f"{src}{os.pathsep}{Path(__file__).parent}"},
+            capture_output=True,
+            text=True,
+            timeout=3600,
+            check=True,
+        )
+        collected.append(int(out.stderr.rsplit("Collected : ", 1)[1].split()[0]))
+    return (collected[1] - collected[0]) / (2 * hits)
+
+
 def child_run(src: Path, store: str, hits: int) -> float:
     out = subprocess.run(
         [sys.executable, __file__, "--child", store, "--hits", str(hits)],
@@ -143,14 +164,21 @@ def main() -> None:
     parser.add_argument("--hits", type=int, default=5000, help="hits per measurement")
     parser.add_argument("--rounds", type=int, default=5, help="alternating measurements")
     parser.add_argument("--baseline-src", type=Path, help="an older checkout's src directory")
+    parser.add_argument(
+        "--callgrind",
+        action="store_true",
+        help="instructions per hit under valgrind's callgrind instead of CPU time (slow: "
+        "about 5 minutes a version with --hits 1000)",
+    )
     parser.add_argument("--child", metavar="STORE", help=argparse.SUPPRESS)
+    parser.add_argument("--repeats", type=int, default=3, help=argparse.SUPPRESS)
     add_summary_option(parser)
     args = parser.parse_args()
     if args.child:
         # The best of three in one process: the least disturbed by the rest of the machine.
         # On uvloop, as `comeapi serve` runs (its timers and tasks cost less than asyncio's).
         with asyncio.Runner(loop_factory=_loop_factory()) as runner:
-            us = min(runner.run(measure(args.child, args.hits, 3)))
+            us = min(runner.run(measure(args.child, args.hits, args.repeats)))
         print(json.dumps({"us": us}))
         return
 
@@ -168,6 +196,18 @@ def main() -> None:
             timeout=120,
         )
         runs: dict[str, list[float]] = {name: [] for name in versions}
+        if args.callgrind:
+            for name, src in versions.items():
+                runs[name].append(child_instructions(src, store, args.hits))
+            load.finish()
+            for name, values in runs.items():
+                print(f"  {name:8} {values[0]:9,.0f} instructions per hit")
+            if "baseline" in runs:
+                ratio = runs["current"][0] / runs["baseline"][0]
+                print(
+                    f"current/baseline = {ratio:.2f} (instruction counts: the load does not matter)"
+                )
+            return
         for _ in range(args.rounds):
             for name, src in versions.items():
                 runs[name].append(child_run(src, store, args.hits))
