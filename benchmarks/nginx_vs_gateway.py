@@ -2,6 +2,7 @@
 nginx configuration and Python's floor, at equal workers, in one run.
 
     .venv/bin/python benchmarks/nginx_vs_gateway.py [--workers 1,2] [--rounds 3] [--duration 10]
+        [--baseline-src DIR]
 
 Every server answers the 50 shipped answers (10 prompts x 5 variants, no model runs):
 
@@ -57,12 +58,13 @@ DEPLOY = REPO / "deploy" / "nginx"
 ANCHORS = REPO.parent / "shared" / "anchors"
 SHIPPED_CACHE = REPO / "src" / "comeapi" / "data" / "default-cache.jsonl"
 BIN = Path(sys.executable).parent
-PLAIN, SHIPPED, UVICORN, GRANIAN, COMEAPI = (
+PLAIN, SHIPPED, UVICORN, GRANIAN, COMEAPI, BEFORE = (
     "plain nginx",
     "shipped nginx",
     "uvicorn floor",
     "granian floor",
     "comeapi",
+    "comeapi before",
 )
 GOAL_COMEAPI, GOAL_SHIPPED, GOAL_P99 = 0.5, 0.8, 2.0
 
@@ -210,6 +212,12 @@ def main() -> None:
     )
     parser.add_argument("--anchors", type=Path, default=ANCHORS, help="the peers' configs")
     parser.add_argument(
+        "--baseline-src",
+        type=Path,
+        help="also run `comeapi serve` from this src directory (an older checkout, e.g. "
+        "`git archive COMMIT src | tar -x -C DIR`) as 'comeapi before': before/after in one run",
+    )
+    parser.add_argument(
         "--skip", default="", help=f"servers left out, comma-separated ({GRANIAN}, ...)"
     )
     add_summary_option(parser)
@@ -271,6 +279,17 @@ def bench(base: Path, workers: int, args: argparse.Namespace, skip: set[str]) ->
         url = f"http://127.0.0.1:{ports[COMEAPI]}"
         check_hits(url, bodies, "x-cache")
         servers.append(Server(COMEAPI, url, gw.pid))
+        if args.baseline_src is not None:
+            port = free_port()
+            shutil.copyfile(base / "store.db", base / "before.db")
+            before = [*py, "serve", "--port", str(port), "--store", f"sqlite:{base}/before.db"]
+            before += ["--log-level", "warning", "--workers", str(workers)]
+            env = {"PYTHONPATH": str(args.baseline_src.resolve())}
+            proc = stack.enter_context(running(before, base / "before.log", env))
+            wait_port(port, proc)
+            url = f"http://127.0.0.1:{port}"
+            check_hits(url, bodies, "x-cache")
+            servers.append(Server(BEFORE, url, proc.pid))
         if PLAIN not in skip:
             plain = plain_nginx(base / "plain", workers, ports[PLAIN], filler_port, args.anchors)
             proc = stack.enter_context(running(plain, base / "plain.log"))
@@ -463,6 +482,11 @@ def report(servers: list[Server], workers: int, args: argparse.Namespace, load: 
     for floor in (UVICORN, GRANIAN):
         if floor in by_name:
             parts.append(f"comeapi/{floor} {paired(come, by_name[floor]):.2f}x")
+    if BEFORE in by_name:
+        before = by_name[BEFORE]
+        parts.append(f"comeapi/comeapi before {paired(come, before):.2f}x")
+        if PLAIN in by_name:
+            parts.append(f"comeapi before/plain nginx {paired(before, by_name[PLAIN]):.2f}x")
     headline = "; ".join(parts)
     print(load.verdict(f"{workers} worker(s): {headline}"))
     load.summarize(
