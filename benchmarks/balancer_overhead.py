@@ -13,7 +13,10 @@ inference noise); ``real`` is ``comeapi backend --threads 1`` with the bundled m
 
 The clients: ``fast`` is the hand-written HTTP/1.1 client on httptools (FastUpstream),
 ``aiohttp`` is aiohttp's ClientSession, ``httpx`` is httpx's default transport (httpcore).
-Goal (issue 14): added p50 <= 0.3 ms with the stub, <= 0.5 ms with a real backend.
+``nginx`` is the peer (DESIGN.md, ../shared/anchors): nginx's ``proxy_pass`` to the same
+backend through an upstream with keepalive connections, one worker, in the same rounds.
+Goal (issue 21): the gateway's added p50 <= 1.5x nginx's, with the stub and a real backend
+(``--no-nginx``: issue 14's absolute goals, 0.3 ms stub, 0.5 ms real).
 """
 
 from __future__ import annotations
@@ -22,6 +25,7 @@ import argparse
 import contextlib
 import http.client
 import os
+import shutil
 import signal
 import socket
 import statistics
@@ -48,6 +52,8 @@ BODY = b'{"prompt": "Hi", "max_tokens": 1, "temperature": 0}'
 # The gateway has a response cache in front of the pool: measure the pool path.
 HEADERS = {"Content-Type": "application/json", "Cache-Control": "no-cache"}
 TRANSPORTS = ("fast", "aiohttp", "httpx")
+NGINX = "nginx"  # the peer: nginx's proxy_pass
+GOAL_VS_NGINX = 1.5  # issue 21: the gateway's added p50 <= 1.5x nginx proxy_pass's
 WARMUP = 30
 
 
@@ -166,8 +172,36 @@ def report(kind: str, targets: list[Target]) -> dict[str, float]:
     return added
 
 
+def nginx_proxy(base: Path, port: int, backend_port: int) -> list[str]:
+    """nginx in front of the backend with ``proxy_pass`` to a keepalive upstream."""
+    base.mkdir(parents=True)
+    conf = f"""
+worker_processes 1;
+pid {base}/nginx.pid;
+error_log {base}/error.log warn;
+daemon off;
+events {{ worker_connections 1024; }}
+http {{
+    access_log off;
+    client_body_temp_path {base}/cb; proxy_temp_path {base}/px; fastcgi_temp_path {base}/fc;
+    uwsgi_temp_path {base}/uw; scgi_temp_path {base}/sc;
+    upstream backend {{ server 127.0.0.1:{backend_port}; keepalive 16; }}
+    server {{
+        listen 127.0.0.1:{port};
+        location / {{
+            proxy_pass http://backend;
+            proxy_http_version 1.1;
+            proxy_set_header Connection "";
+        }}
+    }}
+}}
+"""
+    (base / "nginx.conf").write_text(conf)
+    return ["nginx", "-p", f"{base}/", "-c", str(base / "nginx.conf"), "-e", f"{base}/error.log"]
+
+
 def run(
-    kind: str, transports: list[str], rounds: int, model_dir: str, tmp: str
+    kind: str, transports: list[str], rounds: int, model_dir: str, tmp: str, nginx: bool
 ) -> dict[str, float]:
     backend_port = free_port()
     backend = f"http://127.0.0.1:{backend_port}"
@@ -181,6 +215,13 @@ def run(
     targets = [Target("direct", backend_port)]
     with contextlib.ExitStack() as stack:
         stack.enter_context(running(backend_argv, backend + "/health"))
+        if nginx:
+            # The peer: nginx's proxy_pass to the same backend, as its users configure it
+            # (an upstream with keepalive connections, one worker like the gateway).
+            port = free_port()
+            argv = nginx_proxy(Path(tmp) / f"nginx-{kind}", port, backend_port)
+            pid = stack.enter_context(running(argv, f"http://127.0.0.1:{port}/health"))
+            targets.append(Target(NGINX, port, pid))
         for name in transports:
             port = free_port()
             argv = [
@@ -268,6 +309,7 @@ def main() -> None:
     parser.add_argument("--backend", choices=["real", "stub", "both"], default="both")
     parser.add_argument("--transports", default=",".join(TRANSPORTS))
     parser.add_argument("--model-dir", default=str(REPO / "models"))
+    parser.add_argument("--no-nginx", action="store_true", help="leave out nginx's proxy_pass")
     parser.add_argument("--serve-stub", type=int, help=argparse.SUPPRESS)
     parser.add_argument("--serve-gateway", type=int, help=argparse.SUPPRESS)
     parser.add_argument("--via", help=argparse.SUPPRESS)
@@ -287,32 +329,36 @@ def main() -> None:
     added: dict[str, dict[str, float]] = {}
     with tempfile.TemporaryDirectory() as tmp:
         for kind in ("stub", "real") if args.backend == "both" else (args.backend,):
-            added[kind] = run(kind, transports, args.rounds, args.model_dir, tmp)
+            nginx = shutil.which("nginx") is not None and not args.no_nginx
+            added[kind] = run(kind, transports, args.rounds, args.model_dir, tmp, nginx)
     load.finish()
     print()
     for kind, figures in added.items():
-        best = min(figures, key=figures.__getitem__)
-        others = ", ".join(
-            f"{name} {value / figures[best]:.2f}x"
-            for name, value in figures.items()
-            if name != best
-        )
-        print(load.verdict(f"{kind}: least added p50 {best} {figures[best]:+.3f} ms; {others}"))
+        print(load.verdict(headline(kind, figures)))
     load.summarize(
         args.summary,
         name="balancer_overhead",
         what="balancer overhead, `/generate` with `max_tokens=1`, direct vs through the "
-        "gateway: added p50 per HTTP client",
+        "gateway (per HTTP client) and through nginx `proxy_pass`: added p50",
         headline="; ".join(headline(kind, figures) for kind, figures in added.items()),
     )
 
 
 def headline(kind: str, figures: dict[str, float]) -> str:
-    """One backend's added p50 per client; the goal is judged on the gateway's own client
-    (``fast``), or on the best one when it was not measured."""
+    """One backend's added p50 per client and nginx's; the goal is the gateway's own client
+    (``fast``, or the best one measured) against nginx's proxy_pass (issue 21), or the
+    absolute goal of issue 14 when nginx was not run."""
+    gateways = {k: v for k, v in figures.items() if k != NGINX}
+    judged = gateways.get("fast", min(gateways.values()))
+    clients = ", ".join(f"{name} {value:+.3f} ms" for name, value in figures.items())
+    if NGINX in figures and figures[NGINX] > 0:
+        ratio = judged / figures[NGINX]
+        met = ratio <= GOAL_VS_NGINX
+        return (
+            f"{kind} backend: {clients}; gateway/nginx proxy_pass {ratio:.2f}x "
+            f"(goal <= {GOAL_VS_NGINX}): {'met' if met else 'NOT met'}"
+        )
     goal = {"stub": 0.3, "real": 0.5}[kind]
-    judged = figures.get("fast", min(figures.values()))
-    clients = ", ".join(f"{name} {value:+.2f} ms" for name, value in figures.items())
     return (
         f"{kind} backend: {clients} (goal <= {goal} ms: {'met' if judged <= goal else 'NOT met'})"
     )

@@ -57,9 +57,10 @@ def benchmarks(llama_server: str, lambda_python: str) -> list[Bench]:
     python = ["--python", lambda_python] if Path(lambda_python or "-").is_file() else []
     quick_wrk = ["--rounds", "1", "--duration", "2"]
     return [
-        Bench("nginx-1", "nginx_vs_gateway.py", [], quick_wrk),
-        Bench("nginx-2", "nginx_vs_gateway.py", ["--gateway-workers", "2"],
-              ["--gateway-workers", "2", *quick_wrk]),
+        Bench("nginx-1", "nginx_vs_gateway.py", ["--workers", "1"], ["--workers", "1", *quick_wrk],
+              "docs/cache.md#how-a-hit-is-served"),
+        Bench("nginx-2", "nginx_vs_gateway.py", ["--workers", "2"], ["--workers", "2", *quick_wrk],
+              "docs/cache.md#how-a-hit-is-served"),
         Bench("hit", "hit_in_process.py", [], ["--hits", "200", "--rounds", "1"],
               "docs/cache.md#how-a-hit-is-served"),
         Bench("balancer", "balancer_overhead.py", ["--requests", "400"], ["--requests", "20"],

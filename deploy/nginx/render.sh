@@ -154,5 +154,9 @@ fill "$SRC_DIR/comeapi-cors.conf" "$OUT_DIR/comeapi-cors.conf"
 umask 022
 cp "$SRC_DIR"/njs/*.js "$OUT_DIR/njs/"
 mkdir -p "$NGINX_STATE_DIR" "$NGINX_LOG_DIR" "$NGINX_CACHE_DIR"
+# The raw-body cache (comeapi.conf) holds bodies the front door validated: a new
+# configuration may validate differently, so it starts empty (it refills from the
+# canonical cache, without comeapi).
+rm -rf "$NGINX_STATE_DIR/raw-cache"
 echo "render.sh: wrote $OUT_DIR/nginx.conf (cache $NGINX_CACHE_DIR, $COMEAPI_VARIANTS variants," \
     "public $NGINX_LISTEN, warmup $NGINX_WARMUP_LISTEN, upstream $COMEAPI_UPSTREAM)"

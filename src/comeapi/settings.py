@@ -82,6 +82,15 @@ class Settings(BaseSettings):
     body_timeout: float = Field(
         30.0, gt=0, description="Longest wait for the rest of a request body (s; 408 after)."
     )
+    max_header_size: int = Field(
+        8192,
+        ge=1024,
+        description="Longest request line or header line (bytes; 414/431 above); the whole "
+        "request head may hold four times this.",
+    )
+    max_header_count: int = Field(
+        100, ge=8, description="Most headers a request may have (431 above)."
+    )
     max_connections: int = Field(
         1000, ge=1, description="Connections (and requests) a server takes at once; 503 above."
     )

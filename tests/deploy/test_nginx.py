@@ -182,6 +182,27 @@ def test_public_requests_are_hits_spread_over_the_variants(stack: Stack) -> None
     assert count_entries(stack.nginx.cache_dir) >= 50
 
 
+def test_the_raw_body_layer_keeps_only_bodies_the_front_door_validated(stack: Stack) -> None:
+    raw_cache = stack.nginx.root / "state" / "raw-cache"
+    item = next(i for i in PROMPT_SET.items if i.kind != "chat")
+    # A byte form nobody sent before: its first request per slot goes through njs.
+    body = json.dumps({"max_tokens": 7, "prompt": item.prompt}, indent=3).encode()
+    before = count_entries(raw_cache)
+    for _ in range(40):
+        r = post(stack.client, stack.nginx.url + "/generate", body)
+        assert r.status_code == 200 and r.headers["x-cache-status"] == "HIT", r.text
+        assert r.content == stack.references[item.index][int(r.headers["x-cache-variant"])]
+    stored = count_entries(raw_cache)
+    assert 1 <= stored - before <= VARIANTS  # one entry per slot, whatever the requests
+    # Invalid bodies are refused every time and never kept, however often they are sent.
+    invalid = json.dumps({"prompt": item.prompt, "max_tokens": -3}).encode()
+    for _ in range(5):
+        r = post(stack.client, stack.nginx.url + "/generate", invalid)
+        assert r.status_code == 400 and r.json()["error"]["param"] == "max_tokens", r.text
+        assert "x-cache-status" not in r.headers
+    assert count_entries(raw_cache) == stored
+
+
 def test_public_client_cannot_choose_the_variant(stack: Stack) -> None:
     item = PROMPT_SET.items[0]
     # Even a client that learnt the secret: nginx overwrites both headers.

@@ -416,6 +416,25 @@ async def test_the_cache_answers_before_any_backend(tmp_path: Path) -> None:
     assert status["prompts"] == 1 and status["hits"] == 1 and status["misses"] == 1
 
 
+async def test_metrics_count_cache_hits_and_misses_and_name_model_routes(
+    tmp_path: Path,
+) -> None:
+    fakes = FakeCluster(1)
+    async with running(fakes, cache=cache_over(tmp_path)) as (client, _):
+        for _ in range(3):
+            await client.post("/generate", json={"prompt": "cached"})
+        await client.post("/generate", json={"prompt": "not cached"})
+        await client.get(f"/v1/models/{MODEL}")
+        await client.get("/models/gemma-3-270m-q4_k_m")
+        await client.get("/no/such/route")
+        metrics = (await client.get("/metrics")).text
+    assert "comeapi_cache_hits_total 3.0" in metrics
+    assert "comeapi_cache_misses_total 1.0" in metrics
+    assert 'comeapi_requests_total{route="/v1/models/{model}",status="200"} 1.0' in metrics
+    assert 'comeapi_requests_total{route="/models/{model}",status="200"} 1.0' in metrics
+    assert 'comeapi_requests_total{route="other",status="404"} 1.0' in metrics
+
+
 async def test_misses_are_rejected_with_the_known_prompts(tmp_path: Path) -> None:
     fakes = FakeCluster(1)
     cache = cache_over(tmp_path)

@@ -1,13 +1,15 @@
-"""The gateway's cache layer against a real SqliteStore: choice, forced variants, streaming."""
+"""The gateway's index against a real SqliteStore: the choice, misses, forced slots, filling
+slots, hit counts. (How a hit is encoded: tests/cache/test_replies.py.)"""
 
 from __future__ import annotations
 
+import logging
 import random
+import sqlite3
 from dataclasses import replace
 from pathlib import Path
 
 import anyio
-import orjson
 import pytest
 from starlette.datastructures import Headers
 
@@ -16,6 +18,8 @@ from comeapi.cache.sqlite import SqliteStore
 from comeapi.cache.store import Entry
 from comeapi.errors import RequestError
 from comeapi.gateway.cache import Lookup, ResponseCache
+from comeapi.gateway.cache_status import cache_status
+from comeapi.gateway.forced import ForcedVariants
 from comeapi.protocol.requests import Kind, parse_request
 
 MODEL = "gemma-3-270m-q4_k_m.gguf"
@@ -69,7 +73,7 @@ NO_HEADERS = Headers({})
 
 
 def lookup(cache: ResponseCache, kind: Kind, body: dict[str, object], headers: Headers) -> Lookup:
-    forced = cache.forced_variant(
+    forced = ForcedVariants(cache.variant_secret, cache.variants).read(
         headers.get("x-comeapi-variant", "").encode() or None,
         headers.get("x-comeapi-variant-secret", "").encode(),
     )
@@ -82,8 +86,8 @@ def test_choice_is_uniform_over_the_variants(store: SqliteStore) -> None:
     n = 2000
     for _ in range(n):
         found = lookup(cache, "generate", {"prompt": PROMPT}, NO_HEADERS)
-        assert found.hit is not None
-        counts[found.hit.variant] += 1
+        assert found.entry is not None
+        counts[found.entry.variant] += 1
     expected = n / 5
     chi2 = sum((c - expected) ** 2 / expected for c in counts)
     # 4 degrees of freedom: p = 0.001 at 18.47. Every variant must be reachable.
@@ -91,30 +95,26 @@ def test_choice_is_uniform_over_the_variants(store: SqliteStore) -> None:
     assert min(counts) > 0
 
 
-def test_hit_body_in_each_wire_format(store: SqliteStore) -> None:
+def test_a_prompt_is_found_in_every_route_and_byte_form(store: SqliteStore) -> None:
     cache = _cache(store)
-    gen = lookup(cache, "generate", {"prompt": f"  {PROMPT}\r\n"}, NO_HEADERS).hit
-    assert gen is not None and gen.header("x-cache") == "HIT"
-    body = orjson.loads(gen.body)
-    assert body["response"].startswith("answer number") and body["model"] == MODEL
-    comp = lookup(cache, "completion", {"prompt": PROMPT, "model": MODEL}, NO_HEADERS).hit
-    assert comp is not None
-    assert orjson.loads(comp.body)["choices"][0]["text"].startswith("answer number")
+    gen = lookup(cache, "generate", {"prompt": f"  {PROMPT}\r\n"}, NO_HEADERS).entry
+    assert gen is not None and gen.answer.startswith("answer number")
+    comp = lookup(cache, "completion", {"prompt": PROMPT, "model": MODEL}, NO_HEADERS).entry
+    assert comp is not None and comp.key == gen.key
     chat_body = {
         "model": "gemma-3-270m-q4_k_m",
         "messages": [{"role": "user", "content": "Tell me a joke."}],
     }
-    chat = lookup(cache, "chat", chat_body, NO_HEADERS).hit
-    assert chat is not None
-    assert orjson.loads(chat.body)["choices"][0]["message"]["content"] == "A chat answer."
+    chat = lookup(cache, "chat", chat_body, NO_HEADERS).entry
+    assert chat is not None and chat.answer == "A chat answer."
 
 
 def test_unknown_prompt_or_other_model_is_a_miss(store: SqliteStore) -> None:
     cache = _cache(store)
     miss = lookup(cache, "generate", {"prompt": "something else"}, NO_HEADERS)
-    assert miss.hit is None and miss.key == prompt_key("something else", MODEL)
+    assert miss.entry is None and miss.key == prompt_key("something else", MODEL)
     other = lookup(cache, "generate", {"prompt": PROMPT, "model_name": "other.gguf"}, NO_HEADERS)
-    assert other.hit is None
+    assert other.entry is None
     image = {
         "messages": [
             {
@@ -130,31 +130,12 @@ def test_unknown_prompt_or_other_model_is_a_miss(store: SqliteStore) -> None:
     assert lookup(cache, "chat", image, NO_HEADERS) == Lookup(None)
 
 
-def test_stream_hit_is_sse_chunks_that_rebuild_the_answer(store: SqliteStore) -> None:
-    cache = _cache(store)
-    found = lookup(
-        cache,
-        "completion",
-        {"prompt": PROMPT, "stream": True},
-        Headers({"x-comeapi-variant": "2"}),
-    )
-    resp = found.hit
-    assert resp is not None and resp.header("content-type") == "text/event-stream"
-    events = [e for e in resp.body.decode().split("\n\n") if e]
-    assert events[-1] == "data: [DONE]"
-    chunks = [orjson.loads(e.removeprefix("data: ")) for e in events[:-1]]
-    assert len(chunks) > 3
-    text = "".join(c["choices"][0]["text"] for c in chunks)
-    assert text.startswith("answer number") and text.endswith("答え")
-    assert chunks[-1]["choices"][0]["finish_reason"] == "stop"
-
-
 def test_variant_header_needs_the_secret(store: SqliteStore) -> None:
     cache = _cache(store, variant_secret="s3cret")
     body = {"prompt": PROMPT}
     for _ in range(20):
         spoofed = Headers({"x-comeapi-variant": "3", "x-comeapi-variant-secret": "guess"})
-        resp = lookup(cache, "generate", body, spoofed).hit
+        resp = lookup(cache, "generate", body, spoofed).entry
         assert resp is not None
         if resp.variant != 3:
             break
@@ -162,7 +143,7 @@ def test_variant_header_needs_the_secret(store: SqliteStore) -> None:
         pytest.fail("a client without the secret always got the variant it asked for")
     trusted = Headers({"x-comeapi-variant": "3", "x-comeapi-variant-secret": "s3cret"})
     for _ in range(10):
-        resp = lookup(cache, "generate", body, trusted).hit
+        resp = lookup(cache, "generate", body, trusted).entry
         assert resp is not None and resp.variant == 3
     with pytest.raises(RequestError):
         lookup(
@@ -179,13 +160,13 @@ def test_forced_missing_variant_is_filled_from_the_answer(tmp_path: Path) -> Non
     headers = Headers({"x-comeapi-variant": "4", "x-comeapi-variant-secret": "k"})
     body = {"prompt": "A new prompt", "max_tokens": 8}
     miss = lookup(cache, "generate", body, headers)
-    assert miss.hit is None and miss.forced_variant == 4
+    assert miss.entry is None and miss.forced_variant == 4
     answer = {"response": "generated", "model": MODEL, "finish_reason": "length", "usage": {}}
     request = parse_request("generate", body, max_tokens_limit=2048)
     anyio.run(cache.store_answer, miss, request, answer)
     stored = store.get(prompt_key("A new prompt", MODEL), 4)
     assert stored is not None and stored.answer == "generated" and stored.params["seed"] == 4
-    hit = lookup(cache, "generate", body, headers).hit
+    hit = lookup(cache, "generate", body, headers).entry
     assert hit is not None and hit.variant == 4
 
 
@@ -195,7 +176,7 @@ def test_hit_counts_reach_the_store(store: SqliteStore) -> None:
         lookup(cache, "generate", {"prompt": PROMPT}, NO_HEADERS)
     anyio.run(cache.flush_hits)
     assert sum(store.hit_counts().values()) == 7
-    status = cache.status()
+    status = cache_status(cache)
     assert status["hits"] == 7 and status["prompts"] == 2
     assert sum(p["hits"] for p in status["by_prompt"]) == 7
 
@@ -217,9 +198,9 @@ def _review(store: SqliteStore, changes: dict[int, dict[str, object]]) -> None:
 def _served(cache: ResponseCache, n: int = 300) -> set[int]:
     seen = set()
     for _ in range(n):
-        hit = lookup(cache, "generate", {"prompt": PROMPT}, NO_HEADERS).hit
-        assert hit is not None
-        seen.add(hit.variant)
+        entry = lookup(cache, "generate", {"prompt": PROMPT}, NO_HEADERS).entry
+        assert entry is not None
+        seen.add(entry.variant)
     return seen
 
 
@@ -251,7 +232,7 @@ def test_a_prompt_with_no_served_answer_is_a_miss(store: SqliteStore) -> None:
     _review(store, {v: {"state": "rejected"} for v in range(5)})
     cache = _cache(store, variant_secret="k")
     miss = lookup(cache, "generate", {"prompt": PROMPT}, NO_HEADERS)
-    assert miss.hit is None and miss.key == prompt_key(PROMPT, MODEL)
+    assert miss.entry is None and miss.key == prompt_key(PROMPT, MODEL)
     assert not miss.keep  # a forwarded answer must not be kept by nginx either
     assert PROMPT not in cache.known_prompts()
     assert "Tell me a joke." in cache.known_prompts()
@@ -275,14 +256,13 @@ def test_a_forced_slot_of_a_variant_not_served_holds_a_served_one(store: SqliteS
     served = (0, 2, 4)
     for slot in range(5):
         for _ in range(3):  # the same stand-in every time
-            hit = lookup(cache, "generate", {"prompt": PROMPT}, TRUSTED(slot)).hit
-            assert hit is not None
+            found = lookup(cache, "generate", {"prompt": PROMPT}, TRUSTED(slot))
+            assert found.entry is not None
             if slot in served:
-                assert hit.variant == slot and hit.header("x-comeapi-slot") is None
+                assert found.entry.variant == slot and found.slot is None
             else:
-                assert hit.variant == served[slot % 3]
-                assert hit.header("x-comeapi-slot") == str(slot)
-                assert orjson.loads(hit.body)["variant"] == hit.variant
+                assert found.entry.variant == served[slot % 3]
+                assert found.slot == slot
 
 
 def test_with_approved_only_a_new_answer_is_not_kept_by_a_proxy(tmp_path: Path) -> None:
@@ -304,5 +284,30 @@ def test_a_change_is_served_at_once(store: SqliteStore) -> None:
     assert _served(cache, 50) == {2}
     assert cache.served_variants(key) == (2,)
     assert {e.variant: e.state for e in store.entries() if e.key == key}[0] == "rejected"
-    status = {p["key"]: p for p in cache.status()["by_prompt"]}[key]
+    status = {p["key"]: p for p in cache_status(cache)["by_prompt"]}[key]
     assert status["marks"] == "rrprr" and status["served_variants"] == [2]
+
+
+def test_a_store_that_cannot_be_written_is_one_warning_and_a_problem_until_it_recovers(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    store = SqliteStore(tmp_path / "c.db", timeout=0.1)
+    store.put_many(_entries())
+    cache = _cache(store)
+    for _ in range(3):
+        lookup(cache, "generate", {"prompt": PROMPT}, NO_HEADERS)
+    # Another process holds the write lock: every write fails (readers still read).
+    blocker = sqlite3.connect(tmp_path / "c.db", isolation_level=None)
+    blocker.execute("BEGIN IMMEDIATE")
+    caplog.set_level(logging.DEBUG, logger="comeapi")
+    for _ in range(5):  # five refreshes (25 s of a running gateway)
+        anyio.run(cache.refresh)
+    told = [r for r in caplog.records if r.levelno >= logging.WARNING]
+    assert len(told) == 1 and told[0].exc_info is None, told
+    problem = cache_status(cache)["store_problem"]
+    assert problem and "locked" in problem
+    blocker.execute("ROLLBACK")
+    blocker.close()
+    anyio.run(cache.refresh)
+    assert cache_status(cache)["store_problem"] is None
+    assert sum(store.hit_counts().values()) == 3  # no hit was lost meanwhile

@@ -20,7 +20,7 @@ from comeapi.balancer.pool import BackendPool
 from comeapi.cache.sqlite import SqliteStore
 from comeapi.gateway.app import Gateway, create_app
 from comeapi.gateway.cache import ResponseCache
-from comeapi.gateway.requestlog import ACCESS_LOGGER, FIELDS
+from comeapi.gateway.requestlog import ACCESS_LOGGER, FIELDS, AccessLog, RequestRecord
 from comeapi.settings import load_settings
 from tests.balancer.fakes import FakeCluster
 from tests.cache.factory import MODEL, sample_entries
@@ -195,7 +195,8 @@ async def test_json_access_log_has_fixed_fields(tmp_path: Path, access_lines: io
 
 
 TEXT_LINE = re.compile(
-    r"(?P<client>\S+) - - \[(?P<time>\d\d/\w{3}/\d{4}:\d\d:\d\d:\d\d \+0000)\] "
+    r'(?P<client>"(?:[^"\\]|\\.)*"|[^\s"]+) - - '
+    r"\[(?P<time>\d\d/\w{3}/\d{4}:\d\d:\d\d:\d\d \+0000)\] "
     r'(?P<request>"(?:[^"\\]|\\.)*") (?P<status>\d{3}) - (?P<extra>.*)'
 )
 
@@ -218,6 +219,22 @@ async def test_text_access_log_is_common_log_format_plus_fields(
     match = TEXT_LINE.fullmatch(odd)
     assert match is not None, odd
     assert "\n" not in odd and 'model="m \\"x\\"\\n"' in odd
+
+
+def test_a_forwarded_client_cannot_forge_the_start_of_a_line() -> None:
+    # X-Forwarded-For (trusted from loopback by default) becomes the record's client.
+    forged = '6.6.6.6 - - [01/Jan/2020:00:00:00 +0000] "GET /forged-by-xff" 200 - cache=HIT'
+    for client, path in ((forged, "/health"), ("10.0.0.1", '/x" 200 -\nforged')):
+        record = RequestRecord("GET", path, (client, 0))
+        record.time, record.status, record.seconds = 1.0e9, 404, 0.001
+        line = AccessLog("text").text_line(record.fields())
+        match = TEXT_LINE.fullmatch(line)
+        assert match is not None and "\n" not in line, line
+        assert match["status"] == "404" and match["time"].endswith("+0000")
+        shown = match["client"]
+        assert (json.loads(shown) if shown.startswith('"') else shown) == client
+        assert json.loads(match["request"]) == f"GET {path}"
+    assert TEXT_LINE.fullmatch(line) is not None and line.startswith("10.0.0.1 - - [")
 
 
 # --- /dashboard ----------------------------------------------------------------------------

@@ -29,7 +29,7 @@ from comeapi.balancer.pool import BackendPool
 from comeapi.cache.prompts import load_prompt_set
 from comeapi.gateway.app import create_app
 from comeapi.gateway.server import build_cache, uvicorn_config
-from comeapi.http.server import GuardedHttpToolsProtocol
+from comeapi.http.protocol import HttpProtocol
 from comeapi.settings import load_settings
 from tests.helpers import REPO, Proc, comeapi_argv, free_port
 
@@ -72,9 +72,11 @@ class MemoryTransport(asyncio.Transport):
         super().__init__()
         self.out = bytearray()
         self.closed = False
+        self.writes = 0  # system calls a socket would have made
 
     def write(self, data: bytes | bytearray | memoryview) -> None:
         self.out += data
+        self.writes += 1
 
     def is_closing(self) -> bool:
         return self.closed
@@ -93,7 +95,7 @@ class MemoryTransport(asyncio.Transport):
 
 
 class Connection:
-    def __init__(self, protocol: GuardedHttpToolsProtocol, transport: MemoryTransport, app: Any):
+    def __init__(self, protocol: HttpProtocol, transport: MemoryTransport, app: Any):
         self.protocol = protocol
         self.transport = transport
         self.app = app
@@ -128,7 +130,7 @@ async def open_connection(store: str, **options: Any) -> AsyncIterator[Connectio
         app_state={},
         _loop=asyncio.get_running_loop(),
     )
-    assert isinstance(protocol, GuardedHttpToolsProtocol)
+    assert isinstance(protocol, HttpProtocol)
     transport = MemoryTransport()
     protocol.connection_made(transport)
     try:
@@ -185,6 +187,18 @@ async def test_errors_and_misses_take_the_asgi_path_and_a_miss_counts_once(
     assert written.startswith(b"HTTP/1.1 503 "), written[:300]
     assert b'"code":"no_backend_available"' in written
     assert gateway.cache.misses == 1
+
+
+@pytest.mark.anyio
+async def test_an_asgi_answer_goes_out_in_one_write(connection: Connection) -> None:
+    # uvicorn's cycle writes a response's head, then its body: two sends, two segments.
+    path, body = cached_bodies()[0]
+    invalid = json.dumps({**json.loads(body), "max_tokens": -1}).encode()
+    connection.transport.writes = 0
+    connection.feed(http_request(path, invalid))
+    written = await connection.settle()
+    assert written.startswith(b"HTTP/1.1 400 ") and written.endswith(b"}")
+    assert connection.transport.writes == 1
 
 
 @pytest.mark.anyio

@@ -215,6 +215,8 @@ class Supervisor:
             "--max-tokens-limit", str(s.max_tokens_limit),
             "--max-body-bytes", str(s.max_body_bytes),
             "--header-timeout", str(s.header_timeout),
+            "--max-header-size", str(s.max_header_size),
+            "--max-header-count", str(s.max_header_count),
             "--body-timeout", str(s.body_timeout),
             "--max-connections", str(s.max_connections),
             "--backend-queue", str(s.backend_queue),

@@ -31,6 +31,8 @@ BACKEND_FIELDS = (
     "max_tokens_limit",
     "max_body_bytes",
     "header_timeout",
+    "max_header_size",
+    "max_header_count",
     "body_timeout",
     "max_connections",
     "backend_queue",

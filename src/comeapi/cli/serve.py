@@ -29,6 +29,8 @@ GATEWAY_FIELDS = (
     "max_body_bytes",
     "max_tokens_limit",
     "header_timeout",
+    "max_header_size",
+    "max_header_count",
     "body_timeout",
     "max_connections",
     "log_level",
@@ -84,7 +86,7 @@ def serve(ctx: click.Context, /, **values: Any) -> None:
     Listens on 127.0.0.1:9000 unless --host/--port say otherwise.
     """
     settings = build_settings(ctx, values)
-    _log_level(settings)
+    _configure_logging(settings)
     if settings.on_demand and (settings.workers > 1 or settings.backend_urls()):
         raise click.UsageError(
             "--on-demand starts its own backends (--count, --base-port, --model-dir ...) and "
@@ -116,7 +118,7 @@ def up(ctx: click.Context, /, **values: Any) -> None:
     accept only --backend-api-key, which the gateway sends them (a new one each run if unset).
     """
     settings = build_settings(ctx, values)
-    _log_level(settings)
+    _configure_logging(settings)
     from comeapi.gateway.server import run, warn_if_exposed
     from comeapi.gateway.server import up as run_up
 
@@ -134,8 +136,7 @@ def check_store(settings: Settings) -> None:
     open_configured_store(settings).close()
 
 
-def _log_level(settings: Settings) -> None:
-    logging.getLogger().setLevel(settings.log_level.upper())
-    if settings.log_level != "debug":
-        # httpx logs every request at INFO: one line per proxied request and health probe.
-        logging.getLogger("httpx").setLevel(logging.WARNING)
+def _configure_logging(settings: Settings) -> None:
+    from comeapi.gateway.server import configure_logging
+
+    configure_logging(settings)

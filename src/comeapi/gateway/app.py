@@ -30,6 +30,7 @@ from comeapi.balancer.upstream import HttpxUpstream, Timeouts, Upstream
 from comeapi.cache.checks import CheckPolicy
 from comeapi.errors import ModelNotFoundError
 from comeapi.gateway.cache import ResponseCache
+from comeapi.gateway.cache_status import cache_status
 from comeapi.gateway.dashboard import PAGE_PATHS, UNLISTED_PATHS, Dashboard
 from comeapi.gateway.generation import GenerationRoutes
 from comeapi.gateway.metrics import GatewayMetrics
@@ -82,7 +83,7 @@ class Gateway:
             interval=settings.health_interval,
             timeout=settings.health_timeout,
         )
-        self.metrics = GatewayMetrics(pool)
+        self.metrics = GatewayMetrics(pool, cache)
         self.requests = RequestLog(settings.request_log_size, settings.access_log)
         self.forwarder = Forwarder(
             pool,
@@ -106,10 +107,7 @@ class Gateway:
         assert self.cache is not None
         while True:
             await asyncio.sleep(self.settings.cache_refresh)
-            try:
-                await self.cache.refresh()
-            except Exception:
-                log.exception("cache refresh failed; serving the answers already loaded")
+            await self.cache.refresh()  # says what fails, once (``cache.problem``)
 
     async def startup(self) -> None:
         if self.cache is not None:
@@ -155,7 +153,7 @@ class Gateway:
                 "routing": self.pool.routing,
                 "queue_size": self.pool.queue_size,
                 "backends": [b.to_dict() for b in self.pool.backends],
-                "cache": self.cache.status() if self.cache is not None else None,
+                "cache": cache_status(self.cache) if self.cache is not None else None,
                 "on_demand": self.on_demand.status() if self.on_demand is not None else None,
             }
         )

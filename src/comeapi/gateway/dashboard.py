@@ -18,6 +18,7 @@ from starlette.routing import Route
 
 from comeapi.balancer.pool import BackendPool
 from comeapi.gateway.cache import ResponseCache
+from comeapi.gateway.cache_status import cache_status
 from comeapi.gateway.metrics import GatewayMetrics
 from comeapi.gateway.ondemand import OnDemandBackends
 from comeapi.gateway.requestlog import RequestLog
@@ -121,7 +122,7 @@ class Dashboard:
     def _cache(self) -> dict[str, Any] | None:
         if self.cache is None:
             return None
-        status = self.cache.status()
+        status = cache_status(self.cache)
         prompts = status.pop("by_prompt")
         shown = sorted(prompts, key=lambda p: -p["hits"])[:MAX_PROMPTS]
         status["prompts_shown"] = sorted(shown, key=lambda p: p["prompt"])

@@ -1,9 +1,11 @@
 """The gateway's outermost ASGI app: the three generation routes, answered here.
 
 Everything else (status pages, model lists, /metrics) goes on to the Starlette app. A cache
-hit is the hot path: check the key, read the body, parse it (a bad body is 400 whatever the
-cache holds), look it up, send pre-encoded bytes, count it; no Request or Response object,
-no middleware, no routing. A miss is forwarded through the pool, or refused with the known
+hit is the hot path, answered by the HTTP server itself through ``answer_now`` (or, where
+something stands in front, such as CORS, by ``__call__``): the body's verdict
+(``gateway.frontdoor``; a bad body is 400 whatever the cache holds), the lookup, the
+pre-encoded reply (``cache.replies``), one count. No Request or Response object, no
+middleware, no routing. A miss is forwarded through the pool, or refused with the known
 prompts.
 """
 
@@ -11,6 +13,7 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Iterable
 
 import orjson
 from starlette.applications import Starlette
@@ -22,36 +25,41 @@ from starlette.types import Receive, Scope, Send
 from comeapi.balancer.pool import BackendPool
 from comeapi.balancer.proxy import Forwarder, forward_headers
 from comeapi.cache.key import uncacheable
+from comeapi.cache.replies import HitReply, Replies
 from comeapi.errors import ComeapiError, PromptNotCachedError, RequestError, StoreError
-from comeapi.gateway.cache import (
+from comeapi.gateway.cache import Lookup, ResponseCache
+from comeapi.gateway.forced import (
     NO_STORE_HEADER,
     SECRET_HEADER,
+    SLOT_HEADER,
     VARIANT_HEADER,
-    Lookup,
-    ResponseCache,
+    ForcedVariants,
 )
+from comeapi.gateway.frontdoor import FrontDoor, Prepared
 from comeapi.gateway.metrics import GatewayMetrics
 from comeapi.gateway.ondemand import OnDemandBackends
 from comeapi.gateway.requestlog import Miss, RequestLog, RequestRecord
 from comeapi.http.auth import APIKeys, auth_error_response
 from comeapi.http.errors import error_response
+from comeapi.http.immediate import NOTE, ImmediateRequest
 from comeapi.http.responses import read_asgi_body
-from comeapi.protocol.requests import KINDS, GenerationRequest, decode_json, parse_request
+from comeapi.protocol.requests import KINDS, GenerationRequest
 from comeapi.settings import Settings
 
 log = logging.getLogger("comeapi.gateway")
 
 CLIENT_GONE = 499  # nginx's code for "client closed the request", for the metrics only
+RawHeaders = Iterable[tuple[bytes, bytes]]
 _CACHE_CONTROL = b"cache-control"
-_HIT_HEADERS = frozenset({_CACHE_CONTROL, VARIANT_HEADER.encode(), SECRET_HEADER.encode()})
-# The parse and lookup ``answer_now`` did for a request it left to the ASGI path.
-_PREPARED = "comeapi.prepared"
+_VARIANT = VARIANT_HEADER.encode()
+_SECRET = SECRET_HEADER.encode()
+_HIT_HEADERS = frozenset({_CACHE_CONTROL, _VARIANT, _SECRET})
 
 
 class GenerationRoutes:
     """The generation routes (``protocol.requests.KINDS``), in front of ``app``."""
 
-    #: The paths ``answer_now`` may answer (``http.server.ImmediateAnswers``).
+    #: The paths ``answer_now`` may answer (``http.immediate.ImmediateAnswers``).
     immediate_paths = frozenset(KINDS)
 
     def __init__(
@@ -75,50 +83,81 @@ class GenerationRoutes:
         self.cache = cache
         self.on_demand = on_demand
         self.keys = APIKeys(settings.api_keys)
+        self._keys_set = bool(self.keys)
+        self._max_body = settings.max_body_bytes
+        self._bypass_allowed = settings.on_miss == "forward"
+        self.door = FrontDoor(settings.max_tokens_limit)
+        self.replies = Replies()
+        self.forced = ForcedVariants(
+            cache.variant_secret if cache is not None else None,
+            cache.variants if cache is not None else settings.variants,
+        )
 
     @property
     def state(self) -> State:
         """The Starlette app's state (``state.gateway``), as if this were that app."""
         return self.app.state
 
-    def answer_now(
-        self, scope: Scope, body: bytes
-    ) -> tuple[list[tuple[bytes, bytes]], bytes] | None:
+    # --- the hit path, before any ASGI task ------------------------------------------------
+
+    def answer_now(self, request: ImmediateRequest) -> tuple[bytes, bytes] | None:
         """A cache hit answered by the HTTP server itself, as soon as the whole request is
-        read and before any ASGI task exists (``http.server.GuardedHttpToolsProtocol``):
-        the headers and body to send with status 200, counted and recorded here as
-        ``__call__`` would. None for anything else (an error, a miss, a bypass): the request
-        then takes the ASGI path, which finds this parse and lookup in ``scope`` rather than
-        repeating them, so a miss is counted once."""
-        cache = self.cache
+        read and before any ASGI task exists (``http.immediate``): the header lines and
+        body of a 200, counted and recorded here as ``__call__`` would. None for anything
+        else (an error, a miss, a bypass): the request then takes the ASGI path, which finds
+        this verdict and lookup in ``request.note`` rather than repeating them, so a miss is
+        counted once."""
+        path, headers, body = request.path, request.headers, request.body
         if (
-            cache is None
-            or scope["method"] != "POST"
-            or len(body) > self.settings.max_body_bytes
-            or self.keys.check(scope) is not None
+            self.cache is None
+            or len(body) > self._max_body
+            or (self._keys_set and self.keys.check_headers(path, headers) is not None)
         ):
             return None
         started = time.perf_counter()
         try:
-            request = parse_request(
-                KINDS[scope["path"]],
-                decode_json(body),
-                max_tokens_limit=self.settings.max_tokens_limit,
-            )
-            lookup = self._lookup(scope, request, cache)
+            prepared, lookup = self._verdict(path, headers, body)
         except ComeapiError:
             return None  # the ASGI path parses again and answers the error
-        if lookup is None or lookup.hit is None:
-            scope[_PREPARED] = (request, lookup)
+        if lookup is None or lookup.entry is None:
+            request.note = (prepared, lookup)
             return None
-        hit = lookup.hit
-        record = RequestRecord(scope)
-        record.request = request
-        record.outcome = hit
+        reply = self.replies.get(lookup.entry, prepared.format)
+        payload = reply.body()
+        self.door.remember(path, body, prepared)
+        record = RequestRecord("POST", path, request.client)
+        record.request = prepared.request
+        record.outcome = reply
         seconds = time.perf_counter() - started
-        self.metrics.observe(scope["path"], 200, seconds)
+        self.metrics.observe(path, 200, seconds)
         self.requests.add(record, 200, seconds)
-        return hit.headers, hit.body
+        if lookup.slot is not None:  # a stand-in for a slot a proxy fills (not the hot path)
+            return reply.head + _slot_line(lookup.slot), payload
+        return reply.head, payload
+
+    def _verdict(
+        self, path: str, headers: RawHeaders, body: bytes
+    ) -> tuple[Prepared, Lookup | None]:
+        """The request ``body`` is (ComeapiError if none) and the cache's verdict on it:
+        None when the request does not consult the cache (no cache, or Cache-Control:
+        no-cache (warmup) while misses are forwarded; when they are rejected, no-cache must
+        not become a way around the rule)."""
+        cache = self.cache
+        prepared = self.door.prepare(path, body, cache)
+        if cache is None:
+            return prepared, None
+        found = {k: v for k, v in headers if k in _HIT_HEADERS}
+        if found:
+            if b"no-cache" in found.get(_CACHE_CONTROL, b"") and self._bypass_allowed:
+                return prepared, None
+            forced = self.forced.read(found.get(_VARIANT), found.get(_SECRET, b""))
+        else:
+            forced = None
+        if prepared.key is None:
+            return prepared, Lookup(None)
+        return prepared, cache.lookup_key(prepared.key, forced)
+
+    # --- the ASGI path ----------------------------------------------------------------------
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         kind = KINDS.get(scope["path"]) if scope["type"] == "http" else None
@@ -126,7 +165,7 @@ class GenerationRoutes:
             await self.app(scope, receive, send)
             return
         started = time.perf_counter()
-        record = RequestRecord(scope)
+        record = RequestRecord.of(scope)
         status = 500
         try:
             status = await self._route(scope, receive, send, record)
@@ -149,18 +188,12 @@ class GenerationRoutes:
                 raise error
             else:
                 raw = await read_asgi_body(scope, receive, self.settings.max_body_bytes)
-                prepared = scope.pop(_PREPARED, None)
-                if prepared is None:
-                    record.request = request = parse_request(
-                        KINDS[scope["path"]],
-                        decode_json(raw),
-                        max_tokens_limit=self.settings.max_tokens_limit,
-                    )
-                    lookup = self._lookup(scope, request, self.cache)
-                else:
-                    request, lookup = prepared
-                    record.request = request
-                response = await self._answer(scope, receive, send, request, raw, record, lookup)
+                known = scope.pop(NOTE, None)
+                if known is None:
+                    known = self._verdict(scope["path"], scope["headers"], raw)
+                prepared, lookup = known
+                record.request = prepared.request
+                response = await self._answer(scope, receive, send, prepared, raw, record, lookup)
                 if response is None:
                     return 200
         except ClientDisconnect:
@@ -174,43 +207,32 @@ class GenerationRoutes:
         await response(scope, receive, send)
         return response.status_code
 
-    def _lookup(
-        self, scope: Scope, request: GenerationRequest, cache: ResponseCache | None
-    ) -> Lookup | None:
-        """The cache's verdict, or None when the request does not consult the cache: no
-        cache, or Cache-Control: no-cache (warmup) while misses are forwarded (when they are
-        rejected, no-cache must not become a way around the rule)."""
-        if cache is None:
-            return None
-        found = {k: v for k, v in scope["headers"] if k in _HIT_HEADERS}
-        bypass = b"no-cache" in found.get(_CACHE_CONTROL, b"")
-        if bypass and self.settings.on_miss == "forward":
-            return None
-        forced = cache.forced_variant(
-            found.get(VARIANT_HEADER.encode()), found.get(SECRET_HEADER.encode(), b"")
-        )
-        return cache.lookup(request, forced)
-
     async def _answer(
         self,
         scope: Scope,
         receive: Receive,
         send: Send,
-        request: GenerationRequest,
+        prepared: Prepared,
         raw: bytes,
         record: RequestRecord,
         lookup: Lookup | None,
     ) -> Response | None:
         """None once a hit is sent; otherwise the response to send."""
         cache = self.cache
+        request = prepared.request
         if cache is None or lookup is None:
             record.outcome = miss = Miss(looked_up=False)
             return await self._forward(scope, receive, request, raw, miss)
-        hit = lookup.hit
-        if hit is not None:
-            await send({"type": "http.response.start", "status": 200, "headers": hit.headers})
-            await send({"type": "http.response.body", "body": hit.body})
-            record.outcome = hit
+        if lookup.entry is not None:
+            reply = self.replies.get(lookup.entry, prepared.format)
+            payload = reply.body()
+            self.door.remember(scope["path"], raw, prepared)
+            headers = _asgi_headers(reply, payload)
+            if lookup.slot is not None:
+                headers.append((SLOT_HEADER.encode(), str(lookup.slot).encode()))
+            await send({"type": "http.response.start", "status": 200, "headers": headers})
+            await send({"type": "http.response.body", "body": payload})
+            record.outcome = reply
             return None
         record.outcome = miss = Miss(looked_up=True, variant=lookup.forced_variant)
         return await self._miss(scope, receive, request, raw, cache, lookup, miss)
@@ -279,3 +301,13 @@ class GenerationRoutes:
             report=miss,
         )
         return miss.response
+
+
+def _asgi_headers(reply: HitReply, payload: bytes) -> list[tuple[bytes, bytes]]:
+    headers = [(n.lower().encode(), v.encode()) for n, v in reply.headers]
+    headers.append((b"content-length", str(len(payload)).encode()))
+    return headers
+
+
+def _slot_line(slot: int) -> bytes:
+    return f"{SLOT_HEADER}: {slot}\r\n".encode()

@@ -15,13 +15,14 @@ from prometheus_client.registry import Collector
 
 from comeapi.balancer.backend import Backend
 from comeapi.balancer.pool import BackendPool
+from comeapi.gateway.cache import ResponseCache
 from comeapi.http.metrics import RequestStats
 
 
 class GatewayMetrics:
     """Every metric of one gateway app. Also the proxy's ``ProxyObserver``."""
 
-    def __init__(self, pool: BackendPool):
+    def __init__(self, pool: BackendPool, cache: ResponseCache | None = None):
         self.registry = CollectorRegistry()
         self.requests = RequestStats()
         self.registry.register(self.requests)
@@ -43,6 +44,8 @@ class GatewayMetrics:
             registry=self.registry,
         )
         self.registry.register(PoolCollector(pool))
+        if cache is not None:
+            self.registry.register(CacheCollector(cache))
 
     def observe(self, route: str, status: int, seconds: float) -> None:
         self.requests.record(route, status, seconds)
@@ -56,6 +59,26 @@ class GatewayMetrics:
 
     def render(self) -> bytes:
         return generate_latest(self.registry)
+
+
+class CacheCollector(Collector):
+    """The cache's lookups, read from its plain counters at scrape time (the hit ratio is
+    ``hits / (hits + misses)``)."""
+
+    def __init__(self, cache: ResponseCache):
+        self.cache = cache
+
+    def collect(self) -> Iterator[Metric]:
+        yield CounterMetricFamily(
+            "comeapi_cache_hits",
+            "Generation requests answered from the response cache.",
+            value=self.cache.hits,
+        )
+        yield CounterMetricFamily(
+            "comeapi_cache_misses",
+            "Cacheable generation requests the response cache did not hold.",
+            value=self.cache.misses,
+        )
 
 
 class PoolCollector(Collector):

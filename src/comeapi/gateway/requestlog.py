@@ -23,7 +23,7 @@ from starlette.responses import Response
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from comeapi.balancer.relay import UpstreamStream
-from comeapi.gateway.cache import Hit
+from comeapi.cache.replies import HitReply
 from comeapi.protocol.requests import GenerationRequest
 
 #: Characters a key=value value may hold unquoted.
@@ -107,24 +107,28 @@ class RequestRecord:
 
     __slots__ = ("client", "method", "outcome", "path", "request", "seconds", "status", "time")
 
-    def __init__(self, scope: Scope):
-        self.method: str = scope["method"]
-        self.path: str = scope["path"]
-        self.client: tuple[str, int] | None = scope.get("client")
+    def __init__(self, method: str, path: str, client: tuple[str, int] | None):
+        self.method = method
+        self.path = path
+        self.client = client
         self.request: GenerationRequest | None = None
-        #: The cache's hit, or the ``Miss``; None where the cache had no part.
-        self.outcome: Hit | Miss | None = None
+        #: The cache's hit (the reply sent), or the ``Miss``; None where the cache had no part.
+        self.outcome: HitReply | Miss | None = None
         # time, status and seconds are set when the request ends (RequestLog.add).
         self.time: float
         self.status: int
         self.seconds: float
+
+    @classmethod
+    def of(cls, scope: Scope) -> RequestRecord:
+        return cls(scope["method"], scope["path"], scope.get("client"))
 
     def fields(self) -> dict[str, Any]:
         """The record as ``FIELDS``; None where a field does not apply or is not known."""
         outcome = self.outcome
         request = self.request
         cache = variant = model = backend = prompt_tokens = completion_tokens = None
-        if isinstance(outcome, Hit):
+        if isinstance(outcome, HitReply):
             entry = outcome.entry
             cache, variant, model = "HIT", entry.variant, entry.model
             prompt_tokens, completion_tokens = entry.prompt_tokens, entry.completion_tokens
@@ -207,10 +211,13 @@ class AccessLog:
 
     def text_line(self, f: dict[str, Any]) -> str:
         """``CLIENT - - [TIME] "METHOD PATH" STATUS - key=value ...``: the common log format
-        (the size is not tracked: "-"), then the other fields."""
+        (the size is not tracked: "-"), then the other fields. What a client controls (its
+        forwarded address, the path, the model) is written bare only when it is a plain
+        token, else quoted and escaped like a JSON string: no client can forge a field or
+        the start of a line."""
         self._tick(f["time"])
         return (
-            f"{f['client'] or '-'} - - [{self._clf}] "
+            f"{_value(f['client'])} - - [{self._clf}] "
             f"{_quoted(f['method'] + ' ' + f['path'])} {f['status']} - "
             f"cache={_value(f['cache'])} variant={_value(f['variant'])} "
             f"model={_value(f['model'])} backend={_value(f['backend'])} "
@@ -257,7 +264,7 @@ class RequestLogMiddleware:
             await self.app(scope, receive, send)
             return
         started = time.perf_counter()
-        record = RequestRecord(scope)
+        record = RequestRecord.of(scope)
         status = 500
 
         async def send_status(message: Message) -> None:

@@ -12,7 +12,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import os
 import secrets
 import signal
 import socket
@@ -20,20 +19,18 @@ from collections.abc import Callable, Coroutine, Iterator
 from typing import Any
 
 import uvicorn
-from uvicorn.supervisors import Multiprocess
 
 from comeapi.balancer.pool import BackendPool
 from comeapi.errors import ConfigError
 from comeapi.gateway.app import Gateway, GatewayApp, create_app
 from comeapi.gateway.cache import ResponseCache
+from comeapi.gateway.workers import STARTUP_FAILURE, reuse_port_socket, run_workers
 from comeapi.http.auth import warn_if_open
 from comeapi.http.server import server_config
 from comeapi.settings import Settings
 
 log = logging.getLogger("comeapi.gateway")
 
-# `--workers N`: each worker process rebuilds the app from the settings passed here.
-WORKER_SETTINGS_ENV = "_COMEAPI_GATEWAY_SETTINGS"
 SIGNALS = (signal.SIGINT, signal.SIGTERM)
 
 
@@ -97,9 +94,14 @@ def build_cache(settings: Settings) -> ResponseCache:
     )
 
 
-async def serve(settings: Settings, *, urls: list[str] | None = None) -> None:
+async def serve(
+    settings: Settings,
+    *,
+    urls: list[str] | None = None,
+    sockets: list[socket.socket] | None = None,
+) -> None:
     """Serve the gateway in front of ``urls`` (default: the configured backends) until a
-    signal, then shut down gracefully."""
+    signal, then shut down gracefully. ``sockets``: listen on these rather than bind."""
     if settings.on_demand:
         from comeapi.gateway.ondemand import pool_supervisor
 
@@ -117,7 +119,7 @@ async def serve(settings: Settings, *, urls: list[str] | None = None) -> None:
         settings.store,
     )
     with handle_signals(lambda sig: server.handle_exit(sig, None)):
-        await server.serve()
+        await server.serve(sockets)
     if not server.started:
         raise SystemExit(1)  # uvicorn has logged why (port in use, ...)
 
@@ -216,23 +218,35 @@ def run(main: Coroutine[Any, Any, None]) -> None:
 
 
 def run_gateway(settings: Settings) -> None:
-    """``comeapi serve``: one process, or ``settings.workers`` processes sharing the port."""
+    """``comeapi serve``: one process, or ``settings.workers`` processes sharing the port
+    (``gateway.workers``)."""
     warn_if_exposed(settings)
     if settings.workers == 1:
         run(serve(settings))
         return
-    os.environ[WORKER_SETTINGS_ENV] = settings.model_dump_json()
-    # What uvicorn.run does for workers, with comeapi's own configuration class.
-    config = uvicorn_config(
-        settings, f"{__name__}:worker_app", factory=True, workers=settings.workers
+    run_workers(settings, worker_main)
+
+
+def worker_main(settings_json: str) -> None:
+    """One ``--workers`` process: the gateway on its own SO_REUSEPORT socket until SIGTERM."""
+    settings = Settings.model_validate_json(settings_json)
+    configure_logging(settings)
+    sock = reuse_port_socket(settings.host, settings.port)
+    try:
+        run(serve(settings, sockets=[sock]))
+    except SystemExit as exc:
+        raise SystemExit(STARTUP_FAILURE if exc.code else 0) from None
+
+
+def configure_logging(settings: Settings) -> None:
+    """The CLI's log format (again in a ``--workers`` process) at ``settings.log_level``."""
+    logging.basicConfig(
+        level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )
-    Multiprocess(config, sockets=[config.bind_socket()]).run()
-
-
-def worker_app() -> GatewayApp:
-    """The app of one ``--workers`` process (uvicorn imports and calls this)."""
-    settings = Settings.model_validate_json(os.environ[WORKER_SETTINGS_ENV])
-    return create_app(settings, BackendPool.from_settings(settings), build_cache(settings))
+    logging.getLogger().setLevel(settings.log_level.upper())
+    if settings.log_level != "debug":
+        # httpx logs every request at INFO: one line per proxied request and health probe.
+        logging.getLogger("httpx").setLevel(logging.WARNING)
 
 
 def warn_if_exposed(settings: Settings) -> None:

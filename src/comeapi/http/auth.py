@@ -34,9 +34,17 @@ class APIKeys:
 
     def check(self, scope: Scope) -> AuthenticationError | None:
         """None when the request may pass, else the error to answer with."""
-        if not self._digests or scope["path"] in self.public:
+        if not self._digests:
             return None
-        token = _bearer_token(scope["headers"])
+        return self.check_headers(scope["path"], scope["headers"])
+
+    def check_headers(
+        self, path: str, headers: Iterable[tuple[bytes, bytes]]
+    ) -> AuthenticationError | None:
+        """``check`` for a request known by its path and raw headers."""
+        if not self._digests or path in self.public:
+            return None
+        token = _bearer_token(headers)
         if token is None:
             return AuthenticationError(
                 "You didn't provide an API key. Send it as 'Authorization: Bearer <key>'.",

@@ -17,6 +17,7 @@ from typing import Protocol
 
 from prometheus_client.core import CounterMetricFamily, HistogramMetricFamily, Metric
 from prometheus_client.registry import Collector
+from starlette.routing import compile_path
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
@@ -97,13 +98,24 @@ class MetricsMiddleware:
     """Counts every HTTP request by route and status, and times it to its last byte.
 
     Only known routes become label values (anything else is "other"), so a scanner probing
-    random paths cannot blow up the number of series.
+    random paths cannot blow up the number of series; a route with a parameter is labelled
+    by its template ("/v1/models/{model}").
     """
 
     def __init__(self, app: ASGIApp, metrics: RequestObserver, routes: Collection[str]):
         self.app = app
         self.metrics = metrics
-        self.routes = frozenset(routes)
+        self.routes = frozenset(r for r in routes if "{" not in r)
+        self.templates = [compile_path(r)[:2] for r in routes if "{" in r]
+
+    def route(self, path: str) -> str:
+        """The label of ``path``: itself, its route's template, or "other"."""
+        if path in self.routes:
+            return path
+        for regex, template in self.templates:
+            if regex.match(path):
+                return template
+        return "other"
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -121,6 +133,4 @@ class MetricsMiddleware:
         try:
             await self.app(scope, receive, send_status)
         finally:
-            path = scope["path"]
-            route = path if path in self.routes else "other"
-            self.metrics.observe(route, status, time.perf_counter() - started)
+            self.metrics.observe(self.route(scope["path"]), status, time.perf_counter() - started)

@@ -74,6 +74,11 @@ def sse(payload: dict[str, Any]) -> bytes:
     return b"data: " + _dumps()(payload) + b"\n\n"
 
 
+def json_bytes(payload: dict[str, Any]) -> bytes:
+    """``payload`` as compact UTF-8 JSON, as every answer body is encoded."""
+    return _dumps()(payload)
+
+
 @functools.cache
 def _dumps() -> Callable[[Any], bytes]:
     """orjson where installed; the Lambda package ships without it (cold start), so json."""

@@ -44,7 +44,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 
 from comeapi.cache.dynamo_items import Catalogue
 from comeapi.cache.key import choose_default_model, lookup_key, uncacheable
-from comeapi.cache.replies import hit_body, hit_stream
+from comeapi.cache.replies import AnswerFormat, HitReply
 from comeapi.cache.serving import DEFAULT_SERVE_STATES, parse_serve_states
 from comeapi.cache.store import Entry
 from comeapi.errors import (
@@ -245,7 +245,7 @@ class ServerlessApp:
             tried = variants[self._randbelow(len(variants))]
             entry = self._reader().get(key, tried)
             if entry is not None and entry.state in self.serve_states:
-                return _hit(parsed, entry, tried)
+                return _hit(parsed, entry)
             # Pushed over since we read the catalogue: read it again (from the table).
             self._drop_snapshot()
             self._load_catalogue()
@@ -406,13 +406,10 @@ def _openai_model(name: str) -> dict[str, Any]:
     return {"id": name, "object": "model", "created": 0, "owned_by": "comeapi"}
 
 
-def _hit(request: GenerationRequest, entry: Entry, variant: int) -> Reply:
-    headers = {"X-Cache": "HIT", "X-Cache-Variant": str(variant)}
-    if request.stream:
-        # API Gateway buffers a Lambda's answer, so the whole stream goes as one SSE body.
-        headers.update({"Content-Type": "text/event-stream", "Cache-Control": "no-cache"})
-        return Reply(200, hit_stream(request, entry).decode("utf-8"), headers)
-    return json_reply(200, hit_body(request.kind, entry), headers)
+def _hit(request: GenerationRequest, entry: Entry) -> Reply:
+    # API Gateway buffers a Lambda's answer, so a stream goes whole, as one SSE body.
+    reply = HitReply(AnswerFormat.of(request), entry)
+    return Reply(200, reply.body().decode("utf-8"), dict(reply.headers))
 
 
 def json_reply(status: int, body: Any, headers: dict[str, str] | None = None) -> Reply:
