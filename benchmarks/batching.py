@@ -16,8 +16,10 @@ Every set-up gets the same model, context per request, thread budget and request
 /v1/completions, stream, temperature 0.8, seed i). Each request starts with a unique tag so
 no server can reuse a cached prompt. Rounds are interleaved (a b c d, a b c d, ...) so a
 burst of load on a shared machine hits every set-up alike; the table shows the median round
-and the best round of each set-up, and the ratios of both, withheld when the machine was busy
-(benchmarks/machine.py; --threads is the run's own load).
+and the best round of each set-up, and the ratios of both. They are withheld when other
+processes kept the machine busy, judged before the run and over each round, the benchmark's
+own servers and streams left out (benchmarks/machine.py). ``--model`` is any GGUF file: (a)
+and (b) serve it as their directory's default model.
 """
 
 from __future__ import annotations
@@ -124,13 +126,14 @@ def comeapi(*args: str) -> list[str]:
 
 def start_setups(args: argparse.Namespace, servers: Servers) -> list[Setup]:
     n, threads, ctx = args.concurrency, args.threads, str(args.ctx)
-    model_dir = str(Path(args.model).parent)
+    model_dir, model = str(Path(args.model).parent), Path(args.model).name
     setups = []
 
     port = free_port()
     a = Setup("a", f"comeapi backend --slots {n}", f"http://127.0.0.1:{port}", "/health")
     servers.start(a, comeapi(
-        "backend", "--model-dir", model_dir, "--port", str(port), "--slots", str(n),
+        "backend", "--model-dir", model_dir, "--default-model", model, "--port", str(port),
+        "--slots", str(n),
         "--threads", str(threads), "--ctx", ctx,
     ))  # fmt: skip
     setups.append(a)
@@ -143,8 +146,8 @@ def start_setups(args: argparse.Namespace, servers: Servers) -> list[Setup]:
         backend_port = free_port()
         backend_urls.append(f"http://127.0.0.1:{backend_port}")
         servers.start(b, comeapi(
-            "backend", "--model-dir", model_dir, "--port", str(backend_port), "--slots", "1",
-            "--threads", "1", "--ctx", ctx,
+            "backend", "--model-dir", model_dir, "--default-model", model,
+            "--port", str(backend_port), "--slots", "1", "--threads", "1", "--ctx", ctx,
         ))  # fmt: skip
     servers.start(b, comeapi(
         "serve", "--port", str(port), "--health-interval", "2", "--queue-size", str(4 * n),
@@ -266,7 +269,7 @@ def main() -> None:
     parser.add_argument("--llama-server", default=os.environ.get("LLAMA_SERVER", ""))
     add_summary_option(parser)
     args = parser.parse_args()
-    load = Load(own=float(args.threads))  # each set-up in turn, with this many threads
+    load = Load(own=float(args.threads))  # judged before anything starts
 
     servers = Servers()
     with servers.running():
@@ -277,9 +280,11 @@ def main() -> None:
             asyncio.run(run_round(setup, argparse.Namespace(**{**vars(args), "max_tokens": 4}),
                                   "warmup"))  # fmt: skip
             setup.rates.clear(), setup.ttfts.clear(), setup.tokens.clear()
+        load.between_rounds()  # start-up and warm-up: a stretch of their own
         for round_no in range(args.rounds):
             for setup in live:
                 asyncio.run(run_round(setup, args, f"r{round_no}{setup.key}"))
+                load.between_rounds()
         rss = {s.key: peak_rss_mb(s.procs) for s in live}
         load.finish()
         report(setups, args, rss, load)
@@ -306,12 +311,18 @@ def report(setups: list[Setup], args: argparse.Namespace, rss: dict[str, float],
         print(f"{label:42s} {medians[s.key]:7.1f} {bests[s.key]:7.1f} {ttft * 1000:7.0f}ms "
               f"{tokens:7.0f} {rss[s.key]:6.0f} MB   rounds: "
               f"{', '.join(f'{r:.1f}' for r in s.rates)}")  # fmt: skip
+    by_key = {s.key: s for s in setups}
     for other, goal in (("d", 1.0), ("b", 1.5)):
         if "a" in medians and other in medians:
             ratios = (
                 f"(a)/({other}) = {medians['a'] / medians[other]:.2f} median, "
+                f"{paired(by_key['a'], by_key[other]):.2f} paired by round, "
                 f"{bests['a'] / bests[other]:.2f} best  (goal >= {goal})"
             )
+            if other == "d":
+                ttft_a, ttft_d = (statistics.median(by_key[k].ttfts) * 1000 for k in "ad")
+                ratios += f"; p50 first token (a) {ttft_a:.0f} ms vs (d) {ttft_d:.0f} ms"
+                ratios += " (goal: (a) <= (d))"
             print(load.verdict(ratios))
     if "a" in rss:
         print(f"peak RSS of (a): {rss['a']:.0f} MB = {rss['a'] / model_mb:.2f} x the model file")
@@ -331,6 +342,12 @@ def report(setups: list[Setup], args: argparse.Namespace, rss: dict[str, float],
     )
 
 
+def paired(a: Setup, other: Setup) -> float:
+    """The median of the rounds' ratios: rounds run back to back, so each pair met the same
+    moment of the machine."""
+    return statistics.median(x / y for x, y in zip(a.rates, other.rates, strict=True))
+
+
 def headline(setups: list[Setup], medians: dict[str, float], rss: dict[str, float]) -> str:
     """The median tokens/s of each set-up that ran, (a)'s ratios against (d) and (b), first
     token and memory of (a) against (b)."""
@@ -341,6 +358,10 @@ def headline(setups: list[Setup], medians: dict[str, float], rss: dict[str, floa
             ratio = medians["a"] / medians[other]
             parts.append(f"{bold}(a)/({other}) {ratio:.2f}{bold} (goal >= {goal})")
     ttft = {s.key: statistics.median(s.ttfts) for s in setups if s.ttfts}
+    if "a" in ttft and "d" in ttft:
+        parts.append(
+            f"p50 first token (a) {ttft['a'] * 1000:.0f} ms vs (d) {ttft['d'] * 1000:.0f} ms"
+        )
     if "a" in ttft and "b" in ttft:
         parts.append(f"p50 first token (a) {ttft['a'] * 1000:.0f} ms vs (b) {ttft['b']:.1f} s")
     if "a" in rss and "b" in rss:
