@@ -1,8 +1,10 @@
 """Choosing each next token, the same way in both engines, and the log probabilities of it.
 
-A ``Sampler`` is one choice's: logit bias and presence/frequency penalties (numpy, over the
-whole vocabulary), an optional grammar (JSON mode, JSON schemas), then llama.cpp's chain
-(greedy at temperature 0, else top-k, top-p, min-p, temperature and a seeded draw).
+A ``Sampler`` is one choice's llama.cpp sampler chain: logit bias and presence/frequency
+penalties, then greedy at temperature 0, else top-k, top-p, min-p, temperature and a seeded
+draw. The batched engine runs it on a row of the context's logits inside llama.cpp
+(``sample_at``: no per-token copy of the vocabulary into Python); a grammar (JSON mode, JSON
+schemas) needs the candidates in Python, and so do logits the serial engine hands over.
 """
 
 from __future__ import annotations
@@ -12,7 +14,6 @@ import functools
 import json
 import math
 import random
-from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -99,61 +100,91 @@ def check_sampling(vocab: Any, n_vocab: int, params: SamplingParams) -> None:
 
 
 class Sampler:
-    """Samples one choice's tokens from logits (a numpy view of llama.cpp's row)."""
+    """Samples one choice's tokens: from a context's logits row (``sample_at``) or from
+    logits in a numpy array (``sample``; the serial engine, the tests).
 
-    def __init__(self, vocab: Any, n_vocab: int, params: SamplingParams):
-        self._params = params
-        self._cur = np.empty(n_vocab, dtype=_TOKEN_DATA)
-        self._ids = _ids(n_vocab)
-        self._bias_ids = np.array([t for t, _ in params.logit_bias], dtype=np.intp)
-        self._bias = np.array([b for _, b in params.logit_bias], dtype=np.float32)
-        self._penalised = params.presence_penalty != 0 or params.frequency_penalty != 0
-        self._counts: Counter[int] = Counter()
+    ``history`` is the most tokens it will sample: the window of the penalties, which count
+    every token generated so far (OpenAI's presence and frequency penalties).
+    """
+
+    def __init__(self, vocab: Any, n_vocab: int, params: SamplingParams, history: int = 4096):
+        self._n_vocab = n_vocab
         self._greedy = params.temperature == 0
         # How many allowed candidates the chain looks at: top-k (1 when greedy), or all.
         self._needed = 1 if self._greedy else params.top_k
-        self._chain = lib.llama_sampler_chain_init(lib.llama_sampler_chain_default_params())
+        self._cur: npt.NDArray[Any] | None = None  # the whole vocabulary, when a row is copied
+        # First: the only part that can fail (a grammar llama.cpp cannot parse).
         self._grammar = _grammar(vocab, params.grammar) if params.grammar is not None else None
-        add = functools.partial(lib.llama_sampler_chain_add, self._chain)
+        adjust = []
+        if params.logit_bias:
+            biases = (lib.llama_logit_bias * len(params.logit_bias))(
+                *(lib.llama_logit_bias(token, bias) for token, bias in params.logit_bias)
+            )
+            adjust.append(lib.llama_sampler_init_logit_bias(n_vocab, len(biases), biases))
+        if params.presence_penalty != 0 or params.frequency_penalty != 0:
+            adjust.append(
+                lib.llama_sampler_init_penalties(
+                    n_vocab, max(history, 1), 1.0, params.frequency_penalty, params.presence_penalty
+                )
+            )
         if self._greedy:
-            add(lib.llama_sampler_init_greedy())
+            select = [lib.llama_sampler_init_greedy()]
         else:
-            add(lib.llama_sampler_init_top_k(params.top_k))
-            add(lib.llama_sampler_init_top_p(params.top_p, 1))
-            add(lib.llama_sampler_init_min_p(MIN_P, 1))
-            add(lib.llama_sampler_init_temp(params.temperature))
-            add(lib.llama_sampler_init_dist(params.seed))
+            select = [
+                lib.llama_sampler_init_top_k(params.top_k),
+                lib.llama_sampler_init_top_p(params.top_p, 1),
+                lib.llama_sampler_init_min_p(MIN_P, 1),
+                lib.llama_sampler_init_temp(params.temperature),
+                lib.llama_sampler_init_dist(params.seed),
+            ]
+        if self._grammar is None:
+            # One chain: llama.cpp applies it to a logits row and accepts the token itself.
+            self._adjust = None
+            self._chain = _chain([*adjust, *select])
+        else:
+            # The grammar checks candidates between the two: bias and penalties first.
+            self._adjust = _chain(adjust) if adjust else None
+            self._chain = _chain(select)
+
+    def sample_at(self, ctx: Any, index: int, is_eog: Callable[[int], bool]) -> int:
+        """The next token from output row ``index`` of ``ctx``'s last decode."""
+        if self._grammar is None:
+            return int(lib.llama_sampler_sample(self._chain, ctx, index))
+        row = lib.llama_get_logits_ith(ctx, index)
+        return self.sample(np.ctypeslib.as_array(row, shape=(self._n_vocab,)), is_eog)
 
     def sample(self, logits: Logits, is_eog: Callable[[int], bool]) -> int:
         """The next token. The grammar (if any) moves on with it unless it ends generation."""
+        if self._cur is None:
+            self._cur = np.empty(self._n_vocab, dtype=_TOKEN_DATA)
         cur = self._cur
-        cur["id"] = self._ids
+        cur["id"] = _ids(self._n_vocab)  # the samplers reorder the array in place
         cur["logit"] = logits
         cur["p"] = 0.0
-        if len(self._bias_ids):
-            cur["logit"][self._bias_ids] += self._bias
-        if self._counts:
-            ids = np.fromiter(self._counts.keys(), dtype=np.intp, count=len(self._counts))
-            counts = np.fromiter(self._counts.values(), dtype=np.float32, count=len(ids))
-            p = self._params
-            cur["logit"][ids] -= counts * p.frequency_penalty + p.presence_penalty
-        token = self._apply(self._chain, cur) if self._grammar is None else self._constrained()
-        if self._penalised:
-            self._counts[token] += 1
-        if self._grammar is not None and not is_eog(token):
+        if self._grammar is None:
+            token = self._apply(self._chain, cur)
+            lib.llama_sampler_accept(self._chain, token)  # the penalties count it
+            return token
+        if self._adjust is not None:
+            self._apply(self._adjust, cur, select=False)  # in place, nothing reordered
+        token = self._constrained()
+        if self._adjust is not None:
+            lib.llama_sampler_accept(self._adjust, token)
+        if not is_eog(token):
             lib.llama_sampler_accept(self._grammar, token)
         return token
 
     def close(self) -> None:
-        for sampler in (self._chain, self._grammar):
+        for sampler in (self._chain, self._adjust, self._grammar):
             if sampler is not None:
                 lib.llama_sampler_free(sampler)
-        self._chain = self._grammar = None
+        self._chain = self._adjust = self._grammar = None
 
     def _constrained(self) -> int:
         """Sample among the tokens the grammar allows (the chain sees exactly the
         candidates it would see after checking the whole vocabulary)."""
         cur = self._cur
+        assert cur is not None
         if self._greedy:
             best = int(np.argmax(cur["logit"]))
             if self._allowed(cur[best : best + 1].copy()).size:
@@ -226,6 +257,14 @@ def _log_sum_exp(logits: Logits) -> float:
 @functools.cache
 def _ids(n_vocab: int) -> npt.NDArray[np.intc]:
     return np.arange(n_vocab, dtype=np.intc)
+
+
+def _chain(samplers: list[Any]) -> Any:
+    """A llama.cpp chain that owns ``samplers`` (freed with it)."""
+    chain = lib.llama_sampler_chain_init(lib.llama_sampler_chain_default_params())
+    for sampler in samplers:
+        lib.llama_sampler_chain_add(chain, sampler)
+    return chain
 
 
 def _grammar(vocab: Any, grammar: str) -> Any:
