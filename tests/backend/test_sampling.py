@@ -107,6 +107,7 @@ def test_a_context_row_samples_what_its_copy_in_numpy_samples(
     for pos in range(len(prompt), len(prompt) + 12):
         copied = native.logits(index).copy()
         token = in_c.sample_at(native.ctx, index, tokenizer.is_eog)
+        assert np.array_equal(native.logits(index), copied)  # penalised in place, put back
         assert in_numpy.sample(copied, tokenizer.is_eog) == token
         tokens.append(token)
         assert native.decode([Entry(token, pos, 0, True)]) == 0

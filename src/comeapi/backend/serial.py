@@ -236,7 +236,7 @@ class SerialEngine:
     ) -> Iterator[Event]:
         """One choice, from the logits of its prompt's last token."""
         llama = loaded.llama
-        sampler = Sampler(llama._model.vocab, llama.n_vocab(), params, prompt.budget)
+        sampler = Sampler(llama._model.vocab, llama.n_vocab(), params)
         text = ChoiceText(request.stop, base=len(prompt.text) if request.echo else 0)
         started = time.perf_counter()
         generated = 0

@@ -191,7 +191,7 @@ class DecodeLoop:
             seq.order = next(self._order)
             seq.started = time.perf_counter()
             tokenizer = self._model.tokenizer
-            seq.sampler = Sampler(tokenizer.vocab, tokenizer.n_vocab, seq.sampling, seq.budget)
+            seq.sampler = Sampler(tokenizer.vocab, tokenizer.n_vocab, seq.sampling)
             seq.text = ChoiceText(seq.stop, base=len(seq.echo) if seq.echo is not None else 0)
             self._slots[seq.slot] = seq
             if seq.leader is not None and seq.leader.prompt_logprobs is not None:
