@@ -2,7 +2,7 @@
 aggregate tokens/s and p50 time to first token, measured side by side in one run.
 
     .venv/bin/python benchmarks/batching.py [--llama-server PATH] [--rounds 3]
-        [--concurrency 5] [--max-tokens 128] [--threads 2]
+        [--concurrency 5] [--max-tokens 128] [--threads 2] [--model PATH] [--only abcd]
 
 (a) comeapi backend --slots N     one model copy, continuous batching (BatchedEngine)
 (b) comeapi serve over single-slot backends, one thread each (ComeAPI's design): as many
@@ -131,33 +131,36 @@ def start_setups(args: argparse.Namespace, servers: Servers) -> list[Setup]:
 
     port = free_port()
     a = Setup("a", f"comeapi backend --slots {n}", f"http://127.0.0.1:{port}", "/health")
-    servers.start(a, comeapi(
-        "backend", "--model-dir", model_dir, "--default-model", model, "--port", str(port),
-        "--slots", str(n),
-        "--threads", str(threads), "--ctx", ctx,
-    ))  # fmt: skip
+    if a.key in args.only:
+        servers.start(a, comeapi(
+            "backend", "--model-dir", model_dir, "--default-model", model, "--port", str(port),
+            "--slots", str(n), "--threads", str(threads), "--ctx", ctx,
+        ))  # fmt: skip
     setups.append(a)
 
     port = free_port()
     b = Setup("b", f"comeapi serve, {threads} backends x 1 thread", f"http://127.0.0.1:{port}",
               "/status", healthy_backends=threads)  # fmt: skip
-    backend_urls = []
-    for _ in range(threads):
-        backend_port = free_port()
-        backend_urls.append(f"http://127.0.0.1:{backend_port}")
+    if b.key in args.only:
+        backend_urls = []
+        for _ in range(threads):
+            backend_port = free_port()
+            backend_urls.append(f"http://127.0.0.1:{backend_port}")
+            servers.start(b, comeapi(
+                "backend", "--model-dir", model_dir, "--default-model", model,
+                "--port", str(backend_port), "--slots", "1", "--threads", "1", "--ctx", ctx,
+            ))  # fmt: skip
         servers.start(b, comeapi(
-            "backend", "--model-dir", model_dir, "--default-model", model,
-            "--port", str(backend_port), "--slots", "1", "--threads", "1", "--ctx", ctx,
+            "serve", "--port", str(port), "--health-interval", "2", "--queue-size", str(4 * n),
+            *(arg for url in backend_urls for arg in ("--backend", url)),
         ))  # fmt: skip
-    servers.start(b, comeapi(
-        "serve", "--port", str(port), "--health-interval", "2", "--queue-size", str(4 * n),
-        *(arg for url in backend_urls for arg in ("--backend", url)),
-    ))  # fmt: skip
     setups.append(b)
 
     port = free_port()
     c = Setup("c", "python -m llama_cpp.server", f"http://127.0.0.1:{port}", "/v1/models")
-    if importlib.util.find_spec("fastapi") is None:
+    if c.key not in args.only:
+        pass
+    elif importlib.util.find_spec("fastapi") is None:
         c.skipped = "llama_cpp.server's extras are not installed (make bench installs them)"
     else:
         servers.start(c, [
@@ -171,7 +174,9 @@ def start_setups(args: argparse.Namespace, servers: Servers) -> list[Setup]:
 
     port = free_port()
     d = Setup("d", f"llama-server -np {n}", f"http://127.0.0.1:{port}", "/health")
-    if not args.llama_server or not Path(args.llama_server).is_file():
+    if d.key not in args.only:
+        pass
+    elif not args.llama_server or not Path(args.llama_server).is_file():
         d.skipped = "no llama-server binary (--llama-server PATH, $LLAMA_SERVER; make llama-server)"
     else:
         servers.start(d, [
@@ -179,6 +184,9 @@ def start_setups(args: argparse.Namespace, servers: Servers) -> list[Setup]:
             "-np", str(n), "-c", str(n * args.ctx), "-t", str(threads), "-tb", str(threads),
         ])  # fmt: skip
     setups.append(d)
+    for setup in setups:
+        if setup.key not in args.only:
+            setup.skipped = "left out (--only)"
     return setups
 
 
@@ -267,6 +275,7 @@ def main() -> None:
     parser.add_argument("--ctx", type=int, default=1024, help="context per request")
     parser.add_argument("--model", default=str(MODEL))
     parser.add_argument("--llama-server", default=os.environ.get("LLAMA_SERVER", ""))
+    parser.add_argument("--only", default="abcd", help="the set-ups to run, e.g. ad")
     add_summary_option(parser)
     args = parser.parse_args()
     load = Load(own=float(args.threads))  # judged before anything starts
