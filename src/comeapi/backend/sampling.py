@@ -150,13 +150,13 @@ class Sampler:
     def sample_at(self, ctx: Any, index: int, is_eog: Callable[[int], bool]) -> int:
         """The next token from output row ``index`` of ``ctx``'s last decode: the chain runs
         on the row inside llama.cpp, no copy of the vocabulary (but with a grammar)."""
-        row = lib.llama_get_logits_ith(ctx, index)
-        logits = np.ctypeslib.as_array(row, shape=(self._n_vocab,))
-        if self._grammar is not None:
-            return self.sample(logits, is_eog)
-        if not self._counts:
+        if self._grammar is None and not self._counts:
             token = int(lib.llama_sampler_sample(self._chain, ctx, index))
         else:
+            row = lib.llama_get_logits_ith(ctx, index)
+            logits = np.ctypeslib.as_array(row, shape=(self._n_vocab,))
+            if self._grammar is not None:
+                return self.sample(logits, is_eog)
             # Penalised in place, and put back: the row may be read again (logprobs of the
             # raw logits, another choice of the same prompt).
             ids, penalties = self._penalties()
