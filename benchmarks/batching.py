@@ -2,7 +2,7 @@
 aggregate tokens/s and p50 time to first token, measured side by side in one run.
 
     .venv/bin/python benchmarks/batching.py [--llama-server PATH] [--rounds 3]
-        [--concurrency 5] [--max-tokens 128] [--threads 2]
+        [--concurrency 5] [--max-tokens 128] [--threads 2] [--model PATH] [--only abcd]
 
 (a) comeapi backend --slots N     one model copy, continuous batching (BatchedEngine)
 (b) comeapi serve over single-slot backends, one thread each (ComeAPI's design): as many
@@ -16,8 +16,10 @@ Every set-up gets the same model, context per request, thread budget and request
 /v1/completions, stream, temperature 0.8, seed i). Each request starts with a unique tag so
 no server can reuse a cached prompt. Rounds are interleaved (a b c d, a b c d, ...) so a
 burst of load on a shared machine hits every set-up alike; the table shows the median round
-and the best round of each set-up, and the ratios of both, withheld when the machine was busy
-(benchmarks/machine.py; --threads is the run's own load).
+and the best round of each set-up, and the ratios of both. They are withheld when other
+processes kept the machine busy, judged before the run and over each round, the benchmark's
+own servers and streams left out (benchmarks/machine.py). ``--model`` is any GGUF file: (a)
+and (b) serve it as their directory's default model.
 """
 
 from __future__ import annotations
@@ -124,37 +126,41 @@ def comeapi(*args: str) -> list[str]:
 
 def start_setups(args: argparse.Namespace, servers: Servers) -> list[Setup]:
     n, threads, ctx = args.concurrency, args.threads, str(args.ctx)
-    model_dir = str(Path(args.model).parent)
+    model_dir, model = str(Path(args.model).parent), Path(args.model).name
     setups = []
 
     port = free_port()
     a = Setup("a", f"comeapi backend --slots {n}", f"http://127.0.0.1:{port}", "/health")
-    servers.start(a, comeapi(
-        "backend", "--model-dir", model_dir, "--port", str(port), "--slots", str(n),
-        "--threads", str(threads), "--ctx", ctx,
-    ))  # fmt: skip
+    if a.key in args.only:
+        servers.start(a, comeapi(
+            "backend", "--model-dir", model_dir, "--default-model", model, "--port", str(port),
+            "--slots", str(n), "--threads", str(threads), "--ctx", ctx,
+        ))  # fmt: skip
     setups.append(a)
 
     port = free_port()
     b = Setup("b", f"comeapi serve, {threads} backends x 1 thread", f"http://127.0.0.1:{port}",
               "/status", healthy_backends=threads)  # fmt: skip
-    backend_urls = []
-    for _ in range(threads):
-        backend_port = free_port()
-        backend_urls.append(f"http://127.0.0.1:{backend_port}")
+    if b.key in args.only:
+        backend_urls = []
+        for _ in range(threads):
+            backend_port = free_port()
+            backend_urls.append(f"http://127.0.0.1:{backend_port}")
+            servers.start(b, comeapi(
+                "backend", "--model-dir", model_dir, "--default-model", model,
+                "--port", str(backend_port), "--slots", "1", "--threads", "1", "--ctx", ctx,
+            ))  # fmt: skip
         servers.start(b, comeapi(
-            "backend", "--model-dir", model_dir, "--port", str(backend_port), "--slots", "1",
-            "--threads", "1", "--ctx", ctx,
+            "serve", "--port", str(port), "--health-interval", "2", "--queue-size", str(4 * n),
+            *(arg for url in backend_urls for arg in ("--backend", url)),
         ))  # fmt: skip
-    servers.start(b, comeapi(
-        "serve", "--port", str(port), "--health-interval", "2", "--queue-size", str(4 * n),
-        *(arg for url in backend_urls for arg in ("--backend", url)),
-    ))  # fmt: skip
     setups.append(b)
 
     port = free_port()
     c = Setup("c", "python -m llama_cpp.server", f"http://127.0.0.1:{port}", "/v1/models")
-    if importlib.util.find_spec("fastapi") is None:
+    if c.key not in args.only:
+        pass
+    elif importlib.util.find_spec("fastapi") is None:
         c.skipped = "llama_cpp.server's extras are not installed (make bench installs them)"
     else:
         servers.start(c, [
@@ -168,7 +174,9 @@ def start_setups(args: argparse.Namespace, servers: Servers) -> list[Setup]:
 
     port = free_port()
     d = Setup("d", f"llama-server -np {n}", f"http://127.0.0.1:{port}", "/health")
-    if not args.llama_server or not Path(args.llama_server).is_file():
+    if d.key not in args.only:
+        pass
+    elif not args.llama_server or not Path(args.llama_server).is_file():
         d.skipped = "no llama-server binary (--llama-server PATH, $LLAMA_SERVER; make llama-server)"
     else:
         servers.start(d, [
@@ -176,6 +184,9 @@ def start_setups(args: argparse.Namespace, servers: Servers) -> list[Setup]:
             "-np", str(n), "-c", str(n * args.ctx), "-t", str(threads), "-tb", str(threads),
         ])  # fmt: skip
     setups.append(d)
+    for setup in setups:
+        if setup.key not in args.only:
+            setup.skipped = "left out (--only)"
     return setups
 
 
@@ -264,9 +275,10 @@ def main() -> None:
     parser.add_argument("--ctx", type=int, default=1024, help="context per request")
     parser.add_argument("--model", default=str(MODEL))
     parser.add_argument("--llama-server", default=os.environ.get("LLAMA_SERVER", ""))
+    parser.add_argument("--only", default="abcd", help="the set-ups to run, e.g. ad")
     add_summary_option(parser)
     args = parser.parse_args()
-    load = Load(own=float(args.threads))  # each set-up in turn, with this many threads
+    load = Load(own=float(args.threads))  # judged before anything starts
 
     servers = Servers()
     with servers.running():
@@ -277,9 +289,11 @@ def main() -> None:
             asyncio.run(run_round(setup, argparse.Namespace(**{**vars(args), "max_tokens": 4}),
                                   "warmup"))  # fmt: skip
             setup.rates.clear(), setup.ttfts.clear(), setup.tokens.clear()
+        load.between_rounds()  # start-up and warm-up: a stretch of their own
         for round_no in range(args.rounds):
             for setup in live:
                 asyncio.run(run_round(setup, args, f"r{round_no}{setup.key}"))
+                load.between_rounds()
         rss = {s.key: peak_rss_mb(s.procs) for s in live}
         load.finish()
         report(setups, args, rss, load)
@@ -306,12 +320,18 @@ def report(setups: list[Setup], args: argparse.Namespace, rss: dict[str, float],
         print(f"{label:42s} {medians[s.key]:7.1f} {bests[s.key]:7.1f} {ttft * 1000:7.0f}ms "
               f"{tokens:7.0f} {rss[s.key]:6.0f} MB   rounds: "
               f"{', '.join(f'{r:.1f}' for r in s.rates)}")  # fmt: skip
+    by_key = {s.key: s for s in setups}
     for other, goal in (("d", 1.0), ("b", 1.5)):
         if "a" in medians and other in medians:
             ratios = (
                 f"(a)/({other}) = {medians['a'] / medians[other]:.2f} median, "
+                f"{paired(by_key['a'], by_key[other]):.2f} paired by round, "
                 f"{bests['a'] / bests[other]:.2f} best  (goal >= {goal})"
             )
+            if other == "d":
+                ttft_a, ttft_d = (statistics.median(by_key[k].ttfts) * 1000 for k in "ad")
+                ratios += f"; p50 first token (a) {ttft_a:.0f} ms vs (d) {ttft_d:.0f} ms"
+                ratios += " (goal: (a) <= (d))"
             print(load.verdict(ratios))
     if "a" in rss:
         print(f"peak RSS of (a): {rss['a']:.0f} MB = {rss['a'] / model_mb:.2f} x the model file")
@@ -331,6 +351,12 @@ def report(setups: list[Setup], args: argparse.Namespace, rss: dict[str, float],
     )
 
 
+def paired(a: Setup, other: Setup) -> float:
+    """The median of the rounds' ratios: rounds run back to back, so each pair met the same
+    moment of the machine."""
+    return statistics.median(x / y for x, y in zip(a.rates, other.rates, strict=True))
+
+
 def headline(setups: list[Setup], medians: dict[str, float], rss: dict[str, float]) -> str:
     """The median tokens/s of each set-up that ran, (a)'s ratios against (d) and (b), first
     token and memory of (a) against (b)."""
@@ -341,6 +367,10 @@ def headline(setups: list[Setup], medians: dict[str, float], rss: dict[str, floa
             ratio = medians["a"] / medians[other]
             parts.append(f"{bold}(a)/({other}) {ratio:.2f}{bold} (goal >= {goal})")
     ttft = {s.key: statistics.median(s.ttfts) for s in setups if s.ttfts}
+    if "a" in ttft and "d" in ttft:
+        parts.append(
+            f"p50 first token (a) {ttft['a'] * 1000:.0f} ms vs (d) {ttft['d'] * 1000:.0f} ms"
+        )
     if "a" in ttft and "b" in ttft:
         parts.append(f"p50 first token (a) {ttft['a'] * 1000:.0f} ms vs (b) {ttft['b']:.1f} s")
     if "a" in rss and "b" in rss:

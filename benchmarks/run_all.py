@@ -33,7 +33,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from machine import QUIET_LOAD_PER_CPU
+from machine import QUIET_LOAD_PER_CPU, QUIET_OTHER_CPU
 
 REPO = Path(__file__).resolve().parent.parent
 README = REPO / "README.md"
@@ -143,7 +143,13 @@ def run_one(bench: Bench, args: list[str], results: Path, log: Path) -> dict[str
 
 def figure(row: dict[str, Any]) -> str:
     """The figure cell: the headline, or why it was withheld, and what did not run."""
-    if row.get("withheld"):
+    if row.get("withheld") and "other_busiest" in row:
+        text = (
+            f"WITHHELD: other processes used {row['other_busiest']:.2f} CPUs (quiet: <= "
+            f"{QUIET_OTHER_CPU * row['cpus']:g}; load average {row['load_start']:.2f} at "
+            f"start, {row['load_end']:.2f} at the end)"
+        )
+    elif row.get("withheld"):  # a row from before the other-processes guard
         limit = QUIET_LOAD_PER_CPU * row["cpus"]
         text = (
             f"WITHHELD: load average {row['load_start']:.2f} at start, {row['load_end']:.2f} "

@@ -342,6 +342,36 @@ def test_shared_prefixes_are_reused_and_answers_stay_the_same(
     assert_idle(engine)
 
 
+def test_events_reach_the_event_loop_once_per_step_not_once_per_token(
+    engine: BatchedEngine, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The decode thread wakes the event loop at most once per llama_decode call, whatever
+    the number of tokens and requests in it (it used to wake it for every token)."""
+    assert engine._model is not None
+    seen = recorder(engine._model, monkeypatch)
+
+    async def scenario() -> tuple[int, list[tuple[str, Finished]]]:
+        loop = asyncio.get_running_loop()
+        wakes = 0
+        call_soon_threadsafe = loop.call_soon_threadsafe
+
+        def counting(*args: Any, **kwargs: Any) -> Any:
+            nonlocal wakes
+            wakes += threading.current_thread().name == "comeapi-decode"
+            return call_soon_threadsafe(*args, **kwargs)
+
+        monkeypatch.setattr(loop, "call_soon_threadsafe", counting)
+        reqs = [request(f"{p[:60]} {i}", max_tokens=16) for i, p in enumerate(PROMPTS)]
+        results = await asyncio.gather(*(run(engine, r) for r in reqs))
+        return wakes, results
+
+    wakes, results = asyncio.run(scenario())
+    tokens = sum(done.usage.completion_tokens for _, done in results)
+    assert tokens > 3 * len(PROMPTS)  # the streams ran side by side for several steps
+    assert 0 < wakes <= len(seen["batches"]) < tokens
+    assert_idle(engine)
+
+
 def test_twenty_requests_on_five_slots_all_complete(engine: BatchedEngine) -> None:
     reqs = [request(f"{PROMPTS[i % 5][:60]} {i}", max_tokens=3) for i in range(20)]
 

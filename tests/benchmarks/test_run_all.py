@@ -4,6 +4,7 @@ benchmark's summary line holds, and how the README's table is replaced. No bench
 from __future__ import annotations
 
 import json
+import subprocess
 import sys
 from pathlib import Path
 
@@ -21,19 +22,44 @@ def summary(load: machine.Load, path: Path) -> dict[str, object]:
 
 
 def test_a_quiet_run_keeps_its_headline_and_a_busy_one_withholds_it(tmp_path: Path) -> None:
-    limit = machine.QUIET_LOAD_PER_CPU * 2
-    quiet = machine.Load(own=1.0, cpus=2, start=limit - 0.1)
-    quiet.end = limit + 0.9  # its own 1.0 is not held against it
+    limit = machine.QUIET_OTHER_CPU * 2
+    # A load average of 5 is the benchmark's own (or the previous one's): not held against it.
+    quiet = machine.Load(own=2.0, cpus=2, start=5.0, before=limit - 0.1)
+    quiet.rounds = [0.1, limit]
+    quiet.end = 6.0
     line = summary(quiet, tmp_path / "s.jsonl")
     assert (line["headline"], line["withheld"]) == ("1.23x", False)
+    assert line["other_busiest"] == limit
 
-    busy = machine.Load(own=1.0, cpus=2, start=limit + 0.1)
-    busy.end = limit
-    line = summary(busy, tmp_path / "s.jsonl")
-    assert (line["headline"], line["withheld"]) == ("WITHHELD", True)
-    assert line["notes"] == "(d) not run"  # what is missing is said either way
-    assert (line["load_start"], line["load_end"]) == (round(limit + 0.1, 2), limit)
-    assert len((tmp_path / "s.jsonl").read_text().splitlines()) == 2  # appended
+    busy_before = machine.Load(own=1.0, cpus=2, start=0.0, before=limit + 0.1)
+    busy_in_a_round = machine.Load(own=1.0, cpus=2, start=0.0, before=0.0)
+    busy_in_a_round.rounds = [0.0, limit + 0.2, 0.0]
+    for busy in (busy_before, busy_in_a_round):
+        busy.end = 0.5
+        line = summary(busy, tmp_path / "s.jsonl")
+        assert (line["headline"], line["withheld"]) == ("WITHHELD", True)
+        assert line["notes"] == "(d) not run"  # what is missing is said either way
+        assert "WITHHELD: other processes used" in busy.verdict("1.23x")
+    assert line["other_busiest"] == round(limit + 0.2, 2)
+    assert len((tmp_path / "s.jsonl").read_text().splitlines()) == 3  # appended
+
+
+BURN = "import time; t = time.thread_time(); exec('while time.thread_time() - t < 0.4: pass')"
+
+
+def test_the_benchmarks_own_work_is_counted_as_its_own_not_as_other_processes() -> None:
+    """CPU used by a child and a grandchild (reaped meanwhile) is the benchmark's own; over
+    the same stretch every process together used at least as much."""
+    load = machine.Load(sample=0.2)
+    own, busy = machine.own_cpu_seconds(), machine.busy_cpu_seconds()
+    grandchild = f"import subprocess, sys; subprocess.run([sys.executable, '-c', {BURN!r}])"
+    subprocess.run([sys.executable, "-c", grandchild], check=True, timeout=120)
+    subprocess.run([sys.executable, "-c", BURN], check=True, timeout=120)
+    spent = machine.own_cpu_seconds() - own
+    assert spent >= 0.75  # 0.4 s each; clock ticks are 10 ms
+    assert machine.busy_cpu_seconds() - busy >= spent - 0.05
+    load.between_rounds()
+    assert len(load.rounds) == 1 and load.rounds[0] >= 0.0
 
 
 def test_the_command_leaves_out_the_summary_file() -> None:
@@ -58,6 +84,13 @@ def test_the_table_has_one_row_per_benchmark_with_its_command() -> None:
     assert lines[3].startswith("| busy | WITHHELD: load average 2.50 at start, 3.00 at the end")
     assert "(d) not run" in lines[3]
     assert len(lines) == 4
+
+
+def test_a_withheld_row_says_how_busy_the_other_processes_were() -> None:
+    row = {"what": "x", "headline": "WITHHELD", "withheld": True, "command": "c.py",
+           "load_start": 2.5, "load_end": 3.0, "cpus": 2, "own": 2.0,
+           "other_busiest": 0.93}  # fmt: skip
+    assert run_all.figure(row).startswith("WITHHELD: other processes used 0.93 CPUs (quiet: <= 0.5")
 
 
 def test_the_readme_block_is_replaced_and_nothing_else(tmp_path: Path) -> None:

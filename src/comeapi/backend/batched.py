@@ -8,7 +8,6 @@ text to its asyncio consumer. One model per engine: the default GGUF of the mode
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import os
 import threading
 from collections.abc import AsyncIterator
@@ -23,7 +22,7 @@ from comeapi.backend.decoding import (
 from comeapi.backend.engine import Event, Finished
 from comeapi.backend.native import NativeModel, quiet_llama_logs
 from comeapi.backend.sampling import LogprobReader, SamplingParams, check_sampling, grammar_for
-from comeapi.backend.slots import DecodeLoop, Sequence
+from comeapi.backend.slots import DecodeLoop, Item, Sequence
 from comeapi.errors import ComeapiError, ModelNotFoundError, UnavailableError
 from comeapi.models.catalogue import check_model_dir
 from comeapi.protocol.requests import GenerationRequest
@@ -31,16 +30,14 @@ from comeapi.settings import Settings
 
 
 class _Channel:
-    """One generation's hand-off from the decode thread to the event loop."""
+    """One generation's events, handed over by the decode loop a step at a time."""
 
     def __init__(self, loop: asyncio.AbstractEventLoop):
-        self._loop = loop
-        self.queue: asyncio.Queue[Event | ComeapiError] = asyncio.Queue()
+        self.loop = loop
+        self.queue: asyncio.Queue[list[Item]] = asyncio.Queue()
 
-    def put(self, item: Event | ComeapiError) -> None:
-        # RuntimeError: the event loop is closed, nobody is listening any more.
-        with contextlib.suppress(RuntimeError):
-            self._loop.call_soon_threadsafe(self.queue.put_nowait, item)
+    def deliver(self, items: list[Item]) -> None:
+        self.queue.put_nowait(items)
 
 
 class BatchedEngine:
@@ -121,12 +118,12 @@ class BatchedEngine:
             decoder.submit(*seqs)
             left = len(seqs)
             while left:
-                item = await channel.queue.get()
-                if isinstance(item, ComeapiError):
-                    raise item
-                yield item
-                if isinstance(item, Finished):
-                    left -= 1
+                for item in await channel.queue.get():
+                    if isinstance(item, ComeapiError):
+                        raise item
+                    yield item
+                    if isinstance(item, Finished):
+                        left -= 1
         finally:
             # Also when the consumer stops early (client gone): the slots are freed before
             # the next decode step.
@@ -165,7 +162,7 @@ class BatchedEngine:
                     prompt=tokens,
                     budget=budget,
                     sampling=SamplingParams.of(request, index, grammar),
-                    sink=channel.put,
+                    sink=channel,
                     index=index,
                     stop=request.stop,
                     echo=text if request.echo else None,

@@ -9,19 +9,21 @@ the n choices of one prompt share its prefill: one prefill, copied cells, the sa
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import itertools
 import logging
 import threading
 import time
 from collections import deque
-from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Protocol
 
 from comeapi.backend.decoding import PREFILL_CHUNK, ChoiceText, prompt_logprobs
 from comeapi.backend.engine import Event, Finished, TextDelta
 from comeapi.backend.native import Entry, NativeModel
 from comeapi.backend.prefixes import PrefixCache
-from comeapi.backend.sampling import Logits, LogprobReader, Sampler, SamplingParams
+from comeapi.backend.sampling import LogprobReader, Sampler, SamplingParams
 from comeapi.errors import ComeapiError, UnavailableError
 from comeapi.protocol.responses import TokenLogprob, Usage
 
@@ -35,7 +37,17 @@ PREFILL_BUDGET = 128
 # attention kernel whose rounding differs from the batched one.
 LONE_PAD_FROM = 128
 
-Sink = Callable[[Event | ComeapiError], None]
+Item = Event | ComeapiError
+
+
+class Sink(Protocol):
+    """Where one request's events go: ``deliver`` is called on ``loop``, its event loop, with
+    the events of one decode step."""
+
+    @property
+    def loop(self) -> asyncio.AbstractEventLoop: ...
+
+    def deliver(self, items: list[Item]) -> None: ...
 
 
 @dataclass(eq=False)
@@ -96,6 +108,7 @@ class DecodeLoop:
         self._wake = threading.Event()
         self._stopping = False
         self._order = itertools.count()
+        self._outbox: dict[Sink, list[Item]] = {}  # this step's events, not yet handed over
         self._thread = threading.Thread(target=self._run, name="comeapi-decode", daemon=True)
         self.failed: BaseException | None = None
 
@@ -148,7 +161,9 @@ class DecodeLoop:
                     self._wake.wait()
                     continue
                 self._decode_step()
+                self._flush()
                 self._prefill_step()
+                self._flush()
         except BaseException as exc:
             log.exception("the decode loop failed")
             self.failed = exc
@@ -237,7 +252,7 @@ class DecodeLoop:
             seq = self._slots[stream] if stream < len(self._slots) else None
             if seq is not None and not seq.prefilling:
                 seq.n_past += 1
-                self._sample(seq, self._model.logits(index))
+                self._sample(seq, index)
 
     def _prefill_step(self) -> None:
         budget = PREFILL_BUDGET
@@ -266,7 +281,7 @@ class DecodeLoop:
                 seq.n_past = end
                 budget -= end - start
                 if last:
-                    self._prefilled(seq, self._model.logits(len(entries) - 1))
+                    self._prefilled(seq, len(entries) - 1)
                 if budget <= 0:
                     return
 
@@ -291,9 +306,9 @@ class DecodeLoop:
             self._model.forget(seq.slot)
         return len(entries)
 
-    def _prefilled(self, seq: Sequence, logits: Logits) -> None:
+    def _prefilled(self, seq: Sequence, index: int) -> None:
         """The prompt is in the cache: its followers get a copy of the cells and sample from
-        the same logits, then it samples its own first token."""
+        the same logits (output row ``index``), then it samples its own first token."""
         now = time.perf_counter()
         for other in self._slots:
             if other is not None and other.leader is seq and other.n_past == 0:
@@ -301,28 +316,31 @@ class DecodeLoop:
                 other.n_past = len(other.prompt)
                 other.prompt_logprobs = seq.prompt_logprobs
                 other.first_token = now
-                self._begin(other, logits)
+                self._begin(other, index)
         seq.first_token = now
-        self._begin(seq, logits)
+        self._begin(seq, index)
 
-    def _begin(self, seq: Sequence, logits: Logits) -> None:
+    def _begin(self, seq: Sequence, index: int) -> None:
         if seq.echo is not None:
-            seq.sink(TextDelta(seq.echo, seq.index, tuple(seq.prompt_logprobs or ())))
-        self._sample(seq, logits)
+            self._send(seq, TextDelta(seq.echo, seq.index, tuple(seq.prompt_logprobs or ())))
+        self._sample(seq, index)
 
-    def _sample(self, seq: Sequence, logits: Logits) -> None:
-        """Sample the next token; stream its text, or finish the sequence."""
+    def _sample(self, seq: Sequence, index: int) -> None:
+        """Sample the next token from output row ``index`` of the last decode; stream its
+        text, or finish the sequence."""
         tokenizer = self._model.tokenizer
         assert seq.sampler is not None and seq.text is not None
-        token = seq.sampler.sample(logits, tokenizer.is_eog)
+        token = seq.sampler.sample_at(self._model.ctx, index, tokenizer.is_eog)
         if tokenizer.is_eog(token):
             self._finish(seq, "stop")
             return
         seq.generated += 1
-        entry = seq.logprobs.read(logits, token) if seq.logprobs is not None else None
+        entry = None
+        if seq.logprobs is not None:
+            entry = seq.logprobs.read(self._model.logits(index), token)
         piece, entries = seq.text.feed(tokenizer.piece(token), entry)
         if piece or entries:
-            seq.sink(TextDelta(piece, seq.index, tuple(entries)))
+            self._send(seq, TextDelta(piece, seq.index, tuple(entries)))
         if seq.text.stopped:
             self._finish(seq, "stop")
         elif seq.generated >= seq.budget:
@@ -334,10 +352,10 @@ class DecodeLoop:
         assert seq.text is not None
         tail, entries = seq.text.finish()
         if tail or entries:
-            seq.sink(TextDelta(tail, seq.index, tuple(entries)))
+            self._send(seq, TextDelta(tail, seq.index, tuple(entries)))
         if seq.text.stopped:
             reason = "stop"
-        seq.sink(Finished(reason, Usage(len(seq.prompt), seq.generated), seq.index))
+        self._send(seq, Finished(reason, Usage(len(seq.prompt), seq.generated), seq.index))
         elapsed = time.perf_counter() - seq.started
         log.info(
             "%s slot %d: choice %d: %d prompt (%d reused) + %d tokens in %.2fs "
@@ -356,7 +374,7 @@ class DecodeLoop:
 
     def _fail(self, seq: Sequence, error: ComeapiError) -> None:
         log.error("%s slot %d: %s", seq.label, seq.slot, error.message)
-        seq.sink(error)
+        self._send(seq, error)
         self._release(seq)
 
     def _release(self, seq: Sequence) -> None:
@@ -373,10 +391,33 @@ class DecodeLoop:
     def _fail_all(self, error: ComeapiError) -> None:
         for seq in self._slots:
             if seq is not None:
-                seq.sink(error)
+                self._send(seq, error)
                 self._release(seq)
         with self._lock:
             self._stopping = True
             waiting, self._waiting = self._waiting, deque()
         for seq in waiting:
-            seq.sink(error)
+            self._send(seq, error)
+        self._flush()
+
+    def _send(self, seq: Sequence, item: Item) -> None:
+        self._outbox.setdefault(seq.sink, []).append(item)
+
+    def _flush(self) -> None:
+        """Hand the step's events over: one call into each event loop per step, however
+        many tokens and requests (not one wake-up of the loop per token)."""
+        if not self._outbox:
+            return
+        by_loop: dict[asyncio.AbstractEventLoop, list[tuple[Sink, list[Item]]]] = {}
+        for sink, items in self._outbox.items():
+            by_loop.setdefault(sink.loop, []).append((sink, items))
+        self._outbox = {}
+        for loop, batch in by_loop.items():
+            # RuntimeError: the event loop is closed, nobody is listening any more.
+            with contextlib.suppress(RuntimeError):
+                loop.call_soon_threadsafe(_deliver, batch)
+
+
+def _deliver(batch: list[tuple[Sink, list[Item]]]) -> None:
+    for sink, items in batch:
+        sink.deliver(items)
