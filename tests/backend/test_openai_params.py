@@ -207,6 +207,24 @@ def test_completion_json_schema_output_validates(client: openai.OpenAI, stream: 
         jsonschema.validate(json.loads(choice["text"]), SCHEMA)
 
 
+# --- OpenAI's null prompt: a new document ------------------------------------------------------
+
+
+@STREAM
+def test_a_null_prompt_generates_from_the_start_of_a_document(
+    client: openai.OpenAI, stream: bool
+) -> None:
+    """OpenAI's schema: prompt is nullable, its default <|endoftext|>: the model generates
+    as if from the beginning of a new document (here: from the BOS token alone)."""
+    answer = complete(client, stream, prompt=None, max_tokens=3)
+    assert answer["usage"]["prompt_tokens"] == 1  # BOS
+    assert answer["usage"]["completion_tokens"] >= 1
+    assert (
+        answer["choices"][0]["text"]
+        == complete(client, False, prompt=None, max_tokens=3)["choices"][0]["text"]
+    )  # greedy: the same document start, streamed or not
+
+
 # --- logprobs -----------------------------------------------------------------------------
 
 

@@ -44,7 +44,14 @@ MAX_LOGIT_BIAS = 1024
 SEED_MAX = 2**32 - 1
 TOP_K_MAX = 2**31 - 1
 RESPONSE_FORMATS = frozenset({"text", "json_object", "json_schema"})
+# Levels of arrays and objects a body's text may nest, its own object included: njs's
+# JSON.parse reads no deeper (NJS_JSON_MAX_DEPTH 32: the 32nd is "Nested too deep"), orjson
+# reads 1,023, so every tier refuses what nginx cannot read (docs/cache.md, "What a request
+# means").
+MAX_DEPTH = 31
 _SURROGATE_ESCAPE = re.compile(r"\\u[dD][89a-fA-F]")
+_NOT_STRUCTURE = bytes(b for b in range(256) if b not in b'"[]{}')
+_SQUARE = bytes.maketrans(b"{}", b"[]")
 
 
 # Not frozen: a frozen dataclass's __init__ sets each field through object.__setattr__, five
@@ -116,13 +123,19 @@ class GenerationRequest:
 
 def decode_json(raw: bytes) -> dict[str, Any]:
     """The body as a JSON object, or RequestError. A UTF-8 byte order mark is refused, as
-    by every JSON parser of the other tiers."""
+    by every JSON parser of the other tiers, and so is nesting deeper than ``MAX_DEPTH``."""
     try:
         body = _loads()(raw)
     except (ValueError, UnicodeDecodeError, RecursionError) as exc:
         raise RequestError(f"request body is not valid JSON: {exc}", code="invalid_json") from None
     if not isinstance(body, dict):
         raise RequestError("request body must be a JSON object", code="invalid_json")
+    # Counting brackets (C speed) spares the scan on every body that cannot be that deep.
+    if raw.count(b"[") + raw.count(b"{") > MAX_DEPTH and _too_deep(raw):
+        raise RequestError(
+            f"request body is not valid JSON: nested more than {MAX_DEPTH} levels deep",
+            code="invalid_json",
+        )
     return body
 
 
@@ -183,7 +196,11 @@ def _generate(body: dict[str, Any]) -> GenerationRequest:
 
 
 def _completion(body: dict[str, Any]) -> GenerationRequest:
-    prompts = _prompts(body.get("prompt"))
+    value = body.get("prompt")
+    # OpenAI's schema: prompt is required and nullable, null meaning its default
+    # "<|endoftext|>", a new document's start: "" here, generated from the model's BOS token
+    # and never a cache hit (cache.key.uncacheable). A missing prompt stays an error.
+    prompts = ("",) if value is None and "prompt" in body else _prompts(value)
     model = _model(body, "model")
     max_tokens = _positive(body, "max_tokens", 16)
     logprobs = body.get("logprobs") is not None
@@ -468,6 +485,25 @@ def _tool_choice(value: Any) -> str | dict[str, Any] | None:
         return value  # type: ignore[no-any-return]
 
     raise _error("tool_choice", 'must be "none", "auto", "required" or an object')
+
+
+def _too_deep(raw: bytes) -> bool:
+    """Whether the JSON text ``raw`` nests more than MAX_DEPTH levels. The text, not the
+    decoded value: njs refuses while parsing, so a deep value that a later duplicate key
+    replaces counts too. On text orjson has accepted, all in C:
+      escaped backslashes, then escaped quotes out: every quote left opens or closes a string;
+      quotes and brackets only, and "" out (an empty string, or nothing between two strings);
+      what lies between the strings left, with its brackets all written [] (they pair up);
+      then each pass removes the pairs adjacent before it: the innermost level.
+    """
+    unescaped = raw.replace(b"\\\\", b"").replace(b'\\"', b"")
+    quoted = unescaped.translate(None, _NOT_STRUCTURE).replace(b'""', b"")
+    brackets = b"".join(quoted.split(b'"')[::2]).translate(_SQUARE)
+    for _ in range(MAX_DEPTH):
+        brackets = brackets.replace(b"[]", b"")
+        if not brackets:
+            return False
+    return True
 
 
 def _json_type(value: Any) -> str:
