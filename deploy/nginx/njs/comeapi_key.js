@@ -455,6 +455,9 @@ function responseFormat(v) {
     if (kind === 'text') {
         return null;
     }
+    if (kind === 'json_object' && has(v, 'schema') && !isObject(v.schema)) {
+        fail('response_format.schema', 'must be a JSON Schema object');
+    }
     if (kind === 'json_schema') {
         const spec = v.json_schema;
         if (!isObject(spec)) {
@@ -469,6 +472,32 @@ function responseFormat(v) {
         flag(spec, 'strict', 'response_format.json_schema.');
     }
     return kind;
+}
+
+// response_format, or llama-server's grammar (GBNF; "" is none) and top-level json_schema:
+// at most one. The field that asks for a format, or null.
+function outputFormat(body) {
+    let chosen = responseFormat(body.response_format) === null ? null : 'response_format';
+    if (has(body, 'grammar') && typeof body.grammar !== 'string') {
+        fail('grammar', 'must be a string (a GBNF grammar), got ' + jsonType(body.grammar));
+    }
+    if (has(body, 'grammar') && body.grammar !== '') {
+        chosen = only(chosen, 'grammar');
+    }
+    if (has(body, 'json_schema')) {
+        if (!isObject(body.json_schema)) {
+            fail('json_schema', 'must be a JSON Schema object, got ' + jsonType(body.json_schema));
+        }
+        chosen = only(chosen, 'json_schema');
+    }
+    return chosen;
+}
+
+function only(chosen, field) {
+    if (chosen !== null) {
+        fail(field, 'cannot be combined with ' + chosen + ': send one of them');
+    }
+    return field;
 }
 
 function tools(v) {
@@ -537,7 +566,7 @@ function parseCompletion(body, req) {
     req.logprobs = has(body, 'logprobs');
     integer(body, 'logprobs', 0, 0, MAX_TOP_LOGPROBS);
     req.echo = flag(body, 'echo');
-    req.responseFormat = responseFormat(body.response_format);
+    req.responseFormat = outputFormat(body);
     openaiCommon(body, req);
 }
 
@@ -570,7 +599,7 @@ function parseChat(body, req) {
     if (has(body, 'web_search_options')) {
         fail('web_search_options', 'is not supported: this server has no web search');
     }
-    req.responseFormat = responseFormat(body.response_format);
+    req.responseFormat = outputFormat(body);
     req.tools = tools(body.tools);
     req.toolChoice = toolChoice(body.tool_choice);
     openaiCommon(body, req);
@@ -623,7 +652,7 @@ function uncacheable(req) {
         return 'logit_bias';
     }
     if (req.responseFormat !== null) {
-        return 'response_format';
+        return req.responseFormat;  // response_format, grammar or json_schema
     }
     if (req.echo) {
         return 'echo';

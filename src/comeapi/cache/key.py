@@ -109,7 +109,7 @@ def uncacheable(request: GenerationRequest) -> str | None:
     """The field that asks for something a stored answer does not carry, or None.
 
     A cached answer is one text, generated once: it cannot answer a request for several
-    choices, log probabilities, a format, tools, echoed prompts, a new
+    choices, log probabilities, a format (or a grammar), tools, echoed prompts, a new
     document (OpenAI's null prompt), or about an image. Sampling
     fields (temperature, top_p, top_k, max_tokens, seed, stop, penalties) are ignored on
     purpose: the stored variants were generated with warmup's own parameters.
@@ -127,7 +127,7 @@ def uncacheable(request: GenerationRequest) -> str | None:
     if request.logit_bias:
         return "logit_bias"
     if request.response_format is not None:
-        return "response_format"
+        return request.response_format.field  # response_format, grammar or json_schema
     if request.echo:
         return "echo"
     if request.tools and request.tool_choice != "none":

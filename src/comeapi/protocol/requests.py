@@ -72,12 +72,22 @@ class Message:
 
 @dataclass(slots=True)
 class ResponseFormat:
-    """``response_format``: ``json_object``, or ``json_schema`` with its ``schema``."""
+    """What the answer must be: any JSON (``json_object``), JSON valid against ``schema``
+    (``json_schema``, or ``json_object`` with llama-server's ``schema``), or what a GBNF
+    ``grammar`` allows. ``param`` is the request field it came from: OpenAI's
+    ``response_format``, or llama-server's own ``grammar`` and ``json_schema``."""
 
-    type: Literal["json_object", "json_schema"]
+    type: Literal["json_object", "json_schema", "grammar"]
     schema: dict[str, Any] | None = None
     name: str | None = None
     strict: bool = False
+    grammar: str | None = None
+    param: str = "response_format"
+
+    @property
+    def field(self) -> str:
+        """The top-level field: response_format, grammar or json_schema."""
+        return self.param.partition(".")[0]
 
 
 @dataclass(slots=True)
@@ -206,7 +216,7 @@ def _completion(body: dict[str, Any]) -> GenerationRequest:
     logprobs = body.get("logprobs") is not None
     top_logprobs = _integer(body, "logprobs", 0, 0, MAX_TOP_LOGPROBS)
     echo = _flag(body, "echo")
-    response_format = _response_format(body.get("response_format"))
+    response_format = _output_format(body)
     return GenerationRequest(
         kind="completion",
         prompt=prompts[0],
@@ -244,7 +254,7 @@ def _chat(body: dict[str, Any]) -> GenerationRequest:
         raise _error("modalities", 'only ["text"] is supported')
     if body.get("web_search_options") is not None:
         raise _error("web_search_options", "is not supported: this server has no web search")
-    response_format = _response_format(body.get("response_format"))
+    response_format = _output_format(body)
     tools = _tools(body.get("tools"))
     tool_choice = _tool_choice(body.get("tool_choice"))
     return GenerationRequest(
@@ -458,7 +468,13 @@ def _response_format(value: Any) -> ResponseFormat | None:
     if kind == "text":
         return None
     if kind == "json_object":
-        return ResponseFormat("json_object")
+        # llama-server's extension: a schema for the JSON object
+        schema = value.get("schema")
+        if schema is None:
+            return ResponseFormat("json_object")
+        if not isinstance(schema, dict):
+            raise _error("response_format.schema", "must be a JSON Schema object")
+        return ResponseFormat("json_object", schema, param="response_format.schema")
     spec = value.get("json_schema")
     if not isinstance(spec, dict):
         raise _error("response_format.json_schema", "is required for type json_schema")
@@ -469,7 +485,33 @@ def _response_format(value: Any) -> ResponseFormat | None:
     if schema is not None and not isinstance(schema, dict):
         raise _error("response_format.json_schema.schema", "must be a JSON Schema object")
     strict = _flag(spec, "strict", "response_format.json_schema.")
-    return ResponseFormat("json_schema", schema, name, strict)
+    return ResponseFormat(
+        "json_schema", schema, name, strict, param="response_format.json_schema.schema"
+    )
+
+
+def _output_format(body: dict[str, Any]) -> ResponseFormat | None:
+    """``response_format``, or llama-server's request extensions that clients written for it
+    send: ``grammar`` (GBNF; "" is none, as there) and a top-level ``json_schema``. At most
+    one of the three: llama-server refuses a grammar with a schema too."""
+    chosen = _response_format(body.get("response_format"))
+    grammar = body.get("grammar")
+    if grammar is not None and not isinstance(grammar, str):
+        raise _error("grammar", f"must be a string (a GBNF grammar), got {_json_type(grammar)}")
+    if grammar:
+        chosen = _only(chosen, ResponseFormat("grammar", grammar=grammar, param="grammar"))
+    schema = body.get("json_schema")
+    if schema is not None:
+        if not isinstance(schema, dict):
+            raise _error("json_schema", f"must be a JSON Schema object, got {_json_type(schema)}")
+        chosen = _only(chosen, ResponseFormat("json_schema", schema, param="json_schema"))
+    return chosen
+
+
+def _only(chosen: ResponseFormat | None, other: ResponseFormat) -> ResponseFormat:
+    if chosen is not None:
+        raise _error(other.param, f"cannot be combined with {chosen.field}: send one of them")
+    return other
 
 
 def _tools(value: Any) -> tuple[dict[str, Any], ...]:
