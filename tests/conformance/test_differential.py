@@ -28,7 +28,7 @@ import pytest
 
 from comeapi.cache.key import lookup_key, uncacheable
 from comeapi.errors import RequestError
-from comeapi.protocol import requests
+from comeapi.protocol import json_body
 from comeapi.protocol.requests import KINDS, decode_json, parse_request
 from comeapi.serverless.events import http_api_event
 from comeapi.serverless.handler import ServerlessApp
@@ -96,7 +96,7 @@ def test_every_tier_gives_every_generated_body_the_same_answer(
 
     def stdlib_json(body: Body) -> Verdict:
         with monkeypatch.context() as m:
-            m.setattr(requests, "_loads", lambda: requests._json_loads)
+            m.setattr(json_body, "_loads", lambda: json_body._json_loads)
             return in_process(body)
 
     def over_http(body: Body) -> Verdict:

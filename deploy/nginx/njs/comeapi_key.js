@@ -769,7 +769,7 @@ function decodeBody(buffer) {
         }
         // Nesting: njs's JSON.parse reads at most 31 levels (NJS_JSON_MAX_DEPTH 32, while it
         // reads: a deep value a later duplicate key replaces counts too), which is
-        // comeapi.protocol.requests's MAX_DEPTH; the conformance table checks both.
+        // comeapi.protocol.json_body's MAX_DEPTH; the conformance table checks both.
         return {body: JSON.parse(text, finiteNumbers)};
     } catch (e) {
         return {error: new RequestError(null, 'request body is not valid JSON: ' + e.message,

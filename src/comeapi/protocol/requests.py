@@ -3,7 +3,8 @@
 ComeAPI's ``/generate`` and OpenAI's completions and chat completions become one
 ``GenerationRequest``; invalid input raises ``RequestError`` naming the offending field
 (``param``), before anything looks at the cache, so a body is valid or invalid whatever the
-cache holds. The gateway, the backend and the Lambda handler call ``parse_request``; nginx's
+cache holds (the JSON itself is read by ``json_body.decode_json``, re-exported here). The
+gateway, the backend and the Lambda handler call ``parse_request``; nginx's
 njs (deploy/nginx/njs/comeapi_key.js) mirrors it and tests/conformance checks all of them
 against one table. The rules are written out in docs/cache.md ("What a request means").
 
@@ -13,15 +14,12 @@ the gateway runs it on every cache hit (a few microseconds).
 
 from __future__ import annotations
 
-import functools
-import json
-import math
-import re
-from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Literal
 
 from comeapi.errors import RequestError
+from comeapi.protocol.json_body import MAX_DEPTH as MAX_DEPTH
+from comeapi.protocol.json_body import decode_json as decode_json
 
 Kind = Literal["generate", "completion", "chat"]
 # OpenAI's routes also without /v1: an SDK whose base_url lacks it (llama-server answers both).
@@ -44,14 +42,6 @@ MAX_LOGIT_BIAS = 1024
 SEED_MAX = 2**32 - 1
 TOP_K_MAX = 2**31 - 1
 RESPONSE_FORMATS = frozenset({"text", "json_object", "json_schema"})
-# Levels of arrays and objects a body's text may nest, its own object included: njs's
-# JSON.parse reads no deeper (NJS_JSON_MAX_DEPTH 32: the 32nd is "Nested too deep"), orjson
-# reads 1,023, so every tier refuses what nginx cannot read (docs/cache.md, "What a request
-# means").
-MAX_DEPTH = 31
-_SURROGATE_ESCAPE = re.compile(r"\\u[dD][89a-fA-F]")
-_NOT_STRUCTURE = bytes(b for b in range(256) if b not in b'"[]{}')
-_SQUARE = bytes.maketrans(b"{}", b"[]")
 
 
 # Not frozen: a frozen dataclass's __init__ sets each field through object.__setattr__, five
@@ -129,24 +119,6 @@ class GenerationRequest:
         if self.messages is None:
             return ()
         return tuple((i, t) for i, m in enumerate(self.messages) for t in m.media)
-
-
-def decode_json(raw: bytes) -> dict[str, Any]:
-    """The body as a JSON object, or RequestError. A UTF-8 byte order mark is refused, as
-    by every JSON parser of the other tiers, and so is nesting deeper than ``MAX_DEPTH``."""
-    try:
-        body = _loads()(raw)
-    except (ValueError, UnicodeDecodeError, RecursionError) as exc:
-        raise RequestError(f"request body is not valid JSON: {exc}", code="invalid_json") from None
-    if not isinstance(body, dict):
-        raise RequestError("request body must be a JSON object", code="invalid_json")
-    # Counting brackets (C speed) spares the scan on every body that cannot be that deep.
-    if raw.count(b"[") + raw.count(b"{") > MAX_DEPTH and _too_deep(raw):
-        raise RequestError(
-            f"request body is not valid JSON: nested more than {MAX_DEPTH} levels deep",
-            code="invalid_json",
-        )
-    return body
 
 
 def parse_request(kind: Kind, body: dict[str, Any], *, max_tokens_limit: int) -> GenerationRequest:
@@ -529,25 +501,6 @@ def _tool_choice(value: Any) -> str | dict[str, Any] | None:
     raise _error("tool_choice", 'must be "none", "auto", "required" or an object')
 
 
-def _too_deep(raw: bytes) -> bool:
-    """Whether the JSON text ``raw`` nests more than MAX_DEPTH levels. The text, not the
-    decoded value: njs refuses while parsing, so a deep value that a later duplicate key
-    replaces counts too. On text orjson has accepted, all in C:
-      escaped backslashes, then escaped quotes out: every quote left opens or closes a string;
-      quotes and brackets only, and "" out (an empty string, or nothing between two strings);
-      what lies between the strings left, with its brackets all written [] (they pair up);
-      then each pass removes the pairs adjacent before it: the innermost level.
-    """
-    unescaped = raw.replace(b"\\\\", b"").replace(b'\\"', b"")
-    quoted = unescaped.translate(None, _NOT_STRUCTURE).replace(b'""', b"")
-    brackets = b"".join(quoted.split(b'"')[::2]).translate(_SQUARE)
-    for _ in range(MAX_DEPTH):
-        brackets = brackets.replace(b"[]", b"")
-        if not brackets:
-            return False
-    return True
-
-
 def _json_type(value: Any) -> str:
     if value is None:
         return "null"
@@ -558,43 +511,3 @@ def _json_type(value: Any) -> str:
     if isinstance(value, str):
         return "a string"
     return "a list" if isinstance(value, list) else "an object"
-
-
-@functools.cache
-def _loads() -> Callable[[bytes], Any]:
-    """orjson where installed (the gateway, the backend); the Lambda package has json only."""
-    try:
-        import orjson
-    except ImportError:
-        return _json_loads
-    return orjson.loads
-
-
-def _json_loads(raw: bytes) -> Any:
-    """json.loads made to agree with orjson: no byte order mark, NaN, Infinity, numbers
-    beyond a double or lone surrogates; integers beyond 64 bits become floats."""
-    if raw.startswith(b"\xef\xbb\xbf"):
-        raise ValueError("a byte order mark is not JSON")
-    text = raw.decode("utf-8")
-    value = json.loads(
-        text, parse_constant=_no_constant, parse_int=_int64, parse_float=_finite_float
-    )
-    if "\\u" in text and _SURROGATE_ESCAPE.search(text):
-        json.dumps(value, ensure_ascii=False).encode("utf-8")  # a lone surrogate raises
-    return value
-
-
-def _no_constant(name: str) -> Any:
-    raise ValueError(f"{name} is not JSON")
-
-
-def _int64(text: str) -> int | float:
-    value = int(text)
-    return value if -(2**63) <= value < 2**64 else _finite_float(text)
-
-
-def _finite_float(text: str) -> float:
-    value = float(text)
-    if value in (math.inf, -math.inf):
-        raise ValueError(f"number {text[:20]} is out of range")
-    return value
