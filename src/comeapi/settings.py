@@ -131,8 +131,11 @@ class Settings(BaseSettings):
     request_timeout: float = Field(
         600.0, gt=0, description="Longest a backend may take to answer or between stream chunks."
     )
+    # 3 s: a hung backend then holds a request for 3 s + one probe (health_timeout) at most,
+    # so it is answered elsewhere within 10 s of the hang, regeneration included; a busy
+    # backend answers its probes at once (tests/gateway/test_hung_backends.py, both).
     stall_timeout: float = Field(
-        10.0,
+        3.0,
         gt=0,
         description="Silence from a backend (s) after which it must answer a health probe, or "
         "the request moves to another backend (a started stream ends with an error event).",

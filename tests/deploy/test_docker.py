@@ -294,6 +294,17 @@ def sshd(stack: Stack) -> Sshd:
     return stack.sshd
 
 
+def openmp_wait_policy(image: str) -> str | None:
+    env = json.loads(docker("image", "inspect", image, "--format", "{{json .Config.Env}}").stdout)
+    return next((e.split("=", 1)[1] for e in env if e.startswith("OMP_WAIT_POLICY=")), None)
+
+
+def test_the_comeapi_image_does_not_spin_its_openmp_threads(stack: Stack) -> None:
+    """Issue 22 (item 14): llama.cpp's OpenMP threads spinning beside the gateway and nginx
+    made the warmup's answers about 5 times slower (benchmarks/docker_warmup.py)."""
+    assert openmp_wait_policy(COMEAPI_IMAGE) == "PASSIVE"
+
+
 def test_warmup_fills_exactly_50_entries_in_the_named_volume(stack: Stack) -> None:
     out = stack.warmup.stdout
     assert f"warmup: {ENTRIES} requests" in out and f"0 HIT, {ENTRIES} MISS, 0 failed" in out, out
