@@ -153,11 +153,14 @@ def test_no_request_waits_10_s_on_a_backend_that_hangs_under_it_by_default(
     """Issue 22: a request that started 1.5 s before its backend was SIGSTOPped finished
     14.7 s after the stop (stall 10 s, a probe, then the answer generated again). With the
     default settings it is answered by the other backend (or, a stream already started,
-    ended with an error event) within 10 s of the stop, its regeneration included."""
+    ended with an error event) within 10 s of the stop, its regeneration included. The
+    backend is stopped shortly after the request reached it, mid-answer: 96 tokens take
+    about 2 s at one thread here, so the answer is still under way on a faster machine
+    (48 tokens and a stop 1.5 s in were over before the stop once decoding got faster)."""
     backends = [start_backend(spawn, model_dir) for _ in range(2)]
     gateway = default_gateway(spawn, backends)
     wait_healthy(gateway, 2)
-    body = {"prompt": "Once upon a time", "max_tokens": 48, "temperature": 0, "stream": stream}
+    body = {"prompt": "Once upon a time", "max_tokens": 96, "temperature": 0, "stream": stream}
     with httpx.Client(base_url=gateway.url, timeout=60) as client:
         client.post("/generate", json={**body, "stream": False}).raise_for_status()  # warm up
         client.post("/generate", json={**body, "stream": False}).raise_for_status()
@@ -174,7 +177,7 @@ def test_no_request_waits_10_s_on_a_backend_that_hangs_under_it_by_default(
         while not busy:
             busy = [url for url, n in in_flight(gateway).items() if n]
             assert time.monotonic() - started < 10, "the request never reached a backend"
-        time.sleep(max(0.0, started + 1.5 - time.monotonic()))
+        time.sleep(0.3)
         [hung] = [b for b in backends if b.url == busy[0]]
         assert in_flight(gateway)[hung.url] == 1, "the request ended before the stop"
         os.kill(hung.proc.pid, signal.SIGSTOP)
