@@ -14,9 +14,12 @@ import unicodedata
 from collections import Counter
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
 from comeapi.errors import ConfigError
+
+if TYPE_CHECKING:
+    from comeapi.cache.store import Entry
 
 #: Every check, with what it means (docs/cache.md, "Quality checks").
 CHECKS: dict[str, str] = {
@@ -179,6 +182,18 @@ def check_answer(
     if finish_reason == "length" and text.strip() and not _SENTENCE_END.search(text):
         flags.add("truncated")
     return tuple(sorted(flags & enabled))
+
+
+def check_entry(entry: Entry, policy: CheckPolicy | None = None) -> tuple[str, ...]:
+    """``check_answer`` of a stored answer (its current text)."""
+    return check_answer(
+        entry.answer,
+        kind=entry.kind,
+        prompt=entry.prompt,
+        messages=entry.messages,
+        finish_reason=entry.finish_reason,
+        policy=policy,
+    )
 
 
 def has_markup(text: str, asked: str) -> bool:
