@@ -35,7 +35,7 @@ A, B, EVIL = "https://a.example", "http://localhost:5173", "https://evil.example
 ORIGINS = f"{A}, {B}"
 # Shipped answers (src/comeapi/data/prompts.yaml): answered by comeapi from its store.
 CHAT = {"messages": [{"role": "user", "content": "Hello! What can you help me with?"}]}
-PROMPT = {"prompt": "Write a short poem about the sea:"}
+PROMPT = {"prompt": "Once upon a time in a magical forest,"}
 EXPOSED = "X-Cache-Status, X-Cache-Variant, Retry-After"
 
 
