@@ -1,6 +1,7 @@
 """CPU time of one cache hit inside the gateway's HTTP server, without sockets.
 
     .venv/bin/python benchmarks/hit_in_process.py [--baseline-src DIR] [--hits 5000] [--rounds 5]
+    .venv/bin/python benchmarks/hit_in_process.py --instructions [--baseline-src DIR]
 
 uvicorn's protocol, as `comeapi serve` configures it, is fed the ten shipped prompts' requests
 from memory on one keep-alive connection, over the 50 shipped answers imported into a fresh
@@ -9,6 +10,12 @@ and the response, not the kernel's socket work). ``--baseline-src`` runs an olde
 ``src`` beside the current one, each round alternating, so a change to the hit path is
 measured before and after in one run. Each measurement is a child process of its own
 (``--child``), since both versions are the same package.
+
+``--instructions`` counts instead of timing, for a machine too busy to time on: each
+version's child runs under valgrind's callgrind at two numbers of hits, and the difference
+of the instructions executed, over the difference of hits, is the instructions per hit
+(start-up, imports and the store's load cancel out). Slow (valgrind is ~50x), but the same
+on a loaded machine as on a quiet one.
 """
 
 from __future__ import annotations
@@ -130,11 +137,35 @@ def child_run(src: Path, store: str, hits: int) -> float:
     return float(json.loads(out.stdout.splitlines()[-1])["us"])
 
 
+def instructions(src: Path, store: str, hits: tuple[int, int]) -> float:
+    """Instructions per hit under callgrind: the child at two hit counts, differenced."""
+    counts = []
+    for n in hits:
+        valgrind = ["valgrind", "--tool=callgrind", "--callgrind-out-file=/dev/null"]
+        out = subprocess.run(
+            [*valgrind, sys.executable, __file__, "--child", store, "--hits", str(n)],
+            env={**os.environ, "PYTHONPATH": f"{src}{os.pathsep}{Path(__file__).parent}"},
+            capture_output=True,
+            text=True,
+            timeout=7200,
+            check=True,
+        )
+        collected = next(line for line in out.stderr.splitlines() if "Collected :" in line)
+        counts.append(int(collected.split()[-1]))
+    # The child measures 3 repeats of `hits` each.
+    return (counts[1] - counts[0]) / (3 * (hits[1] - hits[0]))
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--hits", type=int, default=5000, help="hits per measurement")
     parser.add_argument("--rounds", type=int, default=5, help="alternating measurements")
     parser.add_argument("--baseline-src", type=Path, help="an older checkout's src directory")
+    parser.add_argument(
+        "--instructions",
+        action="store_true",
+        help="count instructions per hit under valgrind instead of timing (slow)",
+    )
     parser.add_argument("--child", metavar="STORE", help=argparse.SUPPRESS)
     add_summary_option(parser)
     args = parser.parse_args()
@@ -163,6 +194,16 @@ def main() -> None:
                 env={**os.environ, "PYTHONPATH": str(src)},
                 timeout=120,
             )
+        if args.instructions:
+            per_hit = {
+                name: instructions(src, stores[name], (500, 2500)) for name, src in versions.items()
+            }
+            for name, count in per_hit.items():
+                print(f"  {name:8} {count:,.0f} instructions per hit")
+            if "baseline" in per_hit:
+                ratio = per_hit["current"] / per_hit["baseline"]
+                print(f"current/baseline = {ratio:.3f} (instructions per hit, callgrind)")
+            return
         runs: dict[str, list[float]] = {name: [] for name in versions}
         for _ in range(args.rounds):
             for name, src in versions.items():

@@ -11,6 +11,7 @@ import signal
 import subprocess
 import time
 from collections.abc import Callable, Iterator
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -563,7 +564,6 @@ def test_the_policy_decides_what_is_regenerated(store: SqliteStore) -> None:
 
 
 def test_force_leaves_pinned_variants_alone(store: SqliteStore) -> None:
-    from dataclasses import replace
 
     fake = FakeBackends({"http://a:1": 1})
     one = prompt_set(ONE_PROMPT)

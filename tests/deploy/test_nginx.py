@@ -373,7 +373,7 @@ def test_naive_config_reproduces_the_pitfalls(stack: Stack) -> None:
         ("$uri:$comeapi_cache_key:$comeapi_variant", "$uri:$request_body:$comeapi_variant"),
         ("proxy_buffer_size 16k;", "proxy_buffer_size 4k;"),
         ("proxy_cache_bypass $comeapi_skip_cache;", ""),
-        ("proxy_no_cache $comeapi_no_store;", ""),
+        ("proxy_no_cache $comeapi_no_store $upstream_http_x_comeapi_no_store;", ""),
     ]:
         assert old in text
         text = text.replace(old, new)

@@ -220,7 +220,10 @@ def comeapi_routes() -> list[str]:
     router = app.app  # the Starlette app behind the generation routes
     assert isinstance(router, Starlette)
     paths = [route.path for route in router.routes if isinstance(route, Route)] + list(KINDS)
-    return [p.replace("{model:path}", BUNDLED_MODEL) for p in paths]
+    params = {"{model:path}": BUNDLED_MODEL, "{key}": "ab" * 32, "{variant:int}": "0"}
+    for name, value in params.items():
+        paths = [p.replace(name, value) for p in paths]
+    return paths
 
 
 @pytest.fixture(scope="module")

@@ -145,3 +145,16 @@ async def test_the_api_needs_the_key_when_keys_are_set(tmp_path: Path) -> None:
     assert listed.json()["error"]["type"] == "authentication_error"
     assert allowed.status_code == 200 and len(allowed.json()["answers"]) == 3
     assert {e.state for e in stored(tmp_path).values()} == {"pending"}
+
+
+async def test_regenerate_refuses_a_pinned_answer_and_needs_a_backend(tmp_path: Path) -> None:
+    cache = cache_of(tmp_path)
+    async with running(FakeCluster(0), cache=cache) as (client, _):
+        await act(client, f"{KEY}/1", action="pin")
+        pinned = await act(client, f"{KEY}/1", action="regenerate")
+        no_backend = await act(client, f"{KEY}/0", action="regenerate")
+    assert pinned.status_code == 409 and pinned.json()["error"]["code"] == "review_conflict"
+    assert "unpin it" in pinned.json()["error"]["message"]
+    assert no_backend.status_code == 503 and no_backend.headers["retry-after"] == "5"
+    assert no_backend.json()["error"]["type"] == "service_unavailable"
+    assert stored(tmp_path)[0].answer == prompt_entry(PROMPT, 0).answer

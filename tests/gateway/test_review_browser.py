@@ -201,6 +201,11 @@ def test_a_person_reviews_in_the_browser(gateway: tuple[str, Path], tmp_path: Pa
         browser.wait_for(lambda: "pin failed" in status.text, what="the refusal")
         assert "is rejected" in status.text
         assert not stored(db, chat.prompt)[3].pinned
+        # Regenerate needs a backend; this gateway has none, and says so.
+        click(browser, chat.key, 4, "regenerate")
+        browser.wait_for(lambda: "regenerate failed" in status.text, what="no backend")
+        assert "no healthy backend" in status.text
+        assert stored(db, chat.prompt)[4].answer == chat_variant(entries, chat, 4).answer
 
         # The filter shows flagged answers only.
         with SqliteStore(db) as store:

@@ -16,6 +16,7 @@ The rules:
 
 from __future__ import annotations
 
+import secrets
 import time
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import replace
@@ -38,6 +39,7 @@ ACTIONS: tuple[Action, ...] = ("approve", "reject", "pin", "unpin", "edit", "reg
 PROMPT_ACTIONS: tuple[Action, ...] = ("approve", "reject")
 MIN_KEY_PREFIX = 8
 MAX_TEXT_CHARS = 100_000
+MAX_SEED = 2**31 - 1
 
 
 def find_key(
@@ -91,8 +93,11 @@ def pick(group: Sequence[Entry], variant: int | None) -> list[Entry]:
     return chosen
 
 
-def change(entry: Entry, action: Action, *, text: str | None = None) -> Entry:
-    """``entry`` after ``action`` (all but regenerate, which needs a generation)."""
+def change(
+    entry: Entry, action: Action, *, text: str | None = None, policy: CheckPolicy | None = None
+) -> Entry:
+    """``entry`` after ``action`` (all but regenerate, which needs a generation); ``policy``
+    says which checks run on an edited text."""
     if action == "approve":
         return _sealed(entry, state="approved")
     if action == "reject":
@@ -108,7 +113,7 @@ def change(entry: Entry, action: Action, *, text: str | None = None) -> Entry:
     if action == "edit":
         if text is None:
             raise RequestError("edit needs the new text", param="text")
-        return edited(entry, text)
+        return edited(entry, text, policy=policy)
     raise RequestError(f"{action!r} is not an action here", param="action")
 
 
@@ -168,6 +173,15 @@ def used_seeds(entry: Entry) -> set[int]:
     return {s for s in seeds if isinstance(s, int)}
 
 
+def new_seed(entry: Entry) -> int:
+    """A random seed this answer was never generated with, for regenerate (warmup's own
+    retries use seed + k x 1,000,000, so a random one rarely repeats them either)."""
+    used = used_seeds(entry)
+    while (seed := secrets.randbelow(MAX_SEED)) in used:
+        pass
+    return seed
+
+
 def describe(entry: Entry, *, served: bool | None = None) -> dict[str, Any]:
     """One answer as the review listings show it (``comeapi cache review --json``, the HTTP
     API, the dashboard)."""
@@ -215,11 +229,12 @@ def apply(
     key: str | None = None,
     variant: int | None = None,
     text: str | None = None,
+    policy: CheckPolicy | None = None,
 ) -> list[Entry]:
     """Apply ``action`` to the named answers of ``store`` in one write; returns them."""
     groups = group_entries(store.entries())
     chosen = pick(groups[find_key(groups, prompt=prompt, key=key)], variant)
-    changed = [change(e, action, text=text) for e in chosen]
+    changed = [change(e, action, text=text, policy=policy) for e in chosen]
     store.put_many(changed)
     return changed
 

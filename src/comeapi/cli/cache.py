@@ -28,7 +28,7 @@ LAZY_COMMANDS = {
     "check": "comeapi.cli.check:check",
     **{
         name: f"comeapi.cli.review:{name}"
-        for name in ("review", "approve", "reject", "pin", "unpin", "edit")
+        for name in ("review", "approve", "reject", "pin", "unpin", "edit", "regenerate")
     },
 }
 

@@ -8,10 +8,11 @@ those entries are purged (``make cache-purge KEYS=...``).
 
 from __future__ import annotations
 
+import contextlib
 import json
 import sys
 from collections.abc import Callable
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import click
 from rich.console import Console
@@ -19,6 +20,11 @@ from rich.table import Table
 from rich.text import Text
 
 from comeapi.cli.options import build_settings, settings_options, user_errors
+from comeapi.errors import ReviewConflictError
+
+if TYPE_CHECKING:
+    from comeapi.cache.store import Entry
+    from comeapi.settings import Settings
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -107,14 +113,16 @@ def review(ctx: click.Context, /, as_json: bool, **values: Any) -> None:
 
 def _change(ctx: click.Context, action: str, values: dict[str, Any]) -> None:
     """Apply one review action as one store write and say what it did."""
+    from comeapi.cache.checks import CheckPolicy
     from comeapi.cache.default import open_configured_store
     from comeapi.cache.review import apply
 
     target = {name: values.pop(name) for name in ("prompt", "key", "variant")}
     text = values.pop("text", None)
     settings = build_settings(ctx, values)
+    policy = CheckPolicy.parse(settings.checks)
     with user_errors(), open_configured_store(settings) as store:
-        changed = apply(store, action, text=text, **target)  # type: ignore[arg-type]
+        changed = apply(store, action, text=text, policy=policy, **target)  # type: ignore[arg-type]
     done = {"approve": "approved", "reject": "rejected", "pin": "pinned", "unpin": "unpinned"}
     variants = ", ".join(str(e.variant) for e in changed)
     entry = changed[0]
@@ -174,7 +182,7 @@ def unpin(ctx: click.Context, /, **values: Any) -> None:
 @click.option(
     "--text", required=True, help="The answer's new text ('-': read it from standard input)."
 )
-@settings_options("store")
+@settings_options("store", "checks")
 @click.pass_context
 def edit(ctx: click.Context, /, **values: Any) -> None:
     """Replace an answer's text by one typed by a person (the old text stays in its
@@ -182,3 +190,109 @@ def edit(ctx: click.Context, /, **values: Any) -> None:
     if values["text"] == "-":
         values["text"] = sys.stdin.read()
     _change(ctx, "edit", values)
+
+
+@click.command("regenerate")
+@target_options(variant_required=True)
+@click.option(
+    "--url",
+    "urls",
+    multiple=True,
+    help="Backend or gateway URL to generate with (repeatable), instead of the configured "
+    "backends (--backend, --backends); with none of these, the gateway at host:port.",
+)
+@click.option(
+    "--local",
+    is_flag=True,
+    help="Generate with a backend this command starts on the models directory (--model-dir) "
+    "and stops when done, rather than with a running one.",
+)
+@settings_options(
+    "store",
+    "backends",
+    "backends_range",
+    "model_dir",
+    "checks",
+    "check_retries",
+    "connect_timeout",
+    "request_timeout",
+    "backend_api_key",
+    flags={"backends": "--backend", "backends_range": "--backends"},
+)
+@click.pass_context
+def regenerate(ctx: click.Context, /, urls: tuple[str, ...], local: bool, **values: Any) -> None:
+    """Generate one variant again: a new seed, the same prompt and parameters, checked as
+    warmup checks it. The old text stays in the answer's history; the new one is pending.
+    A pinned variant is left alone (unpin it first)."""
+    import asyncio
+
+    from comeapi.cache.default import open_configured_store
+    from comeapi.cache.review import find_key, group_entries, pick, refuse_pinned
+    from comeapi.cache.review import regenerated as replaced
+
+    target = {name: values.pop(name) for name in ("prompt", "key", "variant")}
+    settings = build_settings(ctx, values)
+    with user_errors(), open_configured_store(settings) as store:
+        groups = group_entries(store.entries())
+        key = find_key(groups, prompt=target["prompt"], key=target["key"])
+        [entry] = pick(groups[key], target["variant"])
+        refuse_pinned(entry)
+        fresh = asyncio.run(_generate_again(settings, entry, urls, local=local))
+        new = replaced(entry, fresh)
+        if store.get(key, entry.variant) != entry:
+            raise ReviewConflictError(
+                f"variant {entry.variant} of {key[:12]} changed while it was being generated "
+                "again: nothing written, run it again"
+            )
+        store.put(new)
+    flags = ", ".join(new.flags) or "none"
+    click.echo(
+        f"regenerated variant {new.variant} of {new.prompt!r} ({key[:12]}) in {settings.store}: "
+        f"seed {new.params.get('seed')}, checks failed: {flags}; state {new.state}"
+    )
+    click.echo(new.answer)
+
+
+async def _generate_again(
+    settings: Settings, entry: Entry, urls: tuple[str, ...], *, local: bool
+) -> Entry:
+    """A new checked generation of ``entry`` with a new seed: through a backend started for
+    it (``local``), the given URLs, the configured backends, or the gateway, as warmup."""
+    from comeapi.backend.supervisor import Supervisor
+    from comeapi.cache.checks import CheckPolicy
+    from comeapi.cache.generate import generate_variant, prompt_item
+    from comeapi.cache.review import new_seed
+
+    seed = new_seed(entry)
+    gateway_key = next(iter(settings.api_keys), None)
+    api_key = settings.backend_api_key or gateway_key
+    targets = [u.rstrip("/") for u in urls] or settings.backend_urls()
+    if not targets and not local:
+        targets = [f"http://{settings.host}:{settings.port}"]
+        api_key = gateway_key or settings.backend_api_key
+    async with contextlib.AsyncExitStack() as stack:
+        if local:
+            # No key: it listens on loopback for this command alone.
+            backend = Supervisor(settings, host="127.0.0.1", base_port=_free_port(), count=1)
+            click.echo(f"starting a backend on {settings.model_dir} ...", err=True)
+            await stack.enter_async_context(backend)
+            targets, api_key = backend.urls(), None
+        click.echo(
+            f"regenerating variant {entry.variant} of {entry.prompt!r} ({entry.key[:12]}) "
+            f"with seed {seed} via {', '.join(targets)}",
+            err=True,
+        )
+        return await generate_variant(
+            prompt_item(entry), entry.variant, seed, targets,
+            policy=CheckPolicy.parse(settings.checks), retries=settings.check_retries,
+            api_key=api_key, connect_timeout=settings.connect_timeout,
+            request_timeout=settings.request_timeout,
+        )  # fmt: skip
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])

@@ -27,6 +27,7 @@ from comeapi.balancer.pool import BackendPool
 from comeapi.balancer.proxy import Forwarder, forward_headers
 from comeapi.balancer.transport import default_upstream
 from comeapi.balancer.upstream import HttpxUpstream, Timeouts, Upstream
+from comeapi.cache.checks import CheckPolicy
 from comeapi.errors import ModelNotFoundError
 from comeapi.gateway.cache import ResponseCache
 from comeapi.gateway.dashboard import PAGE_PATHS, UNLISTED_PATHS, Dashboard
@@ -34,7 +35,7 @@ from comeapi.gateway.generation import GenerationRoutes
 from comeapi.gateway.metrics import GatewayMetrics
 from comeapi.gateway.ondemand import OnDemandBackends, pool_supervisor
 from comeapi.gateway.requestlog import RequestLog, RequestLogMiddleware
-from comeapi.gateway.review import ReviewRoutes
+from comeapi.gateway.review import ReviewRoutes, pool_regenerator
 from comeapi.http.auth import PUBLIC_PATHS, APIKeyMiddleware
 from comeapi.http.cors import CORSMiddleware
 from comeapi.http.errors import EXCEPTION_HANDLERS
@@ -252,7 +253,9 @@ def create_app(
         settings, pool, gateway.metrics, gateway.requests, cache, gateway.on_demand
     )
     routes += dashboard.routes()
-    routes += ReviewRoutes(cache).routes()
+    regenerate = pool_regenerator(pool, settings, gateway.on_demand)
+    policy = CheckPolicy.parse(settings.checks)
+    routes += ReviewRoutes(cache, regenerate, policy).routes()
 
     @contextlib.asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:

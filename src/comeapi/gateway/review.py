@@ -7,14 +7,14 @@ dashboard's review page and for other tools.
                                          | "regenerate" | "edit", "text": "..." (edit)}
 
 ``key`` may be a unique prefix of the prompt's key. A change is one store write; the
-in-memory index follows at once, so the next request is served by the new rule. These
+in-memory index follows at once, so the next request is served by the new rule. Regenerate
+asks the gateway's own healthy backends (``pool_regenerator``), as warmup would. These
 routes need the API key when keys are set, like everything but /health and the page files.
 Errors are OpenAI's shape: 404 ``answer_not_found``, 409 ``review_conflict``, 400 otherwise.
 """
 
 from __future__ import annotations
 
-import secrets
 from collections.abc import Awaitable, Callable
 from typing import Any
 
@@ -22,27 +22,61 @@ from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route
 
+from comeapi.balancer.pool import BackendPool
 from comeapi.cache import review
+from comeapi.cache.checks import CheckPolicy
+from comeapi.cache.generate import generate_variant, prompt_item
 from comeapi.cache.store import Entry
 from comeapi.errors import NotFoundError, RequestError, UnavailableError
 from comeapi.gateway.cache import ResponseCache
+from comeapi.gateway.ondemand import OnDemandBackends
 from comeapi.http.responses import JSONResponse, read_body
 from comeapi.protocol.requests import decode_json
+from comeapi.settings import Settings
 
 LIST_PATH = "/cache/answers"
 MAX_BODY_BYTES = 256 * 1024
-MAX_SEED = 2**31 - 1
 
 #: A new generation of an entry's prompt with the same parameters and the given seed.
 Regenerate = Callable[[Entry, int], Awaitable[Entry]]
 
 
+def pool_regenerator(
+    pool: BackendPool, settings: Settings, on_demand: OnDemandBackends | None = None
+) -> Regenerate:
+    """Regenerate through the gateway's own healthy backends, with warmup's generation:
+    the checks, and new seeds while they reject the answer (``comeapi.cache.generate``)."""
+    policy = CheckPolicy.parse(settings.checks)
+
+    async def regenerate(entry: Entry, seed: int) -> Entry:
+        if on_demand is not None:
+            on_demand.ensure_running()
+        urls = [b.url for b in pool.healthy()]
+        if not urls:
+            raise UnavailableError(
+                "no healthy backend to regenerate the answer with", retry_after=5
+            )
+        return await generate_variant(
+            prompt_item(entry), entry.variant, seed, urls,
+            policy=policy, retries=settings.check_retries, api_key=settings.backend_api_key,
+            connect_timeout=settings.connect_timeout, request_timeout=settings.request_timeout,
+        )  # fmt: skip
+
+    return regenerate
+
+
 class ReviewRoutes:
     """The review API over a gateway's ResponseCache."""
 
-    def __init__(self, cache: ResponseCache | None, regenerate: Regenerate | None = None):
+    def __init__(
+        self,
+        cache: ResponseCache | None,
+        regenerate: Regenerate | None = None,
+        policy: CheckPolicy | None = None,
+    ):
         self.cache = cache
         self.regenerate = regenerate
+        self.policy = policy
 
     def routes(self) -> list[Route]:
         return [
@@ -75,7 +109,7 @@ class ReviewRoutes:
         if action == "regenerate":
             changed = [await self._regenerated(chosen[0])]
         else:
-            changed = [review.change(e, action, text=text) for e in chosen]
+            changed = [review.change(e, action, text=text, policy=self.policy) for e in chosen]
         await cache.put(changed)
         served = set(cache.served_variants(key))
         answers = [review.describe(e, served=e.variant in served) for e in changed]
@@ -85,21 +119,13 @@ class ReviewRoutes:
         review.refuse_pinned(entry)  # before spending a generation on it
         if self.regenerate is None:
             raise UnavailableError("this gateway has no backends to regenerate answers with")
-        fresh = await self.regenerate(entry, new_seed(entry))
+        fresh = await self.regenerate(entry, review.new_seed(entry))
         return review.regenerated(entry, fresh)
 
     def _cache(self) -> ResponseCache:
         if self.cache is None:
             raise NotFoundError("this gateway runs without a response cache")
         return self.cache
-
-
-def new_seed(entry: Entry) -> int:
-    """A random seed this answer was never generated with."""
-    used = review.used_seeds(entry)
-    while (seed := secrets.randbelow(MAX_SEED)) in used:
-        pass
-    return seed
 
 
 def _action(body: Any, variant: int | None) -> tuple[review.Action, str | None]:
