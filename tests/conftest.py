@@ -24,14 +24,17 @@ def data_home(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
 
 
 @pytest.fixture(scope="session")
-def model_dir() -> Path:
-    """The repo's models directory holding Gemma 3 270M, the model the tests run on (``make
-    test`` prepares it)."""
+def model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A models directory holding only Gemma 3 270M, the model the tests run on: a link to
+    the one in the repo's models/ (``make test`` prepares it), so that what else lies there
+    (SmolLM2, which a backend would take as its default) changes no test."""
     if not (MODEL_DIR / BUNDLED_MODEL).is_file():
         from comeapi.models.bundled import prepare
 
         prepare(MODEL_DIR, only=[BUNDLED_MODEL])
-    return MODEL_DIR
+    path = tmp_path_factory.mktemp("gemma-models")
+    (path / BUNDLED_MODEL).symlink_to((MODEL_DIR / BUNDLED_MODEL).resolve())
+    return path
 
 
 @pytest.fixture(scope="session")
