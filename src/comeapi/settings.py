@@ -230,7 +230,7 @@ class Settings(BaseSettings):
     def _check_serve_states(cls, value: list[str]) -> list[str]:
         return sorted(parse_serve_states(value))
 
-    @field_validator("backend_api_key")
+    @field_validator("backend_api_key", "default_model")
     @classmethod
     def _empty_is_none(cls, value: str | None) -> str | None:
         return value or None  # COMEAPI_BACKEND_API_KEY= (empty) means none
