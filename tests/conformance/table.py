@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import Any
 
 TABLE = Path(__file__).with_name("requests.jsonl")
-DEFAULT_MODEL = "gemma-3-270m-q4_k_m.gguf"
+DEFAULT_MODEL = "smollm2-135m-instruct-q4_1.gguf"  # comeapi.models.bundled.BUNDLED_MODEL
 
 
 @dataclass(frozen=True)

@@ -242,6 +242,8 @@ def stack(model_dir: Path) -> Iterator[Stack]:
             "NGINX_IMAGE": images.nginx,
             "COMEAPI_IMAGE": COMEAPI_IMAGE,
             "COMEAPI_NGINX_IMAGE": NGINX_IMAGE,
+            # The test's prompt set is Gemma's: model-less requests mean it, on both tiers.
+            "COMEAPI_DEFAULT_MODEL": PROMPT_SET.model,
         }
         projects = [Project(name, env) for name in PROJECTS]
         for project in projects:

@@ -103,7 +103,7 @@ def check_sampling(
     """RequestError (400) for what a sampler could not take: token ids outside the
     vocabulary, a positive bias on a special token (never sampled: the bias could not do
     what it asks), a grammar llama.cpp cannot parse."""
-    never = set() if special is None else set(special.tolist())
+    never = set(special.tolist()) if special is not None and params.logit_bias else set()
     for token, bias in params.logit_bias:
         if token >= n_vocab:
             raise RequestError(

@@ -122,5 +122,7 @@ def moto(host: str, port: int) -> None:
     try:
         from moto.server import main as moto_main
     except ImportError:
-        raise click.ClickException("moto is not installed: pip install 'moto[server]'") from None
+        raise click.ClickException(
+            "moto is not installed: pip install 'comeapi[local]' (`make run` installs it)"
+        ) from None
     moto_main(["-H", host, "-p", str(port)])
