@@ -1,8 +1,10 @@
 """The one settings object for every comeapi command.
 
 Each setting has one name everywhere: the flag ``--queue-size``, the environment variable
-``COMEAPI_QUEUE_SIZE`` and the TOML key ``queue_size``. Precedence: flags, then environment,
-then the TOML file (``--config`` or ``COMEAPI_CONFIG``), then the defaults below.
+``COMEAPI_QUEUE_SIZE`` and the TOML key ``queue_size`` (``cli.options.ALIASES`` lists the
+few other spellings a flag also takes, such as ``--api-key`` for ``--api-keys``).
+Precedence: flags, then environment, then the TOML file (``--config`` or
+``COMEAPI_CONFIG``), then the defaults below.
 
 The default store and models directory live in one per-user place (``data_dir()``), not in
 the working directory, so every command finds the same ones wherever it is run from.
