@@ -7,13 +7,13 @@ from __future__ import annotations
 import httpx
 import pytest
 
-from tests.conformance.table import CASES, Case, check_reply
+from tests.conformance.table import API_KEY, CASES, Case, check_reply
 
 
 @pytest.mark.parametrize("case", CASES, ids=str)
 def test_case(gateway: str, client: httpx.Client, case: Case) -> None:
     for _ in range(case.asks):
-        r = client.post(gateway + case.route, content=case.raw)
+        r = client.post(gateway + case.route, content=case.raw, headers=case.headers)
         check_reply(case, r.status_code, r.headers, r.content, tier="gateway")
 
 
@@ -22,5 +22,7 @@ def test_an_invalid_body_is_refused_whether_or_not_its_prompt_is_cached(
 ) -> None:
     for prompt in ("Hello", "a prompt that is not cached"):
         body = {"prompt": prompt, "max_tokens": -1, "temperature": "hot", "stream": "yes"}
-        r = client.post(gateway + "/generate", json=body)
+        r = client.post(
+            gateway + "/generate", json=body, headers={"Authorization": f"Bearer {API_KEY}"}
+        )
         assert r.status_code == 400 and r.json()["error"]["param"] == "max_tokens"

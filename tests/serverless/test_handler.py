@@ -430,7 +430,9 @@ def test_a_bad_base64_body_is_400(store: DynamoStore) -> None:
 def test_api_keys(store: DynamoStore) -> None:
     app = ServerlessApp(store, api_keys=("k1", "k2"))
     event = post("/generate", {"prompt": GENERATE_PROMPT})
-    assert_error(app(event, None), 401, "invalid_api_key")
+    # The gateway's rule and body (comeapi.protocol.auth): no key is missing_api_key.
+    assert_error(app(event, None), 401, "missing_api_key")
+    assert app(event, None)["headers"]["WWW-Authenticate"] == "Bearer"
     event["headers"]["authorization"] = "Bearer nope"
     assert_error(app(event, None), 401, "invalid_api_key")
     event["headers"]["authorization"] = "Bearer k2"

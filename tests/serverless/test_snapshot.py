@@ -23,7 +23,7 @@ from comeapi.serverless.package import build_package
 from comeapi.serverless.snapshot import ARCHIVE, META, load_snapshot, write_snapshot
 from tests.aws_local import REGION, dummy_credentials, prompt_entries, start_moto_server
 from tests.cache.factory import reviewed
-from tests.conformance.table import CASES, check_reply
+from tests.conformance.table import API_KEY, CASES, check_reply
 from tests.conformance.table import entries as conformance_entries
 from tests.helpers import Proc, free_port
 from tests.serverless.conftest import GENERATE_PROMPT, cold_start
@@ -306,9 +306,15 @@ def test_the_conformance_table_from_a_snapshot(endpoint: str, tmp_path: Path) ->
     store = DynamoStore(client, "snapshot-conformance")
     store.replace_all(conformance_entries())
     snapshot = write_snapshot(store, tmp_path)
-    app = ServerlessApp(lambda: store, snapshot=snapshot, default_model=None, background=False)
+    app = ServerlessApp(
+        lambda: store,
+        snapshot=snapshot,
+        default_model=None,
+        api_keys=(API_KEY,),
+        background=False,
+    )
     for case in CASES:
-        result = app(http_api_event("POST", case.route, body=case.raw))
+        result = app(http_api_event("POST", case.route, headers=case.headers, body=case.raw))
         headers = {k.lower(): v for k, v in result["headers"].items()}
         body = result["body"].encode("utf-8")
         check_reply(case, result["statusCode"], headers, body, tier="lambda, snapshot")

@@ -32,7 +32,6 @@ from __future__ import annotations
 import contextlib
 import functools
 import gc
-import hmac
 import json
 import logging
 import os
@@ -48,7 +47,6 @@ from comeapi.cache.replies import AnswerFormat, HitReply
 from comeapi.cache.serving import DEFAULT_SERVE_STATES, parse_serve_states
 from comeapi.cache.store import Entry
 from comeapi.errors import (
-    AuthenticationError,
     ComeapiError,
     ConfigError,
     ModelNotFoundError,
@@ -58,6 +56,7 @@ from comeapi.errors import (
     RequestError,
 )
 from comeapi.models.bundled import BUNDLED_MODEL
+from comeapi.protocol.auth import BearerKeys
 from comeapi.protocol.requests import KINDS, GenerationRequest, decode_json, parse_request
 from comeapi.serverless.events import HttpRequest, Reply, parse_event, to_result
 from comeapi.serverless.snapshot import Snapshot, snapshot_from_env
@@ -122,7 +121,7 @@ class ServerlessApp:
         self.default_model = choose_default_model(default_model, (), BUNDLED_MODEL)
         self.max_tokens_limit = max_tokens_limit
         self.on_miss = on_miss
-        self.api_keys = tuple(k.encode() for k in api_keys)
+        self.keys = BearerKeys(api_keys)
         self.catalogue_ttl = catalogue_ttl
         self.miss_refresh = miss_refresh
         self._randbelow = randbelow
@@ -203,8 +202,9 @@ class ServerlessApp:
         return to_result(reply)
 
     def handle(self, request: HttpRequest) -> Reply:
-        if self.api_keys:
-            self._authenticate(request)
+        denied = self.keys.check(request.headers.get("authorization")) if self.keys else None
+        if denied is not None:
+            raise denied
         kind = KINDS.get(request.path)
         if kind is not None and request.method == "POST":
             if len(request.body) > MAX_BODY_BYTES:
@@ -351,14 +351,6 @@ class ServerlessApp:
             self.snapshot = None
             self._catalogue = None
         self._stale = False
-
-    def _authenticate(self, request: HttpRequest) -> None:
-        scheme, _, token = request.headers.get("authorization", "").partition(" ")
-        given = token.strip().encode()
-        if scheme.lower() != "bearer" or not any(
-            hmac.compare_digest(given, k) for k in self.api_keys
-        ):
-            raise AuthenticationError("missing or wrong API key (Authorization: Bearer KEY)")
 
     def _current_catalogue(self) -> Catalogue:
         """The catalogue the listings show: the snapshot's while it is fresh, else the
