@@ -13,6 +13,7 @@ import pytest
 from comeapi.cache.dynamo import DynamoStore, create_table
 from comeapi.cache.sqlite import SqliteStore
 from comeapi.serverless.handler import ServerlessApp
+from comeapi.serverless.source import TableSource
 from tests.aws_local import REGION, dummy_credentials, start_moto_server
 from tests.conformance.table import API_KEY, DEFAULT_MODEL, entries
 from tests.helpers import Proc, comeapi_argv, free_port
@@ -66,7 +67,7 @@ def lambda_app(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerlessA
             store = DynamoStore(client, TABLE)
             store.replace_all(entries())
             # Unset DEFAULT_MODEL: with several models cached, the bundled one is the default.
-            yield ServerlessApp(store, default_model=None, api_keys=(API_KEY,))
+            yield ServerlessApp(TableSource(store), default_model=None, api_keys=(API_KEY,))
         finally:
             for proc in procs:
                 proc.stop()
