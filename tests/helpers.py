@@ -16,6 +16,8 @@ import httpx
 
 REPO = Path(__file__).resolve().parent.parent
 MODEL_DIR = REPO / "models"
+# The model the tests run inference on: Gemma 3 270M, bundled (comeapi's default model is
+# SmolLM2, comeapi.models.bundled.BUNDLED_MODEL; the smollm2_dir fixture has it).
 BUNDLED_MODEL = "gemma-3-270m-q4_k_m.gguf"
 
 

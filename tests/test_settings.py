@@ -152,3 +152,11 @@ def test_backends_range() -> None:
             parse_backends_range(bad)
     with pytest.raises(ConfigError, match="backends_range"):
         load_settings(backends_range="nope")
+
+
+def test_an_empty_default_model_means_none(monkeypatch: pytest.MonkeyPatch) -> None:
+    """docker-compose passes COMEAPI_DEFAULT_MODEL= (empty) when it is not set."""
+    monkeypatch.setenv("COMEAPI_DEFAULT_MODEL", "")
+    assert load_settings().default_model is None
+    monkeypatch.setenv("COMEAPI_DEFAULT_MODEL", "m.gguf")
+    assert load_settings().default_model == "m.gguf"

@@ -66,6 +66,15 @@ need_file() {
 
 docker_helper() { # run a throwaway container of $IMAGE with the volume at /cache
     command -v docker >/dev/null || die "docker is not installed (host mode: use CACHE_DIR=...)"
+    docker info >/dev/null 2>&1 ||
+        die "the Docker engine is not running (docker info fails): start it (docs/nginx.md, \"Docker mode\": systemctl start docker, or dockerd by hand), or use host mode: CACHE_DIR=..."
+    # docker run would pull a missing image and print the registry's error: say what to set.
+    if ! docker image inspect "$IMAGE" >/dev/null 2>&1 &&
+        ! timeout 600 docker pull --quiet "$IMAGE" >/dev/null 2>&1; then
+        local here
+        here=$(docker images --format '{{.Repository}}:{{.Tag}}' | grep -v '<none>' | head -5 | paste -sd ' ' -)
+        die "the helper image $IMAGE is not on this machine and cannot be pulled (no registry?): set HELPER_IMAGE=IMAGE (cache.sh: --image IMAGE), any local image with sh, tar, gzip, find and chown${here:+; images here: $here}"
+    fi
     docker run --rm -v "$VOLUME:/cache" "$@"
 }
 

@@ -16,7 +16,7 @@ SRC_DIR=$(cd "$(dirname "$0")" && pwd)
 
 : "${COMEAPI_UPSTREAM:=127.0.0.1:9000}"
 : "${COMEAPI_VARIANTS:=5}"
-: "${COMEAPI_DEFAULT_MODEL:=gemma-3-270m-q4_k_m.gguf}"
+: "${COMEAPI_DEFAULT_MODEL:=smollm2-135m-instruct-q4_1.gguf}"
 : "${COMEAPI_MAX_TOKENS_LIMIT:=2048}"
 : "${NGINX_LISTEN:=127.0.0.1:8000}"
 : "${NGINX_WARMUP_LISTEN:=127.0.0.1:8001}"

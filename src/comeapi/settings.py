@@ -63,7 +63,9 @@ class Settings(BaseSettings):
         description="Directory of *.gguf model files (default: models in the data directory).",
     )
     default_model: str | None = Field(
-        None, description="GGUF file for requests that name none (default: the first by name)."
+        None,
+        description="GGUF file for requests that name none (default: the only file, else "
+        "the bundled smollm2-135m-instruct-q4_1.gguf when present, else the first by name).",
     )
     backend_host: str = Field("127.0.0.1", description="Address `comeapi backend` listens on.")
     backend_port: int = Field(8080, ge=1, le=65535, description="Port of `comeapi backend`.")
@@ -136,8 +138,11 @@ class Settings(BaseSettings):
     request_timeout: float = Field(
         600.0, gt=0, description="Longest a backend may take to answer or between stream chunks."
     )
+    # 3 s: a hung backend then holds a request for 3 s + one probe (health_timeout) at most,
+    # so it is answered elsewhere within 10 s of the hang, regeneration included; a busy
+    # backend answers its probes at once (tests/gateway/test_hung_backends.py, both).
     stall_timeout: float = Field(
-        10.0,
+        3.0,
         gt=0,
         description="Silence from a backend (s) after which it must answer a health probe, or "
         "the request moves to another backend (a started stream ends with an error event).",
@@ -242,7 +247,7 @@ class Settings(BaseSettings):
     def _check_serve_states(cls, value: list[str]) -> list[str]:
         return sorted(parse_serve_states(value))
 
-    @field_validator("backend_api_key")
+    @field_validator("backend_api_key", "default_model")
     @classmethod
     def _empty_is_none(cls, value: str | None) -> str | None:
         return value or None  # COMEAPI_BACKEND_API_KEY= (empty) means none

@@ -207,6 +207,83 @@ def test_completion_json_schema_output_validates(client: openai.OpenAI, stream: 
         jsonschema.validate(json.loads(choice["text"]), SCHEMA)
 
 
+# --- llama-server's request extensions: grammar, json_schema, json_object's schema --------
+
+YES_NO = 'root ::= "yes" | "no"'
+
+
+@STREAM
+def test_a_gbnf_grammar_is_honoured(client: openai.OpenAI, stream: bool) -> None:
+    free = complete(client, stream, max_tokens=6)["choices"][0]["text"]
+    assert free not in ("yes", "no")
+    grammar = {"grammar": YES_NO}
+    answer = complete(client, stream, max_tokens=6, extra_body=grammar)["choices"][0]
+    assert (answer["text"], answer["finish_reason"]) in (("yes", "stop"), ("no", "stop"))
+    reply = chat(client, stream, max_tokens=6, extra_body=grammar)["choices"][0]
+    assert reply["message"]["content"] in ("yes", "no") and reply["finish_reason"] == "stop"
+
+
+@STREAM
+def test_a_top_level_json_schema_and_a_json_object_schema_validate(
+    client: openai.OpenAI, stream: bool
+) -> None:
+    answer = complete(
+        client, stream, prompt=FEW_SHOT_PROMPT, max_tokens=48, extra_body={"json_schema": SCHEMA}
+    )["choices"][0]
+    assert answer["finish_reason"] == "stop", answer
+    jsonschema.validate(json.loads(answer["text"]), SCHEMA)
+    for extra in (
+        {"json_schema": SCHEMA},
+        {"response_format": {"type": "json_object", "schema": SCHEMA}},
+    ):
+        reply = chat(client, stream, max_tokens=48, extra_body=extra)["choices"][0]
+        assert reply["finish_reason"] == "stop", reply
+        jsonschema.validate(json.loads(reply["message"]["content"]), SCHEMA)
+
+
+@pytest.mark.parametrize(
+    ("extra", "param"),
+    [
+        ({"grammar": 'root ::= ("yes"'}, "grammar"),
+        ({"grammar": "root ::= other"}, "grammar"),
+        ({"grammar": ["root ::= x"]}, "grammar"),
+        ({"json_schema": {"type": "wizard"}}, "json_schema"),
+        ({"json_schema": "object"}, "json_schema"),
+        ({"response_format": {"type": "json_object", "schema": 123}}, "response_format.schema"),
+        (
+            {"response_format": {"type": "json_object", "schema": {"type": "wizard"}}},
+            "response_format.schema",
+        ),
+        ({"grammar": YES_NO, "json_schema": SCHEMA}, "json_schema"),
+    ],
+)
+def test_a_bad_grammar_or_schema_is_a_400_naming_its_field(
+    client: openai.OpenAI, extra: dict[str, Any], param: str
+) -> None:
+    for send in (complete, chat):
+        with pytest.raises(openai.BadRequestError) as info:
+            send(client, False, extra_body=extra)
+        assert info.value.param == param, info.value.message
+
+
+# --- OpenAI's null prompt: a new document ------------------------------------------------------
+
+
+@STREAM
+def test_a_null_prompt_generates_from_the_start_of_a_document(
+    client: openai.OpenAI, stream: bool
+) -> None:
+    """OpenAI's schema: prompt is nullable, its default <|endoftext|>: the model generates
+    as if from the beginning of a new document (here: from the BOS token alone)."""
+    answer = complete(client, stream, prompt=None, max_tokens=3)
+    assert answer["usage"]["prompt_tokens"] == 1  # BOS
+    assert answer["usage"]["completion_tokens"] >= 1
+    assert (
+        answer["choices"][0]["text"]
+        == complete(client, False, prompt=None, max_tokens=3)["choices"][0]["text"]
+    )  # greedy: the same document start, streamed or not
+
+
 # --- logprobs -----------------------------------------------------------------------------
 
 
@@ -463,6 +540,8 @@ EXAMPLES: dict[str, Any] = {
     "presence_penalty": 0.5,
     "frequency_penalty": 0.5,
     "response_format": {"type": "json_object"},
+    "grammar": YES_NO,
+    "json_schema": {"type": "object"},
     "echo": True,
     "user": "alice",
     "safety_identifier": "user-1",

@@ -21,6 +21,7 @@ from comeapi.backend.serial import SerialEngine
 from comeapi.backend.vocab import special_tokens, token_text
 from comeapi.cache.checks import check_answer
 from comeapi.errors import RequestError
+from comeapi.models.bundled import SMOLLM2_MODEL
 from comeapi.protocol.requests import parse_request
 from comeapi.settings import load_settings
 from tests.helpers import BUNDLED_MODEL, Proc, comeapi_argv, free_port
@@ -193,3 +194,38 @@ def test_over_http_streamed_and_not(backend_url: str, stream: bool) -> None:
         else:
             text = r.json()["choices"][0]["text"]
         assert text and "<start_of_image>" not in text, (seed, text)
+
+
+def test_smollm2_chat_answers_end_at_its_end_of_turn(smollm2_dir: Path) -> None:
+    """The default model: ChatML's <|im_start|> and StarCoder's <repo_name>... are masked,
+    <|im_end|> and <|endoftext|> end the answer, unwritten."""
+    model = NativeModel(smollm2_dir / SMOLLM2_MODEL, n_seq=1, ctx=64, batch_size=8, threads=1)
+    try:
+        vocab = model.tokenizer.vocab
+        names = {token_text(vocab, t) for t in model.tokenizer.special.tolist()}
+    finally:
+        model.close()
+    assert {"<|im_start|>", "<repo_name>", "<file_sep>", "<jupyter_code>"} <= names
+    assert not {"<|im_end|>", "<|endoftext|>"} & names
+    settings = load_settings(model_dir=smollm2_dir, ctx=256, threads=1)
+    engine = SerialEngine(settings)
+
+    async def run() -> list[Any]:
+        await engine.start()
+        try:
+            chat = [{"role": "user", "content": "What is the capital of Japan?"}]
+            body = {"messages": chat, "max_tokens": 48, "temperature": 0}
+            request = parse_request("chat", body, max_tokens_limit=4096)
+            texts, reasons = [], []
+            async for event in engine.generate(request, SMOLLM2_MODEL):
+                if isinstance(event, TextDelta):
+                    texts.append(event.text)
+                elif isinstance(event, Finished):
+                    reasons.append(event.reason)
+            return ["".join(texts), *reasons]
+        finally:
+            await engine.close()
+
+    text, reason = asyncio.run(run())
+    assert reason == "stop" and "Tokyo" in text
+    assert "<|" not in text

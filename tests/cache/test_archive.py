@@ -238,6 +238,7 @@ def test_wrong_members_are_rejected(tmp_path: Path, parts: tuple[dict[str, Any],
     cases = {
         "no entries": ({MANIFEST: head}, f"has no {ENTRIES}"),
         "no manifest": ({ENTRIES: body}, f"has no {MANIFEST}"),
+        "manifest last": ({ENTRIES: body, MANIFEST: head}, f"no {MANIFEST} as its first member"),
         "extra member": ({MANIFEST: head, ENTRIES: body, "../evil": b"x"}, "unexpected member"),
         "bad json": ({MANIFEST: b"{nope", ENTRIES: body}, "not valid JSON"),
     }

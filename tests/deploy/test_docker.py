@@ -242,6 +242,8 @@ def stack(model_dir: Path) -> Iterator[Stack]:
             "NGINX_IMAGE": images.nginx,
             "COMEAPI_IMAGE": COMEAPI_IMAGE,
             "COMEAPI_NGINX_IMAGE": NGINX_IMAGE,
+            # The test's prompt set is Gemma's: model-less requests mean it, on both tiers.
+            "COMEAPI_DEFAULT_MODEL": PROMPT_SET.model,
         }
         projects = [Project(name, env) for name in PROJECTS]
         for project in projects:
@@ -292,6 +294,17 @@ def sshd(stack: Stack) -> Sshd:
     if stack.sshd is None:
         stack.sshd = Sshd(stack.base / "sshd").start()
     return stack.sshd
+
+
+def openmp_wait_policy(image: str) -> str | None:
+    env = json.loads(docker("image", "inspect", image, "--format", "{{json .Config.Env}}").stdout)
+    return next((e.split("=", 1)[1] for e in env if e.startswith("OMP_WAIT_POLICY=")), None)
+
+
+def test_the_comeapi_image_does_not_spin_its_openmp_threads(stack: Stack) -> None:
+    """Issue 22 (item 14): llama.cpp's OpenMP threads spinning beside the gateway and nginx
+    made the warmup's answers about 5 times slower (benchmarks/docker_warmup.py)."""
+    assert openmp_wait_policy(COMEAPI_IMAGE) == "PASSIVE"
 
 
 def test_warmup_fills_exactly_50_entries_in_the_named_volume(stack: Stack) -> None:

@@ -38,7 +38,7 @@ from tests.deploy.nginx_stack import (
     run_warmup,
 )
 from tests.deploy.sshd import HOST_ALIAS, Sshd, sshd_missing
-from tests.helpers import REPO, free_port
+from tests.helpers import BUNDLED_MODEL, REPO, free_port
 
 pytestmark = pytest.mark.slow
 
@@ -64,6 +64,11 @@ def route_of(item: PromptItem) -> str:
 
 def encode(body: dict[str, Any]) -> bytes:
     return json.dumps(body, ensure_ascii=False).encode()
+
+
+# comeapi here runs Gemma (the model_dir fixture) and the set is Gemma's: nginx gets the same
+# default model, as docs/nginx.md asks (render.sh's own default is SmolLM2).
+GEMMA = {"COMEAPI_DEFAULT_MODEL": BUNDLED_MODEL}
 
 
 @dataclass
@@ -108,7 +113,9 @@ def stack(base: Path, model_dir: Path) -> Iterator[Stack]:
     secret = secrets.token_urlsafe(24)
     comeapi = Comeapi(base / "comeapi", model_dir, secret)
     comeapi.root.mkdir()
-    nginx = Nginx(base / "nginx-a", base / "cache-a", f"127.0.0.1:{comeapi.port}", secret)
+    nginx = Nginx(
+        base / "nginx-a", base / "cache-a", f"127.0.0.1:{comeapi.port}", secret, env=GEMMA
+    )
     client = httpx.Client(timeout=httpx.Timeout(120.0, connect=5.0))
     try:
         comeapi.start()
@@ -385,6 +392,7 @@ def test_naive_config_reproduces_the_pitfalls(stack: Stack) -> None:
         stack.base / "cache-naive",
         stack.nginx.upstream,
         stack.comeapi.secret,
+        env=GEMMA,
     )
     naive.render()
     conf = naive.conf_dir / "comeapi-locations.conf"
@@ -427,7 +435,7 @@ def test_api_keys_are_checked_by_nginx(stack: Stack) -> None:
         stack.base / "cache-keys",
         f"127.0.0.1:{free_port()}",  # nothing there: an authorised request gets 502
         stack.comeapi.secret,
-        env={"COMEAPI_API_KEYS": "k-1.a+b/c=,other"},
+        env={"COMEAPI_API_KEYS": "k-1.a+b/c=,other", **GEMMA},
     )
     guarded.start()
     try:
@@ -504,7 +512,9 @@ def test_export_import_into_a_fresh_directory(stack: Stack) -> None:
         assert all(stat.S_IMODE(p.stat().st_mode) == 0o600 for p in fresh.rglob("*") if p.is_file())
 
     # A second nginx on the imported directory, its upstream dead: every answer is a HIT.
-    second = Nginx(stack.base / "nginx-b", fresh, f"127.0.0.1:{free_port()}", stack.comeapi.secret)
+    second = Nginx(
+        stack.base / "nginx-b", fresh, f"127.0.0.1:{free_port()}", stack.comeapi.secret, env=GEMMA
+    )
     second.start()
     try:
         assert_every_slot_hits(stack, second)

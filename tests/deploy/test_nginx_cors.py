@@ -22,9 +22,10 @@ import httpx
 import pytest
 
 from comeapi.cache.default import shipped_entries
+from comeapi.cache.prompts import load_prompt_set
 from comeapi.cache.sqlite import SqliteStore
 from tests.deploy.nginx_stack import RENDER, Nginx, nginx_missing
-from tests.helpers import BUNDLED_MODEL, Proc, comeapi_argv, free_port
+from tests.helpers import Proc, comeapi_argv, free_port
 
 pytestmark = pytest.mark.slow
 
@@ -35,8 +36,9 @@ A, B, EVIL = "https://a.example", "http://localhost:5173", "https://evil.example
 ORIGINS = f"{A}, {B}"
 # Shipped answers (src/comeapi/data/prompts.yaml): answered by comeapi from its store.
 CHAT = {"messages": [{"role": "user", "content": "Hello! What can you help me with?"}]}
-PROMPT = {"prompt": "Write a short poem about the sea:"}
+PROMPT = {"prompt": "Once upon a time in a magical forest,"}
 EXPOSED = "X-Cache-Status, X-Cache-Variant, Retry-After"
+SHIPPED_MODEL = load_prompt_set().model  # the only model the gateway's store holds
 
 
 @dataclass
@@ -185,7 +187,7 @@ def test_the_stored_model_list_carries_the_asking_origin_only(stack: Stack) -> N
     for origin in (A, B, EVIL, None):
         headers = {**AUTH, **({"Origin": origin} if origin else {})}
         r = httpx.get(stack.nginx.url + "/v1/models", headers=headers, timeout=30)
-        assert r.status_code == 200 and r.json()["data"][0]["id"] == BUNDLED_MODEL
+        assert r.status_code == 200 and r.json()["data"][0]["id"] == SHIPPED_MODEL
         seen.append(r.headers["x-cache-status"])
         assert_answer_headers(r, origin)
     assert "HIT" in seen[1:], seen

@@ -25,6 +25,7 @@ from starlette.routing import Route
 
 from comeapi.balancer.pool import BackendPool
 from comeapi.gateway.app import create_app
+from comeapi.models.bundled import BUNDLED_MODEL as DEFAULT_MODEL
 from comeapi.protocol.requests import KINDS
 from comeapi.settings import load_settings
 from tests.deploy.nginx_stack import Comeapi, Nginx, nginx_missing
@@ -140,25 +141,26 @@ def test_malformed_requests_get_json(lone_nginx: Nginx, raw: bytes, status: int,
 
 
 def test_model_lists_fall_back_to_the_default_model(lone_nginx: Nginx) -> None:
+    """render.sh's default COMEAPI_DEFAULT_MODEL is comeapi's bundled default model."""
     v1 = httpx.get(lone_nginx.url + "/v1/models", timeout=30)
     assert v1.status_code == 200 and v1.headers["x-cache-status"] == "FALLBACK"
     assert v1.json() == {
         "object": "list",
-        "data": [{"id": BUNDLED_MODEL, "object": "model", "created": 0, "owned_by": "comeapi"}],
+        "data": [{"id": DEFAULT_MODEL, "object": "model", "created": 0, "owned_by": "comeapi"}],
     }
     plain = httpx.get(lone_nginx.url + "/models", timeout=30)
     assert plain.status_code == 200
-    assert plain.json() == {"models": [{"name": BUNDLED_MODEL, "size_mb": None}]}
+    assert plain.json() == {"models": [{"name": DEFAULT_MODEL, "size_mb": None}]}
 
     client = openai.OpenAI(
         base_url=lone_nginx.url + "/v1", api_key="unused", max_retries=0, timeout=30
     )
-    assert [m.id for m in client.models.list()] == [BUNDLED_MODEL]
+    assert [m.id for m in client.models.list()] == [DEFAULT_MODEL]
     with pytest.raises(openai.InternalServerError) as raised:
-        client.completions.create(model=BUNDLED_MODEL, prompt="not cached", max_tokens=4)
+        client.completions.create(model=DEFAULT_MODEL, prompt="not cached", max_tokens=4)
     assert raised.value.status_code == 502 and raised.value.code == "backend_unavailable"
     with pytest.raises(openai.NotFoundError) as missing:
-        client.embeddings.create(model=BUNDLED_MODEL, input="x")
+        client.embeddings.create(model=DEFAULT_MODEL, input="x")
     assert missing.value.code == "not_found"
 
 

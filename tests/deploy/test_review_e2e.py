@@ -93,7 +93,7 @@ def text_of(route: str, body: Any) -> str:
 
 
 @pytest.fixture(scope="module")
-def flow(model_dir: Path) -> Iterator[Flow]:
+def flow(smollm2_dir: Path) -> Iterator[Flow]:
     if nginx_missing():
         pytest.fail(str(nginx_missing()))
     # Not under pytest's tmp_path: nginx's worker user must reach its cache directory.
@@ -103,7 +103,8 @@ def flow(model_dir: Path) -> Iterator[Flow]:
     prompts.write_text(PROMPTS)
     port = free_port()
     argv = comeapi_argv(
-        "backend", "--model-dir", str(model_dir), "--port", str(port), "--threads", "1",
+        # The default model: the prompt set names none, nor do the requests nginx keys.
+        "backend", "--model-dir", str(smollm2_dir), "--port", str(port), "--threads", "1",
         "--ctx", "256",
     )  # fmt: skip
     backend = Proc(argv, base / "backend.log")

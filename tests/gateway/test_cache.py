@@ -20,9 +20,11 @@ from comeapi.errors import RequestError
 from comeapi.gateway.cache import Lookup, ResponseCache
 from comeapi.gateway.cache_status import cache_status
 from comeapi.gateway.forced import ForcedVariants
+from comeapi.models.bundled import BUNDLED_MODEL
 from comeapi.protocol.requests import Kind, parse_request
 
 MODEL = "gemma-3-270m-q4_k_m.gguf"
+DEFAULT = BUNDLED_MODEL  # comeapi's default model (SmolLM2)
 PROMPT = "こんにちは、調子はどうですか？"
 
 
@@ -161,10 +163,11 @@ def test_forced_missing_variant_is_filled_from_the_answer(tmp_path: Path) -> Non
     body = {"prompt": "A new prompt", "max_tokens": 8}
     miss = lookup(cache, "generate", body, headers)
     assert miss.entry is None and miss.forced_variant == 4
-    answer = {"response": "generated", "model": MODEL, "finish_reason": "length", "usage": {}}
+    # An empty store and no default_model: the request means the bundled default model.
+    answer = {"response": "generated", "model": DEFAULT, "finish_reason": "length", "usage": {}}
     request = parse_request("generate", body, max_tokens_limit=2048)
     anyio.run(cache.store_answer, miss, request, answer)
-    stored = store.get(prompt_key("A new prompt", MODEL), 4)
+    stored = store.get(prompt_key("A new prompt", DEFAULT), 4)
     assert stored is not None and stored.answer == "generated" and stored.params["seed"] == 4
     hit = lookup(cache, "generate", body, headers).entry
     assert hit is not None and hit.variant == 4

@@ -1,9 +1,10 @@
 """The cache and the parameters a stored answer cannot carry, end to end: a gateway with a
 store holding the prompt, in front of a real (keyed) backend with the bundled model.
 
-A request for log probabilities, several choices, a format, echo or tools on a cached prompt
-is a MISS that reaches the backend (its own /metrics count it); where misses are refused it
-is a 400 naming the field. The same prompt without them is a HIT that never reaches it."""
+A request for log probabilities, several choices, a format or a grammar, echo or tools on a
+cached prompt (or OpenAI's null prompt) is a MISS that reaches the backend (its own /metrics
+count it); where misses are refused it is a 400 naming the field. The same prompt without
+them is a HIT that never reaches it."""
 
 from __future__ import annotations
 
@@ -49,6 +50,16 @@ UNCACHEABLE = [
     ("/chat/completions", {"response_format": JSON_SCHEMA}, "response_format"),
     ("/v1/completions", {"response_format": {"type": "json_object"}}, "response_format"),
     ("/completions", {"response_format": JSON_SCHEMA}, "response_format"),
+    # llama-server's request extensions, and OpenAI's null prompt (a new document)
+    ("/v1/completions", {"grammar": 'root ::= "yes" | "no"'}, "grammar"),
+    ("/v1/chat/completions", {"grammar": 'root ::= "yes" | "no"'}, "grammar"),
+    ("/v1/chat/completions", {"json_schema": {"type": "object"}}, "json_schema"),
+    (
+        "/v1/chat/completions",
+        {"response_format": {"type": "json_object", "schema": {"type": "object"}}},
+        "response_format",
+    ),
+    ("/v1/completions", {"prompt": None}, "prompt"),
 ]
 
 

@@ -7,7 +7,8 @@ from pathlib import Path
 import pytest
 
 from comeapi.errors import ConfigError, ModelNotFoundError
-from comeapi.models.catalogue import check_gguf, list_models, resolve
+from comeapi.models.catalogue import check_gguf, check_model_dir, list_models, resolve
+from comeapi.settings import load_settings
 
 
 def make(tmp_path: Path, name: str, data: bytes = b"GGUF" + b"\x00" * 1020) -> Path:
@@ -57,3 +58,24 @@ def test_resolve(tmp_path: Path) -> None:
     assert err.value.status == 404
     assert err.value.available == ["a.gguf", "b.gguf"]
     assert err.value.to_dict()["error"]["available_models"] == ["a.gguf", "b.gguf"]
+
+
+SMOLLM2 = "smollm2-135m-instruct-q4_1.gguf"
+
+
+@pytest.mark.parametrize(
+    ("files", "default"),
+    [
+        (["gemma-3-270m-q4_k_m.gguf", SMOLLM2], SMOLLM2),
+        (["alpha.gguf", "gemma-3-270m-q4_k_m.gguf"], "alpha.gguf"),  # first by name
+        (["gemma-3-270m-q4_k_m.gguf"], "gemma-3-270m-q4_k_m.gguf"),  # the only one
+    ],
+)
+def test_the_default_model_of_a_directory(tmp_path: Path, files: list[str], default: str) -> None:
+    """default_model, else the only file, else the bundled SmolLM2, else the first by name."""
+    for name in files:
+        (tmp_path / name).write_bytes(b"GGUF" + b"\0" * 8)
+    _, chosen = check_model_dir(load_settings(model_dir=tmp_path))
+    assert chosen.name == default
+    _, configured = check_model_dir(load_settings(model_dir=tmp_path, default_model=files[0]))
+    assert configured.name == files[0]

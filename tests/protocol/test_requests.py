@@ -7,7 +7,7 @@ from typing import Any
 import pytest
 
 from comeapi.errors import RequestError
-from comeapi.protocol.requests import KINDS, Message, decode_json, parse_request
+from comeapi.protocol.requests import KINDS, Message, parse_request
 
 
 def parse(kind: Any, body: dict[str, Any], limit: int = 2048) -> Any:
@@ -110,14 +110,3 @@ def test_max_tokens_above_the_limit() -> None:
     with pytest.raises(RequestError, match="limit of 64") as err:
         parse("generate", {"prompt": "x", "max_tokens": 65}, limit=64)
     assert err.value.param == "max_tokens"
-
-
-@pytest.mark.parametrize("raw", [b"", b"{", b"nul", b"\xff", b"[1]", b'"text"', b"[" * 10_000])
-def test_decode_json_refuses_non_objects(raw: bytes) -> None:
-    with pytest.raises(RequestError) as err:
-        decode_json(raw)
-    assert err.value.code == "invalid_json"
-
-
-def test_decode_json_object() -> None:
-    assert decode_json(b'{"prompt": "\\u65e5"}') == {"prompt": "日"}

@@ -6,6 +6,7 @@ from __future__ import annotations
 import itertools
 import json
 import logging
+import os
 import subprocess
 from collections.abc import Iterator
 from pathlib import Path
@@ -16,7 +17,7 @@ import pytest
 from comeapi.cache.archive import read_archive, write_archive
 from comeapi.cache.dynamo import DynamoStore, create_table, make_client
 from comeapi.cache.store import Entry
-from comeapi.errors import StoreError
+from comeapi.errors import ConfigError, StoreError
 from comeapi.serverless.events import http_api_event
 from comeapi.serverless.handler import ServerlessApp
 from comeapi.serverless.package import build_package
@@ -26,7 +27,7 @@ from tests.aws_local import REGION, dummy_credentials, prompt_entries, start_mot
 from tests.cache.factory import reviewed
 from tests.conformance.table import API_KEY, CASES, check_reply
 from tests.conformance.table import entries as conformance_entries
-from tests.helpers import Proc, free_port
+from tests.helpers import REPO, Proc, free_port
 from tests.serverless.conftest import GENERATE_PROMPT, cold_start
 
 _tables = itertools.count()
@@ -355,3 +356,34 @@ def test_the_package_command(store: DynamoStore, tmp_path: Path) -> None:
     kept = CliRunner().invoke(main, ["aws", "package", str(tmp_path / "mine"), "--no-snapshot"])
     assert kept.exit_code != 0 and "not a function package" in kept.output
     assert (tmp_path / "mine" / "notes.txt").read_text() == "keep me"
+
+
+def no_region_env(tmp_path: Path) -> dict[str, str]:
+    """The environment without any AWS region (nor a config file that could name one)."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("AWS_")}
+    env["AWS_CONFIG_FILE"] = env["AWS_SHARED_CREDENTIALS_FILE"] = str(tmp_path / "none")
+    return env
+
+
+def test_make_lambda_package_without_a_region_says_how_to_give_one(tmp_path: Path) -> None:
+    """Issue 22: it said "(or ?region= in the store URL)", which this command has not."""
+    result = subprocess.run(
+        ["make", "-s", "-o", ".venv/.installed", "lambda-package",
+         f"LAMBDA_PACKAGE={tmp_path / 'CacheFunction'}"],
+        cwd=REPO, env=no_region_env(tmp_path), capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    output = result.stdout + result.stderr
+    assert result.returncode != 0, output
+    assert "no AWS region" in output and "LAMBDA_PACKAGE_ARGS='--region R'" in output, output
+    assert "store URL" not in output, output
+
+
+def test_a_store_url_without_a_region_says_where_it_goes(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    for name, value in no_region_env(tmp_path).items():
+        monkeypatch.setenv(name, value)
+    for name in ("AWS_REGION", "AWS_DEFAULT_REGION", "AWS_PROFILE"):
+        monkeypatch.delenv(name, raising=False)
+    with pytest.raises(ConfigError, match=r"add \?region=R to the store URL 'dynamodb:t'"):
+        DynamoStore.from_url("dynamodb:t")

@@ -455,6 +455,9 @@ function responseFormat(v) {
     if (kind === 'text') {
         return null;
     }
+    if (kind === 'json_object' && has(v, 'schema') && !isObject(v.schema)) {
+        fail('response_format.schema', 'must be a JSON Schema object');
+    }
     if (kind === 'json_schema') {
         const spec = v.json_schema;
         if (!isObject(spec)) {
@@ -469,6 +472,32 @@ function responseFormat(v) {
         flag(spec, 'strict', 'response_format.json_schema.');
     }
     return kind;
+}
+
+// response_format, or llama-server's grammar (GBNF; "" is none) and top-level json_schema:
+// at most one. The field that asks for a format, or null.
+function outputFormat(body) {
+    let chosen = responseFormat(body.response_format) === null ? null : 'response_format';
+    if (has(body, 'grammar') && typeof body.grammar !== 'string') {
+        fail('grammar', 'must be a string (a GBNF grammar), got ' + jsonType(body.grammar));
+    }
+    if (has(body, 'grammar') && body.grammar !== '') {
+        chosen = only(chosen, 'grammar');
+    }
+    if (has(body, 'json_schema')) {
+        if (!isObject(body.json_schema)) {
+            fail('json_schema', 'must be a JSON Schema object, got ' + jsonType(body.json_schema));
+        }
+        chosen = only(chosen, 'json_schema');
+    }
+    return chosen;
+}
+
+function only(chosen, field) {
+    if (chosen !== null) {
+        fail(field, 'cannot be combined with ' + chosen + ': send one of them');
+    }
+    return field;
 }
 
 function tools(v) {
@@ -530,13 +559,14 @@ function parseGenerate(body, req) {
 }
 
 function parseCompletion(body, req) {
-    req.prompts = prompts(body.prompt);
+    // OpenAI's null prompt: a new document's start, "" (valid, never a hit); missing: 400.
+    req.prompts = body.prompt === null ? [''] : prompts(body.prompt);
     req.model = model(body, 'model');
     req.maxTokens = positive(body, 'max_tokens', 16);
     req.logprobs = has(body, 'logprobs');
     integer(body, 'logprobs', 0, 0, MAX_TOP_LOGPROBS);
     req.echo = flag(body, 'echo');
-    req.responseFormat = responseFormat(body.response_format);
+    req.responseFormat = outputFormat(body);
     openaiCommon(body, req);
 }
 
@@ -569,7 +599,7 @@ function parseChat(body, req) {
     if (has(body, 'web_search_options')) {
         fail('web_search_options', 'is not supported: this server has no web search');
     }
-    req.responseFormat = responseFormat(body.response_format);
+    req.responseFormat = outputFormat(body);
     req.tools = tools(body.tools);
     req.toolChoice = toolChoice(body.tool_choice);
     openaiCommon(body, req);
@@ -609,7 +639,7 @@ function uncacheable(req) {
             }
         }
     }
-    if (req.prompts.length > 1) {
+    if (req.prompts.length > 1 || req.prompts[0] === '') {
         return 'prompt';
     }
     if (req.n > 1) {
@@ -622,7 +652,7 @@ function uncacheable(req) {
         return 'logit_bias';
     }
     if (req.responseFormat !== null) {
-        return 'response_format';
+        return req.responseFormat;  // response_format, grammar or json_schema
     }
     if (req.echo) {
         return 'echo';
@@ -663,9 +693,35 @@ function answerFormat(req) {
 }
 
 // JSON as strict as comeapi's orjson: valid UTF-8 (TextDecoder, fatal), no byte order mark
-// (ignoreBOM keeps it for JSON.parse to refuse), no number beyond a double, no lone surrogate escape (JSON.parse
-// would turn it into U+FFFD).
+// (ignoreBOM keeps it for JSON.parse to refuse), no number beyond a double, no lone
+// surrogate escape (JSON.parse would turn it into U+FFFD), no number JSON forbids.
 const UTF8 = new TextDecoder('utf-8', {fatal: true, ignoreBOM: true});
+
+// njs's JSON.parse reads numbers JSON forbids (and orjson refuses): a leading zero (01, -01,
+// 00), a dot with no digit before it (.5, -.5) or after it (1., 1.e5). LAX_NUMBER finds one
+// anywhere; only when it does (prose like "Step 1." in a prompt) is the text looked at again
+// without its strings. Linear on purpose: a global regular expression costs O(length) per
+// match in njs (stripping 100,000 strings with one took 67 s), split and join run in C.
+// Lookbehinds rather than (?:^|[^0-9]): PCRE then only tries where a "-", "0" or "." starts,
+// a quarter of the cost per body (10,000 tests of a 110-byte chat body).
+const LAX_NUMBER = /(?<![0-9.eE+\-])-?0[0-9]|(?<![0-9])\.[0-9]|(?<=[0-9])\.(?![0-9])/;
+
+function laxNumber(text) {
+    return LAX_NUMBER.test(text) && LAX_NUMBER.test(outsideStrings(text));
+}
+
+// The text between strings, each string written "". Escaped backslashes, then escaped quotes
+// out first: every quote left opens or closes a string.
+function outsideStrings(text) {
+    const plain = text.indexOf('\\') < 0 ? text
+        : text.split('\\\\').join('').split('\\"').join('');
+    const pieces = plain.split('"');
+    const outside = [];
+    for (let i = 0; i < pieces.length; i += 2) {
+        outside.push(pieces[i]);
+    }
+    return outside.join('""');
+}
 
 function finiteNumbers(key, value) {
     if (typeof value === 'number' && !isFinite(value)) {
@@ -708,6 +764,12 @@ function decodeBody(buffer) {
         if (text.indexOf('\\u') >= 0 && loneSurrogateEscape(text)) {
             throw new SyntaxError('lone surrogate escape');
         }
+        if (laxNumber(text)) {
+            throw new SyntaxError('a number with a leading zero or a bare decimal point');
+        }
+        // Nesting: njs's JSON.parse reads at most 31 levels (NJS_JSON_MAX_DEPTH 32, while it
+        // reads: a deep value a later duplicate key replaces counts too), which is
+        // comeapi.protocol.json_body's MAX_DEPTH; the conformance table checks both.
         return {body: JSON.parse(text, finiteNumbers)};
     } catch (e) {
         return {error: new RequestError(null, 'request body is not valid JSON: ' + e.message,

@@ -144,6 +144,11 @@ def tokenize_prompt(llama: TokenizerLike, text: str) -> list[int]:
     bos = llama.token_bos()
     while len(tokens) > 1 and tokens[0] == bos and tokens[1] == bos:
         tokens.pop(0)  # templates that write BOS themselves
+    if not tokens:  # OpenAI's null prompt (a new document) on a model that has no BOS token
+        raise RequestError(
+            "prompt: this model has no beginning-of-sequence token to start a document from",
+            param="prompt",
+        )
     return tokens
 
 

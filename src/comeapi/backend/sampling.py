@@ -57,11 +57,14 @@ class SamplingParams:
     presence_penalty: float = 0.0
     frequency_penalty: float = 0.0
     grammar: str | None = None
+    # The request field the grammar came from, named when llama.cpp cannot parse it.
+    grammar_param: str = "response_format"
 
     @classmethod
     def of(cls, request: GenerationRequest, index: int, grammar: str | None) -> SamplingParams:
         """Choice ``index``'s parameters: a seeded request's choice i draws with seed + i."""
         seed = random.getrandbits(32) if request.seed is None else request.seed + index
+        constraint = request.response_format
         return cls(
             temperature=request.temperature,
             top_k=request.top_k,
@@ -71,22 +74,26 @@ class SamplingParams:
             presence_penalty=request.presence_penalty,
             frequency_penalty=request.frequency_penalty,
             grammar=grammar,
+            grammar_param=constraint.param if constraint is not None else "response_format",
         )
 
 
 def grammar_for(response_format: ResponseFormat | None) -> str | None:
-    """The GBNF grammar for a ``response_format`` (llama.cpp's JSON grammar, or its
-    JSON-schema converter's output), or None for free text."""
+    """The GBNF grammar for a ``response_format`` (the request's own ``grammar``,
+    llama.cpp's JSON grammar, or its JSON-schema converter's output), or None for free
+    text. A schema the converter cannot take is a 400 naming where it was."""
     if response_format is None:
         return None
-    if response_format.type == "json_object" or response_format.schema is None:
+    if response_format.grammar is not None:
+        return response_format.grammar  # parsed (and refused by name) with the vocabulary
+    if response_format.schema is None:
         return JSON_GBNF
+    param = response_format.param
     try:
         return str(json_schema_to_gbnf(json.dumps(response_format.schema)))
     except Exception as exc:  # the converter raises bare exceptions for what it cannot do
         raise RequestError(
-            f"response_format.json_schema.schema: cannot be turned into a grammar: {exc}",
-            param="response_format.json_schema.schema",
+            f"{param}: cannot be turned into a grammar: {exc}", param=param
         ) from None
 
 
@@ -96,7 +103,7 @@ def check_sampling(
     """RequestError (400) for what a sampler could not take: token ids outside the
     vocabulary, a positive bias on a special token (never sampled: the bias could not do
     what it asks), a grammar llama.cpp cannot parse."""
-    never = set() if special is None else set(special.tolist())
+    never = set(special.tolist()) if special is not None and params.logit_bias else set()
     for token, bias in params.logit_bias:
         if token >= n_vocab:
             raise RequestError(
@@ -110,7 +117,7 @@ def check_sampling(
                 param="logit_bias",
             )
     if params.grammar is not None:
-        lib.llama_sampler_free(_grammar(vocab, params.grammar))
+        lib.llama_sampler_free(_grammar(vocab, params.grammar, params.grammar_param))
 
 
 class Sampler:
@@ -136,7 +143,9 @@ class Sampler:
         self._penalised = params.presence_penalty != 0 or params.frequency_penalty != 0
         self._counts: Counter[int] = Counter()
         # First: the only part that can fail (a grammar llama.cpp cannot parse).
-        self._grammar = _grammar(vocab, params.grammar) if params.grammar is not None else None
+        self._grammar = None
+        if params.grammar is not None:
+            self._grammar = _grammar(vocab, params.grammar, params.grammar_param)
         bias = []
         if params.logit_bias:
             biases = (lib.llama_logit_bias * len(params.logit_bias))(
@@ -326,11 +335,11 @@ def _chain(samplers: list[Any]) -> Any:
     return chain
 
 
-def _grammar(vocab: Any, grammar: str) -> Any:
+def _grammar(vocab: Any, grammar: str, param: str) -> Any:
     sampler = lib.llama_sampler_init_grammar(vocab, grammar.encode(), b"root")
     if not sampler:
-        raise RequestError(
-            "response_format: llama.cpp cannot parse the grammar made from it",
-            param="response_format",
-        )
+        what = "this GBNF grammar (a root rule, defined rules, no left recursion)"
+        if param != "grammar":
+            what = "the grammar made from it"
+        raise RequestError(f"{param}: llama.cpp cannot parse {what}", param=param)
     return sampler

@@ -6,8 +6,9 @@ A gzipped tar with exactly two files:
   ``entries.jsonl``  one ``Entry`` per line (``Entry.to_dict``, keys sorted, UTF-8).
 Reading validates everything before returning anything, so an import of a truncated,
 tampered or incompatible archive fails before the store is touched; it streams, under the
-ceilings below, so a hostile archive (a gzip bomb, a sparse member) costs no more memory than
-a good one. The same entry lines without the tar (``*.jsonl``), after one header line with
+ceilings below, the manifest first and each entry line checked against it as it comes, so a
+hostile archive (a gzip bomb, a sparse member, a forged manifest) costs no more memory than a
+good one. The same entry lines without the tar (``*.jsonl``), after one header line with
 their count and SHA-256, are the reviewable form the repo ships its default cache in.
 
 Version 2 entry lines carry the review (state, flags, pinned, history); version 1 files
@@ -46,10 +47,18 @@ MANIFEST = "manifest.json"
 ENTRIES = "entries.jsonl"
 
 # Ceilings, checked before anything is allocated (a cache of short answers is far smaller:
-# the shipped 50 answers are 35 KB). Reading holds one line and the parsed entries.
-MAX_ENTRIES_BYTES = 256 << 20
-MAX_MANIFEST_BYTES = 64 << 20
+# the shipped 50 answers are 35 KB; 16 MiB of lines is some 24,000 such answers). Reading
+# holds the manifest, one line and the entries read so far, so that the largest archive
+# within them peaks under 300 MB as a process (tests/cache/test_archive_limits.py: entries
+# of 1,000 one-letter chat messages are the most objects per byte, ten times their text).
+MAX_ENTRIES_BYTES = 16 << 20
+MAX_MANIFEST_BYTES = 16 << 20
 MAX_LINE_BYTES = 4 << 20
+MAX_ENTRIES = 50_000
+# JSON values a manifest may hold (counted by their separators before it is parsed): a
+# 16 MiB manifest of empty lists parses into 450 MB; a real one holds about 2 per entry and
+# 11 per prompt.
+MAX_MANIFEST_VALUES = 20 * MAX_ENTRIES
 MEMBER_LIMITS = {MANIFEST: MAX_MANIFEST_BYTES, ENTRIES: MAX_ENTRIES_BYTES}
 MAX_TAR_BYTES = MAX_ENTRIES_BYTES + MAX_MANIFEST_BYTES + (1 << 20)  # + headers and padding
 MAX_VARIANT = 1 << 31
@@ -130,43 +139,33 @@ def read_archive(path: Path) -> list[Entry]:
     """Every entry of the archive ``path``, after validating all of it; else ArchiveError.
 
     Read as a stream under fixed ceilings: nothing a header declares is allocated before it
-    has been checked, so a small hostile file cannot make the import large.
+    has been checked, so a small hostile file cannot make the import large. The manifest
+    comes first (comeapi writes it first) and is checked before any entry is read; each
+    entry line is then checked against it as it arrives (its SHA-256, its prompt's variant
+    count), so a forged or mismatched archive is refused at its first bad line, holding at
+    most the entries before it.
     """
-    manifest_raw: bytes | None = None
-    reader = _EntryReader(f"archive {path}: {ENTRIES}")
     with _open(path) as fh:
         tar = _TarStream(path, _Gunzip(path, fh, limit=MAX_TAR_BYTES))
-        for info in tar.members():
-            if info.name == MANIFEST:
-                manifest_raw = tar.read_member(info)
-            else:
-                reader.read_lines(tar.member_chunks(info))
-        tar.finish()
-    if manifest_raw is None or not reader.seen_any:
-        missing = MANIFEST if manifest_raw is None else ENTRIES
-        raise ArchiveError(f"archive {path} has no {missing}: not a comeapi cache archive")
-    manifest = _manifest(path, manifest_raw)
-    if reader.body_sha256() != manifest.get("entries_sha256"):
-        raise ArchiveError(f"archive {path}: {ENTRIES} does not match its SHA-256 in the manifest")
-    expected = manifest.get("sha256")
-    if not isinstance(expected, dict):
-        raise ArchiveError(f"archive {path}: manifest has no per-entry sha256 table")
-    for n, entry, digest in reader.lines:
-        if expected.get(_name(entry)) != digest:
+        members = tar.members()
+        first = next(members, None)
+        if first is None or first.name != MANIFEST:
             raise ArchiveError(
-                f"archive {path}: {ENTRIES} line {n} ({_name(entry)}) does not match its "
-                "SHA-256 in the manifest"
+                f"archive {path} has no {MANIFEST} as its first member: not a comeapi cache "
+                "archive (comeapi writes its manifest first)"
             )
-    reader.check_entries()
+        manifest = _Manifest(path, tar.read_member(first))
+        second = next(members, None)
+        if second is None:
+            raise ArchiveError(f"archive {path} has no {ENTRIES}: not a comeapi cache archive")
+        reader = _EntryReader(f"archive {path}: {ENTRIES}", manifest=manifest)
+        reader.read_lines(tar.member_chunks(second))
+        for extra in members:  # _TarStream refuses a third member by name: never reached
+            raise ArchiveError(f"archive {path}: unexpected member {extra.name!r}")
+        tar.finish()
+    manifest.check_complete(reader)
     entries = reader.entries()
-    if len(entries) != manifest.get("entries") or len(entries) != len(expected):
-        raise ArchiveError(
-            f"archive {path}: holds {len(entries)} entries, the manifest lists "
-            f"{manifest.get('entries')} (truncated or tampered)"
-        )
-    if _prompt_counts(entries) != manifest.get("prompts"):
-        raise ArchiveError(f"archive {path}: variant counts per prompt differ from the manifest")
-    _check_review(f"archive {path}", manifest["version"], entries)
+    _check_review(f"archive {path}", manifest.version, entries)
     return entries
 
 
@@ -269,21 +268,23 @@ def _short(exc: BaseException) -> str:
 
 
 class _EntryReader:
-    """Entry lines read one at a time (each at most MAX_LINE_BYTES), parsed and checked as
-    they come; duplicates are refused at once. With ``header``, the first line is the
-    .jsonl header rather than an entry."""
+    """Entry lines read one at a time (each at most MAX_LINE_BYTES, at most MAX_ENTRIES of
+    them), parsed and checked as they come; duplicates are refused at once. With
+    ``header``, the first line is the .jsonl header rather than an entry; with
+    ``manifest``, each line must be the one the manifest lists."""
 
-    def __init__(self, where: str, *, header: bool = False):
+    def __init__(
+        self, where: str, *, header: bool = False, manifest: _Manifest | None = None
+    ) -> None:
         self.where = where
         self.want_header = header
         self.header: dict[str, Any] | None = None
-        self.lines: list[tuple[int, Entry, str]] = []  # line number, entry, its SHA-256
-        self.seen_any = False
+        self.manifest = manifest
+        self.lines: list[tuple[int, Entry]] = []
         self._names: set[str] = set()
         self._body = hashlib.sha256()
 
     def read_lines(self, chunks: Iterable[bytes]) -> None:
-        self.seen_any = True
         for n, line in enumerate(_lines(self.where, chunks), start=1):
             if self.want_header and n == 1:
                 self.header = _jsonl_header(self.where, line)
@@ -292,21 +293,39 @@ class _EntryReader:
             name = _name(entry)
             if name in self._names:
                 raise ArchiveError(f"{self.where}: entry {name} appears more than once")
+            if len(self.lines) == self._most():
+                listed = "the header lists" if self.manifest is None else "the manifest lists"
+                raise ArchiveError(
+                    f"{self.where}: more than {self._most()} entries ({listed} fewer, or the "
+                    "ceiling of a comeapi cache)"
+                )
             self._names.add(name)
             self._body.update(line)
-            self.lines.append((n, entry, hashlib.sha256(line).hexdigest()))
+            if self.manifest is not None:
+                # The hash first: it says most precisely what was changed.
+                self.manifest.check_sha256(self.where, n, entry, line)
+                _check_entry(self.where, n, entry)
+                self.manifest.check_prompt(n, entry)
+            self.lines.append((n, entry))
+
+    def _most(self) -> int:
+        """How many entries may come: what the manifest or header lists, within MAX_ENTRIES."""
+        if self.manifest is not None:
+            return self.manifest.entries
+        listed = self.header.get("entries") if self.header is not None else None
+        return listed if type(listed) is int and 0 <= listed <= MAX_ENTRIES else MAX_ENTRIES
 
     def body_sha256(self) -> str:
         return self._body.hexdigest()
 
     def check_entries(self) -> None:
-        """Each entry's checksum, key and ranges (after the hashes over the lines, which
-        say more precisely what was changed)."""
-        for n, entry, _ in self.lines:
+        """Each entry's checksum, key and ranges (after the hash over the lines, which
+        says more precisely what was changed)."""
+        for n, entry in self.lines:
             _check_entry(self.where, n, entry)
 
     def entries(self) -> list[Entry]:
-        return [entry for _, entry, _ in self.lines]
+        return [entry for _, entry in self.lines]
 
 
 def _jsonl_header(where: str, line: bytes) -> dict[str, Any]:
@@ -360,10 +379,12 @@ def _prompt_counts(entries: list[Entry]) -> list[dict[str, Any]]:
     for e in entries:
         first.setdefault(e.key, e)
         counts[e.key] += 1
-    return [
-        {"key": k, "kind": e.kind, "model": e.model, "prompt": e.prompt, "variants": counts[k]}
-        for k, e in sorted(first.items())
-    ]
+    return [{**_prompt_record(e), "variants": counts[k]} for k, e in sorted(first.items())]
+
+
+def _prompt_record(entry: Entry) -> dict[str, Any]:
+    """What the manifest says of an entry's prompt (without its variant count)."""
+    return {"key": entry.key, "kind": entry.kind, "model": entry.model, "prompt": entry.prompt}
 
 
 def _name(entry: Entry) -> str:
@@ -514,7 +535,68 @@ class _TarStream:
         return data
 
 
-def _manifest(path: Path, raw: bytes) -> dict[str, Any]:
+class _Manifest:
+    """An archive's manifest, checked whole before any entry is read, then consumed line by
+    line: each entry line must be listed (its SHA-256) and belong to a listed prompt."""
+
+    def __init__(self, path: Path, raw: bytes):
+        self.path = path
+        doc = _manifest_document(path, raw)
+        table, entries, prompts = doc.get("sha256"), doc.get("entries"), doc.get("prompts")
+        if not isinstance(table, dict) or not all(isinstance(v, str) for v in table.values()):
+            raise ArchiveError(f"archive {path}: manifest has no per-entry sha256 table")
+        if type(entries) is not int or entries != len(table) or entries > MAX_ENTRIES:
+            raise ArchiveError(
+                f"archive {path}: the manifest lists {entries!r} entries and {len(table)} "
+                f"SHA-256s (at most {MAX_ENTRIES}; truncated or tampered)"
+            )
+        self.entries: int = entries
+        self.version: int = doc["version"]
+        self.entries_sha256 = doc.get("entries_sha256")
+        self._sha256: dict[str, str] = table
+        self._prompts = _prompt_table(path, prompts, entries)
+        self._left = {key: record["variants"] for key, record in self._prompts.items()}
+
+    def check_sha256(self, where: str, n: int, entry: Entry, line: bytes) -> None:
+        name = _name(entry)
+        if self._sha256.get(name) != hashlib.sha256(line).hexdigest():
+            raise ArchiveError(
+                f"{where} line {n} ({name}) does not match its SHA-256 in the manifest"
+            )
+
+    def check_prompt(self, n: int, entry: Entry) -> None:
+        name = _name(entry)
+        record = self._prompts.get(entry.key)
+        if record is None or self._left[entry.key] == 0:
+            raise ArchiveError(f"archive {self.path}: variant counts per prompt differ from "
+                               f"the manifest (line {n}, {name})")  # fmt: skip
+        first = self._left[entry.key] == record["variants"]
+        if first and {**_prompt_record(entry), "variants": record["variants"]} != record:
+            raise ArchiveError(f"archive {self.path}: line {n}: the prompt of {name} differs "
+                               "from the manifest's")  # fmt: skip
+        self._left[entry.key] -= 1
+
+    def check_complete(self, reader: _EntryReader) -> None:
+        """After the last line: every listed entry came, and the lines hash as listed."""
+        count = len(reader.lines)
+        if count != self.entries:
+            raise ArchiveError(
+                f"archive {self.path}: holds {count} entries, the manifest lists "
+                f"{self.entries} (truncated or tampered)"
+            )
+        if reader.body_sha256() != self.entries_sha256:
+            raise ArchiveError(
+                f"archive {self.path}: {ENTRIES} does not match its SHA-256 in the manifest"
+            )
+
+
+def _manifest_document(path: Path, raw: bytes) -> dict[str, Any]:
+    values = sum(raw.count(c) for c in (b",", b":", b"[", b"{"))
+    if values > MAX_MANIFEST_VALUES:
+        raise ArchiveError(
+            f"archive {path}: {MANIFEST} holds more than {MAX_MANIFEST_VALUES} JSON values "
+            "(a comeapi manifest lists about 2 per entry): not a comeapi cache archive"
+        )
     try:
         manifest = _json_object(raw)
     except TypeError:
@@ -544,6 +626,30 @@ def _readable(version: Any) -> bool:
 
 def _versions() -> str:
     return " or ".join(str(v) for v in READ_VERSIONS)
+
+
+def _prompt_table(path: Path, prompts: Any, entries: int) -> dict[str, dict[str, Any]]:
+    """The manifest's prompts by key: each record as _prompt_counts writes it, in key order,
+    their variants adding up to the entries listed."""
+    fields = {"key", "kind", "model", "prompt", "variants"}
+    table: dict[str, dict[str, Any]] = {}
+    ok = isinstance(prompts, list)
+    last = ""
+    for record in prompts if ok else ():
+        ok = (
+            isinstance(record, dict)
+            and record.keys() == fields
+            and isinstance(record["key"], str)
+            and record["key"] > last
+            and type(record["variants"]) is int
+            and record["variants"] > 0
+        )
+        if not ok:
+            break
+        table[last := record["key"]] = record
+    if not ok or sum(r["variants"] for r in table.values()) != entries:
+        raise ArchiveError(f"archive {path}: variant counts per prompt differ from the manifest")
+    return table
 
 
 def _atomic_write(path: Path, fill: Callable[[io.BufferedWriter], object]) -> None:

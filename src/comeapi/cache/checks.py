@@ -14,14 +14,17 @@ import unicodedata
 from collections import Counter
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
 from comeapi.errors import ConfigError
+
+if TYPE_CHECKING:
+    from comeapi.cache.store import Entry
 
 #: Every check, with what it means (docs/cache.md, "Quality checks").
 CHECKS: dict[str, str] = {
     "echo": "repeats the prompt or the system message",
-    "empty": "is empty or only whitespace",
+    "empty": "is empty, or has no letter or digit (whitespace, a lone colon)",
     "language": "is not in the prompt's script (a Japanese prompt gets a Japanese answer)",
     "loop": "repeats itself (the same words over and over)",
     "markup": "contains HTML or chat-template markup the prompt did not ask for",
@@ -67,25 +70,29 @@ _TURN = re.compile(
     re.MULTILINE | re.IGNORECASE,
 )
 _ASKS_FOR_MARKUP = re.compile(r"\b(?:html|xml|markup|tags?)\b|<[a-z][a-z0-9]*[ >]", re.I)
-# A sentence is over at one of these, maybe followed by closing quotes and brackets.
-_SENTENCE_END = re.compile(r"[.!?。！？…:;：；)）」』】\]\"'”’*`>]\s*$")
+# A sentence is over at one of these, maybe followed by closing quotes, brackets or emphasis
+# (a quote or a colon alone is not an end: `or a "` and `try:` were cut), or a code block.
+_SENTENCE_END = re.compile(r"(?:[.!?。！？…][\"'”’)）」』】\]*_]*|```)\s*$")
 
 # Units for repetition: a tag, one CJK character, one word, or one other visible character.
 _CJK = "\u3040-\u30ff\u3400-\u4dbf\u4e00-\u9fff\uf900-\ufaff\uac00-\ud7af\uff66-\uff9f"
 _UNIT = re.compile(rf"</?[a-z][a-z0-9]*>|[{_CJK}]|[^\W_{_CJK}]+|[^\w\s]")
 
-# loop: an n-gram of LOOP_N units seen LOOP_REPEATS times, or half the answer (by units)
-# inside n-grams that occur more than once (measured on the shipped answers, see tests).
+# loop: an n-gram of LOOP_N units seen LOOP_REPEATS times, half the answer (by units) inside
+# n-grams that occur more than once, or a phrase said three times in a row (measured on the
+# answers of Gemma 3 base and SmolLM2, see tests).
 LOOP_N = 4
 LOOP_N_CJK = 6
 LOOP_REPEATS = 4
 LOOP_COVERAGE = 0.5
 LOOP_MIN_UNITS = 12
 # echo: the share of the prompt's (system message's) units that reappear in the answer in
-# runs of at least two units.
+# runs of at least two units ...
 ECHO_PROMPT = 0.9
 ECHO_SYSTEM = 0.6
 ECHO_MIN_UNITS = 3
+# ... or the share of the answer made of the prompt's words (an answer that adds nothing).
+ECHO_ANSWER = 0.8
 # language: share of the answer's letters in the prompt's script, and how many letters of a
 # script the prompt does not use are tolerated (Latin is always allowed: code, names).
 LANGUAGE_SHARE = 0.5
@@ -164,7 +171,7 @@ def check_answer(
     enabled = (policy or CheckPolicy()).enabled
     asked = prompt if messages is None else "\n".join(c for _, c in messages)
     flags: set[str] = set()
-    if not text.strip():
+    if not any(ch.isalnum() for ch in text):
         flags.add("empty")
     if _SPECIAL.search(text):
         flags.add("special_token")
@@ -179,6 +186,18 @@ def check_answer(
     if finish_reason == "length" and text.strip() and not _SENTENCE_END.search(text):
         flags.add("truncated")
     return tuple(sorted(flags & enabled))
+
+
+def check_entry(entry: Entry, policy: CheckPolicy | None = None) -> tuple[str, ...]:
+    """``check_answer`` of a stored answer (its current text)."""
+    return check_answer(
+        entry.answer,
+        kind=entry.kind,
+        prompt=entry.prompt,
+        messages=entry.messages,
+        finish_reason=entry.finish_reason,
+        policy=policy,
+    )
 
 
 def has_markup(text: str, asked: str) -> bool:
@@ -203,6 +222,8 @@ def is_loop(text: str) -> bool:
     counts = Counter(grams)
     if counts and max(counts.values()) >= LOOP_REPEATS:
         return True
+    if _stutters(seq):
+        return True
     covered = [False] * len(seq)
     for i, gram in enumerate(grams):
         if counts[gram] > 1:
@@ -210,22 +231,37 @@ def is_loop(text: str) -> bool:
     return sum(covered) >= LOOP_COVERAGE * len(seq)
 
 
+def _stutters(seq: list[str]) -> bool:
+    """A phrase of 2 to 8 units said three times in a row ("scientific computing,
+    scientific computing, scientific computing")."""
+    for n in range(2, 9):
+        for i in range(len(seq) - 3 * n + 1):
+            if seq[i : i + n] == seq[i + n : i + 2 * n] == seq[i + 2 * n : i + 3 * n]:
+                return True
+    return False
+
+
 def is_echo(text: str, prompt: str, messages: Sequence[tuple[str, str]] | None) -> bool:
-    """The answer repeats (nearly all of) the prompt, or much of a system message."""
+    """The answer repeats (nearly all of) the prompt or much of a system message, or is the
+    prompt's own words and little else ("How are you today?" to "Hello, how are you
+    today?")."""
     answer = units(text)
     sources = [(prompt, ECHO_PROMPT)]
     if messages is not None:
         sources += [(c, ECHO_SYSTEM) for r, c in messages if r in ("system", "developer")]
-    return any(_shared(units(source), answer) >= share for source, share in sources)
+    for source, share in sources:
+        found = _shared(units(source), answer)
+        if found and (found / len(units(source)) >= share or found / len(answer) >= ECHO_ANSWER):
+            return True
+    return False
 
 
-def _shared(source: list[str], answer: list[str]) -> float:
-    """The share of ``source`` found in ``answer`` in runs of two or more units."""
+def _shared(source: list[str], answer: list[str]) -> int:
+    """How many units of ``source`` are found in ``answer`` in runs of two or more."""
     if len(source) < ECHO_MIN_UNITS or not answer:
-        return 0.0
+        return 0
     matcher = difflib.SequenceMatcher(None, source, answer, autojunk=False)
-    found = sum(b.size for b in matcher.get_matching_blocks() if b.size >= 2)
-    return found / len(source)
+    return sum(b.size for b in matcher.get_matching_blocks() if b.size >= 2)
 
 
 def script(char: str) -> str | None:

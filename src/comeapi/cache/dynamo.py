@@ -82,9 +82,12 @@ def client_config(*, connect_timeout: float = 2.0, read_timeout: float = 5.0) ->
     )
 
 
-def make_client(region: str | None = None, endpoint_url: str | None = None) -> Any:
+def make_client(
+    region: str | None = None, endpoint_url: str | None = None, *, how: str = "pass --region"
+) -> Any:
     """A DynamoDB client. With ``endpoint_url`` (moto, DynamoDB Local) and no AWS credentials
-    configured, dummy credentials are used: a local server accepts any."""
+    configured, dummy credentials are used: a local server accepts any. ``how``: how the
+    caller's user gives a region, for the error when there is none."""
     import boto3
 
     # AWS_REGION is what Lambda and the newer SDKs set; botocore reads AWS_DEFAULT_REGION.
@@ -96,8 +99,7 @@ def make_client(region: str | None = None, endpoint_url: str | None = None) -> A
         return session.client("dynamodb", **kwargs)
     except botocore.exceptions.NoRegionError:
         raise ConfigError(
-            "no AWS region: pass --region (or ?region= in the store URL), or set AWS_REGION "
-            "or AWS_DEFAULT_REGION"
+            f"no AWS region: {how}, or set AWS_REGION or AWS_DEFAULT_REGION"
         ) from None
 
 
@@ -216,7 +218,8 @@ class DynamoStore(ResponseStore):
         unknown = set(options) - {"region", "endpoint_url"}
         if unknown:
             raise ConfigError(f"store {url!r}: unknown option(s) {', '.join(sorted(unknown))}")
-        client = make_client(options.get("region"), options.get("endpoint_url"))
+        how = f"add ?region=R to the store URL {url!r}"
+        client = make_client(options.get("region"), options.get("endpoint_url"), how=how)
         return cls(client, table)
 
     # --- reads: one GetItem each, nothing written ------------------------------------------

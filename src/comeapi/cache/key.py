@@ -109,7 +109,8 @@ def uncacheable(request: GenerationRequest) -> str | None:
     """The field that asks for something a stored answer does not carry, or None.
 
     A cached answer is one text, generated once: it cannot answer a request for several
-    choices, log probabilities, a format, tools, echoed prompts, or about an image. Sampling
+    choices, log probabilities, a format (or a grammar), tools, echoed prompts, a new
+    document (OpenAI's null prompt), or about an image. Sampling
     fields (temperature, top_p, top_k, max_tokens, seed, stop, penalties) are ignored on
     purpose: the stored variants were generated with warmup's own parameters.
     """
@@ -117,8 +118,8 @@ def uncacheable(request: GenerationRequest) -> str | None:
         for i, message in enumerate(request.messages):
             if message.media:
                 return f"messages.{i}.content"
-    if len(request.prompts) > 1:
-        return "prompt"
+    if len(request.prompts) > 1 or request.prompt == "":
+        return "prompt"  # several prompts, or OpenAI's null prompt (a new document's start)
     if request.n > 1:
         return "n"
     if request.logprobs:
@@ -126,7 +127,7 @@ def uncacheable(request: GenerationRequest) -> str | None:
     if request.logit_bias:
         return "logit_bias"
     if request.response_format is not None:
-        return "response_format"
+        return request.response_format.field  # response_format, grammar or json_schema
     if request.echo:
         return "echo"
     if request.tools and request.tool_choice != "none":

@@ -2,10 +2,11 @@
 
 A YAML (or JSON) file::
 
-    model: gemma-3-270m-q4_k_m.gguf     # default: the bundled model
+    model: smollm2-135m-instruct-q4_1.gguf  # default: the bundled default model
     variants: 5                         # default: the `variants` setting (5)
     max_tokens: 64                      # generation parameters for every prompt ...
     temperature: 0.8
+    stop: "\n\n"                        # (optional: a string or up to 4)
     checks: {truncated: reject}         # what the quality checks do (default: cache/checks.py)
     prompts:
       - prompt: "こんにちは"              # /generate and /v1/completions
@@ -31,14 +32,17 @@ from comeapi.cache.checks import ACTIONS, CHECKS, Action, CheckPolicy
 from comeapi.cache.key import chat_key, normalise, prompt_key
 from comeapi.cache.store import EntryKind
 from comeapi.errors import ConfigError
+from comeapi.models.bundled import BUNDLED_MODEL
 
-DEFAULT_MODEL = "gemma-3-270m-q4_k_m.gguf"
+DEFAULT_MODEL = BUNDLED_MODEL
 ROLES = ("system", "developer", "user", "assistant")
 # ComeAPI's /generate defaults, with a shorter answer: cached answers are read, not streamed
 # for minutes, and the shipped data stays small.
 DEFAULT_PARAMS: dict[str, Any] = {"max_tokens": 64, "temperature": 0.8, "top_k": 40, "top_p": 0.9}
-_SET_FIELDS = ("model", "variants", *DEFAULT_PARAMS, "checks", "prompts")
-_ITEM_FIELDS = ("prompt", "messages", *DEFAULT_PARAMS)
+# Optional parameters, sent only when the file gives them.
+OPTIONAL_PARAMS = ("stop",)
+_SET_FIELDS = ("model", "variants", *DEFAULT_PARAMS, *OPTIONAL_PARAMS, "checks", "prompts")
+_ITEM_FIELDS = ("prompt", "messages", *DEFAULT_PARAMS, *OPTIONAL_PARAMS)
 
 FieldPath = tuple[str | int, ...]
 
@@ -259,6 +263,17 @@ class _Parser:
                 params[name] = float(value) if name in ("temperature", "top_p") else value
             else:
                 self.error((*path, name), f"must be {expected} (got {value!r})")
+        if "stop" in raw:  # OpenAI's: a string or up to 4; ends the answer (finish_reason stop)
+            stop = raw["stop"]
+            stops = [stop] if isinstance(stop, str) else stop
+            if (
+                isinstance(stops, list)
+                and 1 <= len(stops) <= 4
+                and all(isinstance(x, str) and x for x in stops)
+            ):
+                params["stop"] = list(stops)
+            else:
+                self.error((*path, "stop"), f"must be a string or up to 4 strings (got {stop!r})")
         return params
 
     def _unknown(self, raw: dict[str, Any], path: FieldPath, allowed: tuple[str, ...]) -> None:

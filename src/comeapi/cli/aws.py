@@ -99,7 +99,9 @@ def package(
         if snapshot:
             from comeapi.cache.dynamo import DynamoStore, make_client
 
-            store = DynamoStore(make_client(region, endpoint_url), str(table))
+            # `make lambda-package` runs this command: say how a region goes through it too.
+            how = "pass --region R (make lambda-package: LAMBDA_PACKAGE_ARGS='--region R')"
+            store = DynamoStore(make_client(region, endpoint_url, how=how), str(table))
         taken = build_package(out, store)
     if taken is None:
         click.echo(f"function package in {out}, without a snapshot (hits read the table)")
@@ -120,5 +122,7 @@ def moto(host: str, port: int) -> None:
     try:
         from moto.server import main as moto_main
     except ImportError:
-        raise click.ClickException("moto is not installed: pip install 'moto[server]'") from None
+        raise click.ClickException(
+            "moto is not installed: pip install 'comeapi[local]' (`make run` installs it)"
+        ) from None
     moto_main(["-H", host, "-p", str(port)])

@@ -25,6 +25,7 @@ from comeapi.cli.options import build_settings, settings_options, short, user_er
 LAZY_COMMANDS = {
     "push": "comeapi.cli.cache_dynamo:push",
     "pull": "comeapi.cli.cache_dynamo:pull",
+    "check": "comeapi.cli.check:check",
     **{
         name: f"comeapi.cli.review:{name}"
         for name in ("review", "approve", "reject", "pin", "unpin", "edit", "regenerate")

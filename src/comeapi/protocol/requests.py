@@ -3,7 +3,8 @@
 ComeAPI's ``/generate`` and OpenAI's completions and chat completions become one
 ``GenerationRequest``; invalid input raises ``RequestError`` naming the offending field
 (``param``), before anything looks at the cache, so a body is valid or invalid whatever the
-cache holds. The gateway, the backend and the Lambda handler call ``parse_request``; nginx's
+cache holds (the JSON itself is read by ``json_body.decode_json``, re-exported here). The
+gateway, the backend and the Lambda handler call ``parse_request``; nginx's
 njs (deploy/nginx/njs/comeapi_key.js) mirrors it and tests/conformance checks all of them
 against one table. The rules are written out in docs/cache.md ("What a request means").
 
@@ -13,15 +14,12 @@ the gateway runs it on every cache hit (a few microseconds).
 
 from __future__ import annotations
 
-import functools
-import json
-import math
-import re
-from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Literal
 
 from comeapi.errors import RequestError
+from comeapi.protocol.json_body import MAX_DEPTH as MAX_DEPTH
+from comeapi.protocol.json_body import decode_json as decode_json
 
 Kind = Literal["generate", "completion", "chat"]
 # OpenAI's routes also without /v1: an SDK whose base_url lacks it (llama-server answers both).
@@ -44,7 +42,6 @@ MAX_LOGIT_BIAS = 1024
 SEED_MAX = 2**32 - 1
 TOP_K_MAX = 2**31 - 1
 RESPONSE_FORMATS = frozenset({"text", "json_object", "json_schema"})
-_SURROGATE_ESCAPE = re.compile(r"\\u[dD][89a-fA-F]")
 
 
 # Not frozen: a frozen dataclass's __init__ sets each field through object.__setattr__, five
@@ -65,12 +62,22 @@ class Message:
 
 @dataclass(slots=True)
 class ResponseFormat:
-    """``response_format``: ``json_object``, or ``json_schema`` with its ``schema``."""
+    """What the answer must be: any JSON (``json_object``), JSON valid against ``schema``
+    (``json_schema``, or ``json_object`` with llama-server's ``schema``), or what a GBNF
+    ``grammar`` allows. ``param`` is the request field it came from: OpenAI's
+    ``response_format``, or llama-server's own ``grammar`` and ``json_schema``."""
 
-    type: Literal["json_object", "json_schema"]
+    type: Literal["json_object", "json_schema", "grammar"]
     schema: dict[str, Any] | None = None
     name: str | None = None
     strict: bool = False
+    grammar: str | None = None
+    param: str = "response_format"
+
+    @property
+    def field(self) -> str:
+        """The top-level field: response_format, grammar or json_schema."""
+        return self.param.partition(".")[0]
 
 
 @dataclass(slots=True)
@@ -112,18 +119,6 @@ class GenerationRequest:
         if self.messages is None:
             return ()
         return tuple((i, t) for i, m in enumerate(self.messages) for t in m.media)
-
-
-def decode_json(raw: bytes) -> dict[str, Any]:
-    """The body as a JSON object, or RequestError. A UTF-8 byte order mark is refused, as
-    by every JSON parser of the other tiers."""
-    try:
-        body = _loads()(raw)
-    except (ValueError, UnicodeDecodeError, RecursionError) as exc:
-        raise RequestError(f"request body is not valid JSON: {exc}", code="invalid_json") from None
-    if not isinstance(body, dict):
-        raise RequestError("request body must be a JSON object", code="invalid_json")
-    return body
 
 
 def parse_request(kind: Kind, body: dict[str, Any], *, max_tokens_limit: int) -> GenerationRequest:
@@ -183,13 +178,17 @@ def _generate(body: dict[str, Any]) -> GenerationRequest:
 
 
 def _completion(body: dict[str, Any]) -> GenerationRequest:
-    prompts = _prompts(body.get("prompt"))
+    value = body.get("prompt")
+    # OpenAI's schema: prompt is required and nullable, null meaning its default
+    # "<|endoftext|>", a new document's start: "" here, generated from the model's BOS token
+    # and never a cache hit (cache.key.uncacheable). A missing prompt stays an error.
+    prompts = ("",) if value is None and "prompt" in body else _prompts(value)
     model = _model(body, "model")
     max_tokens = _positive(body, "max_tokens", 16)
     logprobs = body.get("logprobs") is not None
     top_logprobs = _integer(body, "logprobs", 0, 0, MAX_TOP_LOGPROBS)
     echo = _flag(body, "echo")
-    response_format = _response_format(body.get("response_format"))
+    response_format = _output_format(body)
     return GenerationRequest(
         kind="completion",
         prompt=prompts[0],
@@ -227,7 +226,7 @@ def _chat(body: dict[str, Any]) -> GenerationRequest:
         raise _error("modalities", 'only ["text"] is supported')
     if body.get("web_search_options") is not None:
         raise _error("web_search_options", "is not supported: this server has no web search")
-    response_format = _response_format(body.get("response_format"))
+    response_format = _output_format(body)
     tools = _tools(body.get("tools"))
     tool_choice = _tool_choice(body.get("tool_choice"))
     return GenerationRequest(
@@ -441,7 +440,13 @@ def _response_format(value: Any) -> ResponseFormat | None:
     if kind == "text":
         return None
     if kind == "json_object":
-        return ResponseFormat("json_object")
+        # llama-server's extension: a schema for the JSON object
+        schema = value.get("schema")
+        if schema is None:
+            return ResponseFormat("json_object")
+        if not isinstance(schema, dict):
+            raise _error("response_format.schema", "must be a JSON Schema object")
+        return ResponseFormat("json_object", schema, param="response_format.schema")
     spec = value.get("json_schema")
     if not isinstance(spec, dict):
         raise _error("response_format.json_schema", "is required for type json_schema")
@@ -452,7 +457,33 @@ def _response_format(value: Any) -> ResponseFormat | None:
     if schema is not None and not isinstance(schema, dict):
         raise _error("response_format.json_schema.schema", "must be a JSON Schema object")
     strict = _flag(spec, "strict", "response_format.json_schema.")
-    return ResponseFormat("json_schema", schema, name, strict)
+    return ResponseFormat(
+        "json_schema", schema, name, strict, param="response_format.json_schema.schema"
+    )
+
+
+def _output_format(body: dict[str, Any]) -> ResponseFormat | None:
+    """``response_format``, or llama-server's request extensions that clients written for it
+    send: ``grammar`` (GBNF; "" is none, as there) and a top-level ``json_schema``. At most
+    one of the three: llama-server refuses a grammar with a schema too."""
+    chosen = _response_format(body.get("response_format"))
+    grammar = body.get("grammar")
+    if grammar is not None and not isinstance(grammar, str):
+        raise _error("grammar", f"must be a string (a GBNF grammar), got {_json_type(grammar)}")
+    if grammar:
+        chosen = _only(chosen, ResponseFormat("grammar", grammar=grammar, param="grammar"))
+    schema = body.get("json_schema")
+    if schema is not None:
+        if not isinstance(schema, dict):
+            raise _error("json_schema", f"must be a JSON Schema object, got {_json_type(schema)}")
+        chosen = _only(chosen, ResponseFormat("json_schema", schema, param="json_schema"))
+    return chosen
+
+
+def _only(chosen: ResponseFormat | None, other: ResponseFormat) -> ResponseFormat:
+    if chosen is not None:
+        raise _error(other.param, f"cannot be combined with {chosen.field}: send one of them")
+    return other
 
 
 def _tools(value: Any) -> tuple[dict[str, Any], ...]:
@@ -480,43 +511,3 @@ def _json_type(value: Any) -> str:
     if isinstance(value, str):
         return "a string"
     return "a list" if isinstance(value, list) else "an object"
-
-
-@functools.cache
-def _loads() -> Callable[[bytes], Any]:
-    """orjson where installed (the gateway, the backend); the Lambda package has json only."""
-    try:
-        import orjson
-    except ImportError:
-        return _json_loads
-    return orjson.loads
-
-
-def _json_loads(raw: bytes) -> Any:
-    """json.loads made to agree with orjson: no byte order mark, NaN, Infinity, numbers
-    beyond a double or lone surrogates; integers beyond 64 bits become floats."""
-    if raw.startswith(b"\xef\xbb\xbf"):
-        raise ValueError("a byte order mark is not JSON")
-    text = raw.decode("utf-8")
-    value = json.loads(
-        text, parse_constant=_no_constant, parse_int=_int64, parse_float=_finite_float
-    )
-    if "\\u" in text and _SURROGATE_ESCAPE.search(text):
-        json.dumps(value, ensure_ascii=False).encode("utf-8")  # a lone surrogate raises
-    return value
-
-
-def _no_constant(name: str) -> Any:
-    raise ValueError(f"{name} is not JSON")
-
-
-def _int64(text: str) -> int | float:
-    value = int(text)
-    return value if -(2**63) <= value < 2**64 else _finite_float(text)
-
-
-def _finite_float(text: str) -> float:
-    value = float(text)
-    if value in (math.inf, -math.inf):
-        raise ValueError(f"number {text[:20]} is out of range")
-    return value
