@@ -211,6 +211,7 @@ def warm(n: int, root: Path, store: DynamoStore) -> dict[str, tuple[float, float
     from comeapi.serverless.events import http_api_event
     from comeapi.serverless.handler import ServerlessApp
     from comeapi.serverless.snapshot import load_snapshot
+    from comeapi.serverless.source import SnapshotSource, TableSource
 
     event = http_api_event("POST", "/generate", body=json.dumps({"prompt": PROMPT}).encode())
 
@@ -225,16 +226,18 @@ def warm(n: int, root: Path, store: DynamoStore) -> dict[str, tuple[float, float
         return sorted(samples)
 
     snapshot = load_snapshot(str(root / "snapshot-source" / "comeapi-snapshot"))
-    from_snapshot = ServerlessApp(
-        lambda: store, snapshot=snapshot, background=False, catalogue_ttl=1e9
+    assert snapshot is not None
+    source = SnapshotSource(
+        snapshot, TableSource(lambda: store, catalogue_ttl=1e9), background=False
     )
+    from_snapshot = ServerlessApp(source)
     memory = MemoryClient(store)
-    from_table = ServerlessApp(DynamoStore(memory, TABLE))
+    from_table = ServerlessApp(TableSource(DynamoStore(memory, TABLE)))
     rows = (
         ("from the snapshot", timed(from_snapshot)),
         ("from the table, no I/O", timed(from_table)),
     )
-    assert from_snapshot.snapshot is not None, "the snapshot was dropped"
+    assert source.snapshot is not None, "the snapshot was dropped"
     print(f"warm hit, {n} calls (median / p99)")
     figures = {}
     for label, samples in rows:

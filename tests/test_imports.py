@@ -19,9 +19,14 @@ def _module(path: Path) -> str:
 
 
 def _imports(path: Path) -> set[str]:
-    """Modules of comeapi that ``path`` imports anywhere, under TYPE_CHECKING too: a cycle
-    of types is still two modules that each need the other."""
-    tree = ast.parse(path.read_text(encoding="utf-8"))
+    return _imports_in(path.read_text(encoding="utf-8"))
+
+
+def _imports_in(source: str) -> set[str]:
+    """Modules of comeapi that ``source`` imports anywhere, under TYPE_CHECKING too (a cycle
+    of types is still two modules that each need the other), and through
+    ``importlib.import_module("comeapi....")`` with the name written out."""
+    tree = ast.parse(source)
     found: set[str] = set()
 
     def visit(node: ast.AST) -> None:
@@ -29,11 +34,26 @@ def _imports(path: Path) -> set[str]:
             found.add(node.module)
         elif isinstance(node, ast.Import):
             found.update(a.name for a in node.names if a.name.startswith("comeapi"))
+        elif _is_import_module(node):
+            assert isinstance(node, ast.Call)
+            name = node.args[0] if node.args else None
+            if isinstance(name, ast.Constant) and str(name.value).startswith("comeapi"):
+                found.add(str(name.value))
         for child in ast.iter_child_nodes(node):
             visit(child)
 
     visit(tree)
     return found
+
+
+def _is_import_module(node: ast.AST) -> bool:
+    """``importlib.import_module(...)`` or ``import_module(...)``."""
+    if not isinstance(node, ast.Call):
+        return False
+    func = node.func
+    return (isinstance(func, ast.Attribute) and func.attr == "import_module") or (
+        isinstance(func, ast.Name) and func.id == "import_module"
+    )
 
 
 def _graph() -> dict[str, set[str]]:
@@ -92,3 +112,32 @@ def test_nothing_imports_upwards(lower: str, upper: str) -> None:
         if t.startswith(upper)
     ]
     assert not wrong, wrong
+
+
+def test_the_graph_sees_imports_through_importlib() -> None:
+    """An import written as importlib.import_module("comeapi.x") is an edge like any other,
+    so an upward one fails test_nothing_imports_upwards."""
+    source = (
+        "import importlib\n"
+        "from importlib import import_module\n"
+        "def late():\n"
+        "    importlib.import_module('comeapi.gateway.app')\n"
+        "    import_module('comeapi.balancer.pool')\n"
+        "    importlib.import_module('json')\n"
+    )
+    assert _imports_in(source) == {"comeapi.gateway.app", "comeapi.balancer.pool"}
+
+
+def test_only_the_cli_imports_modules_it_does_not_name() -> None:
+    """``import_module(variable)`` is invisible to the graph: only the command line, which
+    nothing imports and which imports its subcommands lazily by name, may do it."""
+    hidden = []
+    for path in PACKAGE.rglob("*.py"):
+        if _module(path).startswith("comeapi.cli"):
+            continue
+        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+            if _is_import_module(node):
+                assert isinstance(node, ast.Call)
+                if not (node.args and isinstance(node.args[0], ast.Constant)):
+                    hidden.append(f"{_module(path)}:{node.lineno}")
+    assert not hidden, hidden

@@ -86,8 +86,9 @@ COMEAPI_VARIANT_CHOICES=$(awk -v n="$COMEAPI_VARIANTS" 'BEGIN {
 }')
 NGINX_USER_LINE=""
 [ -z "$NGINX_USER" ] || NGINX_USER_LINE="user $NGINX_USER;"
-# COMEAPI_API_KEYS: comma-separated, as comeapi reads it. One map entry per key; without
-# keys every request is authorised.
+# COMEAPI_API_KEYS: comma-separated, as comeapi reads it. One map entry per key, then any
+# other bearer key ("wrong") and no bearer key ("missing", the default), as comeapi tells
+# them apart; without keys every request is authorised.
 api_keys=${COMEAPI_API_KEYS:-}
 if [ -z "$(printf '%s' "$api_keys" | tr -d ', ')" ]; then
     COMEAPI_API_KEY_ENTRIES="    default 1;"
@@ -96,11 +97,13 @@ else
     *[!A-Za-z0-9._~+/=,-]*) die "COMEAPI_API_KEYS: keys may only use A-Z a-z 0-9 . _ ~ + / = - (comma-separated)" ;;
     esac
     # Regular expressions: nginx compares plain map strings case-insensitively, which
-    # would accept a key with its letters' case changed.
+    # would accept a key with its letters' case changed. The scheme's case does not matter.
     COMEAPI_API_KEY_ENTRIES=$(printf '%s' "$api_keys" | tr ',' '\n' | awk 'NF {
         key = $1; gsub(/[.]/, "[.]", key); gsub(/[+]/, "[+]", key)
-        printf "    \"~^[Bb]earer +%s *$\" 1;\n", key
-    } END { printf "    default 0;" }')
+        printf "    \"~^[Bb][Ee][Aa][Rr][Ee][Rr] +%s *$\" 1;\n", key
+    } END {
+        printf "    \"~^[Bb][Ee][Aa][Rr][Ee][Rr] +[^ ]\" wrong;\n    default missing;"
+    }')
 fi
 # COMEAPI_CORS_ORIGINS: comma-separated, as comeapi reads it (--cors-origin); "*" is any
 # origin, empty is none. One map entry per origin, a regular expression because nginx

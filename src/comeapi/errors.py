@@ -94,6 +94,9 @@ class AuthenticationError(ComeapiError):
     type = "authentication_error"
     code = "invalid_api_key"
 
+    def headers(self) -> dict[str, str]:
+        return {"WWW-Authenticate": "Bearer"}  # RFC 6750: the scheme a client must use
+
 
 class NotFoundError(ComeapiError):
     status = 404

@@ -1,8 +1,10 @@
 """The one settings object for every comeapi command.
 
 Each setting has one name everywhere: the flag ``--queue-size``, the environment variable
-``COMEAPI_QUEUE_SIZE`` and the TOML key ``queue_size``. Precedence: flags, then environment,
-then the TOML file (``--config`` or ``COMEAPI_CONFIG``), then the defaults below.
+``COMEAPI_QUEUE_SIZE`` and the TOML key ``queue_size`` (``cli.options.ALIASES`` lists the
+few other spellings a flag also takes, such as ``--api-key`` for ``--api-keys``).
+Precedence: flags, then environment, then the TOML file (``--config`` or
+``COMEAPI_CONFIG``), then the defaults below.
 
 The default store and models directory live in one per-user place (``data_dir()``), not in
 the working directory, so every command finds the same ones wherever it is run from.
@@ -24,8 +26,9 @@ from pydantic_settings import (
 )
 
 from comeapi.cache.checks import CheckPolicy
-from comeapi.cache.serving import parse_serve_states
+from comeapi.cache.serving import DEFAULT_SERVE_STATES, parse_serve_states
 from comeapi.errors import ConfigError
+from comeapi.protocol.limits import MAX_BODY_BYTES, MAX_TOKENS_LIMIT
 
 ENV_PREFIX = "COMEAPI_"
 
@@ -71,9 +74,11 @@ class Settings(BaseSettings):
     ctx: int = Field(2048, ge=64, description="Context length in tokens.")
     slots: int = Field(1, ge=1, le=64, description="Requests one backend decodes at once.")
     max_loaded_models: int = Field(1, ge=1, description="Models kept loaded at once (LRU).")
-    max_tokens_limit: int = Field(2048, ge=1, description="Largest max_tokens a client may ask.")
+    max_tokens_limit: int = Field(
+        MAX_TOKENS_LIMIT, ge=1, description="Largest max_tokens a client may ask."
+    )
     max_body_bytes: int = Field(
-        256 * 1024, ge=1024, description="Largest request body accepted (413 above)."
+        MAX_BODY_BYTES, ge=1024, description="Largest request body accepted (413 above)."
     )
     header_timeout: float = Field(
         10.0,
@@ -183,7 +188,7 @@ class Settings(BaseSettings):
         600.0, gt=0, description="Seconds without a forwarded request before on-demand stop."
     )
     serve_states: CommaList = Field(
-        default_factory=lambda: ["approved", "pending"],
+        default_factory=lambda: [str(s) for s in DEFAULT_SERVE_STATES],
         description="Review states of the answers served: approved (only answers a person "
         "approved) or approved,pending (also those not reviewed yet: the shipped demo's "
         "default). Rejected answers are never served. Applied when the store is loaded.",

@@ -13,8 +13,8 @@ import llama_cpp
 import pytest
 
 from comeapi.backend.engine import Event, Finished, TextDelta
-from comeapi.backend.engines import make_engine
 from comeapi.backend.serial import SerialEngine
+from comeapi.backend.server import make_engine
 from comeapi.errors import ConfigError, ContextLengthError, ModelNotFoundError
 from comeapi.protocol.requests import GenerationRequest, parse_request
 from comeapi.settings import load_settings

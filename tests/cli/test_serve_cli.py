@@ -68,7 +68,7 @@ def test_serve_without_backends_serves_the_cache(spawn: Spawn, tmp_path: Path) -
 
 
 def test_a_bad_backends_range_names_the_setting() -> None:
-    result = CliRunner().invoke(main, ["serve", "--backends", "127.0.0.1:80"])
+    result = CliRunner().invoke(main, ["serve", "--backends-range", "127.0.0.1:80"])
     assert result.exit_code == 2
     assert "backends_range" in result.output
 

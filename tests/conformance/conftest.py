@@ -1,5 +1,6 @@
 """Two tiers holding the conformance table's answers, shared by the tests of this folder:
-`comeapi serve` over HTTP, and the Lambda handler over DynamoDB on moto's server."""
+`comeapi serve` over HTTP, and the Lambda handler over DynamoDB on moto's server; both take
+the table's API key."""
 
 from __future__ import annotations
 
@@ -12,8 +13,9 @@ import pytest
 from comeapi.cache.dynamo import DynamoStore, create_table
 from comeapi.cache.sqlite import SqliteStore
 from comeapi.serverless.handler import ServerlessApp
+from comeapi.serverless.source import TableSource
 from tests.aws_local import REGION, dummy_credentials, start_moto_server
-from tests.conformance.table import DEFAULT_MODEL, entries
+from tests.conformance.table import API_KEY, DEFAULT_MODEL, entries
 from tests.helpers import Proc, comeapi_argv, free_port
 
 TABLE = "comeapi-conformance"
@@ -31,6 +33,7 @@ def gateway(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
         "--store", f"sqlite:{root / 'store.db'}",
         "--default-model", DEFAULT_MODEL,
         "--on-miss", "reject",
+        "--api-keys", API_KEY,
     )  # fmt: skip
     proc = Proc(argv, root / "gateway.log")
     try:
@@ -64,7 +67,7 @@ def lambda_app(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerlessA
             store = DynamoStore(client, TABLE)
             store.replace_all(entries())
             # Unset DEFAULT_MODEL: with several models cached, the bundled one is the default.
-            yield ServerlessApp(store, default_model=None)
+            yield ServerlessApp(TableSource(store), default_model=None, api_keys=(API_KEY,))
         finally:
             for proc in procs:
                 proc.stop()

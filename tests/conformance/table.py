@@ -9,7 +9,11 @@ or ``raw`` as the exact text sent) and the expected outcome, one of
                           rejected): 404 prompt_not_cached where misses are refused;
   {"error": PARAM}        400 naming PARAM (null: the body is not a JSON object), and
                           ``code`` when the case gives one;
-  {"uncacheable": PARAM}  valid, but asks for what no stored answer carries (PARAM says what).
+  {"uncacheable": PARAM}  valid, but asks for what no stored answer carries (PARAM says what);
+  {"unauthorized": ERR}   401 with WWW-Authenticate: Bearer and ERR's ``code`` and
+                          ``message`` (the key is checked before anything else).
+Every tier takes one API key, ``API_KEY``; a case sends ``Authorization: Bearer API_KEY``
+unless its ``authorization`` gives the header's value (null: no header).
 ``stored`` lists the review of the variants the tiers hold for the case's key (default: one
 pending variant); the tiers serve with the default serve_states (approved,pending).
 ``expand`` replaces ``<NAME>`` in every string of the case by a text repeated N times.
@@ -24,6 +28,7 @@ from pathlib import Path
 from typing import Any
 
 TABLE = Path(__file__).with_name("requests.jsonl")
+API_KEY = "conformance-key-1"  # what every tier under these tests accepts
 DEFAULT_MODEL = "smollm2-135m-instruct-q4_1.gguf"  # comeapi.models.bundled.BUNDLED_MODEL
 
 
@@ -34,10 +39,17 @@ class Case:
     raw: bytes
     expect: dict[str, Any]
     stored: tuple[dict[str, Any], ...] = ({},)
+    authorization: str | None = f"Bearer {API_KEY}"
 
     @property
     def outcome(self) -> str:
-        return next(k for k in ("key", "miss", "error", "uncacheable") if k in self.expect)
+        outcomes = ("key", "miss", "error", "uncacheable", "unauthorized")
+        return next(k for k in outcomes if k in self.expect)
+
+    @property
+    def headers(self) -> dict[str, str]:
+        """The request headers a tier test sends (the API key's)."""
+        return {} if self.authorization is None else {"Authorization": self.authorization}
 
     @property
     def keyed(self) -> bool:
@@ -93,7 +105,8 @@ def load_cases() -> list[Case]:
         else:
             raw = json.dumps(doc["body"], ensure_ascii=False).encode("utf-8")
         stored = tuple(doc.get("stored", [{}]))
-        cases.append(Case(doc["id"], doc["route"], raw, doc["expect"], stored))
+        authorization = doc.get("authorization", Case.authorization)
+        cases.append(Case(doc["id"], doc["route"], raw, doc["expect"], stored, authorization))
     return cases
 
 
@@ -158,6 +171,17 @@ def check_reply(case: Case, status: int, headers: Any, body: bytes, *, tier: str
     """Assert that one tier's HTTP answer to ``case`` is the table's outcome. Misses are
     refused on every tier these tests run (no backend)."""
     where = f"{tier}, case {case.id}: {status} {body[:300]!r}"
+    if case.outcome == "unauthorized":
+        assert status == 401, where
+        assert headers.get("www-authenticate") == "Bearer", where
+        wanted = case.expect["unauthorized"]
+        assert json.loads(body)["error"] == {
+            "message": wanted["message"],
+            "type": "authentication_error",
+            "param": None,
+            "code": wanted["code"],
+        }, where
+        return
     if case.outcome == "key":
         assert status == 200, where
         assert headers.get("x-cache") == "HIT", where

@@ -34,7 +34,7 @@ from comeapi.protocol.requests import KINDS, decode_json, parse_request
 from comeapi.serverless.events import http_api_event
 from comeapi.serverless.handler import ServerlessApp
 from tests.conformance.fuzz import Body, generate
-from tests.conformance.table import DEFAULT_MODEL, answer_text, entries
+from tests.conformance.table import API_KEY, DEFAULT_MODEL, answer_text, entries
 from tests.deploy.nginx_stack import Nginx, nginx_missing
 
 pytestmark = pytest.mark.slow
@@ -48,6 +48,7 @@ for _entry in entries():
     _GROUPS.setdefault(_entry.key, []).append(_entry)
 STORED = {k for k, g in _GROUPS.items() if served_entries(g, DEFAULT_SERVE_STATES)}
 Verdict = tuple[Any, ...]
+KEY = {"Authorization": f"Bearer {API_KEY}"}  # the session's tiers take the table's API key
 
 
 def in_process(body: Body) -> Verdict:
@@ -107,11 +108,11 @@ def test_every_tier_gives_every_generated_body_the_same_answer(
             return in_process(body)
 
     def over_http(body: Body) -> Verdict:
-        r = client.post(gateway + body.route, content=body.raw)
+        r = client.post(gateway + body.route, content=body.raw, headers=KEY)
         return seen(r.status_code, r.headers, r.content, body.route)
 
     def lambda_handler(body: Body) -> Verdict:
-        result = lambda_app(http_api_event("POST", body.route, body=body.raw))
+        result = lambda_app(http_api_event("POST", body.route, headers=KEY, body=body.raw))
         raw = result["body"]
         content = base64.b64decode(raw) if result["isBase64Encoded"] else raw.encode("utf-8")
         headers = {k.lower(): v for k, v in result["headers"].items()}

@@ -13,13 +13,13 @@ import pytest
 
 from comeapi.serverless.events import http_api_event
 from comeapi.serverless.handler import ServerlessApp
-from tests.conformance.table import CASES, Case, check_reply
+from tests.conformance.table import API_KEY, CASES, Case, check_reply
 
 
 @pytest.mark.parametrize("case", CASES, ids=str)
 def test_case(lambda_app: ServerlessApp, case: Case) -> None:
     for _ in range(case.asks):
-        event = http_api_event("POST", case.route, body=case.raw)
+        event = http_api_event("POST", case.route, headers=case.headers, body=case.raw)
         result = lambda_app(event)
         body = result["body"]
         raw = base64.b64decode(body) if result["isBase64Encoded"] else body.encode("utf-8")
@@ -46,8 +46,9 @@ def test_the_gateway_and_lambda_send_the_same_answer(
 ) -> None:
     """The same cached answer, byte for byte but for ids and timestamps, chunk for chunk."""
     raw = json.dumps({**body, "stream": stream}).encode()
-    over_http = client.post(gateway + route, content=raw)
-    result = lambda_app(http_api_event("POST", route, body=raw))
+    key = {"Authorization": f"Bearer {API_KEY}"}
+    over_http = client.post(gateway + route, content=raw, headers=key)
+    result = lambda_app(http_api_event("POST", route, headers=key, body=raw))
     assert over_http.status_code == result["statusCode"] == 200
     assert over_http.headers["content-type"] == result["headers"]["Content-Type"]
     assert comparable(over_http.content) == comparable(result["body"].encode())

@@ -3,8 +3,8 @@
 
 nginx's verdict on each body (its internal /_comeapi/key endpoint) must be the table's: the
 same key document, the same 400 `param`, the same reason not to cache. Through the public
-listener nginx must answer the 400s itself and, once its cache is filled, every keyed case
-from the cache alone.
+listener nginx must answer the 400s and the 401s (both hold the table's API key) itself and,
+once its cache is filled, every keyed case from the cache alone.
 """
 
 from __future__ import annotations
@@ -22,6 +22,7 @@ import pytest
 
 from comeapi.cache.sqlite import SqliteStore
 from tests.conformance.table import (
+    API_KEY,
     CASES,
     DEFAULT_MODEL,
     Case,
@@ -64,9 +65,16 @@ def stack() -> Iterator[Stack]:
         "--store", f"sqlite:{base / 'store.db'}",
         "--default-model", DEFAULT_MODEL,
         "--on-miss", "reject",
+        "--api-keys", API_KEY,
     )  # fmt: skip
     comeapi = Proc(argv, base / "gateway.log")
-    nginx = Nginx(base / "nginx", base / "cache", f"127.0.0.1:{port}", secrets.token_hex(16))
+    nginx = Nginx(
+        base / "nginx",
+        base / "cache",
+        f"127.0.0.1:{port}",
+        secrets.token_hex(16),
+        env={"COMEAPI_API_KEYS": API_KEY},
+    )
     client = httpx.Client(timeout=30.0)
     try:
         comeapi.wait_http(f"http://127.0.0.1:{port}/health", timeout=60)
@@ -90,6 +98,13 @@ def verdict(stack: Stack, case: Case) -> dict[str, object]:
 
 @pytest.mark.parametrize("case", CASES, ids=str)
 def test_njs_verdict_and_cache_fill(stack: Stack, case: Case) -> None:
+    if case.outcome == "unauthorized":  # refused before the body is read, on both listeners
+        r = stack.client.post(
+            stack.nginx.warmup_url + case.route, content=case.raw, headers=case.headers
+        )
+        headers = {k.lower(): v for k, v in r.headers.items()}
+        check_reply(case, r.status_code, headers, r.content, tier="nginx (internal)")
+        return
     v = verdict(stack, case)
     if case.keyed:
         doc = case.expect[case.outcome]
@@ -104,7 +119,7 @@ def test_njs_verdict_and_cache_fill(stack: Stack, case: Case) -> None:
             r = stack.client.post(
                 stack.nginx.warmup_url + case.route,
                 content=case.raw,
-                headers={"X-Comeapi-Variant": str(slot)},
+                headers={**case.headers, "X-Comeapi-Variant": str(slot)},
             )
             if case.outcome == "miss":
                 assert r.status_code == 404, r.text
@@ -130,7 +145,7 @@ def test_nginx_alone(stack: Stack, case: Case) -> None:
     """comeapi stopped: nginx answers the 400s and every keyed case from its cache."""
     if stack.comeapi.popen.poll() is None:
         stack.stop_comeapi()
-    r = stack.client.post(stack.nginx.url + case.route, content=case.raw)
+    r = stack.client.post(stack.nginx.url + case.route, content=case.raw, headers=case.headers)
     if case.outcome in ("uncacheable", "miss"):
         # A miss that only comeapi could answer, and comeapi is stopped: a prompt whose
         # answers were all rejected is not a hit here either.

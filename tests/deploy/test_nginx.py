@@ -441,11 +441,16 @@ def test_api_keys_are_checked_by_nginx(stack: Stack) -> None:
     try:
         url = guarded.url + "/generate"
         body = encode({"prompt": "Hello"})
-        for auth in (None, "Bearer K-1.A+B/C=", "Bearer k-1xa+b/c=", "Basic k-1.a+b/c="):
+        for auth, code in (
+            (None, "missing_api_key"),
+            ("Bearer K-1.A+B/C=", "invalid_api_key"),
+            ("Bearer k-1xa+b/c=", "invalid_api_key"),
+            ("Basic k-1.a+b/c=", "missing_api_key"),
+        ):
             headers = {"Authorization": auth} if auth else {}
             r = post(stack.client, url, body, **headers)
             assert r.status_code == 401, auth
-            assert r.json()["error"]["code"] == "invalid_api_key"
+            assert r.json()["error"]["code"] == code  # comeapi's (protocol.auth)
             assert r.headers["www-authenticate"] == "Bearer"
         for auth in ("Bearer k-1.a+b/c=", "bearer other"):
             assert post(stack.client, url, body, Authorization=auth).status_code == 502

@@ -27,6 +27,7 @@ from comeapi.cache.store import Entry
 from comeapi.serverless.events import http_api_event
 from comeapi.serverless.handler import ServerlessApp
 from comeapi.serverless.snapshot import load_snapshot, write_snapshot
+from comeapi.serverless.source import SnapshotSource, TableSource
 from tests.aws_local import REGION, dummy_credentials, start_moto_server
 from tests.deploy.nginx_stack import Nginx, nginx_missing, run_warmup
 from tests.helpers import Proc, comeapi_argv, free_port
@@ -259,9 +260,13 @@ def test_the_lambda_handler_serves_only_approved_answers(
         snapshot = load_snapshot(str(snapshot_dir))
         assert snapshot is not None
         apps = {
-            "lambda (table)": ServerlessApp(table, serve_states={"approved"}),
+            "lambda (table)": ServerlessApp(TableSource(table, serve_states={"approved"})),
             "lambda (snapshot)": ServerlessApp(
-                table, snapshot=snapshot, serve_states={"approved"}, background=False
+                SnapshotSource(
+                    snapshot,
+                    TableSource(table, serve_states={"approved"}),
+                    background=False,
+                )
             ),
         }
         for tier, app in apps.items():

@@ -26,6 +26,13 @@ from comeapi.cache.dynamo import (
     make_client,
 )
 from comeapi.protocol.requests import KINDS
+from comeapi.serverless.config import (
+    FUNCTION_VARIABLES,
+    IDLE_STOP_VARIABLES,
+    FunctionConfig,
+    IdleStopConfig,
+    init_in_lambda,
+)
 from comeapi.serverless.snapshot import ARCHIVE, META, SNAPSHOT_DIR
 from tests.aws_local import REGION, dummy_credentials, prompt_entries, start_moto_server
 from tests.helpers import REPO, Proc
@@ -240,7 +247,7 @@ def test_on_demand_parts_exist_only_with_an_instance(template: dict[str, Any]) -
 
 def environment_reads(path: Path) -> set[tuple[str, str]]:
     """(function, variable) for each environment variable the module reads by name:
-    ``environ.get("X")``, ``environ["X"]``, ``helper(environ, "X", ...)``."""
+    ``environ.get("X")``, ``environ["X"]``, ``os.getenv("X")``, ``helper(environ, "X", ...)``."""
     found: set[tuple[str, str]] = set()
 
     def is_environ(node: ast.expr) -> bool:
@@ -250,12 +257,14 @@ def environment_reads(path: Path) -> set[tuple[str, str]]:
 
     def names(node: ast.AST) -> list[str]:
         if isinstance(node, ast.Subscript) and is_environ(node.value):
-            return [node.slice.value] if isinstance(node.slice, ast.Constant) else []
+            return [node.slice.value] if isinstance(node.slice, ast.Constant) else ["?"]
         if not isinstance(node, ast.Call):
             return []
         func, args = node.func, node.args
         if isinstance(func, ast.Attribute) and func.attr == "get" and is_environ(func.value):
-            return [args[0].value] if args and isinstance(args[0], ast.Constant) else []
+            return [args[0].value] if args and isinstance(args[0], ast.Constant) else ["?"]
+        if isinstance(func, ast.Attribute) and func.attr == "getenv":
+            return [args[0].value] if args and isinstance(args[0], ast.Constant) else ["?"]
         return [
             b.value
             for a, b in itertools.pairwise(args)
@@ -270,15 +279,46 @@ def environment_reads(path: Path) -> set[tuple[str, str]]:
     return found
 
 
+class Recorded(dict[str, str]):
+    """An environment that records every variable looked up in it."""
+
+    def __init__(self, values: dict[str, str]):
+        super().__init__(values)
+        self.read: set[str] = set()
+
+    def get(self, key: str, default: Any = None) -> Any:  # type: ignore[override]
+        self.read.add(key)
+        return super().get(key, default)
+
+    def __getitem__(self, key: str) -> str:
+        self.read.add(key)
+        return super().__getitem__(key)
+
+    def __contains__(self, key: object) -> bool:
+        self.read.add(str(key))
+        return super().__contains__(key)
+
+
 def test_every_variable_the_functions_read_is_declared(template: dict[str, Any]) -> None:
     """`sam local --env-vars` sets only declared variables, so an undeclared one cannot point
-    the function at a local DynamoDB (a miss then went to AWS and timed out after 29 s)."""
-    reads = {read for path in SERVERLESS.glob("*.py") for read in environment_reads(path)}
-    idle = {name for function, name in reads if function == "idle_stop_handler"}
-    cache = {name for function, name in reads if function != "idle_stop_handler"}
-    assert {"TABLE_NAME", "DYNAMODB_ENDPOINT_URL", "SNAPSHOT", "FORWARD_TIMEOUT"} <= cache
+    the function at a local DynamoDB (a miss then went to AWS and timed out after 29 s).
+    What the functions read is what their config objects read (serverless/config.py, the
+    variables named by their fields): nothing else in serverless/ reads the environment."""
+    for path in SERVERLESS.glob("*.py"):
+        if path.name != "config.py":
+            assert not environment_reads(path), (path.name, environment_reads(path))
+    cache_env = Recorded(
+        {"TABLE_NAME": "t", "ON_MISS": "start-backend", "BACKEND_INSTANCE_ID": "i-0"}
+    )
+    FunctionConfig.from_env(cache_env)
+    init_in_lambda(cache_env)
+    idle_env = Recorded({"BACKEND_INSTANCE_ID": "i-0"})
+    IdleStopConfig.from_env(idle_env)
+    assert cache_env.read - SET_BY_LAMBDA == set(FUNCTION_VARIABLES)
+    assert idle_env.read == set(IDLE_STOP_VARIABLES)
+    assert {"TABLE_NAME", "DYNAMODB_ENDPOINT_URL", "SNAPSHOT", "FORWARD_TIMEOUT"} <= cache_env.read
     resources = template["Resources"]
-    for name, wanted in (("CacheFunction", cache), ("IdleStopFunction", idle)):
+    for name, wanted in (("CacheFunction", cache_env.read), ("IdleStopFunction", idle_env.read)):
         declared = resources[name]["Properties"]["Environment"]["Variables"]
         assert wanted - SET_BY_LAMBDA <= set(declared), (name, wanted - set(declared))
     # Empty on AWS: the region's own endpoint.

@@ -26,6 +26,28 @@ def test_decode_json_object() -> None:
 
 
 @pytest.mark.parametrize(
+    "raw",
+    [
+        b'{"prompt": "Hello\\udc00"}',
+        b'{"prompt": "Hello", "\\ud800": 1}',
+        # replaced by a later duplicate: orjson refuses it all the same (the differential
+        # test found the standard library's json letting it through)
+        b'{"prompt": "Hello\\udc00", "prompt": "Hello"}',
+    ],
+)
+@pytest.mark.parametrize("parser", ["orjson", "json"])
+def test_a_lone_surrogate_is_invalid_json_for_both_parsers(
+    raw: bytes, parser: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    if parser == "json":  # as in the Lambda package, which has no orjson
+        monkeypatch.setattr(json_body, "_loads", lambda: json_body._json_loads)
+    with pytest.raises(RequestError) as err:
+        decode_json(raw)
+    assert err.value.code == "invalid_json"
+    assert decode_json(b'{"prompt": "\\ud83d\\ude00"}') == {"prompt": "\U0001f600"}
+
+
+@pytest.mark.parametrize(
     "number", [b"01", b"00", b"-01", b".5", b"-.5", b"1.", b"1.e5", b"0.", b"+1", b"1e400"]
 )
 def test_numbers_json_forbids_are_invalid_json(number: bytes) -> None:

@@ -23,6 +23,7 @@ from comeapi.errors import ConfigError
 from comeapi.serverless import handler as handler_module
 from comeapi.serverless.events import http_api_event
 from comeapi.serverless.handler import ServerlessApp
+from comeapi.serverless.source import TableSource
 from tests.aws_local import REGION, dummy_credentials, prompt_entries
 from tests.serverless.conftest import (
     CHAT,
@@ -66,7 +67,7 @@ def assert_error(result: dict[str, Any], status: int, code: str) -> dict[str, An
 
 
 def test_http_api_v2_generate(store: DynamoStore) -> None:
-    result = ServerlessApp(store)(load_event("http_api_v2_generate.json"), None)
+    result = ServerlessApp(TableSource(store))(load_event("http_api_v2_generate.json"), None)
     assert result["statusCode"] == 200
     variant = int(result["headers"]["X-Cache-Variant"])
     assert result["headers"]["X-Cache"] == "HIT"
@@ -87,7 +88,7 @@ def test_http_api_v2_generate(store: DynamoStore) -> None:
 def test_http_api_v2_chat_with_a_stage_and_a_base64_body(store: DynamoStore) -> None:
     event = load_event("http_api_v2_chat_base64_prod_stage.json")
     assert event["isBase64Encoded"] and event["rawPath"].startswith("/prod/")
-    result = ServerlessApp(store, api_keys=("sk-local-test",))(event, None)
+    result = ServerlessApp(TableSource(store), api_keys=("sk-local-test",))(event, None)
     assert result["statusCode"] == 200, result
     body = decoded(result)
     variant = int(result["headers"]["X-Cache-Variant"])
@@ -102,7 +103,7 @@ def test_http_api_v2_chat_with_a_stage_and_a_base64_body(store: DynamoStore) -> 
 
 
 def test_rest_api_v1_completions(store: DynamoStore) -> None:
-    result = ServerlessApp(store)(load_event("rest_api_v1_completions.json"), None)
+    result = ServerlessApp(TableSource(store))(load_event("rest_api_v1_completions.json"), None)
     assert result["statusCode"] == 200, result
     body = decoded(result)
     variant = int(result["headers"]["X-Cache-Variant"])
@@ -112,7 +113,7 @@ def test_rest_api_v1_completions(store: DynamoStore) -> None:
 
 
 def test_http_api_v2_models(store: DynamoStore) -> None:
-    result = ServerlessApp(store)(load_event("http_api_v2_get_models.json"), None)
+    result = ServerlessApp(TableSource(store))(load_event("http_api_v2_get_models.json"), None)
     assert decoded(result) == {
         "object": "list",
         "data": [{"id": MODEL, "object": "model", "created": 0, "owned_by": "comeapi"}],
@@ -120,7 +121,7 @@ def test_http_api_v2_models(store: DynamoStore) -> None:
 
 
 def test_models_without_v1_serves_openai_and_comeapi_clients(store: DynamoStore) -> None:
-    app = ServerlessApp(store)
+    app = ServerlessApp(TableSource(store))
     body = decoded(app(http_api_event("GET", "/models"), None))
     entry = {"id": MODEL, "object": "model", "created": 0, "owned_by": "comeapi"}
     assert body == {
@@ -136,14 +137,14 @@ def test_models_without_v1_serves_openai_and_comeapi_clients(store: DynamoStore)
 
 def test_chat_without_v1_is_a_hit(store: DynamoStore) -> None:
     body = {"messages": [{"role": r, "content": c} for r, c in CHAT]}
-    result = ServerlessApp(store)(post("/chat/completions", body), None)
+    result = ServerlessApp(TableSource(store))(post("/chat/completions", body), None)
     assert result["statusCode"] == 200, result["body"]
     assert result["headers"]["X-Cache"] == "HIT"
     assert decoded(result)["object"] == "chat.completion"
 
 
 def test_status_lists_what_is_cached(store: DynamoStore) -> None:
-    body = decoded(ServerlessApp(store)(http_api_event("GET", "/status"), None))
+    body = decoded(ServerlessApp(TableSource(store))(http_api_event("GET", "/status"), None))
     assert body["status"]["cached_prompts"] == 3
     assert body["status"]["cached_answers"] == 15
 
@@ -152,7 +153,7 @@ def test_status_lists_what_is_cached(store: DynamoStore) -> None:
 
 
 def test_random_choice_covers_every_variant(store: DynamoStore) -> None:
-    app = ServerlessApp(store)
+    app = ServerlessApp(TableSource(store))
     seen: Counter[int] = Counter()
     for _ in range(150):
         result = app(post("/generate", {"prompt": GENERATE_PROMPT}), None)
@@ -163,7 +164,7 @@ def test_random_choice_covers_every_variant(store: DynamoStore) -> None:
 
 
 def test_a_hit_is_one_get_item_and_writes_nothing(store: DynamoStore, calls: list[str]) -> None:
-    app = ServerlessApp(store)
+    app = ServerlessApp(TableSource(store))
     app(post("/generate", {"prompt": GENERATE_PROMPT}), None)  # reads the catalogue once
     calls.clear()
     for _ in range(10):
@@ -173,13 +174,13 @@ def test_a_hit_is_one_get_item_and_writes_nothing(store: DynamoStore, calls: lis
 
 
 def test_generate_and_completions_share_a_key(store: DynamoStore) -> None:
-    app = ServerlessApp(store, randbelow=lambda n: n - 1)
+    app = ServerlessApp(TableSource(store), randbelow=lambda n: n - 1)
     result = app(post("/v1/completions", {"prompt": f"  {GENERATE_PROMPT}\r\n"}), None)
     assert decoded(result)["choices"][0]["text"] == f"answer 4 to {GENERATE_PROMPT}"
 
 
 def test_model_name_selects_the_cached_model(store: DynamoStore) -> None:
-    app = ServerlessApp(store)
+    app = ServerlessApp(TableSource(store))
     ok = app(post("/generate", {"prompt": GENERATE_PROMPT, "model_name": MODEL}), None)
     assert ok["statusCode"] == 200
     other = app(post("/generate", {"prompt": GENERATE_PROMPT, "model_name": "other.gguf"}), None)
@@ -187,7 +188,7 @@ def test_model_name_selects_the_cached_model(store: DynamoStore) -> None:
 
 
 def test_stream_is_one_complete_sse_body(store: DynamoStore) -> None:
-    app = ServerlessApp(store, randbelow=lambda n: 2)
+    app = ServerlessApp(TableSource(store), randbelow=lambda n: 2)
     messages = [{"role": r, "content": c} for r, c in CHAT]
     result = app(
         post(
@@ -208,7 +209,7 @@ def test_stream_is_one_complete_sse_body(store: DynamoStore) -> None:
 
 def test_content_parts_match_the_plain_text_prompt(store: DynamoStore) -> None:
     parts = [{"type": "text", "text": "こん"}, {"type": "text", "text": "にちは"}]
-    result = ServerlessApp(store)(
+    result = ServerlessApp(TableSource(store))(
         post("/v1/chat/completions", {"messages": [{"role": "user", "content": parts}]}), None
     )
     assert result["statusCode"] == 200
@@ -218,14 +219,16 @@ def test_a_prompt_over_2048_bytes_works(store: DynamoStore) -> None:
     prompt = "東" * 683
     assert len(prompt.encode()) == 2049
     store.put_many(prompt_entries(prompt, 3))
-    result = ServerlessApp(store)(post("/generate", {"prompt": prompt}), None)
+    result = ServerlessApp(TableSource(store))(post("/generate", {"prompt": prompt}), None)
     assert result["statusCode"] == 200
     assert decoded(result)["response"].endswith(prompt)
 
 
 def test_a_push_after_the_catalogue_was_read(store: DynamoStore, entries: list[Entry]) -> None:
     clock = FakeClock()
-    app = ServerlessApp(store, randbelow=lambda n: n - 1, clock=clock, catalogue_ttl=60)
+    app = ServerlessApp(
+        TableSource(store, clock=clock, catalogue_ttl=60), randbelow=lambda n: n - 1
+    )
     assert app(post("/generate", {"prompt": GENERATE_PROMPT}), None)["statusCode"] == 200
     # The table now holds 2 variants of that prompt and a new prompt; this container still
     # believes in 5 variants and picks variant 4, which is gone: it reads the catalogue again.
@@ -265,8 +268,8 @@ def test_serve_states_and_pins_decide_what_the_table_serves(store: DynamoStore) 
         GENERATE_PROMPT,
         {0: {"state": "approved"}, 1: {"state": "rejected"}, 2: {"state": "approved"}},
     )
-    assert _variants_served(ServerlessApp(store), GENERATE_PROMPT) == {0, 2, 3, 4}
-    approved_only = ServerlessApp(store, serve_states={"approved"})
+    assert _variants_served(ServerlessApp(TableSource(store)), GENERATE_PROMPT) == {0, 2, 3, 4}
+    approved_only = ServerlessApp(TableSource(store, serve_states={"approved"}))
     assert _variants_served(approved_only, GENERATE_PROMPT) == {0, 2}
     # A prompt with nothing approved is a miss when only approved answers are served.
     assert_error(
@@ -275,12 +278,12 @@ def test_serve_states_and_pins_decide_what_the_table_serves(store: DynamoStore) 
         "prompt_not_cached",
     )
     _reviewed(store, GENERATE_PROMPT, {2: {"pinned": True}})
-    assert _variants_served(ServerlessApp(store), GENERATE_PROMPT) == {2}
+    assert _variants_served(ServerlessApp(TableSource(store)), GENERATE_PROMPT) == {2}
 
 
 def test_a_rejected_only_prompt_is_a_miss_and_not_listed(store: DynamoStore) -> None:
     _reviewed(store, GENERATE_PROMPT, {v: {"state": "rejected"} for v in range(5)})
-    app = ServerlessApp(store)
+    app = ServerlessApp(TableSource(store))
     error = assert_error(
         app(post("/generate", {"prompt": GENERATE_PROMPT}), None), 404, "prompt_not_cached"
     )
@@ -294,7 +297,7 @@ def test_an_answer_rejected_after_the_catalogue_was_read_is_not_served(
 ) -> None:
     """The table's entry says rejected while the cached catalogue still lists it: the
     handler reads the catalogue again rather than serve it."""
-    app = ServerlessApp(store, randbelow=lambda n: 0, catalogue_ttl=3600)
+    app = ServerlessApp(TableSource(store, catalogue_ttl=3600), randbelow=lambda n: 0)
     assert (
         app(post("/generate", {"prompt": GENERATE_PROMPT}), None)["headers"]["X-Cache-Variant"]
         == "0"
@@ -315,7 +318,7 @@ def test_serve_states_from_the_environment(monkeypatch: pytest.MonkeyPatch) -> N
     monkeypatch.setenv("TABLE_NAME", TABLE)
     monkeypatch.setenv("SNAPSHOT", "off")
     monkeypatch.setenv("SERVE_STATES", "approved")
-    assert ServerlessApp.from_env(os.environ, client=object()).serve_states == {"approved"}
+    assert ServerlessApp.from_env(os.environ, client=object()).source.serve_states == {"approved"}
     monkeypatch.setenv("SERVE_STATES", "approved,rejected")
     with pytest.raises(ConfigError, match="SERVE_STATES: 'rejected': a rejected answer is never"):
         ServerlessApp.from_env(os.environ, client=object())
@@ -360,7 +363,7 @@ def test_serve_states_from_the_environment(monkeypatch: pytest.MonkeyPatch) -> N
 def test_bad_requests_are_400(
     store: DynamoStore, path: str, body: Any, code: str, param: str | None
 ) -> None:
-    error = assert_error(ServerlessApp(store)(post(path, body), None), 400, code)
+    error = assert_error(ServerlessApp(TableSource(store))(post(path, body), None), 400, code)
     assert error["param"] == param
     assert error["type"] == "invalid_request_error"
 
@@ -368,7 +371,7 @@ def test_bad_requests_are_400(
 def test_an_unknown_prompt_is_404_with_the_known_prompts(
     store: DynamoStore, calls: list[str]
 ) -> None:
-    app = ServerlessApp(store)
+    app = ServerlessApp(TableSource(store))
     for _ in range(5):
         result = app(post("/generate", {"prompt": "not cached"}), None)
         error = assert_error(result, 404, "prompt_not_cached")
@@ -383,7 +386,9 @@ def test_an_empty_table_is_404_with_no_prompts(aws: None) -> None:
     from comeapi.cache.dynamo import create_table
 
     create_table(client, "empty")
-    result = ServerlessApp(DynamoStore(client, "empty"))(post("/generate", {"prompt": "x"}), None)
+    result = ServerlessApp(TableSource(DynamoStore(client, "empty")))(
+        post("/generate", {"prompt": "x"}), None
+    )
     assert assert_error(result, 404, "prompt_not_cached")["known_prompts"] == []
 
 
@@ -399,7 +404,7 @@ def test_throttling_is_503_with_retry_after(monkeypatch: pytest.MonkeyPatch) -> 
         stub.add_client_error(
             "get_item", "ProvisionedThroughputExceededException", http_status_code=400
         )
-        result = ServerlessApp(DynamoStore(client, TABLE))(
+        result = ServerlessApp(TableSource(DynamoStore(client, TABLE)))(
             post("/generate", {"prompt": GENERATE_PROMPT}), None
         )
     assert_error(result, 503, "store_unavailable")
@@ -407,30 +412,34 @@ def test_throttling_is_503_with_retry_after(monkeypatch: pytest.MonkeyPatch) -> 
 
 
 def test_unknown_routes_and_methods_are_404(store: DynamoStore) -> None:
-    app = ServerlessApp(store)
+    app = ServerlessApp(TableSource(store))
     assert_error(app(http_api_event("GET", "/generate"), None), 404, "not_found")
     assert_error(app(post("/v1/embeddings", {"input": "x"}), None), 404, "not_found")
 
 
 def test_a_body_over_the_limit_is_413(store: DynamoStore) -> None:
     big = {"prompt": "x" * (300 * 1024)}
-    assert_error(ServerlessApp(store)(post("/generate", big), None), 413, "payload_too_large")
+    assert_error(
+        ServerlessApp(TableSource(store))(post("/generate", big), None), 413, "payload_too_large"
+    )
 
 
 def test_an_event_that_is_not_from_api_gateway_is_400(store: DynamoStore) -> None:
-    assert_error(ServerlessApp(store)({"hello": "world"}, None), 400, "bad_event")
+    assert_error(ServerlessApp(TableSource(store))({"hello": "world"}, None), 400, "bad_event")
 
 
 def test_a_bad_base64_body_is_400(store: DynamoStore) -> None:
     event = post("/generate", {"prompt": "x"})
     event.update(body="***", isBase64Encoded=True)
-    assert_error(ServerlessApp(store)(event, None), 400, "invalid_body")
+    assert_error(ServerlessApp(TableSource(store))(event, None), 400, "invalid_body")
 
 
 def test_api_keys(store: DynamoStore) -> None:
-    app = ServerlessApp(store, api_keys=("k1", "k2"))
+    app = ServerlessApp(TableSource(store), api_keys=("k1", "k2"))
     event = post("/generate", {"prompt": GENERATE_PROMPT})
-    assert_error(app(event, None), 401, "invalid_api_key")
+    # The gateway's rule and body (comeapi.protocol.auth): no key is missing_api_key.
+    assert_error(app(event, None), 401, "missing_api_key")
+    assert app(event, None)["headers"]["WWW-Authenticate"] == "Bearer"
     event["headers"]["authorization"] = "Bearer nope"
     assert_error(app(event, None), 401, "invalid_api_key")
     event["headers"]["authorization"] = "Bearer k2"
@@ -443,7 +452,7 @@ def test_an_unexpected_error_is_a_json_500(
     def broken(key: str, variant: int) -> None:
         raise RuntimeError("boom")
 
-    app = ServerlessApp(store)
+    app = ServerlessApp(TableSource(store))
     monkeypatch.setattr(store, "get", broken)
     result = app(post("/generate", {"prompt": GENERATE_PROMPT}), None)
     assert assert_error(result, 500, "internal_error")["message"] == "internal error"
@@ -514,4 +523,4 @@ def test_v2_events_keep_binary_bodies(store: DynamoStore) -> None:
     event = http_api_event("POST", "/generate", body=b"\xff\x00")
     assert event["isBase64Encoded"] is True
     assert base64.b64decode(event["body"]) == b"\xff\x00"
-    assert_error(ServerlessApp(store)(event, None), 400, "invalid_json")
+    assert_error(ServerlessApp(TableSource(store))(event, None), 400, "invalid_json")

@@ -23,6 +23,7 @@ from comeapi.serverless.ondemand import (
     idle_stop,
     idle_stop_handler,
 )
+from comeapi.serverless.source import TableSource
 from tests.aws_local import REGION
 from tests.helpers import Proc, comeapi_argv, free_port
 from tests.serverless.conftest import GENERATE_PROMPT, TABLE
@@ -131,7 +132,7 @@ def test_through_the_handler_hits_never_touch_ec2(
 ) -> None:
     instance_id = stopped_instance(ec2)
     on_demand = OnDemandBackend(instance_id, ec2=ec2, host="127.0.0.1", port=backend.port)
-    app = ServerlessApp(store, on_miss=on_demand)
+    app = ServerlessApp(TableSource(store), on_miss=on_demand)
     event = http_api_event(
         "POST", "/generate", body=json.dumps({"prompt": GENERATE_PROMPT}).encode()
     )
@@ -302,7 +303,8 @@ def test_a_miss_is_answered_by_a_real_comeapi_backend(
     backend.wait_http(f"http://127.0.0.1:{port}/health", timeout=120)
     instance_id = stopped_instance(ec2)
     app = ServerlessApp(
-        store, on_miss=OnDemandBackend(instance_id, ec2=ec2, host="127.0.0.1", port=port)
+        TableSource(store),
+        on_miss=OnDemandBackend(instance_id, ec2=ec2, host="127.0.0.1", port=port),
     )
     body = json.dumps({"prompt": "The capital of France is", "max_tokens": 4, "seed": 1})
     event = http_api_event("POST", "/generate", body=body.encode())

@@ -22,9 +22,10 @@ from comeapi.serverless.events import http_api_event
 from comeapi.serverless.handler import ServerlessApp
 from comeapi.serverless.package import build_package
 from comeapi.serverless.snapshot import ARCHIVE, META, load_snapshot, write_snapshot
+from comeapi.serverless.source import SnapshotSource, TableSource
 from tests.aws_local import REGION, dummy_credentials, prompt_entries, start_moto_server
 from tests.cache.factory import reviewed
-from tests.conformance.table import CASES, check_reply
+from tests.conformance.table import API_KEY, CASES, check_reply
 from tests.conformance.table import entries as conformance_entries
 from tests.helpers import REPO, Proc, free_port
 from tests.serverless.conftest import GENERATE_PROMPT, cold_start
@@ -178,13 +179,8 @@ def test_hits_from_a_current_snapshot_read_nothing_but_the_revision(
     snapshot = write_snapshot(store, tmp_path)
     calls: list[str] = []
     clock = FakeClock()
-    app = ServerlessApp(
-        lambda: reader_of(store, calls),
-        snapshot=snapshot,
-        catalogue_ttl=60,
-        background=False,
-        clock=clock,
-    )
+    table = TableSource(lambda: reader_of(store, calls), catalogue_ttl=60, clock=clock)
+    app = ServerlessApp(SnapshotSource(snapshot, table, background=False))
     seen = set()
     for _ in range(60):
         result = app(post(GENERATE_PROMPT))
@@ -195,7 +191,7 @@ def test_hits_from_a_current_snapshot_read_nothing_but_the_revision(
     clock.now += 61
     app(post(GENERATE_PROMPT))
     assert calls == ["GetItem"] * 2  # checked again after catalogue_ttl
-    assert app.snapshot is snapshot  # the table has not changed: still the snapshot
+    assert app.source.snapshot is snapshot  # the table has not changed: still the snapshot
 
 
 def test_a_changed_entry_reaches_the_container_at_the_check(
@@ -203,13 +199,12 @@ def test_a_changed_entry_reaches_the_container_at_the_check(
 ) -> None:
     snapshot = write_snapshot(store, tmp_path)
     store.replace_all(renamed(prompt_entries(GENERATE_PROMPT, 5), "new answer"))
-    app = ServerlessApp(
-        lambda: reader_of(store, []), snapshot=snapshot, background=False, randbelow=lambda n: 0
-    )
+    source = SnapshotSource(snapshot, TableSource(lambda: reader_of(store, [])), background=False)
+    app = ServerlessApp(source, randbelow=lambda n: 0)
     # The cold answer comes from the snapshot; the check after it sees the new revision.
     assert answer(app, GENERATE_PROMPT) == (200, f"answer 0 to {GENERATE_PROMPT}")
     assert answer(app, GENERATE_PROMPT) == (200, "new answer 0")
-    assert app.snapshot is None
+    assert source.snapshot is None
 
 
 def test_a_prompt_pushed_after_the_build_is_found_at_once(
@@ -217,7 +212,8 @@ def test_a_prompt_pushed_after_the_build_is_found_at_once(
 ) -> None:
     snapshot = write_snapshot(store, tmp_path)
     store.put_many(prompt_entries("pushed later", 2))
-    app = ServerlessApp(lambda: reader_of(store, []), snapshot=snapshot, background=False)
+    source = SnapshotSource(snapshot, TableSource(lambda: reader_of(store, [])), background=False)
+    app = ServerlessApp(source)
     assert answer(app, "pushed later")[0] == 200  # the miss looked at the table
     assert answer(app, "never pushed") == (404, "prompt_not_cached")
 
@@ -228,13 +224,13 @@ def test_a_miss_on_a_current_snapshot_is_404_and_keeps_it(
     snapshot = write_snapshot(store, tmp_path)
     calls: list[str] = []
     clock = FakeClock()
-    app = ServerlessApp(
-        lambda: reader_of(store, calls), snapshot=snapshot, background=False, clock=clock
-    )
+    table = TableSource(lambda: reader_of(store, calls), clock=clock)
+    source = SnapshotSource(snapshot, table, background=False)
+    app = ServerlessApp(source)
     for _ in range(3):
         assert answer(app, "never pushed") == (404, "prompt_not_cached")
     assert calls == ["GetItem"]  # one look at the table; misses within 5 s do not repeat it
-    assert app.snapshot is snapshot
+    assert source.snapshot is snapshot
 
 
 def test_a_miss_with_a_snapshot_goes_to_the_backend_after_looking_at_the_table(
@@ -250,9 +246,8 @@ def test_a_miss_with_a_snapshot_goes_to_the_backend_after_looking_at_the_table(
         return Reply(200, json.dumps({"response": "generated"}), {"X-Cache": "MISS"})
 
     calls: list[str] = []
-    app = ServerlessApp(
-        lambda: reader_of(store, calls), snapshot=snapshot, on_miss=backend, background=False
-    )
+    table = TableSource(lambda: reader_of(store, calls))
+    app = ServerlessApp(SnapshotSource(snapshot, table, background=False), on_miss=backend)
     assert answer(app, "never pushed") == (200, "generated")
     assert calls == ["GetItem"]  # the table was asked first: it might have been pushed
     assert answer(app, GENERATE_PROMPT)[0] == 200  # a hit never reaches the backend
@@ -262,10 +257,11 @@ def test_a_miss_with_a_snapshot_goes_to_the_backend_after_looking_at_the_table(
 def test_the_check_runs_in_a_thread_after_the_answer(store: DynamoStore, tmp_path: Path) -> None:
     snapshot = write_snapshot(store, tmp_path)
     store.replace_all(renamed(prompt_entries(GENERATE_PROMPT, 5), "new answer"))
-    app = ServerlessApp(lambda: reader_of(store, []), snapshot=snapshot, randbelow=lambda n: 0)
+    source = SnapshotSource(snapshot, TableSource(lambda: reader_of(store, [])))
+    app = ServerlessApp(source, randbelow=lambda n: 0)
     assert answer(app, GENERATE_PROMPT) == (200, f"answer 0 to {GENERATE_PROMPT}")
-    assert app._check is not None
-    app._check.join(timeout=60)
+    assert source._check is not None
+    source._check.join(timeout=60)
     assert answer(app, GENERATE_PROMPT) == (200, "new answer 0")
 
 
@@ -274,12 +270,13 @@ def test_a_failed_check_keeps_the_snapshot(
 ) -> None:
     snapshot = write_snapshot(store, tmp_path)
     unreachable = DynamoStore(make_client(REGION, f"http://127.0.0.1:{free_port()}"), store.table)
-    app = ServerlessApp(lambda: unreachable, snapshot=snapshot, background=False)
-    with caplog.at_level(logging.WARNING, logger="comeapi.serverless.handler"):
+    source = SnapshotSource(snapshot, TableSource(lambda: unreachable), background=False)
+    app = ServerlessApp(source)
+    with caplog.at_level(logging.WARNING, logger="comeapi.serverless.source"):
         assert answer(app, GENERATE_PROMPT)[0] == 200
     assert "revision check failed" in caplog.text
     assert answer(app, GENERATE_PROMPT)[0] == 200
-    assert app.snapshot is snapshot
+    assert source.snapshot is snapshot
 
 
 def test_from_env_uses_the_snapshot_of_its_table_only(
@@ -291,11 +288,11 @@ def test_from_env_uses_the_snapshot_of_its_table_only(
         "SNAPSHOT_DIR": str(tmp_path),
         "DYNAMODB_ENDPOINT_URL": store.client.meta.endpoint_url,
     }
-    assert ServerlessApp.from_env(env).snapshot is not None
-    assert ServerlessApp.from_env({**env, "SNAPSHOT": "off"}).snapshot is None
+    assert ServerlessApp.from_env(env).source.answers_from == "snapshot"
+    assert ServerlessApp.from_env({**env, "SNAPSHOT": "off"}).source.answers_from == "table"
     with caplog.at_level(logging.ERROR, logger="comeapi.serverless.snapshot"):
         other = ServerlessApp.from_env({**env, "TABLE_NAME": "another-table"})
-    assert other.snapshot is None
+    assert other.source.answers_from == "table"
     assert "of table" in caplog.text
 
 
@@ -307,13 +304,14 @@ def test_the_conformance_table_from_a_snapshot(endpoint: str, tmp_path: Path) ->
     store = DynamoStore(client, "snapshot-conformance")
     store.replace_all(conformance_entries())
     snapshot = write_snapshot(store, tmp_path)
-    app = ServerlessApp(lambda: store, snapshot=snapshot, default_model=None, background=False)
+    source = SnapshotSource(snapshot, TableSource(lambda: store), background=False)
+    app = ServerlessApp(source, default_model=None, api_keys=(API_KEY,))
     for case in CASES:
-        result = app(http_api_event("POST", case.route, body=case.raw))
+        result = app(http_api_event("POST", case.route, headers=case.headers, body=case.raw))
         headers = {k.lower(): v for k, v in result["headers"].items()}
         body = result["body"].encode("utf-8")
         check_reply(case, result["statusCode"], headers, body, tier="lambda, snapshot")
-    assert app.snapshot is snapshot  # answered from it throughout
+    assert source.snapshot is snapshot  # answered from it throughout
 
 
 # --- a cold start in a fresh interpreter -------------------------------------------------

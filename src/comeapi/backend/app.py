@@ -23,7 +23,7 @@ from starlette.types import Receive, Scope, Send
 
 from comeapi.backend.engine import Engine, Event, Finished, TextDelta, choice_count, total_usage
 from comeapi.backend.metrics import BackendMetrics, MeteredEngine
-from comeapi.backend.support import refuse_unsupported
+from comeapi.backend.refusals import refuse_unsupported
 from comeapi.errors import ComeapiError, QueueFullError, UnavailableError
 from comeapi.http.auth import APIKeyMiddleware
 from comeapi.http.cors import cors_middleware

@@ -1,7 +1,9 @@
-"""What the backend's HTTP layer needs from an inference engine.
+"""What the backend's HTTP layer needs from an inference engine: the ``Engine`` protocol and
+the events it streams (``TextDelta``, ``Finished``).
 
 Two engines implement it: ``SerialEngine`` (one request at a time per process, llama-cpp-python's
-high-level ``Llama``) and ``BatchedEngine`` (S slots decoded together, continuous batching).
+high-level ``Llama``) and ``BatchedEngine`` (S slots decoded together, continuous batching);
+``server.make_engine`` picks one for the settings.
 """
 
 from __future__ import annotations

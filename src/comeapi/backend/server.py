@@ -17,7 +17,6 @@ import uvicorn
 
 from comeapi.backend.app import create_app
 from comeapi.backend.engine import Engine
-from comeapi.backend.engines import make_engine
 from comeapi.errors import ComeapiError, ConfigError
 from comeapi.http.server import server_config
 from comeapi.settings import Settings
@@ -100,3 +99,15 @@ def serve(
     server.run()
     if server.failure is not None:
         raise server.failure
+
+
+def make_engine(settings: Settings) -> Engine:
+    """``SerialEngine`` for one slot, ``BatchedEngine`` (continuous batching) for more.
+    Imported here, not at the top: each pulls in llama.cpp, and only one is used."""
+    if settings.slots == 1:
+        from comeapi.backend.serial import SerialEngine
+
+        return SerialEngine(settings)
+    from comeapi.backend.batched import BatchedEngine
+
+    return BatchedEngine(settings)

@@ -1,13 +1,15 @@
 """FastUpstream: the forwarder's HTTP/1.1 client, on asyncio protocols and httptools, with a
 keep-alive pool capped per backend and every timeout (connect, read, write, pool).
 
-Why a client of our own (STYLE.md rule 12): measured side by side with the libraries,
-interleaved in one run (``benchmarks/balancer_overhead.py``; figures and load average in
-docs/balancer.md), the gateway adds less than half the latency forwarding with it than with
-aiohttp's client, the fastest library, and spends about 0.5 ms less CPU per request; httpx's
-default transport (httpcore) is slower still. The issue's rule keeps own code only at 1.5x
-or more over the best library. Re-run the benchmark when aiohttp, httpx or Python change:
-when the gap closes, ``benchmarks/aiohttp_upstream.py`` is the replacement.
+Why a client of our own where libraries exist: the project keeps own code in a library's
+place only for a measured reason, written next to it with the command that measured it, and
+only while the reason holds. Measured side by side with the libraries, interleaved in one run
+(``benchmarks/balancer_overhead.py``; figures and load average in docs/balancer.md), the
+gateway adds less than half the latency forwarding with it than with aiohttp's client, the
+fastest library, and spends about 0.5 ms less CPU per request; httpx's default transport
+(httpcore) is slower still. The issue's rule keeps own code only at 1.5x or more over the
+best library. Re-run the benchmark when aiohttp, httpx or Python change: when the gap
+closes, ``benchmarks/aiohttp_upstream.py`` is the replacement.
 """
 
 from __future__ import annotations

@@ -7,7 +7,6 @@ dynamodb:TABLE[?region=R&endpoint_url=URL]    an Amazon DynamoDB table
 
 from __future__ import annotations
 
-import importlib
 from pathlib import Path
 
 from comeapi.cache.store import ResponseStore
@@ -23,10 +22,9 @@ def open_store(url: str, *, timeout: float = 5.0) -> ResponseStore:
         if not rest.partition("?")[0]:
             raise ConfigError(f"store {url!r}: dynamodb: needs a table name", param="store")
         # Imported only when asked for: boto3 is slow to import.
-        store = importlib.import_module("comeapi.cache.dynamo").DynamoStore.from_url(url)
-        if not isinstance(store, ResponseStore):
-            raise TypeError(f"DynamoStore.from_url returned {store!r}")
-        return store
+        from comeapi.cache.dynamo import DynamoStore
+
+        return DynamoStore.from_url(url)
     raise ConfigError(
         f"store {url!r}: expected sqlite:PATH or dynamodb:TABLE[?region=..&endpoint_url=..]"
         " (set by --store, COMEAPI_STORE or 'store' in the config file)",

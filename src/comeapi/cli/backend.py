@@ -49,7 +49,11 @@ def _configure_logging(settings: Settings) -> None:
 
 # What a backend lets in: bearer keys (every route but /health) and browser origins (CORS).
 ACCESS_FIELDS = ("api_keys", "cors_origins")
-ACCESS_FLAGS = {"api_keys": "--api-key", "cors_origins": "--cors-origin"}
+# In these commands --host and --port name the backend's own address, as they always have.
+BACKEND_ADDRESS: dict[str, tuple[str, ...]] = {
+    "backend_host": ("--host",),
+    "backend_port": ("--port",),
+}
 
 
 @click.command()
@@ -58,7 +62,7 @@ ACCESS_FLAGS = {"api_keys": "--api-key", "cors_origins": "--cors-origin"}
     "backend_port",
     *BACKEND_FIELDS,
     *ACCESS_FIELDS,
-    flags={"backend_host": "--host", "backend_port": "--port", **ACCESS_FLAGS},
+    aliases=BACKEND_ADDRESS,
 )
 @click.option("--parent-pid", type=int, default=None, hidden=True)
 @click.option("--instance-id", default=None, hidden=True)
@@ -99,7 +103,7 @@ def backends() -> None:
     "health_timeout",
     "liveness_failures",
     *ACCESS_FIELDS,
-    flags={"backend_host": "--host", **ACCESS_FLAGS},
+    aliases=BACKEND_ADDRESS,
 )
 @click.pass_context
 def start(ctx: click.Context, /, **values: Any) -> None:

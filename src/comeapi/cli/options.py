@@ -13,28 +13,42 @@ from typing import IO, Any, Literal, TypeVar
 import click
 
 from comeapi.errors import ComeapiError, ConfigError
-from comeapi.settings import Settings, load_settings
+from comeapi.settings import Settings, load_settings, parse_backends_range
 
 F = TypeVar("F", bound=Callable[..., Any])
 
 
-def settings_options(*names: str, flags: dict[str, str] | None = None) -> Callable[[F], F]:
-    """One option per Settings field; ``flags`` renames some (``{"backend_port": "--port"}``)."""
-    flags = flags or {}
+# Other spellings of a setting's flag, kept because they are in use: the singular of a
+# repeatable flag (--api-key KEY --api-key KEY). The setting's own name always works too.
+ALIASES: dict[str, tuple[str, ...]] = {
+    "backends": ("--backend",),
+    "api_keys": ("--api-key",),
+    "cors_origins": ("--cors-origin",),
+}
+
+
+def settings_options(
+    *names: str, aliases: dict[str, tuple[str, ...]] | None = None
+) -> Callable[[F], F]:
+    """One option per Settings field, its flag the field's name (``--queue-size``, as
+    ``COMEAPI_QUEUE_SIZE`` and ``queue_size`` in TOML), plus the spellings of ``ALIASES``
+    and ``aliases`` (a command's own, e.g. ``--port`` for ``backend_port`` in ``comeapi
+    backend``)."""
+    extra = {**ALIASES, **(aliases or {})}
 
     def decorate(func: F) -> F:
         for name in reversed(names):
             field = Settings.model_fields[name]
-            flag = flags.get(name, "--" + name.replace("_", "-"))
+            flags = ["--" + name.replace("_", "-"), *extra.get(name, ())]
             kwargs = _click_type(field.annotation)
             if field.annotation is bool:  # --store-misses / --no-store-misses
-                flag = f"{flag}/--no-{flag.removeprefix('--')}"
+                flags = [f"{flags[0]}/--no-{flags[0].removeprefix('--')}"]
                 kwargs = {}
             default = field.get_default(call_default_factory=True)
             shown = "" if default in (None, [], "") else f" [default: {default}]"
             env = f"COMEAPI_{name.upper()}"
             func = click.option(
-                flag,
+                *flags,
                 name,
                 default=None,
                 help=f"{field.description or ''}{shown} [env: {env}]",
@@ -72,11 +86,40 @@ def build_settings(ctx: click.Context, values: dict[str, Any]) -> Settings:
         for k, v in values.items()
         if k in Settings.model_fields and v not in (None, ())
     }
+    _legacy_backends_range(ctx, overrides)
     config = (ctx.find_root().obj or {}).get("config")
     try:
         return load_settings(Path(config) if config else None, **overrides)
     except ConfigError as exc:
         raise SettingsError(exc.message, ctx) from None
+
+
+def _legacy_backends_range(ctx: click.Context, overrides: dict[str, Any]) -> None:
+    """``--backends HOST:FIRST_PORT:COUNT``, the flag's meaning before it took the setting's
+    name (``backends``: URLs, as COMEAPI_BACKENDS): still understood, with a warning to use
+    ``--backends-range``. A range is never a URL (a port cannot be followed by ``:N``)."""
+    ranges = [u for u in overrides.get("backends", []) if _is_range(u)]
+    if not ranges:
+        return
+    if len(ranges) > 1 or overrides.get("backends_range"):
+        raise SettingsError("give one HOST:FIRST_PORT:COUNT, with --backends-range", ctx)
+    click.echo(
+        f"Warning: --backends {ranges[0]} is deprecated: use --backends-range {ranges[0]} "
+        "(--backends takes backend URLs, as COMEAPI_BACKENDS does)",
+        err=True,
+    )
+    overrides["backends"] = [u for u in overrides["backends"] if u != ranges[0]]
+    overrides["backends_range"] = ranges[0]
+
+
+def _is_range(value: str) -> bool:
+    if "://" in value:
+        return False
+    try:
+        parse_backends_range(value)
+    except ValueError:
+        return False
+    return True
 
 
 class SettingsError(click.UsageError):

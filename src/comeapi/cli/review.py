@@ -199,7 +199,7 @@ def edit(ctx: click.Context, /, **values: Any) -> None:
     "urls",
     multiple=True,
     help="Backend or gateway URL to generate with (repeatable), instead of the configured "
-    "backends (--backend, --backends); with none of these, the gateway at host:port.",
+    "backends (--backends, --backends-range); with none of these, the gateway at host:port.",
 )
 @click.option(
     "--local",
@@ -217,7 +217,6 @@ def edit(ctx: click.Context, /, **values: Any) -> None:
     "connect_timeout",
     "request_timeout",
     "backend_api_key",
-    flags={"backends": "--backend", "backends_range": "--backends"},
 )
 @click.pass_context
 def regenerate(ctx: click.Context, /, urls: tuple[str, ...], local: bool, **values: Any) -> None:

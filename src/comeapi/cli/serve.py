@@ -60,18 +60,10 @@ BACKEND_FIELDS = (
     "max_loaded_models",
     "liveness_failures",
 )
-FLAGS = {
-    "backends": "--backend",
-    "backends_range": "--backends",
-    "api_keys": "--api-key",
-    "cors_origins": "--cors-origin",
-}
 
 
 @click.command()
-@settings_options(
-    "backends", "backends_range", *GATEWAY_FIELDS, "workers", *BACKEND_FIELDS, flags=FLAGS
-)
+@settings_options("backends", "backends_range", *GATEWAY_FIELDS, "workers", *BACKEND_FIELDS)
 @click.pass_context
 def serve(ctx: click.Context, /, **values: Any) -> None:
     """Run the gateway: the response cache, and the load balancer for everything else.
@@ -79,8 +71,8 @@ def serve(ctx: click.Context, /, **values: Any) -> None:
     \b
       comeapi serve                                      # the cache alone (no model needed)
       comeapi serve --on-demand --count 2                # backends started on the first miss
-      comeapi serve --backend http://127.0.0.1:8080 --backend http://10.0.0.2:8080
-      comeapi serve --backends 127.0.0.1:8080:5          # ComeAPI's HOST:FIRST_PORT:COUNT
+      comeapi serve --backends http://127.0.0.1:8080 --backends http://10.0.0.2:8080
+      comeapi serve --backends-range 127.0.0.1:8080:5    # ComeAPI's HOST:FIRST_PORT:COUNT
       comeapi serve --host 0.0.0.0 --api-key "$KEY" ...  # reachable from other machines
 
     Listens on 127.0.0.1:9000 unless --host/--port say otherwise.
@@ -90,11 +82,11 @@ def serve(ctx: click.Context, /, **values: Any) -> None:
     if settings.on_demand and (settings.workers > 1 or settings.backend_urls()):
         raise click.UsageError(
             "--on-demand starts its own backends (--count, --base-port, --model-dir ...) and "
-            "runs one gateway worker: drop --backend/--backends/--workers"
+            "runs one gateway worker: drop --backends/--backends-range/--workers"
         )
     if not settings.backend_urls() and not settings.on_demand:
         logging.getLogger("comeapi.gateway").warning(
-            "no backends (--backend URL or --backends HOST:FIRST_PORT:COUNT): serving the "
+            "no backends (--backends URL or --backends-range HOST:FIRST_PORT:COUNT): serving the "
             "cache only; unknown prompts get 404"
         )
     from comeapi.gateway.server import run_gateway
@@ -105,7 +97,7 @@ def serve(ctx: click.Context, /, **values: Any) -> None:
 
 
 @click.command()
-@settings_options(*BACKEND_FIELDS, *GATEWAY_FIELDS, flags=FLAGS)
+@settings_options(*BACKEND_FIELDS, *GATEWAY_FIELDS)
 @click.pass_context
 def up(ctx: click.Context, /, **values: Any) -> None:
     """Start COUNT backends and the gateway in front of them, in one process tree.

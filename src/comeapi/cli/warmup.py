@@ -29,14 +29,13 @@ from comeapi.cli.progress import ProgressReport
     "backend_api_key",
     "checks",
     "check_retries",
-    flags={"backends": "--backend", "backends_range": "--backends"},
 )
 @click.option(
     "--url",
     "urls",
     multiple=True,
     help="Backend or gateway URL to generate with (repeatable), instead of the configured "
-    "backends (--backend, --backends); with none of these, the gateway at host:port.",
+    "backends (--backends, --backends-range); with none of these, the gateway at host:port.",
 )
 @click.option(
     "--concurrency",

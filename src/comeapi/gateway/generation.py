@@ -39,7 +39,7 @@ from comeapi.gateway.frontdoor import FrontDoor, Prepared
 from comeapi.gateway.metrics import GatewayMetrics
 from comeapi.gateway.ondemand import OnDemandBackends
 from comeapi.gateway.requestlog import Miss, RequestLog, RequestRecord
-from comeapi.http.auth import APIKeys, auth_error_response
+from comeapi.http.auth import APIKeys
 from comeapi.http.errors import error_response
 from comeapi.http.immediate import NOTE, ImmediateRequest
 from comeapi.http.responses import read_asgi_body
@@ -181,7 +181,7 @@ class GenerationRoutes:
         try:
             denied = self.keys.check(scope)
             if denied is not None:
-                response: Response | None = auth_error_response(denied)
+                response: Response | None = error_response(denied)
             elif scope["method"] != "POST":
                 error = RequestError(f"method {scope['method']} not allowed on {scope['path']}")
                 error.status = 405

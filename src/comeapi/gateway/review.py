@@ -31,11 +31,11 @@ from comeapi.errors import NotFoundError, RequestError, UnavailableError
 from comeapi.gateway.cache import ResponseCache
 from comeapi.gateway.ondemand import OnDemandBackends
 from comeapi.http.responses import JSONResponse, read_body
+from comeapi.protocol.limits import MAX_BODY_BYTES
 from comeapi.protocol.requests import decode_json
 from comeapi.settings import Settings
 
 LIST_PATH = "/cache/answers"
-MAX_BODY_BYTES = 256 * 1024
 
 #: A new generation of an entry's prompt with the same parameters and the given seed.
 Regenerate = Callable[[Entry, int], Awaitable[Entry]]

@@ -1,14 +1,12 @@
 """API-key authentication as a plain ASGI middleware: ``Authorization: Bearer <key>``.
 
-With no keys configured every request passes. Keys are compared as SHA-256 digests with
-``hmac.compare_digest`` against every key, so timing says nothing about a key's content or
-which key almost matched.
+The rule (which keys, how they are compared, the 401's body) is ``protocol.auth``'s, the
+same as the Lambda handler's; this module finds the header in an ASGI request and lets the
+public paths (``/health``) through. With no keys configured every request passes.
 """
 
 from __future__ import annotations
 
-import hashlib
-import hmac
 import ipaddress
 import logging
 from collections.abc import Collection, Iterable
@@ -16,25 +14,26 @@ from collections.abc import Collection, Iterable
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from comeapi.errors import AuthenticationError
-from comeapi.http.responses import JSONResponse
+from comeapi.http.errors import error_response
+from comeapi.protocol.auth import BearerKeys
 
 PUBLIC_PATHS = frozenset({"/health"})
 
 
 class APIKeys:
-    """The configured bearer keys; ``check`` is the whole rule, for middleware and the
-    gateway's generation routes alike."""
+    """The configured keys with the paths that need none; ``check`` answers for middleware
+    and the gateway's generation routes alike."""
 
     def __init__(self, keys: Iterable[str], *, public: Collection[str] = PUBLIC_PATHS):
-        self._digests = [_digest(key.encode()) for key in keys]
+        self.rule = BearerKeys(keys)
         self.public = frozenset(public)
 
     def __bool__(self) -> bool:
-        return bool(self._digests)
+        return bool(self.rule)
 
     def check(self, scope: Scope) -> AuthenticationError | None:
         """None when the request may pass, else the error to answer with."""
-        if not self._digests:
+        if not self.rule:
             return None
         return self.check_headers(scope["path"], scope["headers"])
 
@@ -42,30 +41,9 @@ class APIKeys:
         self, path: str, headers: Iterable[tuple[bytes, bytes]]
     ) -> AuthenticationError | None:
         """``check`` for a request known by its path and raw headers."""
-        if not self._digests or path in self.public:
+        if not self.rule or path in self.public:
             return None
-        token = _bearer_token(headers)
-        if token is None:
-            return AuthenticationError(
-                "You didn't provide an API key. Send it as 'Authorization: Bearer <key>'.",
-                code="missing_api_key",
-            )
-        if self._accepts(token):
-            return None
-        return AuthenticationError("Incorrect API key provided.")
-
-    def _accepts(self, token: bytes) -> bool:
-        digest = _digest(token)
-        matched = False
-        for known in self._digests:  # no early exit: every key costs the same
-            matched |= hmac.compare_digest(digest, known)
-        return matched
-
-
-def auth_error_response(error: AuthenticationError) -> JSONResponse:
-    return JSONResponse(
-        error.to_dict(), status_code=error.status, headers={"WWW-Authenticate": "Bearer"}
-    )
+        return self.rule.check(_authorization(headers))
 
 
 class APIKeyMiddleware:
@@ -80,20 +58,13 @@ class APIKeyMiddleware:
         if error is None:
             await self.app(scope, receive, send)
             return
-        await auth_error_response(error)(scope, receive, send)
+        await error_response(error)(scope, receive, send)  # with WWW-Authenticate
 
 
-def _digest(value: bytes) -> bytes:
-    return hashlib.sha256(value).digest()
-
-
-def _bearer_token(headers: Iterable[tuple[bytes, bytes]]) -> bytes | None:
+def _authorization(headers: Iterable[tuple[bytes, bytes]]) -> bytes | None:
     for name, value in headers:
         if name == b"authorization":
-            scheme, _, token = value.strip().partition(b" ")
-            if scheme.lower() == b"bearer" and token.strip():
-                return token.strip()
-            return None
+            return value
     return None
 
 

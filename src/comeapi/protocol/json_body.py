@@ -82,7 +82,10 @@ def _json_loads(raw: bytes) -> Any:
         text, parse_constant=_no_constant, parse_int=_int64, parse_float=_finite_float
     )
     if "\\u" in text and _SURROGATE_ESCAPE.search(text):
-        json.dumps(value, ensure_ascii=False).encode("utf-8")  # a lone surrogate raises
+        # Every string of the text, keys and values a later duplicate key replaced included:
+        # orjson refuses a lone surrogate wherever it is. Encoding one raises.
+        every_string = json.loads(text, object_pairs_hook=lambda pairs: pairs)
+        json.dumps(every_string, ensure_ascii=False).encode("utf-8")
     return value
 
 

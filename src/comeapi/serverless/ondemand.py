@@ -5,10 +5,9 @@ API Gateway gives a request about 30 s, far less than an instance takes to boot,
 boots a miss is answered 503 with Retry-After; once it is running misses are forwarded to it.
 Last use is an instance tag (``comeapi:last-used``), so the table stays read-only for Lambda.
 
-Environment: BACKEND_INSTANCE_ID (required), BACKEND_PORT (8080), BACKEND_HOST (a fixed
-address such as an Elastic IP's DNS name; default: the instance's public IP, or its private IP
-with BACKEND_ADDRESS=private), BACKEND_API_KEY (sent as a bearer token), FORWARD_TIMEOUT (25 s),
-BOOT_RETRY_AFTER (30 s), IDLE_MINUTES (30, for the idle stop).
+Configured by ``config.BackendConfig`` (BACKEND_INSTANCE_ID, BACKEND_PORT, BACKEND_HOST,
+BACKEND_ADDRESS, BACKEND_API_KEY, FORWARD_TIMEOUT, BOOT_RETRY_AFTER) and, for the idle stop,
+``config.IdleStopConfig`` (BACKEND_INSTANCE_ID, IDLE_MINUTES).
 """
 
 from __future__ import annotations
@@ -17,11 +16,12 @@ import contextlib
 import logging
 import os
 import time
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterator
 from datetime import datetime
 from typing import Any
 
 from comeapi.errors import ConfigError, UnavailableError, UpstreamError
+from comeapi.serverless.config import BackendConfig, IdleStopConfig
 from comeapi.serverless.events import HttpRequest, Reply
 
 log = logging.getLogger(__name__)
@@ -63,18 +63,15 @@ class OnDemandBackend:
         self._touched_at = float("-inf")
 
     @classmethod
-    def from_env(cls, environ: Mapping[str, str]) -> OnDemandBackend:
-        instance_id = environ.get("BACKEND_INSTANCE_ID")
-        if not instance_id:
-            raise ConfigError("ON_MISS=start-backend needs BACKEND_INSTANCE_ID")
+    def from_config(cls, config: BackendConfig) -> OnDemandBackend:
         return cls(
-            instance_id,
-            port=_number(environ, "BACKEND_PORT", 8080, int),
-            host=environ.get("BACKEND_HOST") or None,
-            address=environ.get("BACKEND_ADDRESS", "public"),
-            api_key=environ.get("BACKEND_API_KEY") or None,
-            forward_timeout=_number(environ, "FORWARD_TIMEOUT", 25.0, float),
-            boot_retry_after=_number(environ, "BOOT_RETRY_AFTER", 30.0, float),
+            config.backend_instance_id,
+            port=config.backend_port,
+            host=config.backend_host,
+            address=config.backend_address,
+            api_key=config.backend_api_key,
+            forward_timeout=config.forward_timeout,
+            boot_retry_after=config.boot_retry_after,
         )
 
     @property
@@ -255,18 +252,8 @@ def idle_stop(ec2: Any, instance_id: str, *, idle_minutes: float, now: float | N
 
 def idle_stop_handler(event: Any, context: Any) -> dict[str, Any]:
     """The scheduled Lambda (``comeapi.serverless.ondemand.idle_stop_handler``)."""
-    instance_id = os.environ["BACKEND_INSTANCE_ID"]
-    idle_minutes = _number(os.environ, "IDLE_MINUTES", 30.0, float)
-    result = idle_stop(ec2_client(), instance_id, idle_minutes=idle_minutes)
+    config = IdleStopConfig.from_env(os.environ)
+    instance_id = config.backend_instance_id
+    result = idle_stop(ec2_client(), instance_id, idle_minutes=config.idle_minutes)
     log.warning("%s", result)
     return {"result": result, "instance": instance_id}
-
-
-def _number(environ: Mapping[str, str], name: str, default: Any, kind: Callable[[str], Any]) -> Any:
-    value = environ.get(name)
-    if not value:
-        return default
-    try:
-        return kind(value)
-    except ValueError:
-        raise ConfigError(f"{name}={value!r} is not a number") from None

@@ -8,11 +8,11 @@ The directory ``comeapi-snapshot/`` at the package root holds two files:
                      archive's SHA-256.
 ``comeapi aws package`` takes it from the table itself, with consistent reads and the
 catalogue read before and after the scan, so a snapshot is the table at one catalogue
-revision. The table stays the source of truth: the handler serves from a snapshot only until
-it sees the table's catalogue differ (the freshness rule, in ``handler.py``).
+revision. The table stays the source of truth: the function serves from a snapshot only
+until it sees the table's catalogue differ (the freshness rule, in ``source.py``).
 
 Every entry is kept, rejected ones too (the snapshot is the table); what is served is decided
-by the handler's ``serve_states`` from the marks, which must agree with the entries' review.
+by the function's ``serve_states`` from the marks, which must agree with the entries' review.
 Version 2 added the marks; a version 1 snapshot (none) reads as all pending.
 """
 
@@ -22,7 +22,6 @@ import hashlib
 import json
 import logging
 import os
-from collections.abc import Mapping
 from dataclasses import replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -31,7 +30,7 @@ from comeapi.cache.archive import read_archive, write_archive
 from comeapi.cache.dynamo_items import Catalogue
 from comeapi.cache.serving import marks
 from comeapi.cache.store import Entry, PromptInfo
-from comeapi.errors import ComeapiError, ConfigError, StoreError
+from comeapi.errors import ComeapiError, StoreError
 
 if TYPE_CHECKING:
     from comeapi.cache.dynamo import DynamoStore
@@ -113,15 +112,10 @@ def load_snapshot(directory: str) -> Snapshot | None:
     return Snapshot(table, catalogue, entries)
 
 
-def snapshot_from_env(environ: Mapping[str, str], table: str) -> Snapshot | None:
-    """The package's snapshot of ``table``, unless SNAPSHOT=off. One that does not verify,
-    or is of another table, is logged and left unused: the table answers instead."""
-    mode = environ.get("SNAPSHOT", "auto")
-    if mode not in ("auto", "off"):
-        raise ConfigError(f"SNAPSHOT={mode!r}: expected auto or off")
-    if mode == "off":
-        return None
-    directory = environ.get("SNAPSHOT_DIR") or package_dir()
+def packaged_snapshot(table: str, directory: str | None = None) -> Snapshot | None:
+    """The snapshot of ``table`` in ``directory`` (default: the package's). One that does
+    not verify, or is of another table, is logged and left unused: the table answers."""
+    directory = directory or package_dir()
     try:
         snapshot = load_snapshot(directory)
     except ComeapiError as exc:
