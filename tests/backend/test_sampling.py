@@ -134,7 +134,10 @@ def test_the_grammar_shortlist_samples_what_a_whole_vocabulary_check_does(
 
 
 def test_a_schema_the_converter_cannot_take_is_a_400() -> None:
-    bad = ResponseFormat("json_schema", {"type": "wizard"}, "x")
+    # As the request parser builds it: the param names where the schema was.
+    bad = ResponseFormat(
+        "json_schema", {"type": "wizard"}, "x", param="response_format.json_schema.schema"
+    )
     with pytest.raises(RequestError) as info:
         grammar_for(bad)
     assert info.value.param == "response_format.json_schema.schema"
