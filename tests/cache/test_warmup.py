@@ -24,7 +24,7 @@ from comeapi.cache.sqlite import SqliteStore
 from comeapi.cache.store import Entry, ResponseStore
 from comeapi.cache.warmup import CHECK_RETRIES, RESEED_STRIDE, run_warmup
 from comeapi.errors import StoreError, UnavailableError
-from tests.helpers import Proc, comeapi_argv, free_port
+from tests.helpers import BUNDLED_MODEL, Proc, comeapi_argv, free_port
 
 SET = """
 max_tokens: 4
@@ -278,6 +278,12 @@ def backend(tmp_path_factory: pytest.TempPathFactory, model_dir: Path) -> Iterat
         proc.stop()
 
 
+def on_gemma(text: str) -> str:
+    """A prompt set for the real backend below, which holds Gemma 3 270M only (the default
+    model, SmolLM2, would be a 404 there)."""
+    return f"model: {BUNDLED_MODEL}\n" + text
+
+
 def assert_checked(entry: Entry, log: str) -> None:
     """The entry's flags are what the checks say of its text, and its seed says how many
     tries the checks rejected (listed in warmup's report)."""
@@ -311,7 +317,7 @@ def test_real_warmup_fills_exactly_n_per_prompt(
     backend: str, tmp_path: Path, spawn: Callable[..., Proc]
 ) -> None:
     prompts = tmp_path / "prompts.yaml"
-    prompts.write_text(SET + "variants: 3\n", encoding="utf-8")
+    prompts.write_text(on_gemma(SET) + "variants: 3\n", encoding="utf-8")
     db = tmp_path / "cache.db"
     first = spawn(_warmup_argv(prompts, db, backend), name="warmup")
     assert first.popen.wait(240) == 0, first.log()
@@ -320,7 +326,7 @@ def test_real_warmup_fills_exactly_n_per_prompt(
     with SqliteStore(db) as store:
         index = store.load_index()
     assert {k: [e.variant for e in g] for k, g in index.items()} == {
-        item.key: [0, 1, 2] for item in prompt_set().items
+        item.key: [0, 1, 2] for item in prompt_set(on_gemma(SET)).items
     }
     for group in index.values():
         for e in group:
@@ -362,7 +368,7 @@ def test_real_warmup_killed_mid_run_resumes_to_exactly_n(
     backend: str, tmp_path: Path, spawn: Callable[..., Proc]
 ) -> None:
     prompts = tmp_path / "prompts.yaml"
-    prompts.write_text(KILL_SET, encoding="utf-8")
+    prompts.write_text(on_gemma(KILL_SET), encoding="utf-8")
     db = tmp_path / "cache.db"
     SqliteStore(db).close()
     victim = spawn(_warmup_argv(prompts, db, backend, "--concurrency", "1"), name="victim")
