@@ -279,7 +279,8 @@ def test_the_lambda_handler_serves_only_approved_answers(
                 return result["statusCode"], headers, json.loads(result["body"])
 
             check(reviewed, {i.index: served_variants(ask, i) for i in reviewed.items}, tier)
-        assert apps["lambda (snapshot)"].snapshot is not None  # it answered from the snapshot
+        source = apps["lambda (snapshot)"].source
+        assert source.answers_from == "snapshot"  # it answered from the snapshot
     finally:
         for proc in procs:
             proc.stop()
