@@ -1,0 +1,78 @@
+"""Guards: refuse a similar match, whatever its score, when the query asks something else.
+
+Embeddings score opposite or near questions close together ("What is the capital of Japan?"
+and "... of Korea?"; "Write a short poem" and "Write three short poems"), so a match must also
+pass three checks against the known prompt and its labelled paraphrases:
+
+- **numbers**: the query's numbers are the prompt's (3, three, 三つ and 3つ are one number; "a"
+  and "one" count as none);
+- **negation**: the query negates exactly when the prompt does;
+- **words**: every content word of the query occurs in the prompt or one of its ``same:``
+  examples (a kanji or katakana run may be a concatenation of known runs). A new word (Korea,
+  tea, mountains, 大阪, 紅茶) is a different question until someone labels it a paraphrase.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from dataclasses import dataclass
+
+from comeapi.similar.text import Features, is_kanji_filler
+
+MIN_PREFIX = 5  # "recommend" covers "recommendation"; "tour" does not cover "tourist"
+
+
+@dataclass(frozen=True, slots=True)
+class Vocabulary:
+    """The content words of a known prompt and its ``same:`` examples."""
+
+    words: frozenset[str]
+
+    @classmethod
+    def of(cls, texts: Iterable[Features]) -> Vocabulary:
+        return cls(frozenset(w for f in texts for w in f.words))
+
+    def covers(self, word: str) -> bool:
+        if word in self.words:
+            return True
+        tag, value = word[:2], word[2:]
+        if tag == "l:":
+            return len(value) >= MIN_PREFIX and any(
+                known.startswith("l:")
+                and len(known) - 2 >= MIN_PREFIX
+                and (known[2:].startswith(value) or value.startswith(known[2:]))
+                for known in self.words
+            )
+        if tag in ("k:", "t:"):
+            return self._concatenation(tag, value)
+        return False
+
+    def _concatenation(self, tag: str, run: str) -> bool:
+        """True when ``run`` is known runs (or request fillers, for kanji) written together."""
+        reachable = [True] + [False] * len(run)
+        for end in range(1, len(run) + 1):
+            for start in range(end):
+                if reachable[start]:
+                    piece = run[start:end]
+                    if tag + piece in self.words or (tag == "k:" and is_kanji_filler(piece)):
+                        reachable[end] = True
+                        break
+        return reachable[-1]
+
+
+def refusal(query: Features, prompt: Features, vocabulary: Vocabulary) -> str | None:
+    """Why ``query`` must not be answered as ``prompt`` whatever its score, or None."""
+    if query.negated != prompt.negated:
+        return "negation differs" if query.negated else "the prompt negates, the query does not"
+    if query.numbers != prompt.numbers:
+        return f"numbers differ ({_numbers(query)} vs {_numbers(prompt)})"
+    if not query.words:
+        return "no content words"
+    new = sorted(w[2:] for w in query.words if not vocabulary.covers(w))
+    if new:
+        return "new words: " + ", ".join(new[:5])
+    return None
+
+
+def _numbers(f: Features) -> str:
+    return ", ".join(map(str, f.numbers)) or "none"
