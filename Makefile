@@ -67,11 +67,11 @@ $(LLAMA_WHEELHOUSE)/.built: | $(BIN)/python
 
 $(VENV)/.installed: pyproject.toml $(LLAMA_WHEELHOUSE)/.built | $(BIN)/python
 	$(BIN)/python -m pip install --quiet --no-deps --force-reinstall $(LLAMA_WHEELHOUSE)/*.whl
-	$(BIN)/python -m pip install --quiet --find-links $(LLAMA_WHEELHOUSE) -e '.[llama]'
+	$(BIN)/python -m pip install --quiet --find-links $(LLAMA_WHEELHOUSE) -e '.[llama,similar]'
 	touch $@
 
 $(VENV)/.installed-dev: pyproject.toml $(VENV)/.installed
-	$(BIN)/python -m pip install --quiet -e '.[llama,dev]'
+	$(BIN)/python -m pip install --quiet -e '.[llama,similar,dev]'
 	touch $@
 
 $(MODEL): | $(VENV)/.installed
