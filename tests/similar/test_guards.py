@@ -143,3 +143,36 @@ def test_paraphrases_pass(prompt: str, query: str, same: tuple[str, ...]) -> Non
 
 def test_a_query_without_content_is_refused() -> None:
     assert _refusal("Hello! What can you help me with?", "Hello!") == "no content words"
+
+
+@pytest.mark.parametrize(
+    ("query", "reason"),
+    [
+        # the core words of the paraphrases in the query's language must all be there
+        ("What is the capital?", "missing words: japan"),
+        ("首都はどこですか？", "missing words: 日本"),
+        # an English yes/no question is not the what-question
+        ("Is Japan's capital big?", "new words: big"),
+        ("Is the capital of Japan?", "a yes/no question"),
+    ],
+)
+def test_core_words_and_question_form(query: str, reason: str) -> None:
+    same = (
+        "What is the capital of Japan?",
+        "What's Japan's capital?",
+        "Tell me the capital of Japan.",
+        "日本の首都は？",
+        "日本の首都を教えて",
+    )
+    refused = _refusal("日本の首都はどこですか？", query, *same)
+    assert refused is not None and reason in refused
+
+
+def test_core_words_need_a_few_paraphrases_in_that_language() -> None:
+    """Two English paraphrases say too little about which words every one must have."""
+    assert (
+        _refusal(
+            "日本の首都はどこですか？", "What is the capital?", "What is the capital of Japan?"
+        )
+        is None
+    )

@@ -59,6 +59,9 @@ def test_paraphrases_are_answered_as_their_prompt(
         ("How do I make a good cup of coffee?", "chat", ()),
         ("How do I make a good cup of coffee?", "prompt", ()),
         ("Tell me about quantum physics.", "prompt", ()),
+        # all words known, yet another question: less than the prompt asks, or yes/no
+        ("What is parallel processing?", "prompt", ()),
+        ("Is coffee good?", "chat", COFFEE_SYSTEM),
     ],
 )
 def test_near_neighbours_and_other_questions_are_refused(

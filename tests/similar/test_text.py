@@ -81,3 +81,22 @@ def test_light_stemming_joins_inflections_only() -> None:
     assert stem("glass") == "glass" and stem("bus") == "bus"
     assert stem("cities") == "city"
     assert stem("sea") != stem("season")
+
+
+@pytest.mark.parametrize(
+    ("text", "yes_no"),
+    [
+        ("Is breakfast good?", True),
+        ("Does Python support parallelism?", True),
+        ("Should I eat breakfast?", True),
+        # requests in a question's form, and questions with a question word
+        ("Can you recommend a good breakfast?", False),
+        ("Do you know the capital of Japan?", False),
+        ("Is there a good breakfast?", False),
+        ("Is it true? What is the capital?", False),
+        ("How do I make coffee?", False),
+        ("日本の首都はどこですか？", False),
+    ],
+)
+def test_english_yes_no_questions(text: str, yes_no: bool) -> None:
+    assert features(text).yes_no is yes_no

@@ -9,7 +9,12 @@ pass three checks against the known prompt and its labelled paraphrases:
 - **negation**: the query negates exactly when the prompt does;
 - **words**: every content word of the query occurs in the prompt or one of its ``same:``
   examples (a kanji or katakana run may be a concatenation of known runs). A new word (Korea,
-  tea, mountains, 大阪, 紅茶) is a different question until someone labels it a paraphrase.
+  tea, mountains, 大阪, 紅茶) is a different question until someone labels it a paraphrase;
+- **core words**: the words that three quarters of the prompt's paraphrases in the query's
+  language share (Japan and capital; 日本 and 首都) are all in the query: "What is the
+  capital?" asks less than "What is the capital of Japan?";
+- **question form**: an English yes/no question ("Is breakfast good?") is not a prompt that
+  asks what, how or where.
 """
 
 from __future__ import annotations
@@ -20,17 +25,32 @@ from dataclasses import dataclass
 from comeapi.similar.text import Features, is_kanji_filler
 
 MIN_PREFIX = 5  # "recommend" covers "recommendation"; "tour" does not cover "tourist"
+CORE_SHARE = 0.9  # a word in this share of a language's paraphrases is a core word
+MIN_CORE_TEXTS = 3  # fewer paraphrases in a language say nothing about its core words
 
 
 @dataclass(frozen=True, slots=True)
 class Vocabulary:
-    """The content words of a known prompt and its ``same:`` examples."""
+    """The content words of a known prompt and its ``same:`` examples, and the core words of
+    its English and Japanese ones."""
 
     words: frozenset[str]
+    core_en: frozenset[str] = frozenset()
+    core_ja: frozenset[str] = frozenset()
 
     @classmethod
     def of(cls, texts: Iterable[Features]) -> Vocabulary:
-        return cls(frozenset(w for f in texts for w in f.words))
+        texts = list(texts)
+        return cls(
+            frozenset(w for f in texts for w in f.words),
+            _core([f for f in texts if not f.japanese]),
+            _core([f for f in texts if f.japanese]),
+        )
+
+    def missing(self, query: Features) -> list[str]:
+        """The core words of the query's language that the query lacks."""
+        core = self.core_ja if query.japanese else self.core_en
+        return sorted(c[2:] for c in core if not _present(c, query.words))
 
     def covers(self, word: str) -> bool:
         if word in self.words:
@@ -60,6 +80,30 @@ class Vocabulary:
         return reachable[-1]
 
 
+def _present(word: str, words: frozenset[str]) -> bool:
+    """Is ``word`` in ``words``, inflected (Latin) or inside a longer run (朝 in 朝食)?"""
+    if word in words:
+        return True
+    tag, value = word[:2], word[2:]
+    for other in words:
+        if not other.startswith(tag):
+            continue
+        if tag in ("k:", "t:") and value in other[2:]:
+            return True
+        if tag == "l:" and min(len(value), len(other) - 2) >= MIN_PREFIX:
+            if other[2:].startswith(value) or value.startswith(other[2:]):
+                return True
+    return False
+
+
+def _core(texts: list[Features]) -> frozenset[str]:
+    if len(texts) < MIN_CORE_TEXTS:
+        return frozenset()
+    candidates = {w for f in texts for w in f.words}
+    need = CORE_SHARE * len(texts)
+    return frozenset(c for c in candidates if sum(_present(c, f.words) for f in texts) >= need)
+
+
 def refusal(query: Features, prompt: Features, vocabulary: Vocabulary) -> str | None:
     """Why ``query`` must not be answered as ``prompt`` whatever its score, or None."""
     if query.negated != prompt.negated:
@@ -71,6 +115,11 @@ def refusal(query: Features, prompt: Features, vocabulary: Vocabulary) -> str | 
     new = sorted(w[2:] for w in query.words if not vocabulary.covers(w))
     if new:
         return "new words: " + ", ".join(new[:5])
+    missing = vocabulary.missing(query)
+    if missing:
+        return "missing words: " + ", ".join(missing[:5])
+    if query.yes_no and not prompt.yes_no:
+        return "a yes/no question"
     return None
 
 

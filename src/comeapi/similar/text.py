@@ -42,6 +42,19 @@ _EN_STOP = frozenset(
     provide something anything everything everyone someone kind sort type way quick quickly
     briefly simply basically actually""")
 )
+# A question that starts with an auxiliary asks yes or no ("Is breakfast good?", "Does it
+# work?"), unless it is the polite form of a request ("Can you recommend ...?", "Do you know
+# ...?", "Is there ...?") or asks a question word after all.
+_YES_NO = re.compile(
+    r"\W*(?:is|are|am|was|were|do|does|did|can|could|will|would|should|shall|may|might|must"
+    r"|has|have|had|isn't|aren't|don't|doesn't|didn't|can't|won't)\b"
+)
+_REQUEST = re.compile(
+    r"\W*(?:(?:can|could|would|will) you|do you (?:know|have)|is there|are there)\b"
+)
+_EN_QUESTION = frozenset(_words("what which how where when who whom whose why"))
+_LATIN_WORD = re.compile(r"[a-z]+")
+_JAPANESE = re.compile(r"[\u3041-\u30ff\u3400-\u4dbf\u4e00-\u9fff]")
 _EN_NEGATION = frozenset(_words("not no never none nothing nobody neither nor without cannot"))
 _EN_NUMBERS = {
     w: i
@@ -64,7 +77,7 @@ _EN_NUMBERS.update(
         if i
     }
 )
-_EN_SUFFIXES = ("ations", "ation", "ings", "ing", "edly", "ed", "ies", "es", "s", "ly", "est")
+_EN_SUFFIXES = ("ations", "ation", "ings", "ing", "ed", "ies", "es", "s")
 
 # Kanji words that only frame a request ("please explain", "the way to").
 _KANJI_FILLER = frozenset(_words("教 説明 解説 方法 簡単 詳 願 少"))
@@ -117,6 +130,8 @@ class Features:
     words: frozenset[str]  # content words, tagged by script: "l:capital", "k:首都", "t:コーヒー"
     numbers: tuple[int | str, ...]  # sorted; 1 ("a", "one", 一杯) is left out
     negated: bool
+    japanese: bool = False  # written in Japanese (any kana or kanji)
+    yes_no: bool = False  # an English yes/no question: "Is coffee good?", not "Can you ...?"
 
 
 def canonical(text: str) -> str:
@@ -146,7 +161,16 @@ def features(text: str) -> Features:
         else:
             negated |= _hiragana(value, words)
     del numbers[1]
-    return Features(frozenset(words), tuple(sorted(numbers.elements(), key=str)), negated)
+    japanese = _JAPANESE.search(text) is not None
+    yes_no = (
+        not japanese
+        and _YES_NO.match(text) is not None
+        and _REQUEST.match(text) is None
+        and not _EN_QUESTION.intersection(_LATIN_WORD.findall(text))
+    )
+    return Features(
+        frozenset(words), tuple(sorted(numbers.elements(), key=str)), negated, japanese, yes_no
+    )
 
 
 def _latin(word: str, words: set[str], numbers: Counter[int | str]) -> bool:
