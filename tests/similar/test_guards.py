@@ -95,6 +95,9 @@ def _refusal(prompt: str, query: str, *same: str) -> str | None:
         ("How are you today?", "Who are you today?", "new words: who"),
         # another role: the same words with the person swapped
         ("Hello! What can you help me with?", "Hello! What can I help you with?", "new words: i"),
+        ("Hello! What can you help me with?", "What could you have helped me with?", "have"),
+        # a greeting lends no words: "good" of "Good afternoon" is not the "good" asked about
+        ("How are you?", "How good are you?", "new words: good"),
     ],
 )
 def test_near_neighbours_are_refused(prompt: str, query: str, reason: str) -> None:
@@ -135,6 +138,7 @@ def test_near_neighbours_are_refused(prompt: str, query: str, reason: str) -> No
         # a kanji run made of known runs: 東京 + 観光 + 名所
         ("東京でおすすめの観光地を教えてください。", "東京観光名所を教えて", ("観光の名所",)),
         ("Recommend a breakfast", "Any breakfast recommendations?", ()),
+        ("How are you?", "Good afternoon, how are you?", ()),
     ],
 )
 def test_paraphrases_pass(prompt: str, query: str, same: tuple[str, ...]) -> None:

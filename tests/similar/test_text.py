@@ -22,6 +22,9 @@ from comeapi.similar.text import features, stem
         # greetings and request framing carry no content; "I" and "me" do
         ("Hello! Can you please tell me", {"l:me"}),
         ("What can I help you with?", {"l:what", "l:i", "l:help"}),
+        # the perfect asks about the past: "have" counts there only
+        ("What could you have helped me with?", {"l:what", "l:have", "l:help", "l:me"}),
+        ("What do you have for me?", {"l:what", "l:me"}),
     ],
 )
 def test_content_words_by_script(text: str, words: set[str]) -> None:

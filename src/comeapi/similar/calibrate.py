@@ -6,8 +6,10 @@ nearest prompt, score and any refusal are recorded. For prompt P, the negatives 
 texts that are not P's paraphrases (P's ``not:`` and every other prompt's examples). P's
 threshold is the lowest that lets so few negatives through that the one-sided upper bound of
 the false-hit rate (Clopper-Pearson, 95%) stays within ``max_false_hits``, plus a ``margin``
-(negatives not yet seen sit a little above the ones that were). A prompt without ``same:``
-examples, or with too few negatives for any bound that low (299 for 1%), stays exact-only.
+(negatives not yet seen sit a little above the ones that were); when no negative comes that
+near, it is the score above which nine tenths of the ``same:`` examples nearest to P lie, less
+the margin. A prompt without ``same:`` examples, or with too few negatives for any bound that
+low (299 for 1%), stays exact-only.
 """
 
 from __future__ import annotations
@@ -24,6 +26,10 @@ from comeapi.similar.text import features
 
 DEFAULT_MAX_FALSE_HITS = 0.01
 DEFAULT_MARGIN = 0.01
+# With no negative near a prompt, its threshold is where the lowest tenth of its paraphrases'
+# scores begins: the guards decide below the negatives, but a query scoring under nearly every
+# known paraphrase is not taken on the guards alone.
+PARAPHRASE_QUANTILE = 0.1
 
 
 def calibrate(
@@ -98,6 +104,9 @@ def _fit(
         return sorted(out, reverse=True)
 
     positive_scores, negative_scores = accepted(draft.same), accepted(negatives)
+    # How low a paraphrase of this prompt scores, refused by a guard or not: the evidence of
+    # where paraphrases end, when no negative comes near.
+    paraphrase_scores = [decisions[t].score for t in draft.same if decisions[t].owner == index]
     if not draft.same:
         return replace(draft, negatives=n, reason="no labelled paraphrases (same:)")
     best = upper_bound(0, n, confidence) if n else 1.0
@@ -114,8 +123,9 @@ def _fit(
         allowed += 1
     if allowed < len(negative_scores):
         threshold = negative_scores[allowed] + margin
-    elif positive_scores:  # no negative gets near: the evidence of paraphrases ends here
-        threshold = positive_scores[-1] - margin
+    elif paraphrase_scores:  # no negative gets near: where the paraphrases' scores lie
+        low = sorted(paraphrase_scores)[int(len(paraphrase_scores) * PARAPHRASE_QUANTILE)]
+        threshold = low - margin
     else:
         threshold = 1.0
     false_hits = sum(s >= threshold for s in negative_scores)

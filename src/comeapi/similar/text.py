@@ -40,7 +40,7 @@ _EN_STOP = frozenset(
     there here please kindly just really very quite also too now tell explain describe give
     show let know want need like get s re ve d ll m hi hello hey greetings share
     provide something anything everything everyone someone kind sort type way quick quickly
-    briefly simply basically actually""")
+    briefly simply basically actually today""")
 )
 # A question that starts with an auxiliary asks yes or no ("Is breakfast good?", "Does it
 # work?"), unless it is the polite form of a request ("Can you recommend ...?", "Do you know
@@ -52,6 +52,9 @@ _YES_NO = re.compile(
 _REQUEST = re.compile(
     r"\W*(?:(?:can|could|would|will) you|do you (?:know|have)|is there|are there)\b"
 )
+# "Good afternoon" greets; it does not make "good" a word of the question.
+_GREETING = re.compile(r"\bgood (?:morning|afternoon|evening|day|night)\b")
+_PERFECT = re.compile(r"\b(?:have|has)\s+(?:been|done|[a-z]+ed)\b")
 _EN_QUESTION = frozenset(_words("what which how where when who whom whose why"))
 _LATIN_WORD = re.compile(r"[a-z]+")
 _JAPANESE = re.compile(r"[\u3041-\u30ff\u3400-\u4dbf\u4e00-\u9fff]")
@@ -140,13 +143,15 @@ def canonical(text: str) -> str:
 
 
 def features(text: str) -> Features:
-    text = canonical(text)
+    text = _GREETING.sub(" ", canonical(text))
     words: set[str] = set()
     numbers: Counter[int | str] = Counter()
     negated = False
     for m in _KANJI_NUMBER.finditer(text):
         numbers[_kanji_value(m.group(1))] += 1
     text = _COUNTED.sub(" ", text)  # 一杯淹れる: the count is a number, 淹 the word
+    if _PERFECT.search(text):  # "What could you have helped me with?" asks about the past
+        words.add("l:have")
     for m in _TOKEN.finditer(text):
         kind, value = m.lastgroup, m.group()
         if kind == "num":
