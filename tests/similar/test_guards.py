@@ -96,8 +96,6 @@ def _refusal(prompt: str, query: str, *same: str) -> str | None:
         # another role: the same words with the person swapped
         ("Hello! What can you help me with?", "Hello! What can I help you with?", "new words: i"),
         ("Hello! What can you help me with?", "What could you have helped me with?", "have"),
-        # a greeting lends no words: "good" of "Good afternoon" is not the "good" asked about
-        ("How are you?", "How good are you?", "new words: good"),
     ],
 )
 def test_near_neighbours_are_refused(prompt: str, query: str, reason: str) -> None:
@@ -180,3 +178,10 @@ def test_core_words_need_a_few_paraphrases_in_that_language() -> None:
         )
         is None
     )
+
+
+def test_a_greeting_lends_no_words_to_the_vocabulary() -> None:
+    """ "Good afternoon, how are you?" is a paraphrase; its "good" does not make "How good are
+    you?" (at a task) one."""
+    refused = _refusal("How are you?", "How good are you?", "Good afternoon, how are you?")
+    assert refused == "new words: good"
