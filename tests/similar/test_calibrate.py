@@ -113,6 +113,14 @@ def test_matching_with_the_fitted_thresholds() -> None:
     )
 
 
+def test_a_query_far_longer_than_any_labelled_text_is_refused_unread() -> None:
+    matcher = Matcher(_calibrated(0.2), TrigramEmbedder())
+    long_query = "How do I brew coffee? " * 20
+    assert matcher.match(long_query, "prompt").reason == (
+        f"longer than {matcher.max_chars} characters"
+    )
+
+
 def test_the_bound_setting_must_be_a_rate() -> None:
     with pytest.raises(ValueError):
         _calibrated(0.0)

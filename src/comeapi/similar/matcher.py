@@ -126,6 +126,9 @@ class Matcher:
         for p in calibration.prompts:
             groups.setdefault((p.kind, p.context), []).append(p)
         self.pools = {where: Pool(group, vectors) for where, group in groups.items()}
+        # A query far longer than every labelled text is no paraphrase of one, and embedding
+        # it costs time in proportion: refused unread.
+        self.max_chars = 2 * max((len(t) for t in texts), default=0) + 64
 
     def match(self, text: str, kind: EntryKind, context: Messages = ()) -> Match:
         """``text``: the prompt, or a chat's last user message; ``context``: the chat's
@@ -135,6 +138,8 @@ class Matcher:
         if pool is None:
             return Match(None, None, 0.0, "no known prompt of this kind and context")
         text = normalise(text)
+        if len(text) > self.max_chars:
+            return Match(None, None, 0.0, f"longer than {self.max_chars} characters")
         query = features(text)
         refusals = pool.refusals(query)
         if all(refusals):  # no prompt could be matched: the embedding (~20 ms) is not needed
