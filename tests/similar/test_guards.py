@@ -153,12 +153,10 @@ def test_a_query_without_content_is_refused() -> None:
         # the core words of the paraphrases in the query's language must all be there
         ("What is the capital?", "missing words: japan"),
         ("首都はどこですか？", "missing words: 日本"),
-        # an English yes/no question is not the what-question
         ("Is Japan's capital big?", "new words: big"),
-        ("Is the capital of Japan?", "a yes/no question"),
     ],
 )
-def test_core_words_and_question_form(query: str, reason: str) -> None:
+def test_core_words(query: str, reason: str) -> None:
     same = (
         "What is the capital of Japan?",
         "What's Japan's capital?",

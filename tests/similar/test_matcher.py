@@ -36,6 +36,8 @@ COFFEE, TOKYO = "How do I make a good cup of coffee?", "東京でおすすめの
         ("Pythonの並列処理について説明してください。", "prompt", (), PARALLEL),
         ("美味しいコーヒーの淹れ方を教えてください。", "chat", COFFEE_SYSTEM, COFFEE),
         ("東京の観光名所を教えて", "chat", (), TOKYO),
+        # a yes/no question where a paraphrase in that form was labelled (お元気ですか？)
+        ("お元気ですか？", "prompt", (), "こんにちは、調子はどうですか？"),
     ],
 )
 def test_paraphrases_are_answered_as_their_prompt(
@@ -62,6 +64,10 @@ def test_paraphrases_are_answered_as_their_prompt(
         # all words known, yet another question: less than the prompt asks, or yes/no
         ("What is parallel processing?", "prompt", ()),
         ("Is coffee good?", "chat", COFFEE_SYSTEM),
+        # yes/no questions, while the nearest paraphrase asks how, what or where
+        ("Can Python do parallel processing?", "prompt", ()),
+        ("東京は観光におすすめですか？", "chat", ()),
+        ("Pythonで並列処理はできますか？", "prompt", ()),
     ],
 )
 def test_near_neighbours_and_other_questions_are_refused(

@@ -101,7 +101,14 @@ def test_light_stemming_joins_inflections_only() -> None:
         ("Is it true? What is the capital?", False),
         ("How do I make coffee?", False),
         ("日本の首都はどこですか？", False),
+        # Japanese: か after です/ます with no question word; requests in that form are not
+        ("東京は観光におすすめですか？", True),
+        ("こんにちは、元気ですか？", True),
+        ("Pythonの並列処理とは何ですか？", False),
+        ("朝食のおすすめはありますか？", False),
+        ("おすすめの朝ごはんを教えてくれますか？", False),
+        ("東京の観光地を教えてくれませんか？", False),
     ],
 )
-def test_english_yes_no_questions(text: str, yes_no: bool) -> None:
+def test_yes_no_questions(text: str, yes_no: bool) -> None:
     assert features(text).yes_no is yes_no

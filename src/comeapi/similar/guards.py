@@ -13,8 +13,9 @@ pass three checks against the known prompt and its labelled paraphrases:
 - **core words**: the words that three quarters of the prompt's paraphrases in the query's
   language share (Japan and capital; 日本 and 首都) are all in the query: "What is the
   capital?" asks less than "What is the capital of Japan?";
-- **question form**: an English yes/no question ("Is breakfast good?") is not a prompt that
-  asks what, how or where.
+- **question form** (``Pool.decide``, against the nearest labelled paraphrase): a yes/no
+  question ("Is breakfast good?", 東京は観光におすすめですか？) is not a question that asks
+  what, how or where, unless a paraphrase in that form was labelled (お元気ですか？).
 """
 
 from __future__ import annotations
@@ -117,8 +118,6 @@ def refusal(query: Features, prompt: Features, vocabulary: Vocabulary) -> str | 
     missing = vocabulary.missing(query)
     if missing:
         return "missing words: " + ", ".join(missing[:5])
-    if query.yes_no and not prompt.yes_no:
-        return "a yes/no question"
     return None
 
 

@@ -105,7 +105,10 @@ class Pool:
         vocabulary = (
             self.vocabularies[owner] if leave_out is None else self._vocabulary(owner, leave_out)
         )
-        return Decision(owner, score, refusal(query, self.features[owner], vocabulary))
+        refused = refusal(query, self.features[owner], vocabulary)
+        if refused is None and query.yes_no and not self._anchor_features[best].yes_no:
+            refused = "a yes/no question"  # the nearest paraphrase asks what, how or where
+        return Decision(owner, score, refused)
 
 
 class Matcher:

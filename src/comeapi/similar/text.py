@@ -55,6 +55,11 @@ _REQUEST = re.compile(
 # "Good afternoon" greets; it does not make "good" a word of the question.
 _GREETING = re.compile(r"\bgood (?:morning|afternoon|evening|day|night)\b")
 _PERFECT = re.compile(r"\b(?:have|has)\s+(?:been|done|[a-z]+ed)\b")
+# Japanese asks yes or no with か after です, ます or でしょう and no question word; the same form
+# after あります, もらえます, くれます, いただけます (or ませんか) is a request.
+_JA_YES_NO = re.compile(r"(?:です|ます|でしょう)か\W*$")
+_JA_REQUEST = re.compile(r"(?:(?:あり|もらえ|くれ|いただけ)ます|ません)か\W*$")
+_JA_QUESTION_KANJI = re.compile(r"[何誰幾]")
 _EN_QUESTION = frozenset(_words("what which how where when who whom whose why"))
 _LATIN_WORD = re.compile(r"[a-z]+")
 _JAPANESE = re.compile(r"[\u3041-\u30ff\u3400-\u4dbf\u4e00-\u9fff]")
@@ -134,7 +139,7 @@ class Features:
     numbers: tuple[int | str, ...]  # sorted; 1 ("a", "one", 一杯) is left out
     negated: bool
     japanese: bool = False  # written in Japanese (any kana or kanji)
-    yes_no: bool = False  # an English yes/no question: "Is coffee good?", not "Can you ...?"
+    yes_no: bool = False  # a yes/no question: "Is coffee good?", 東京は観光におすすめですか？
 
 
 def canonical(text: str) -> str:
@@ -167,12 +172,19 @@ def features(text: str) -> Features:
             negated |= _hiragana(value, words)
     del numbers[1]
     japanese = _JAPANESE.search(text) is not None
-    yes_no = (
-        not japanese
-        and _YES_NO.match(text) is not None
-        and _REQUEST.match(text) is None
-        and not _EN_QUESTION.intersection(_LATIN_WORD.findall(text))
-    )
+    if japanese:
+        yes_no = (
+            _JA_YES_NO.search(text) is not None
+            and _JA_REQUEST.search(text) is None
+            and _JA_QUESTION_KANJI.search(text) is None
+            and not any(w[2:] in _HIRA_QUESTION for w in words if w.startswith("h:"))
+        )
+    else:
+        yes_no = (
+            _YES_NO.match(text) is not None
+            and _REQUEST.match(text) is None
+            and not _EN_QUESTION.intersection(_LATIN_WORD.findall(text))
+        )
     return Features(
         frozenset(words), tuple(sorted(numbers.elements(), key=str)), negated, japanese, yes_no
     )
