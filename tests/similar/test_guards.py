@@ -143,6 +143,38 @@ def test_paraphrases_pass(prompt: str, query: str, same: tuple[str, ...]) -> Non
     assert _refusal(prompt, query, *same) is None
 
 
+PYTHON_USES = "What is Python used for? Answer in two sentences."
+
+
+@pytest.mark.parametrize(
+    ("query", "refused"),
+    [
+        # a labelled paraphrase without the instruction shows its number may be left out ...
+        ("What is Python used for?", None),
+        ("What is Python used for? Answer in 2 sentences.", None),
+        # ... but another count is refused, "one" included: the prompt counts sentences
+        ("What is Python used for? Answer in five sentences.", "numbers differ (5 vs 2)"),
+        ("What is Python used for? Answer in one sentence.", "numbers differ (1 vs 2)"),
+        ("What is Python 3 used for?", "numbers differ (3 vs 2)"),
+    ],
+)
+def test_numbers_are_the_prompts_or_a_labelled_paraphrases(query: str, refused: str | None) -> None:
+    assert _refusal(PYTHON_USES, query, "What do people use Python for?") == refused
+
+
+def test_one_is_no_count_where_the_prompt_counts_nothing() -> None:
+    """ "One cup" asks what "a cup" asks; a prompt without numbers does not count."""
+    coffee = "How do I make a good cup of coffee?"
+    assert _refusal(coffee, "How do I make one good cup of coffee?") is None
+    assert (
+        _refusal(coffee, "美味しいコーヒーを一杯淹れる方法を教えて", "美味しいコーヒーの淹れ方")
+        is None
+    )
+    assert (
+        _refusal(coffee, "How do I make two good cups of coffee?") == "numbers differ (2 vs none)"
+    )
+
+
 def test_a_query_without_content_is_refused() -> None:
     assert _refusal("Hello! What can you help me with?", "Hello!") == "no content words"
 

@@ -43,10 +43,11 @@ def test_content_words_by_script(text: str, words: set[str]) -> None:
         ("二十五人", (25,)),
         ("Python 3.12", ("3.12",)),
         ("three things about Python 3", (3, 3)),  # counted: "Python 3" is another number
-        # "a", "one" and 一杯 are all one: no number; 一番 ("most") is not a number at all
+        # "a" is no number, "one" and 一杯 are 1 (the guards compare 1 only where the prompt
+        # counts something); 一番 ("most") is not a number at all
         ("a good cup of coffee", ()),
-        ("one good cup of coffee", ()),
-        ("美味しいコーヒーを一杯", ()),
+        ("one good cup of coffee", (1,)),
+        ("美味しいコーヒーを一杯", (1,)),
         ("一番大事なこと", ()),
         ("ten cups for 20 people", (10, 20)),
     ],

@@ -4,8 +4,11 @@ Embeddings score opposite or near questions close together ("What is the capital
 and "... of Korea?"; "Write a short poem" and "Write three short poems"), so a match must also
 pass three checks against the known prompt and its labelled paraphrases:
 
-- **numbers**: the query's numbers are the prompt's (3, three, 三つ and 3つ are one number; "a"
-  and "one" count as none);
+- **numbers**: the query's numbers are those of the prompt or of one of its ``same:`` examples
+  (3, three, 三つ and 3つ are one number; a labelled "What is Python used for?" shows that the
+  prompt's "Answer in two sentences" may be left out). "One" (1, 一杯) counts only where the
+  prompt counts something: "one cup of coffee" asks what "a cup of coffee" does, "in one
+  sentence" not what "in two sentences" does;
 - **negation**: the query negates exactly when the prompt does;
 - **words**: every content word of the query occurs in the prompt or one of its ``same:``
   examples (a kanji or katakana run may be a concatenation of known runs). A new word (Korea,
@@ -38,6 +41,7 @@ class Vocabulary:
     words: frozenset[str]
     core_en: frozenset[str] = frozenset()
     core_ja: frozenset[str] = frozenset()
+    numbers: frozenset[tuple[int | str, ...]] = frozenset()  # of the prompt and each example
 
     @classmethod
     def of(cls, texts: Iterable[Features]) -> Vocabulary:
@@ -46,7 +50,14 @@ class Vocabulary:
             frozenset(w for f in texts for w in f.words),
             _core([f for f in texts if not f.japanese]),
             _core([f for f in texts if f.japanese]),
+            frozenset(f.numbers for f in texts),
         )
+
+    def allows_numbers(self, query: Features, prompt: Features) -> bool:
+        """Whether the query's numbers are the prompt's or a labelled paraphrase's."""
+        counting = any(n != 1 for n in prompt.numbers)
+        allowed = {_counted(n, counting) for n in (prompt.numbers, *self.numbers)}
+        return _counted(query.numbers, counting) in allowed
 
     def missing(self, query: Features) -> list[str]:
         """The core words of the query's language that the query lacks."""
@@ -96,6 +107,11 @@ def _inflected(a: str, b: str) -> bool:
     return min(len(a), len(b)) >= MIN_PREFIX and (a.startswith(b) or b.startswith(a))
 
 
+def _counted(numbers: tuple[int | str, ...], counting: bool) -> tuple[int | str, ...]:
+    """``numbers`` as the guard compares them: without 1 unless the prompt counts something."""
+    return numbers if counting else tuple(n for n in numbers if n != 1)
+
+
 def _core(texts: list[Features]) -> frozenset[str]:
     if len(texts) < MIN_CORE_TEXTS:
         return frozenset()
@@ -108,7 +124,7 @@ def refusal(query: Features, prompt: Features, vocabulary: Vocabulary) -> str | 
     """Why ``query`` must not be answered as ``prompt`` whatever its score, or None."""
     if query.negated != prompt.negated:
         return "negation differs" if query.negated else "the prompt negates, the query does not"
-    if query.numbers != prompt.numbers:
+    if not vocabulary.allows_numbers(query, prompt):
         return f"numbers differ ({_numbers(query)} vs {_numbers(prompt)})"
     if not query.words:
         return "no content words"

@@ -107,8 +107,9 @@ _HIRA_QUESTION = ("どうして", "いくつ", "いくら", "いかが", "どち
                   "どこ", "いつ", "どう", "どの", "どれ", "なに", "なん")  # fmt: skip
 _HIRA_NEGATION = re.compile(r"ない|なかっ|なく|ません|ずに|せず|ぬ")
 # Negative forms that are polite requests, not negations: 教えてくれない？ ありませんか？
+# (but 有名ではありませんか？ asks "is it not famous?")
 _HIRA_POLITE = re.compile(
-    r"(?:くれ|もらえ|いただけ)(?:ない|ません)|ありませんか|ないですか|ないかな"
+    r"(?:くれ|もらえ|いただけ)(?:ない|ません)|(?<!では)(?<!じゃ)ありませんか|ないですか|ないかな"
 )
 _HIRA_PREFIXES = sorted(
     _words(
@@ -135,8 +136,10 @@ _HIRA_SUFFIXES = sorted(
 class Features:
     """The parts of a text the guards compare (``guards.py``)."""
 
-    words: frozenset[str]  # content words, tagged by script: "l:capital", "k:首都", "t:コーヒー"
-    numbers: tuple[int | str, ...]  # sorted; 1 ("a", "one", 一杯) is left out
+    # content words, tagged by script: "l:capital", "k:首都", "t:コーヒー", and a Latin word
+    # with the number after it, "n:python 2"
+    words: frozenset[str]
+    numbers: tuple[int | str, ...]  # sorted by their text; "a" is none, "one" and 一杯 are 1
     negated: bool
     japanese: bool = False  # written in Japanese (any kana or kanji)
     yes_no: bool = False  # a yes/no question: "Is coffee good?", 東京は観光におすすめですか？
@@ -157,12 +160,21 @@ def features(text: str) -> Features:
     text = _COUNTED.sub(" ", text)  # 一杯淹れる: the count is a number, 淹 the word
     if _PERFECT.search(text):  # "What could you have helped me with?" asks about the past
         words.add("l:have")
+    named: tuple[str, int] | None = None  # the content word just before, and where it ends
     for m in _TOKEN.finditer(text):
         kind, value = m.lastgroup, m.group()
         if kind == "num":
             numbers[_number(value)] += 1
+            if named is not None and not text[named[1] : m.start()].strip():
+                # "Python 2", "Windows 10", "top 3": a name with its number is a word of its
+                # own, so "What is Python 2 used for?" is not "... Answer in two sentences."
+                words.add(f"n:{named[0]} {value}")
         elif kind == "latin":
-            negated |= _latin(value, words, numbers)
+            negates, added = _latin(value, words, numbers)
+            negated |= negates
+            if added is not None:
+                named = (added, m.end())
+                continue
         elif kind == "kanji":
             if not _KANJI_NUMERAL.fullmatch(value):  # 三 of 三つ is a number, not a word
                 words.add("k:" + value)
@@ -170,7 +182,7 @@ def features(text: str) -> Features:
             words.add("t:" + value)
         else:
             negated |= _hiragana(value, words)
-    del numbers[1]
+        named = None
     japanese = _JAPANESE.search(text) is not None
     if japanese:
         yes_no = (
@@ -190,8 +202,8 @@ def features(text: str) -> Features:
     )
 
 
-def _latin(word: str, words: set[str], numbers: Counter[int | str]) -> bool:
-    """Adds one Latin word; True when it negates."""
+def _latin(word: str, words: set[str], numbers: Counter[int | str]) -> tuple[bool, str | None]:
+    """Adds one Latin word: whether it negates, and the content word added (if one was)."""
     negated = word.endswith("n't") or word in _EN_NEGATION
     if word.endswith("n't"):
         word = {"won't": "will", "can't": "can", "shan't": "shall"}.get(word, word[:-3])
@@ -200,8 +212,10 @@ def _latin(word: str, words: set[str], numbers: Counter[int | str]) -> bool:
     if word in _EN_NUMBERS:
         numbers[_EN_NUMBERS[word]] += 1
     elif not negated and word not in _EN_STOP:
-        words.add("l:" + stem(_SAME_QUESTION.get(word, word)))
-    return negated
+        added = stem(_SAME_QUESTION.get(word, word))
+        words.add("l:" + added)
+        return False, added
+    return negated, None
 
 
 def stem(word: str) -> str:
