@@ -158,11 +158,14 @@
     const shown = cache.prompts_shown;
     $("cache-note").textContent =
       `${cache.prompts} prompts, ${cache.answers} answers (${variants} variants each)` +
-      (shown.length < cache.prompts ? `; the ${shown.length} most hit shown` : "");
+      (shown.length < cache.prompts ? `; the ${shown.length} most hit shown` : "") +
+      (cache.match === "similar" ? `; matching by meaning: ${cache.similar_hits} similar hits` +
+        (cache.similar && cache.similar.problem ? ` (${cache.similar.problem})` : "") : "");
     const head = document.createElement("tr");
     head.append(th("Prompt"), th("Model", "wide"));
     for (let v = 0; v < variants; v++) head.append(th("v" + v, "num"));
     head.append(th("Total", "num"));
+    if (cache.match === "similar") head.append(th("Paraphrases"));
     table.tHead.replaceChildren(head);
     const rows = shown.map((p) => {
       const tr = document.createElement("tr");
@@ -177,6 +180,15 @@
         tr.append(td);
       }
       tr.append(cell(p.hits, "num total"));
+      if (p.similar) {
+        // Whether paraphrases get this prompt's answers (its false-hit bound within the
+        // setting), or why it stays exact-only.
+        const s = p.similar;
+        const text = s.similar
+          ? `yes (${Math.round(100 * s.served_share)} % of same:, bound ${(100 * s.false_hit_bound).toFixed(2)} %)`
+          : `exact-only: ${s.reason}`;
+        tr.append(cell(text, "similar"));
+      }
       return tr;
     });
     table.tBodies[0].replaceChildren(...rows);
@@ -205,7 +217,7 @@
       tr.append(cell(r.model));
       tr.append(cell(r.status, statusClass(r.status)));
       const cache = document.createElement("td");
-      if (r.cache) cache.append(badge(r.cache, r.cache));
+      if (r.cache) cache.append(badge(r.match === "similar" ? "HIT ≈" : r.cache, r.cache));
       else cache.textContent = "–";
       tr.append(cache);
       tr.append(cell(r.variant, "num variant"));
