@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import sqlite3
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -13,11 +14,14 @@ from click.testing import CliRunner, Result
 
 from comeapi.cache.archive import read_calibration, read_entries_file, write_archive, write_jsonl
 from comeapi.cache.default import shipped_cache_path
+from comeapi.cache.dynamo import DynamoStore, make_client
 from comeapi.cache.prompts import load_prompt_set
 from comeapi.cache.sqlite import SqliteStore
 from comeapi.cli import main
 from comeapi.similar import Calibration
+from tests.aws_local import REGION, dummy_credentials, start_moto_server
 from tests.cache.factory import sample_entries
+from tests.helpers import Proc
 
 DOC: dict[str, Any] = {
     "v": 1,
@@ -131,3 +135,39 @@ def test_the_default_store_is_seeded_with_the_shipped_calibration(tmp_path: Path
     store_url = json.loads(result.output)["store"]
     with SqliteStore(store_url.removeprefix("sqlite:")) as store:
         assert store.calibration() == read_calibration(shipped_cache_path())
+
+
+def test_dynamodb_keeps_the_calibration_through_push_and_pull(
+    spawn: Callable[..., Proc], monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    """Over moto's server: push carries the local store's calibration, a --replace push
+    keeps it out of the entries, and pull brings it back."""
+    dummy_credentials(monkeypatch)
+    endpoint = start_moto_server(spawn)
+    local = SqliteStore(tmp_path / "a.db")
+    local.put_many(sample_entries(2, 2))
+    local.set_calibration(DOC)
+    local.close()
+    remote = ["--table", "t", "--region", REGION, "--endpoint-url", endpoint]
+    pushed = run(
+        "cache",
+        "push",
+        "dynamodb",
+        *remote,
+        "--create",
+        "--replace",
+        "--store",
+        f"sqlite:{tmp_path}/a.db",
+    )
+    assert pushed.exit_code == 0, pushed.output
+    table = DynamoStore(make_client(REGION, endpoint), "t")
+    assert table.calibration() == DOC
+    assert len(list(table.entries())) == 4  # the calibration item is no entry
+    before = table.revision()
+    table.set_calibration(None)
+    assert table.calibration() is None and table.revision() != before
+    table.set_calibration(DOC)
+    pulled = run("cache", "pull", "dynamodb", *remote, "--store", f"sqlite:{tmp_path}/b.db")
+    assert pulled.exit_code == 0, pulled.output
+    with SqliteStore(tmp_path / "b.db") as copy:
+        assert copy.calibration() == DOC and len(list(copy.entries())) == 4
