@@ -6,6 +6,7 @@ streaming, never stored under the query's key) and what /status says."""
 
 from __future__ import annotations
 
+import json
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -112,3 +113,28 @@ def test_status_shows_each_prompt_matched_by_meaning_and_the_similar_hits(gatewa
         assert prompt["similar"]["false_hit_bound"] <= 0.01
     # a similar answer filled no slot: the store still holds the shipped 50 answers
     assert cache["answers"] == 50
+
+
+def test_misses_are_listed_with_their_nearest_prompt_and_the_log_says_how_hits_matched(
+    gateway: str,
+) -> None:
+    from click.testing import CliRunner
+
+    from comeapi.cli import main
+
+    item = next(i for i in load_prompt_set().items if i.prompt == "What is the capital of Japan?")
+    for _ in range(3):
+        assert _send(gateway, item, "What is the capital of Peru?").status_code == 404
+    result = CliRunner().invoke(main, ["cache", "misses", "--url", gateway, "--json"])
+    assert result.exit_code == 0, result.output
+    missed = {m["query"]: m for m in json.loads(result.output)}
+    peru = missed["What is the capital of Peru?"]
+    assert peru["count"] >= 3 and peru["kind"] == "chat"
+    assert peru["nearest_prompt"] == item.prompt and peru["reason"]
+    table = CliRunner().invoke(main, ["cache", "misses", "--url", gateway])
+    assert "What is the capital of Peru?" in table.output
+
+    _send(gateway, item, "What's the capital city of Japan?")
+    _send(gateway, item, item.prompt)
+    rows = httpx.get(gateway + "/dashboard/data", timeout=10).json()["requests"]["recent"]
+    assert [r["match"] for r in rows[:3]] == ["exact", "similar", None]

@@ -28,6 +28,8 @@ LAZY_COMMANDS = {
     "pull": "comeapi.cli.cache_dynamo:pull",
     "check": "comeapi.cli.check:check",
     "calibrate": "comeapi.cli.similar:calibrate",
+    "misses": "comeapi.cli.similar:misses",
+    "label": "comeapi.cli.similar:label",
     **{
         name: f"comeapi.cli.review:{name}"
         for name in ("review", "approve", "reject", "pin", "unpin", "edit", "regenerate")

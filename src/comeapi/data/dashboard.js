@@ -100,6 +100,7 @@
 
     renderBackends(data);
     renderCache(cache);
+    renderMisses(cache);
     renderRequests(data.requests);
     previous = data;
   }
@@ -192,6 +193,25 @@
       return tr;
     });
     table.tBodies[0].replaceChildren(...rows);
+  }
+
+  function renderMisses(cache) {
+    // The queries missed most often (this gateway process), with the nearest known prompt
+    // and why they were not answered as it: what to label next (`comeapi cache label`).
+    const missed = cache ? cache.missed || [] : [];
+    $("misses-note").textContent = !cache
+      ? "This gateway runs without a response cache."
+      : `${cache.missed_tracked} distinct missed queries counted by this process` +
+        (cache.match === "similar" ? "" : " (the nearest prompt is shown with --match similar)");
+    const rows = missed.map((m) => {
+      const tr = document.createElement("tr");
+      const query = cell(m.query, "prompt");
+      query.title = m.query;
+      tr.append(query, cell(m.kind), cell(m.count, "num"), cell(m.nearest_prompt, "prompt"));
+      tr.append(cell(m.score === null ? null : m.score.toFixed(3), "num"), cell(m.reason));
+      return tr;
+    });
+    $("missed").tBodies[0].replaceChildren(...rows);
   }
 
   function th(text, className) {

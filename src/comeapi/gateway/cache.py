@@ -24,6 +24,7 @@ from comeapi.cache.key import canonical_model, choose_default_model, lookup_key,
 from comeapi.cache.replies import entry_from_answer
 from comeapi.cache.serving import DEFAULT_SERVE_STATES, served_entries
 from comeapi.cache.store import Entry, ResponseStore
+from comeapi.gateway.misses import MissedQueries
 from comeapi.models.bundled import BUNDLED_MODEL
 from comeapi.protocol.requests import GenerationRequest
 
@@ -76,6 +77,8 @@ class ResponseCache:
         self.store_misses = store_misses
         #: With match=similar: the store's calibration, loaded with the answers.
         self.similar = similar
+        #: The queries missed most often (in memory, this process only).
+        self.missed = MissedQueries()
         self.serve_states = frozenset(serve_states)
         # A new answer is pending: may a proxy keep one that the gateway forwarded?
         self._keep_new = "pending" in self.serve_states

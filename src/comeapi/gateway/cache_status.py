@@ -7,6 +7,8 @@ from typing import Any
 from comeapi.cache.serving import marks
 from comeapi.gateway.cache import ResponseCache
 
+MISSED_SHOWN = 20
+
 
 def cache_status(cache: ResponseCache) -> dict[str, Any]:
     """Prompts, answers, hits and misses (with the ratio), the store's problem if any, and
@@ -50,6 +52,10 @@ def cache_status(cache: ResponseCache) -> dict[str, Any]:
         if similar is None
         else {k: v for k, v in similar.items() if k != "prompts"},
         "by_prompt": sorted(prompts, key=lambda p: p["prompt"]),
+        # The queries missed most often, with the nearest prompt (--match similar): what to
+        # label next (``comeapi cache misses``, ``comeapi cache label``).
+        "missed": cache.missed.top(MISSED_SHOWN),
+        "missed_tracked": len(cache.missed),
     }
 
 

@@ -14,6 +14,7 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Iterable
+from functools import partial
 
 import anyio.to_thread
 import orjson
@@ -240,6 +241,8 @@ class GenerationRoutes:
         unknown = lookup.key is not None and not cache.group(lookup.key)
         if unknown and await self._similar(send, prepared, cache, record):
             return None
+        if unknown and cache.similar is None:
+            cache.missed.add(request)
         record.outcome = miss = Miss(looked_up=True, variant=lookup.forced_variant)
         return await self._miss(scope, receive, request, raw, cache, lookup, miss)
 
@@ -249,12 +252,18 @@ class GenerationRoutes:
         """Answer an exact miss as the known prompt it paraphrases (``gateway.similar``), if
         one is accepted: a served variant of that prompt, never stored under this request's
         key. Off the event loop: an embedding costs milliseconds."""
-        if cache.similar is None or uncacheable(prepared.request) is not None:
+        if cache.similar is None:
+            return False
+        if uncacheable(prepared.request) is not None:
             return False
         model = prepared.request.model or cache.default_model
-        hit, _ = await anyio.to_thread.run_sync(cache.similar.match, prepared.request, model)
+        explain = prepared.request not in cache.missed  # a first miss: name its nearest prompt
+        hit, found = await anyio.to_thread.run_sync(
+            partial(cache.similar.match, explain=explain), prepared.request, model
+        )
         entry = cache.similar_hit(hit.key) if hit is not None else None
         if hit is None or entry is None:
+            cache.missed.add(prepared.request, found.nearest, found.score, found.reason)
             return False
         reply = self.replies.get(entry, prepared.format)
         payload = reply.body()

@@ -20,6 +20,7 @@ from urllib.parse import quote
 
 from comeapi.cache.key import request_key
 from comeapi.errors import ComeapiError
+from comeapi.gateway.misses import query_of
 from comeapi.protocol.requests import GenerationRequest
 from comeapi.similar.calibration import Calibration, PromptCalibration
 from comeapi.similar.engines import Embedder, open_embedder
@@ -116,21 +117,25 @@ class SimilarMatching:
                 calibration.engine,
             )
 
-    def match(self, request: GenerationRequest, model: str) -> tuple[SimilarHit | None, Match]:
+    def match(
+        self, request: GenerationRequest, model: str, *, explain: bool = False
+    ) -> tuple[SimilarHit | None, Match]:
         """The known prompt ``request`` paraphrases, if one is accepted (blocking: run it
-        in a thread). ``model``: the model the request means (its own, or the default)."""
+        in a thread). ``model``: the model the request means (its own, or the default).
+        ``explain``: a refused query gets its nearest prompt even where the guards refused
+        it before any embedding (for the misses list: once per distinct missed query)."""
         matcher = self.matcher
         if matcher is None:
             return None, Match(None, None, 0.0, self.problem)
-        if request.messages is None:
-            context: tuple[tuple[str, str], ...] = ()
-            text = request.prompt or ""
-        else:
-            *before, last = ((m.role, m.content) for m in request.messages)
-            if last[0] != "user":
-                return None, Match(None, None, 0.0, "the chat does not end with a user message")
-            context, text = tuple(before), last[1]
-        found = matcher.match(text, "chat" if request.messages is not None else "prompt", context)
+        query = query_of(request)
+        if query is None:
+            return None, Match(None, None, 0.0, "the chat does not end with a user message")
+        kind, context, text = query
+        found = matcher.match(text, kind, context)  # type: ignore[arg-type]
+        if found.key is None and found.nearest is None and explain:
+            nearest = matcher.nearest(text, kind, context)  # type: ignore[arg-type]
+            if nearest is not None:
+                found = replace(found, nearest=nearest[0], score=nearest[1])
         if found.key is None or found.nearest is None:
             return None, found
         # The calibrated prompt's key must be the one this request would have with that

@@ -158,6 +158,20 @@ class Matcher:
             return Match(None, known.text, decision.score, refused)
         return Match(known.key, known.text, decision.score)
 
+    def nearest(
+        self, text: str, kind: EntryKind, context: Messages = ()
+    ) -> tuple[str, float] | None:
+        """The known prompt nearest ``text`` and the score, guards aside (one embedding): what
+        an operator is shown beside a missed query, never a reason to answer it."""
+        context = tuple((role, normalise(content)) for role, content in context)
+        pool = self.pools.get((kind, context))
+        text = normalise(text)
+        if pool is None or len(text) > self.max_chars or not len(pool.anchor_texts):
+            return None
+        sims = pool.anchors @ self.embedder.embed([text])[0]
+        best = int(np.argmax(sims))
+        return pool.prompts[int(pool.owner[best])].text, float(sims[best])
+
 
 def _stack(rows: list[Vectors]) -> Vectors:
     if not rows:
