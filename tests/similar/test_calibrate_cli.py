@@ -57,3 +57,27 @@ def test_calibrate_prints_each_prompt_and_label_recalibrates(tmp_path: Path) -> 
         "What is the capital of Japan?"
     ]
     assert "Name the capital city of Japan, please." in japan.same
+
+
+def test_a_store_of_the_first_shipped_archive_is_calibrated_with_the_requirements_lists(
+    tmp_path: Path,
+) -> None:
+    """The first shipped cache (the requirements' 10 prompts answered by Gemma 3 270M, a
+    version 1 .jsonl: tests/similar/data, from git history) imports as before, and
+    examples/requirements-prompts.yaml calibrates every one of its prompts."""
+    store = f"sqlite:{tmp_path / 'c.db'}"
+    first = Path(__file__).with_name("data") / "first-shipped-cache.jsonl"
+    imported = CliRunner().invoke(main, ["cache", "import", str(first), "--store", store])
+    assert imported.exit_code == 0, imported.output
+    lists = Path(__file__).resolve().parents[2] / "examples" / "requirements-prompts.yaml"
+    result = CliRunner().invoke(
+        main, ["cache", "calibrate", "--prompts", str(lists), "--store", store]
+    )
+    assert result.exit_code == 0, result.output
+    assert "10 of 10 prompts answer paraphrases" in result.output
+    assert "no answers in this store" not in result.output
+    with SqliteStore(tmp_path / "c.db") as s:
+        doc = s.calibration()
+        stored = {p.key for p in s.prompts()}
+    assert doc is not None
+    assert {p.key for p in Calibration.from_dict(doc).prompts} == stored
