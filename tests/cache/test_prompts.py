@@ -218,3 +218,61 @@ def test_stop_strings_are_an_optional_parameter() -> None:
     assert "stop" not in parse_prompt_set("prompts: [Hi]\n", "p.yaml").items[0].params
     with pytest.raises(ConfigError, match=r"prompts\[0\]\.stop: must be a string or up to 4"):
         parse_prompt_set("prompts:\n  - {prompt: Hi, stop: []}\n", "p.yaml")
+
+
+REQUIREMENTS_PROMPTS = Path(__file__).parents[2] / "examples" / "requirements-prompts.yaml"
+
+
+def test_items_carry_their_labelled_examples_normalised() -> None:
+    parsed = parse_prompt_set(
+        """prompts:
+  - prompt: "Hi"
+    same: ["  Hello\\r\\n", "やあ"]
+    not: ["Bye"]
+  - messages: [{role: user, content: "Tea?"}]
+    same: ["A cup of tea?"]
+  - prompt: "Plain"
+""",
+        "t.yaml",
+    )
+    first, chat, plain = parsed.items
+    assert first.same == ("Hello", "やあ") and first.not_ == ("Bye",)
+    assert chat.same == ("A cup of tea?",) and chat.not_ == ()
+    assert plain.same == () and plain.not_ == ()
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        ("prompts:\n  - prompt: a\n    same: b\n", "prompts[0].same: must be a list"),
+        ("prompts:\n  - prompt: a\n    not: [b, 3]\n", "prompts[0].not[1]: must be a non-empty"),
+        (
+            "prompts:\n  - prompt: a\n    same: [b, ' b ']\n",
+            "prompts[0].same[1]: 'b' is listed twice",
+        ),
+        (
+            "prompts:\n  - prompt: a\n    same: [b]\n    not: [b]\n",
+            "prompts[0].not: 'b' is also listed under 'same'",
+        ),
+        (
+            "prompts:\n  - {prompt: a, same: [x]}\n  - {prompt: c, same: [x]}\n",
+            "prompts[1].same: 'x' is also under prompts[0].same",
+        ),
+    ],
+)
+def test_bad_examples_name_the_field(text: str, expected: str) -> None:
+    assert expected in _error(text)
+
+
+def test_the_requirements_prompts_keep_the_first_shipped_set_with_labelled_lists() -> None:
+    """examples/requirements-prompts.yaml: the 10 prompts of the first shipped archive, each
+    with at least 10 + 10 examples, English and Japanese on both sides."""
+    labelled = load_prompt_set(REQUIREMENTS_PROMPTS)
+    assert len(labelled.items) == 10
+    assert labelled.items[0].prompt == "こんにちは、調子はどうですか？"
+    assert sum(i.kind == "chat" for i in labelled.items) == 3
+    for item in labelled.items:
+        for examples in (item.same, item.not_):
+            assert len(examples) >= 10, item.prompt
+            japanese = [t for t in examples if any("\u3040" <= c <= "\u9fff" for c in t)]
+            assert 0 < len(japanese) < len(examples), item.prompt

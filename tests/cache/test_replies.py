@@ -120,11 +120,12 @@ def test_headers_are_the_same_names_on_every_tier() -> None:
         ("Content-Type", "text/event-stream"),
         ("X-Cache", "HIT"),
         ("X-Cache-Variant", "4"),
+        ("X-Cache-Match", "exact"),
         ("Cache-Control", "no-cache"),
     )
     assert reply.head == (
         b"content-type: text/event-stream\r\nx-cache: HIT\r\nx-cache-variant: 4\r\n"
-        b"cache-control: no-cache\r\n"
+        b"x-cache-match: exact\r\ncache-control: no-cache\r\n"
     )
 
 

@@ -44,6 +44,9 @@ FORMAT_VERSION = 2
 #: Versions this comeapi reads: 1 has no review fields (its entries read as pending).
 READ_VERSIONS = (1, 2)
 MANIFEST = "manifest.json"
+#: The manifest's (or .jsonl header's) optional field with the store's calibration (its
+#: ``similar.Calibration`` as JSON): files without it, older ones included, read as before.
+CALIBRATION = "calibration"
 ENTRIES = "entries.jsonl"
 
 # Ceilings, checked before anything is allocated (a cache of short answers is far smaller:
@@ -74,8 +77,11 @@ def entry_line(entry: Entry) -> bytes:
     return doc.encode("utf-8") + b"\n"
 
 
-def write_archive(entries: Iterable[Entry], path: Path) -> dict[str, Any]:
-    """Write ``entries`` to the archive ``path`` (atomically: temp file, then rename).
+def write_archive(
+    entries: Iterable[Entry], path: Path, calibration: dict[str, Any] | None = None
+) -> dict[str, Any]:
+    """Write ``entries`` to the archive ``path`` (atomically: temp file, then rename), with
+    the store's similar-matching ``calibration`` in the manifest when it has one.
 
     Returns the manifest. Every entry is verified first: a corrupt store is not exported.
     """
@@ -96,6 +102,8 @@ def write_archive(entries: Iterable[Entry], path: Path) -> dict[str, Any]:
             for e, line in zip(ordered, lines, strict=True)
         },
     }
+    if calibration is not None:
+        manifest[CALIBRATION] = calibration
     head = json.dumps(manifest, ensure_ascii=False, indent=2, sort_keys=True).encode("utf-8")
     mtime = int(time.time())
 
@@ -113,9 +121,12 @@ def write_archive(entries: Iterable[Entry], path: Path) -> dict[str, Any]:
     return manifest
 
 
-def write_jsonl(entries: Iterable[Entry], path: Path) -> int:
+def write_jsonl(
+    entries: Iterable[Entry], path: Path, calibration: dict[str, Any] | None = None
+) -> int:
     """A header line, then the entry lines (reviewable in a diff), written atomically;
-    returns the count. The header holds the count and the SHA-256 of the entry lines."""
+    returns the count. The header holds the count, the SHA-256 of the entry lines and the
+    store's similar-matching ``calibration`` when it has one."""
     ordered = _verified(entries)
     lines = [entry_line(e) for e in ordered]
     header = {
@@ -125,14 +136,33 @@ def write_jsonl(entries: Iterable[Entry], path: Path) -> int:
         "entries": len(lines),
         "entries_sha256": hashlib.sha256(b"".join(lines)).hexdigest(),
     }
-    head = json.dumps(header, sort_keys=True, separators=(",", ":")).encode() + b"\n"
-    _atomic_write(path, lambda fh: fh.writelines([head, *lines]))
+    if calibration is not None:
+        header[CALIBRATION] = calibration
+    head = json.dumps(header, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
+    head += "\n"
+    _atomic_write(path, lambda fh: fh.writelines([head.encode("utf-8"), *lines]))
     return len(ordered)
 
 
 def read_entries_file(path: Path) -> list[Entry]:
     """Entries of an archive, or of a ``.jsonl`` file, fully validated (else ArchiveError)."""
     return read_jsonl(path) if path.name.endswith(".jsonl") else read_archive(path)
+
+
+def read_calibration(path: Path) -> dict[str, Any] | None:
+    """The calibration an archive's manifest or a ``.jsonl`` header carries (checked by
+    ``similar.Calibration.from_dict`` where it is used); None for a file without one, such
+    as every file written before similar matching."""
+    with _open(path) as fh:
+        if path.name.endswith(".jsonl"):
+            first = fh.readline(MAX_LINE_BYTES + 1)
+            head = _jsonl_header(str(path), first) if first.endswith(b"\n") else {}
+        else:
+            tar = _TarStream(path, _Gunzip(path, fh, limit=MAX_TAR_BYTES))
+            member = next(tar.members(), None)
+            head = {} if member is None else _manifest_document(path, tar.read_member(member))
+    doc = head.get(CALIBRATION)
+    return doc if isinstance(doc, dict) else None
 
 
 def read_archive(path: Path) -> list[Entry]:

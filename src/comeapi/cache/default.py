@@ -1,7 +1,9 @@
 """The shipped default cache: 10 prompts x 5 answers of the bundled model, in the package.
 
 ``comeapi serve`` and ``comeapi cache ...`` with the default store fill it from
-``data/default-cache.jsonl`` on first use, so a fresh clone serves the cache at once.
+``data/default-cache.jsonl`` on first use, so a fresh clone serves the cache at once; its
+header carries the calibration of the shipped prompt set's labelled lists, so ``--match
+similar`` answers paraphrases at once too.
 Regenerate the file as docs/cache.md ("The shipped default") describes.
 """
 
@@ -11,7 +13,7 @@ import importlib.resources
 import logging
 from pathlib import Path
 
-from comeapi.cache.archive import read_jsonl
+from comeapi.cache.archive import read_calibration, read_jsonl
 from comeapi.cache.open import open_store
 from comeapi.cache.store import Entry, ResponseStore
 from comeapi.settings import Settings, default_store
@@ -48,6 +50,9 @@ def ensure_default_store(settings: Settings, store: ResponseStore | None = None)
             log.warning("no shipped cache at %s: the default store stays empty", SHIPPED_CACHE)
             return 0
         added = target.put_many(shipped_entries())
+        calibration = read_calibration(shipped_cache_path())
+        if calibration is not None:  # --match similar answers paraphrases out of the box
+            target.set_calibration(calibration)
         log.info("filled the default store %s with %d shipped answers", settings.store, added)
         return added
     finally:

@@ -17,6 +17,7 @@ not there yet; reads write nothing.
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import random
 import time
@@ -40,6 +41,10 @@ from comeapi.cache.dynamo_items import (
 from comeapi.cache.serving import mark, marks
 from comeapi.cache.store import Entry, PromptInfo, ResponseStore
 from comeapi.errors import ConfigError, StoreError, StoreUnavailableError
+
+#: The item holding similar matching's calibration (JSON in ``doc``): like the catalogue, a
+#: key that is never a hex digest.
+CALIBRATION_KEY = "#calibration"
 
 KEY_SCHEMA = [
     {"AttributeName": "key", "KeyType": "HASH"},
@@ -250,12 +255,45 @@ class DynamoStore(ResponseStore):
     def _prompts(self) -> list[PromptInfo]:
         return list(self.catalogue().prompts)
 
+    def calibration(self) -> dict[str, Any] | None:
+        """The item at ``key = "#calibration"`` (one GetItem; read when the store loads)."""
+        with dynamo_errors("GetItem (calibration)"):
+            item = self.client.get_item(
+                TableName=self.table,
+                Key={"key": {"S": CALIBRATION_KEY}, "variant": {"N": "0"}},
+                ConsistentRead=True,
+            ).get("Item")
+        if item is None:
+            return None
+        doc: dict[str, Any] = json.loads(item["doc"]["S"])
+        return doc
+
+    def set_calibration(self, doc: dict[str, Any] | None) -> None:
+        """Write (or delete) the calibration item, then the catalogue with a new revision, so
+        a reader that watches the revision loads it."""
+        key = {"key": {"S": CALIBRATION_KEY}, "variant": {"N": "0"}}
+        with dynamo_errors("PutItem (calibration)"):
+            if doc is None:
+                self.client.delete_item(TableName=self.table, Key=key)
+            else:
+                text = json.dumps(doc, ensure_ascii=False, sort_keys=True)
+                item = {**key, "doc": {"S": text}}
+                if item_size(item) > MAX_ITEM_BYTES:
+                    raise StoreError(
+                        f"the calibration needs {item_size(item)} bytes, over DynamoDB's "
+                        f"{MAX_ITEM_BYTES}-byte item limit",
+                        code="too_large",
+                    )
+                self.client.put_item(TableName=self.table, Item=item)
+        current = self.catalogue(consistent=True)
+        self._put_catalogue(Catalogue(current.revision + 1, current.prompts), current)
+
     def revision(self) -> int | None:
         return self.catalogue().revision
 
     def _entries(self) -> Iterator[Entry]:
         """Every entry (a Scan: for pull and export, never on the request path)."""
-        items = [i for i in self._scan() if i["key"]["S"] != CATALOGUE_KEY]
+        items = [i for i in self._scan() if not i["key"]["S"].startswith("#")]
         entries = sorted((decode_entry(i) for i in items), key=lambda e: (e.key, e.variant))
         return iter(entries)
 
@@ -295,7 +333,7 @@ class DynamoStore(ResponseStore):
         stale = [
             {"DeleteRequest": {"Key": {"key": i["key"], "variant": i["variant"]}}}
             for i in self._scan("#k, variant")
-            if i["key"]["S"] != CATALOGUE_KEY
+            if not i["key"]["S"].startswith("#")  # the catalogue and the calibration stay
             and (i["key"]["S"], int(i["variant"]["N"])) not in wanted
         ]
         self._batch_write(stale)

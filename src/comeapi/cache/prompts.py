@@ -14,8 +14,12 @@ A YAML (or JSON) file::
         max_tokens: 32                  # ... overridable per prompt
       - messages:                       # /v1/chat/completions
           - {role: user, content: "How do I boil an egg?"}
+        same: ["How should I boil an egg?", "卵はどうやってゆでますか？"]
+        not: ["How do I fry an egg?"]
 
-Every error names the file, the field and the line.
+``same:`` and ``not:`` are labelled examples for similar matching (``comeapi.similar``):
+queries that deserve this item's answers, and near neighbours that need another answer. For a
+chat item they are the last user message. Every error names the file, the field and the line.
 """
 
 from __future__ import annotations
@@ -42,7 +46,8 @@ DEFAULT_PARAMS: dict[str, Any] = {"max_tokens": 64, "temperature": 0.8, "top_k":
 # Optional parameters, sent only when the file gives them.
 OPTIONAL_PARAMS = ("stop",)
 _SET_FIELDS = ("model", "variants", *DEFAULT_PARAMS, *OPTIONAL_PARAMS, "checks", "prompts")
-_ITEM_FIELDS = ("prompt", "messages", *DEFAULT_PARAMS, *OPTIONAL_PARAMS)
+_ITEM_FIELDS = ("prompt", "messages", *DEFAULT_PARAMS, *OPTIONAL_PARAMS, "same", "not")
+MAX_EXAMPLES = 1000  # per list: calibration is quadratic in the examples
 
 FieldPath = tuple[str | int, ...]
 
@@ -59,6 +64,8 @@ class PromptItem:
     params: dict[str, Any]
     key: str
     line: int | None = None
+    same: tuple[str, ...] = ()  # labelled paraphrases (normalised), for similar matching
+    not_: tuple[str, ...] = ()  # labelled near neighbours that need another answer
 
     @property
     def route(self) -> str:
@@ -167,8 +174,21 @@ class _Parser:
                     )
                 seen.setdefault(item.key, i)
                 items.append(item)
+            self._conflicting_examples(items)
         self.raise_errors()
         return PromptSet(self.source, model.strip(), variants, tuple(items), checks)
+
+    def _conflicting_examples(self, items: list[PromptItem]) -> None:
+        """A paraphrase cannot deserve two prompts' answers: the labels would contradict."""
+        owner: dict[str, int] = {}
+        for item in items:
+            for text in item.same:
+                if text in owner and owner[text] != item.index:
+                    self.error(
+                        (*("prompts", item.index), "same"),
+                        f"{text!r} is also under prompts[{owner[text]}].same",
+                    )
+                owner.setdefault(text, item.index)
 
     def raise_errors(self) -> None:
         if self.errors:
@@ -187,6 +207,10 @@ class _Parser:
             return None
         self._unknown(raw, path, _ITEM_FIELDS)
         params = self._params(raw, path, base)
+        same = self._examples(raw, path, "same")
+        not_ = self._examples(raw, path, "not")
+        for text in sorted(set(same) & set(not_)):
+            self.error((*path, "not"), f"{text!r} is also listed under 'same'")
         if ("prompt" in raw) == ("messages" in raw):
             self.error(path, "needs exactly one of 'prompt' or 'messages'")
             return None
@@ -196,17 +220,34 @@ class _Parser:
                 self.error((*path, "prompt"), "must be a non-empty string")
                 return None
             prompt = normalise(text)
-            return PromptItem(
-                i, "prompt", prompt, None, model, params, prompt_key(prompt, model), line
-            )
+            key = prompt_key(prompt, model)
+            return PromptItem(i, "prompt", prompt, None, model, params, key, line, same, not_)
         messages = self._messages(raw["messages"], (*path, "messages"))
         if messages is None:
             return None
         users = [c for r, c in messages if r == "user"]
         shown = users[-1] if users else messages[-1][1]
-        return PromptItem(
-            i, "chat", shown, messages, model, params, chat_key(messages, model), line
-        )
+        key = chat_key(messages, model)
+        return PromptItem(i, "chat", shown, messages, model, params, key, line, same, not_)
+
+    def _examples(self, raw: dict[str, Any], path: FieldPath, name: str) -> tuple[str, ...]:
+        """The ``same``/``not`` list of an item, normalised like a prompt; [] when absent."""
+        if name not in raw:
+            return ()
+        values = raw[name]
+        if not isinstance(values, list) or len(values) > MAX_EXAMPLES:
+            self.error((*path, name), f"must be a list of at most {MAX_EXAMPLES} non-empty strings")
+            return ()
+        out: list[str] = []
+        for j, value in enumerate(values):
+            text = normalise(value) if isinstance(value, str) else ""
+            if not text:
+                self.error((*path, name, j), "must be a non-empty string")
+            elif text in out:
+                self.error((*path, name, j), f"{text!r} is listed twice")
+            else:
+                out.append(text)
+        return tuple(out)
 
     def _checks(self, raw: Any) -> dict[str, Action]:
         if not isinstance(raw, dict):

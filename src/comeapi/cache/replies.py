@@ -88,6 +88,7 @@ class HitReply:
         self._id_prefix = _ID_PREFIX[fmt.kind]
         headers = [("Content-Type", SSE if fmt.stream else JSON), ("X-Cache", "HIT")]
         headers.append(("X-Cache-Variant", str(entry.variant)))
+        headers.append(("X-Cache-Match", "exact"))  # a similar hit says so instead
         if fmt.stream:
             headers.append(("Cache-Control", "no-cache"))
         self.headers: tuple[tuple[str, str], ...] = tuple(headers)

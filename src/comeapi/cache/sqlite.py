@@ -83,6 +83,13 @@ _COLUMNS = (
     "prompt_tokens, completion_tokens, created, checksum, state, flags, pinned, history"
 )
 _INSERT = f"INSERT OR REPLACE INTO entries ({_COLUMNS}) VALUES ({', '.join('?' * 17)})"
+# The calibration (one JSON document) has its own table, made when first written: schema 2
+# stays as it was, so an older comeapi still opens a calibrated store and ignores it.
+_CALIBRATION_TABLE = (
+    "CREATE TABLE IF NOT EXISTS calibration "
+    "(id INTEGER PRIMARY KEY CHECK (id = 1), doc TEXT NOT NULL)"
+)
+_HAS_CALIBRATION = "SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 'calibration'"
 _BUMP = "UPDATE meta SET value = value + 1 WHERE name = 'revision'"
 
 
@@ -163,6 +170,25 @@ class SqliteStore(ResponseStore):
     def hit_counts(self) -> dict[tuple[str, int], int]:
         rows = self._query("SELECT key, variant, count FROM hits")
         return {(key, int(variant)): int(count) for key, variant, count in rows}
+
+    def calibration(self) -> dict[str, Any] | None:
+        if not self._query(_HAS_CALIBRATION):  # a store never calibrated (or an older one)
+            return None
+        rows = self._query("SELECT doc FROM calibration WHERE id = 1")
+        if not rows:
+            return None
+        doc: dict[str, Any] = json.loads(rows[0][0])
+        return doc
+
+    def set_calibration(self, doc: dict[str, Any] | None) -> None:
+        with self._write("write the calibration") as conn:
+            conn.execute(_CALIBRATION_TABLE)
+            if doc is None:
+                conn.execute("DELETE FROM calibration")
+            else:
+                text = json.dumps(doc, ensure_ascii=False, sort_keys=True)
+                conn.execute("INSERT OR REPLACE INTO calibration (id, doc) VALUES (1, ?)", (text,))
+            conn.execute(_BUMP)  # a running gateway reloads it with the answers
 
     def revision(self) -> int | None:
         rows = self._query("SELECT value FROM meta WHERE name = 'revision'")

@@ -229,6 +229,16 @@ class ResponseStore(ABC):
         """Stored hit totals per (key, variant); empty where the store keeps none."""
         return {}
 
+    def calibration(self) -> dict[str, Any] | None:
+        """The similar-matching calibration kept with the answers (``similar.Calibration``
+        as JSON), None when the store holds none: then no request is matched by meaning."""
+        return None
+
+    def set_calibration(self, doc: dict[str, Any] | None) -> None:
+        """Keep ``doc`` as the store's calibration (None removes it); StoreError where the
+        store cannot keep one."""
+        raise StoreError(f"{type(self).__name__} cannot keep a calibration")
+
     def revision(self) -> int | None:
         """A number that changes whenever entries change (None: unknown), so a server can
         cheaply notice an import and reload its in-memory index."""

@@ -1,4 +1,5 @@
-"""``comeapi cache ls|export|import|copy|push|pull``, the review commands of
+"""``comeapi cache ls|export|import|copy|push|pull``, ``calibrate``
+(``comeapi.cli.similar``), the review commands of
 ``comeapi.cli.review`` (``review|approve|reject|pin|unpin|edit|regenerate``) and ``comeapi
 cache check`` (``comeapi.cli.check``).
 
@@ -26,6 +27,9 @@ LAZY_COMMANDS = {
     "push": "comeapi.cli.cache_dynamo:push",
     "pull": "comeapi.cli.cache_dynamo:pull",
     "check": "comeapi.cli.check:check",
+    "calibrate": "comeapi.cli.similar:calibrate",
+    "misses": "comeapi.cli.similar:misses",
+    "label": "comeapi.cli.similar:label",
     **{
         name: f"comeapi.cli.review:{name}"
         for name in ("review", "approve", "reject", "pin", "unpin", "edit", "regenerate")
@@ -117,10 +121,11 @@ def export(ctx: click.Context, /, file: Path, **values: Any) -> None:
     settings = build_settings(ctx, values)
     with user_errors(), open_configured_store(settings) as store:
         entries = list(store.entries())
+        calibration = store.calibration()  # similar matching's thresholds travel with them
         if file.name.endswith(".jsonl"):
-            write_jsonl(entries, file)
+            write_jsonl(entries, file, calibration)
         else:
-            write_archive(entries, file)
+            write_archive(entries, file, calibration)
     prompts = len({e.key for e in entries})
     click.echo(f"exported {len(entries)} entries ({prompts} prompts) to {file}")
 
@@ -140,17 +145,23 @@ def import_(ctx: click.Context, /, file: Path, merge: bool, **values: Any) -> No
 
     All or nothing: a truncated, tampered or empty FILE changes nothing.
     """
-    from comeapi.cache.archive import read_entries_file
+    from comeapi.cache.archive import read_calibration, read_entries_file
     from comeapi.cache.open import open_store
     from comeapi.errors import ArchiveError
+    from comeapi.similar.calibration import Calibration
 
     settings = build_settings(ctx, values)
     with user_errors():
         entries = read_entries_file(file)  # a bad archive stops here: the store is untouched
         if not entries:  # --replace would empty the store: never by accident
             raise ArchiveError(f"{file} holds no entries: nothing imported, the store is unchanged")
+        calibration = read_calibration(file)
+        if calibration is not None:
+            Calibration.from_dict(calibration)  # a malformed one stops here too
         with open_store(settings.store) as store:
             count = store.put_many(entries) if merge else store.replace_all(entries)
+            if calibration is not None:  # a file without one leaves the store's as it is
+                store.set_calibration(calibration)
     prompts = len({e.key for e in entries})
     how = "merged into" if merge else "replaced the contents of"
     click.echo(f"{count} entries ({prompts} prompts) {how} {settings.store}")

@@ -73,14 +73,16 @@ def push(
     settings = build_settings(ctx, values)
     with user_errors():
         if from_archive is not None:
-            from comeapi.cache.archive import read_entries_file
+            from comeapi.cache.archive import read_calibration, read_entries_file
 
             entries, source = read_entries_file(from_archive), str(from_archive)
+            calibration = read_calibration(from_archive)
         else:
             from comeapi.cache.default import open_configured_store
 
             with open_configured_store(settings) as local:
                 entries, source = list(local.entries()), settings.store
+                calibration = local.calibration()
         if not entries:
             # An empty push cannot mean anything useful, and with --replace it would wipe the table.
             raise click.ClickException(f"nothing to push: {source} holds no entries")
@@ -89,6 +91,8 @@ def push(
             click.echo(f"created table {table} (on-demand billing)")
         store = DynamoStore(client, table)
         count = store.put_many(entries) if merge else store.replace_all(entries)
+        if calibration is not None:  # similar matching's thresholds go with the answers
+            store.set_calibration(calibration)
         revision = store.catalogue(consistent=True).revision
     prompts = len({e.key for e in entries})
     how = "merged into" if merge else "replaced the contents of"
@@ -120,13 +124,16 @@ def pull(
 
     settings = build_settings(ctx, values)
     with user_errors():
-        entries = list(DynamoStore(make_client(region, endpoint_url), table).entries())
+        remote = DynamoStore(make_client(region, endpoint_url), table)
+        entries, calibration = list(remote.entries()), remote.calibration()
         if not entries:
             raise click.ClickException(f"nothing to pull: dynamodb table {table} holds no entries")
         for entry in entries:
             entry.verify()  # a tampered item stops the pull before the local store changes
         with open_store(settings.store) as local:
             count = local.put_many(entries) if merge else local.replace_all(entries)
+            if calibration is not None:
+                local.set_calibration(calibration)
     prompts = len({e.key for e in entries})
     how = "merged into" if merge else "replaced the contents of"
     click.echo(

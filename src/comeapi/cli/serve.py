@@ -40,6 +40,8 @@ GATEWAY_FIELDS = (
     "variants",
     "on_miss",
     "store_misses",
+    "match",
+    "similar_max_false_hits",
     "serve_states",
     "variant_secret",
     "cache_refresh",

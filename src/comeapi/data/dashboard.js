@@ -100,6 +100,7 @@
 
     renderBackends(data);
     renderCache(cache);
+    renderMisses(cache);
     renderRequests(data.requests);
     previous = data;
   }
@@ -158,11 +159,14 @@
     const shown = cache.prompts_shown;
     $("cache-note").textContent =
       `${cache.prompts} prompts, ${cache.answers} answers (${variants} variants each)` +
-      (shown.length < cache.prompts ? `; the ${shown.length} most hit shown` : "");
+      (shown.length < cache.prompts ? `; the ${shown.length} most hit shown` : "") +
+      (cache.match === "similar" ? `; matching by meaning: ${cache.similar_hits} similar hits` +
+        (cache.similar && cache.similar.problem ? ` (${cache.similar.problem})` : "") : "");
     const head = document.createElement("tr");
     head.append(th("Prompt"), th("Model", "wide"));
     for (let v = 0; v < variants; v++) head.append(th("v" + v, "num"));
     head.append(th("Total", "num"));
+    if (cache.match === "similar") head.append(th("Paraphrases"));
     table.tHead.replaceChildren(head);
     const rows = shown.map((p) => {
       const tr = document.createElement("tr");
@@ -177,9 +181,37 @@
         tr.append(td);
       }
       tr.append(cell(p.hits, "num total"));
+      if (p.similar) {
+        // Whether paraphrases get this prompt's answers (its false-hit bound within the
+        // setting), or why it stays exact-only.
+        const s = p.similar;
+        const text = s.similar
+          ? `yes (${Math.round(100 * s.served_share)} % of same:, bound ${(100 * s.false_hit_bound).toFixed(2)} %)`
+          : `exact-only: ${s.reason}`;
+        tr.append(cell(text, "similar"));
+      }
       return tr;
     });
     table.tBodies[0].replaceChildren(...rows);
+  }
+
+  function renderMisses(cache) {
+    // The queries missed most often (this gateway process), with the nearest known prompt
+    // and why they were not answered as it: what to label next (`comeapi cache label`).
+    const missed = cache ? cache.missed || [] : [];
+    $("misses-note").textContent = !cache
+      ? "This gateway runs without a response cache."
+      : `${cache.missed_tracked} distinct missed queries counted by this process` +
+        (cache.match === "similar" ? "" : " (the nearest prompt is shown with --match similar)");
+    const rows = missed.map((m) => {
+      const tr = document.createElement("tr");
+      const query = cell(m.query, "prompt");
+      query.title = m.query;
+      tr.append(query, cell(m.kind), cell(m.count, "num"), cell(m.nearest_prompt, "prompt"));
+      tr.append(cell(m.score === null ? null : m.score.toFixed(3), "num"), cell(m.reason));
+      return tr;
+    });
+    $("missed").tBodies[0].replaceChildren(...rows);
   }
 
   function th(text, className) {
@@ -205,7 +237,7 @@
       tr.append(cell(r.model));
       tr.append(cell(r.status, statusClass(r.status)));
       const cache = document.createElement("td");
-      if (r.cache) cache.append(badge(r.cache, r.cache));
+      if (r.cache) cache.append(badge(r.match === "similar" ? "HIT ≈" : r.cache, r.cache));
       else cache.textContent = "–";
       tr.append(cache);
       tr.append(cell(r.variant, "num variant"));

@@ -16,7 +16,7 @@ from collections import Counter
 from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass
 from types import MappingProxyType
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import anyio.to_thread
 
@@ -24,8 +24,12 @@ from comeapi.cache.key import canonical_model, choose_default_model, lookup_key,
 from comeapi.cache.replies import entry_from_answer
 from comeapi.cache.serving import DEFAULT_SERVE_STATES, served_entries
 from comeapi.cache.store import Entry, ResponseStore
+from comeapi.gateway.misses import MissedQueries
 from comeapi.models.bundled import BUNDLED_MODEL
 from comeapi.protocol.requests import GenerationRequest
+
+if TYPE_CHECKING:  # numpy and the matcher are imported only when match=similar
+    from comeapi.gateway.similar import SimilarMatching
 
 log = logging.getLogger("comeapi.gateway.cache")
 
@@ -65,11 +69,16 @@ class ResponseCache:
         store_misses: bool = False,
         serve_states: Collection[str] = DEFAULT_SERVE_STATES,
         rng: random.Random | None = None,
+        similar: SimilarMatching | None = None,
     ):
         self.store = store
         self.variants = variants
         self.variant_secret = variant_secret
         self.store_misses = store_misses
+        #: With match=similar: the store's calibration, loaded with the answers.
+        self.similar = similar
+        #: The queries missed most often (in memory, this process only).
+        self.missed = MissedQueries()
         self.serve_states = frozenset(serve_states)
         # A new answer is pending: may a proxy keep one that the gateway forwarded?
         self._keep_new = "pending" in self.serve_states
@@ -85,6 +94,7 @@ class ResponseCache:
         self._stored_hits: dict[tuple[str, int], int] = {}
         self.hits = 0
         self.misses = 0
+        self.similar_hits = 0  # of the hits, requests answered as a prompt they paraphrase
         #: Why the store cannot be read or written right now, for /status (None: all well).
         self.problem: str | None = None
 
@@ -100,6 +110,8 @@ class ResponseCache:
         self._index, self._revision = index, revision
         self._served = {k: g for k, g in served.items() if g}
         self.default_model = choose_default_model(self._configured_model, models, BUNDLED_MODEL)
+        if self.similar is not None:
+            self.similar.load(self.store.calibration())
         log.info(
             "cache: %d prompts, %d answers loaded, %d served (%s)",
             len(index),
@@ -174,6 +186,19 @@ class ResponseCache:
             return Lookup(entry)
         self.misses += 1
         return Lookup(None, key, keep=self._keep_new and key not in self._index)
+
+    def similar_hit(self, key: str) -> Entry | None:
+        """A served variant of ``key`` for a request that missed its own key but paraphrases
+        this prompt (``gateway.similar``): counted as a hit of ``key`` instead of a miss."""
+        group = self._served.get(key)
+        if not group:
+            return None
+        entry = group[int(self._rng.random() * len(group))]
+        self.misses -= 1
+        self.hits += 1
+        self.similar_hits += 1
+        self._pending_hits[(key, entry.variant)] += 1
+        return entry
 
     def _forced(self, key: str, group: tuple[Entry, ...], forced: int) -> Lookup:
         """The slot a trusted proxy chose: its variant if served; a stored variant that is

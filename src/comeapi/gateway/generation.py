@@ -14,7 +14,9 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Iterable
+from functools import partial
 
+import anyio.to_thread
 import orjson
 from starlette.applications import Starlette
 from starlette.datastructures import Headers, State
@@ -234,8 +236,47 @@ class GenerationRoutes:
             await send({"type": "http.response.body", "body": payload})
             record.outcome = reply
             return None
+        # Only a prompt the store does not know at all: a known prompt's empty slot (which
+        # a proxy asks to fill) is generated, not stood in for.
+        unknown = lookup.key is not None and not cache.group(lookup.key)
+        if unknown and await self._similar(send, prepared, cache, record):
+            return None
+        if unknown and cache.similar is None:
+            cache.missed.add(request)
         record.outcome = miss = Miss(looked_up=True, variant=lookup.forced_variant)
         return await self._miss(scope, receive, request, raw, cache, lookup, miss)
+
+    async def _similar(
+        self, send: Send, prepared: Prepared, cache: ResponseCache, record: RequestRecord
+    ) -> bool:
+        """Answer an exact miss as the known prompt it paraphrases (``gateway.similar``), if
+        one is accepted: a served variant of that prompt, never stored under this request's
+        key. Off the event loop: an embedding costs milliseconds."""
+        if cache.similar is None:
+            return False
+        if uncacheable(prepared.request) is not None:
+            return False
+        model = prepared.request.model or cache.default_model
+        explain = prepared.request not in cache.missed  # a first miss: name its nearest prompt
+        hit, found = await anyio.to_thread.run_sync(
+            partial(cache.similar.match, explain=explain), prepared.request, model
+        )
+        entry = cache.similar_hit(hit.key) if hit is not None else None
+        if hit is None or entry is None:
+            cache.missed.add(prepared.request, found.nearest, found.score, found.reason)
+            return False
+        reply = self.replies.get(entry, prepared.format)
+        payload = reply.body()
+        headers = [
+            (n.lower().encode(), v.encode())
+            for n, v in (*(h for h in reply.headers if h[0] != "X-Cache-Match"), *hit.headers())
+        ]
+        headers.append((b"content-length", str(len(payload)).encode()))
+        await send({"type": "http.response.start", "status": 200, "headers": headers})
+        await send({"type": "http.response.body", "body": payload})
+        record.outcome = reply
+        record.similar = hit
+        return True
 
     async def _miss(
         self,

@@ -45,6 +45,7 @@ FIELDS = (
     "duration_ms",
     "prompt_tokens",
     "completion_tokens",
+    "match",  # how a hit was found: exact, or similar (a paraphrase of a known prompt)
 )
 
 
@@ -105,7 +106,17 @@ class Miss:
 class RequestRecord:
     """One request: filled as it goes, finished by ``RequestLog.add``."""
 
-    __slots__ = ("client", "method", "outcome", "path", "request", "seconds", "status", "time")
+    __slots__ = (
+        "client",
+        "method",
+        "outcome",
+        "path",
+        "request",
+        "seconds",
+        "similar",
+        "status",
+        "time",
+    )
 
     def __init__(self, method: str, path: str, client: tuple[str, int] | None):
         self.method = method
@@ -114,6 +125,8 @@ class RequestRecord:
         self.request: GenerationRequest | None = None
         #: The cache's hit (the reply sent), or the ``Miss``; None where the cache had no part.
         self.outcome: HitReply | Miss | None = None
+        #: The known prompt a similar hit answered as (``gateway.similar.SimilarHit``).
+        self.similar: Any = None
         # time, status and seconds are set when the request ends (RequestLog.add).
         self.time: float
         self.status: int
@@ -151,6 +164,7 @@ class RequestRecord:
             "duration_ms": round(self.seconds * 1000, 3),
             "prompt_tokens": prompt_tokens,
             "completion_tokens": completion_tokens,
+            "match": None if cache != "HIT" else "similar" if self.similar else "exact",
         }
 
 
@@ -222,7 +236,7 @@ class AccessLog:
             f"cache={_value(f['cache'])} variant={_value(f['variant'])} "
             f"model={_value(f['model'])} backend={_value(f['backend'])} "
             f"duration_ms={f['duration_ms']} prompt_tokens={_value(f['prompt_tokens'])} "
-            f"completion_tokens={_value(f['completion_tokens'])}"
+            f"completion_tokens={_value(f['completion_tokens'])} match={_value(f['match'])}"
         )
 
     def _tick(self, when: float) -> int:

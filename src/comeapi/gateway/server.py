@@ -84,6 +84,11 @@ def build_cache(settings: Settings) -> ResponseCache:
     """The response cache over the configured store (the default one seeded on first use)."""
     from comeapi.cache.default import open_configured_store
 
+    similar = None
+    if settings.match == "similar":
+        from comeapi.gateway.similar import SimilarMatching
+
+        similar = SimilarMatching(settings.similar_max_false_hits)
     return ResponseCache(
         open_configured_store(settings),
         variants=settings.variants,
@@ -91,6 +96,7 @@ def build_cache(settings: Settings) -> ResponseCache:
         variant_secret=settings.variant_secret,
         store_misses=settings.store_misses,
         serve_states=settings.serve_states,
+        similar=similar,
     )
 
 
