@@ -16,7 +16,6 @@ from collections import Counter
 from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass
 from types import MappingProxyType
-from typing import Any
 
 import anyio.to_thread
 
@@ -26,6 +25,7 @@ from comeapi.cache.serving import DEFAULT_SERVE_STATES, served_entries
 from comeapi.cache.store import Entry, ResponseStore
 from comeapi.models.bundled import BUNDLED_MODEL
 from comeapi.protocol.requests import GenerationRequest
+from comeapi.protocol.responses import Answer
 
 log = logging.getLogger("comeapi.gateway.cache")
 
@@ -209,7 +209,7 @@ class ResponseCache:
         return next((v for v in range(self.variants) if v not in present), None)
 
     async def store_answer(
-        self, lookup: Lookup, request: GenerationRequest, answer: Mapping[str, Any]
+        self, lookup: Lookup, request: GenerationRequest, answer: Answer | None
     ) -> None:
         """Store a forwarded answer: in the slot a trusted proxy chose, or (with store_misses)
         in the lowest free slot. The in-memory index follows at once. StoreError if the

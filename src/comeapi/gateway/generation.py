@@ -17,13 +17,14 @@ from collections.abc import Iterable
 
 import orjson
 from starlette.applications import Starlette
-from starlette.datastructures import Headers, State
+from starlette.datastructures import State
 from starlette.requests import ClientDisconnect
 from starlette.responses import Response
 from starlette.types import Receive, Scope, Send
 
 from comeapi.balancer.pool import BackendPool
 from comeapi.balancer.proxy import Forwarder, forward_headers
+from comeapi.balancer.relay import Forwarded, UpstreamStream
 from comeapi.cache.key import uncacheable
 from comeapi.cache.replies import HitReply, Replies
 from comeapi.errors import ComeapiError, PromptNotCachedError, RequestError, StoreError
@@ -54,6 +55,8 @@ _CACHE_CONTROL = b"cache-control"
 _VARIANT = VARIANT_HEADER.encode()
 _SECRET = SECRET_HEADER.encode()
 _HIT_HEADERS = frozenset({_CACHE_CONTROL, _VARIANT, _SECRET})
+_CACHE_VARIANT = b"x-cache-variant"
+_NO_STORE = NO_STORE_HEADER.lower().encode()
 
 
 class GenerationRoutes:
@@ -181,7 +184,7 @@ class GenerationRoutes:
         try:
             denied = self.keys.check(scope)
             if denied is not None:
-                response: Response | None = auth_error_response(denied)
+                response: Response | Forwarded | None = auth_error_response(denied)
             elif scope["method"] != "POST":
                 error = RequestError(f"method {scope['method']} not allowed on {scope['path']}")
                 error.status = 405
@@ -216,14 +219,9 @@ class GenerationRoutes:
         raw: bytes,
         record: RequestRecord,
         lookup: Lookup | None,
-    ) -> Response | None:
+    ) -> Response | Forwarded | UpstreamStream | None:
         """None once a hit is sent; otherwise the response to send."""
-        cache = self.cache
-        request = prepared.request
-        if cache is None or lookup is None:
-            record.outcome = miss = Miss(looked_up=False)
-            return await self._forward(scope, receive, request, raw, miss)
-        if lookup.entry is not None:
+        if lookup is not None and lookup.entry is not None:
             reply = self.replies.get(lookup.entry, prepared.format)
             payload = reply.body()
             self.door.remember(scope["path"], raw, prepared)
@@ -234,19 +232,42 @@ class GenerationRoutes:
             await send({"type": "http.response.body", "body": payload})
             record.outcome = reply
             return None
+        return await self._pass_on(
+            scope["path"], scope["headers"], raw, prepared, record, lookup, receive
+        )
+
+    async def _pass_on(
+        self,
+        path: str,
+        headers: RawHeaders,
+        raw: bytes,
+        prepared: Prepared,
+        record: RequestRecord,
+        lookup: Lookup | None,
+        receive: Receive | None,
+    ) -> Forwarded | UpstreamStream:
+        """A request the cache does not answer (``lookup`` None: not looked up), forwarded
+        or refused (ComeapiError). With ``receive`` (the ASGI path) a client that goes away
+        ends the wait; without it, the caller cancels the task when its client goes."""
+        cache = self.cache
+        request = prepared.request
+        if cache is None or lookup is None:
+            record.outcome = miss = Miss(looked_up=False)
+            return await self._forward(path, headers, request, raw, miss, receive)
         record.outcome = miss = Miss(looked_up=True, variant=lookup.forced_variant)
-        return await self._miss(scope, receive, request, raw, cache, lookup, miss)
+        return await self._miss(path, headers, request, raw, cache, lookup, miss, receive)
 
     async def _miss(
         self,
-        scope: Scope,
-        receive: Receive,
+        path: str,
+        headers: RawHeaders,
         request: GenerationRequest,
         raw: bytes,
         cache: ResponseCache,
         found: Lookup,
         miss: Miss,
-    ) -> Response:
+        receive: Receive | None,
+    ) -> Forwarded | UpstreamStream:
         forced = found.forced_variant
         if forced is None and (self.settings.on_miss == "reject" or not self.pool.backends):
             param = uncacheable(request)
@@ -261,40 +282,46 @@ class GenerationRoutes:
         if forced is not None:
             # The slot nginx chose is generated with its own seed, as warmup would.
             raw = orjson.dumps({**orjson.loads(raw), "seed": forced})
-        response = await self._forward(scope, receive, request, raw, miss)
-        response.headers["X-Cache"] = "MISS"
+        response = await self._forward(path, headers, request, raw, miss, receive)
+        response.set_header(b"x-cache", b"MISS")
         if forced is not None:
-            response.headers["X-Cache-Variant"] = str(forced)
+            response.set_header(_CACHE_VARIANT, b"%d" % forced)
         if not found.keep:
-            response.headers[NO_STORE_HEADER] = "1"
+            response.set_header(_NO_STORE, b"1")
         fills = forced is not None or cache.store_misses
-        if fills and found.key is not None and response.status_code == 200 and not request.stream:
+        if fills and found.key is not None and isinstance(response, Forwarded):
             await self._store(cache, found, request, response)
         return response
 
     async def _store(
-        self, cache: ResponseCache, found: Lookup, request: GenerationRequest, response: Response
+        self, cache: ResponseCache, found: Lookup, request: GenerationRequest, response: Forwarded
     ) -> None:
         """Keep a generated answer. The client gets it whether or not the store takes it."""
+        answer = response.answer  # read once: the request log reads the same
+        if answer is None:
+            return  # not a 200, or not JSON
         try:
-            answer = orjson.loads(response.body)
             await cache.store_answer(found, request, answer)
-        except orjson.JSONDecodeError:
-            return
         except StoreError as exc:
             self.metrics.store_failures.inc()
             log.warning("answer sent but not stored: %s", exc.message)
 
     async def _forward(
-        self, scope: Scope, receive: Receive, request: GenerationRequest, raw: bytes, miss: Miss
-    ) -> Response:
+        self,
+        path: str,
+        headers: RawHeaders,
+        request: GenerationRequest,
+        raw: bytes,
+        miss: Miss,
+        receive: Receive | None,
+    ) -> Forwarded | UpstreamStream:
         if self.on_demand is not None:
             self.on_demand.ensure_running()
         self.pool.check_model(request.model)
         miss.response = await self.forwarder.forward(
-            scope["path"],
+            path,
             raw,
-            forward_headers(Headers(scope=scope), self.settings.backend_api_key),
+            forward_headers(headers, self.settings.backend_api_key),
             model=request.model,
             stream=request.stream,
             receive=receive,

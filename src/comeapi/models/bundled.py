@@ -158,4 +158,3 @@ def _sha256(path: Path) -> str:
 def _check(source: _Source, got: str, where: Path) -> None:
     if got != source.sha256:
         raise ConfigError(f"a bundled model has a wrong SHA-256 ({where}): reinstall its package")
-
