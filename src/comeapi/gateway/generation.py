@@ -6,14 +6,16 @@ something stands in front, such as CORS, by ``__call__``): the body's verdict
 (``gateway.frontdoor``; a bad body is 400 whatever the cache holds), the lookup, the
 pre-encoded reply (``cache.replies``), one count. No Request or Response object, no
 middleware, no routing. A miss is forwarded through the pool, or refused with the known
-prompts.
+prompts; a whole (not streamed) one inside the HTTP server too, through ``answer_later``
+(the backend's answer written in one go, no ASGI cycle), a stream through ``__call__``.
 """
 
 from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Iterable
+from collections.abc import Coroutine, Iterable
+from typing import Any
 
 import orjson
 from starlette.applications import Starlette
@@ -42,7 +44,7 @@ from comeapi.gateway.ondemand import OnDemandBackends
 from comeapi.gateway.requestlog import Miss, RequestLog, RequestRecord
 from comeapi.http.auth import APIKeys, auth_error_response
 from comeapi.http.errors import error_response
-from comeapi.http.immediate import NOTE, ImmediateRequest
+from comeapi.http.immediate import NOTE, ImmediateRequest, Later
 from comeapi.http.responses import read_asgi_body
 from comeapi.protocol.requests import KINDS, GenerationRequest
 from comeapi.settings import Settings
@@ -101,20 +103,18 @@ class GenerationRoutes:
         """The Starlette app's state (``state.gateway``), as if this were that app."""
         return self.app.state
 
-    # --- the hit path, before any ASGI task ------------------------------------------------
+    # --- inside the HTTP server, without an ASGI task: hits, and whole forwarded answers ---
 
     def answer_now(self, request: ImmediateRequest) -> tuple[bytes, bytes] | None:
         """A cache hit answered by the HTTP server itself, as soon as the whole request is
         read and before any ASGI task exists (``http.immediate``): the header lines and
         body of a 200, counted and recorded here as ``__call__`` would. None for anything
-        else (an error, a miss, a bypass): the request then takes the ASGI path, which finds
-        this verdict and lookup in ``request.note`` rather than repeating them, so a miss is
-        counted once."""
+        else (an error, a miss, a bypass): the request then goes to ``answer_later`` (a miss
+        or a bypass to forward) or the ASGI path, which find this verdict and lookup in
+        ``request.note`` rather than repeating them, so a miss is counted once."""
         path, headers, body = request.path, request.headers, request.body
-        if (
-            self.cache is None
-            or len(body) > self._max_body
-            or (self._keys_set and self.keys.check_headers(path, headers) is not None)
+        if len(body) > self._max_body or (
+            self._keys_set and self.keys.check_headers(path, headers) is not None
         ):
             return None
         started = time.perf_counter()
@@ -125,6 +125,7 @@ class GenerationRoutes:
         if lookup is None or lookup.entry is None:
             request.note = (prepared, lookup)
             return None
+        assert self.cache is not None
         reply = self.replies.get(lookup.entry, prepared.format)
         payload = reply.body()
         self.door.remember(path, body, prepared)
@@ -137,6 +138,47 @@ class GenerationRoutes:
         if lookup.slot is not None:  # a stand-in for a slot a proxy fills (not the hot path)
             return reply.head + _slot_line(lookup.slot), payload
         return reply.head, payload
+
+    def answer_later(self, request: ImmediateRequest) -> Coroutine[Any, Any, Later] | None:
+        """A whole (not streamed) request that ``answer_now`` found no answer for, forwarded
+        (or refused) inside the HTTP server, without an ASGI cycle, a disconnect-watching
+        task or Response objects: the coroutine returns the status, header lines and body
+        to write, and is cancelled if the client goes away (which ends the backend's
+        generation). None for the ASGI path: a stream (relayed as it comes), or a request
+        ``answer_now`` reached no verdict on (an error or a refused key to answer)."""
+        known = request.note
+        if known is None or known[0].request.stream:
+            return None
+        request.note = None
+        return self._later(request, *known)
+
+    async def _later(
+        self, request: ImmediateRequest, prepared: Prepared, lookup: Lookup | None
+    ) -> Later:
+        started = time.perf_counter()
+        record = RequestRecord("POST", request.path, request.client)
+        record.request = prepared.request
+        status = CLIENT_GONE  # unless an answer is made: cancelled, the client has gone
+        try:
+            response: Forwarded | UpstreamStream | Response
+            try:
+                response = await self._pass_on(
+                    request.path, request.headers, request.body, prepared, record, lookup, None
+                )
+            except ComeapiError as exc:
+                response = error_response(exc)
+            except Exception:
+                log.exception("unhandled error on POST %s", request.path)
+                response = error_response(ComeapiError("internal server error"))
+            status = response.status_code
+            if isinstance(response, Forwarded):
+                return status, _header_lines(response.headers), response.body
+            # An error (not a stream: streams take the ASGI path).
+            return status, _header_lines(response.raw_headers), bytes(response.body)
+        finally:
+            seconds = time.perf_counter() - started
+            self.metrics.observe(request.path, status, seconds)
+            self.requests.add(record, status, seconds)
 
     def _verdict(
         self, path: str, headers: RawHeaders, body: bytes
@@ -248,7 +290,8 @@ class GenerationRoutes:
     ) -> Forwarded | UpstreamStream:
         """A request the cache does not answer (``lookup`` None: not looked up), forwarded
         or refused (ComeapiError). With ``receive`` (the ASGI path) a client that goes away
-        ends the wait; without it, the caller cancels the task when its client goes."""
+        ends the wait; without it (``answer_later``), the caller cancels the task when its
+        client goes."""
         cache = self.cache
         request = prepared.request
         if cache is None or lookup is None:
@@ -334,6 +377,11 @@ def _asgi_headers(reply: HitReply, payload: bytes) -> list[tuple[bytes, bytes]]:
     headers = [(n.lower().encode(), v.encode()) for n, v in reply.headers]
     headers.append((b"content-length", str(len(payload)).encode()))
     return headers
+
+
+def _header_lines(headers: RawHeaders) -> bytes:
+    """``name: value\\r\\n`` lines, without Content-Length (the server writes its own)."""
+    return b"".join(b"%s: %s\r\n" % pair for pair in headers if pair[0] != b"content-length")
 
 
 def _slot_line(slot: int) -> bytes:
