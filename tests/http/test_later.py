@@ -6,6 +6,7 @@ logic); ``tests/gateway`` runs the gateway's forwarded misses through it for rea
 from __future__ import annotations
 
 import asyncio
+import json
 import re
 from collections.abc import AsyncIterator, Coroutine
 from typing import Any
@@ -30,6 +31,7 @@ class App:
         self.release = asyncio.Event()
         self.started = asyncio.Event()
         self.cancelled = False
+        self.fail = False
 
     def answer_now(self, request: ImmediateRequest) -> tuple[bytes, bytes] | None:
         if request.path == "/now":
@@ -48,6 +50,8 @@ class App:
         except asyncio.CancelledError:
             self.cancelled = True
             raise
+        if self.fail:
+            raise RuntimeError("a bug in the app")
         return 201, b"x-path: later\r\n", b"later:" + body
 
     async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
@@ -151,3 +155,14 @@ async def test_a_server_stopping_lets_the_answer_finish_then_closes(
     written = await connection.settle()
     assert statuses(written) == [b"201"] and b"connection: close\r\n" in written
     assert connection.transport.closed
+
+
+async def test_work_that_fails_is_a_500_in_openais_shape(connection: Connection) -> None:
+    connection.app.fail = True
+    connection.app.release.set()
+    connection.protocol.data_received(http_request("/later", b"x"))
+    written = await connection.settle()
+    head, _, body = written.partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 500 ") and b"content-type: application/json" in head
+    assert json.loads(body)["error"]["message"] == "internal server error"
+    assert not connection.transport.closed and not connection.state.tasks
