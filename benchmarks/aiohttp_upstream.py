@@ -6,7 +6,7 @@ measured faster (docs/balancer.md); this is the library it is measured against."
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import AsyncIterator, Sequence
 from typing import Any
 
 import aiohttp
@@ -62,7 +62,11 @@ class AiohttpUpstream:
             skip_auto_headers=("User-Agent", "Accept", "Accept-Encoding"),
         )
 
-    async def post(self, url: str, body: bytes, headers: Mapping[str, str]) -> _Response:
+    async def post(
+        self, url: str, body: bytes, raw_headers: Sequence[tuple[bytes, bytes]]
+    ) -> _Response:
+        # aiohttp takes str headers: decoding them is part of its cost.
+        headers = {k.decode("latin-1"): v.decode("latin-1") for k, v in raw_headers}
         session = self._session
         if session is None:
             session = self._session = self._open()

@@ -64,12 +64,14 @@ def free_port() -> int:
 
 
 @contextlib.contextmanager
-def running(argv: list[str], ready_url: str, timeout: float = 300.0) -> Iterator[int]:
+def running(
+    argv: list[str], ready_url: str, timeout: float = 300.0, env: dict[str, str] | None = None
+) -> Iterator[int]:
     """Run ``argv`` in its own process group until the block ends; wait for ``ready_url``.
     Yields the process id."""
     with tempfile.TemporaryFile() as log:
         proc = subprocess.Popen(
-            argv, stdout=log, stderr=subprocess.STDOUT, cwd=REPO, start_new_session=True
+            argv, stdout=log, stderr=subprocess.STDOUT, cwd=REPO, start_new_session=True, env=env
         )
         try:
             deadline = time.monotonic() + timeout

@@ -130,7 +130,7 @@ async def serving(**options: Any) -> AsyncIterator[tuple[Server, FastUpstream]]:
 
 
 async def post(upstream: FastUpstream, url: str, body: bytes = b"") -> tuple[int, bytes]:
-    response = await upstream.post(url, body, {"x-test": "yes"})
+    response = await upstream.post(url, body, [(b"x-test", b"yes")])
     try:
         return response.status, b"".join([chunk async for chunk in response.chunks()])
     finally:
@@ -160,7 +160,7 @@ async def test_the_request_body_and_headers_arrive() -> None:
 
 async def test_a_chunked_body_is_delivered_as_it_arrives() -> None:
     async with serving() as (server, upstream):
-        response = await upstream.post(server.url + "/chunked", b"", {})
+        response = await upstream.post(server.url + "/chunked", b"", [])
         chunks = response.chunks()
         assert await anext(chunks) == b"first"  # before the server sent the rest
         server.release.set()
@@ -179,7 +179,7 @@ async def test_a_body_delimited_by_close_is_complete() -> None:
 
 async def test_leaving_a_stream_early_drops_the_connection() -> None:
     async with serving() as (server, upstream):
-        response = await upstream.post(server.url + "/chunked", b"", {})
+        response = await upstream.post(server.url + "/chunked", b"", [])
         await anext(response.chunks())
         await response.aclose()
         server.release.set()  # the server writes the rest, then finds the connection gone
@@ -192,7 +192,7 @@ async def test_connection_refused_is_a_connect_error() -> None:
         closed = server.url + "/ok"
     upstream = FastUpstream(TIMEOUTS)  # the listener is gone now
     with pytest.raises(httpx.ConnectError):
-        await upstream.post(closed, b"", {})
+        await upstream.post(closed, b"", [])
     assert upstream.connections(closed) == 0
 
 
@@ -212,7 +212,7 @@ async def test_a_connect_that_hangs_is_a_connect_timeout() -> None:
             upstream = FastUpstream(Timeouts(connect=0.3, read=5.0, write=5.0, pool=5.0))
             started = time.monotonic()
             with pytest.raises(httpx.ConnectTimeout):
-                await upstream.post(url, b"", {})
+                await upstream.post(url, b"", [])
             assert time.monotonic() - started < 3.0
             assert upstream.connections(url) == 0
         finally:
@@ -226,7 +226,7 @@ async def test_no_answer_is_a_read_timeout_and_the_connection_is_dropped() -> No
         upstream,
     ):
         with pytest.raises(httpx.ReadTimeout):
-            await upstream.post(server.url + "/silent", b"", {})
+            await upstream.post(server.url + "/silent", b"", [])
         await asyncio.wait_for(server.closed_by_client.wait(), 5)
         assert upstream.connections(server.url) == 0
 
@@ -242,7 +242,7 @@ async def test_a_backend_that_reads_nothing_is_a_write_timeout() -> None:
         started = time.monotonic()
         with pytest.raises(httpx.WriteTimeout):
             # Accepted by the kernel, never read: the body fills every buffer on the way.
-            await upstream.post(url, b"x" * BIG, {})
+            await upstream.post(url, b"x" * BIG, [])
         assert time.monotonic() - started < 10.0  # the write limit, not the read one (30 s)
         assert upstream.connections(url) == 0
         with contextlib.suppress(BlockingIOError):
@@ -292,7 +292,7 @@ async def test_an_idle_connection_expires() -> None:
 async def test_a_slow_reader_holds_the_backend_back() -> None:
     """Backpressure: the body is not read ahead into memory while nobody consumes it."""
     async with serving() as (server, upstream):
-        response = await upstream.post(server.url + "/big", b"", {})
+        response = await upstream.post(server.url + "/big", b"", [])
         chunks = response.chunks()
         received = len(await anext(chunks))
         await asyncio.sleep(0.5)  # a client that does not read for a while
@@ -333,7 +333,7 @@ async def test_waiting_for_a_connection_past_the_pool_timeout_fails() -> None:
         await asyncio.sleep(0.1)
         started = time.monotonic()
         with pytest.raises(httpx.PoolTimeout):
-            await upstream.post(server.url + "/ok", b"", {})
+            await upstream.post(server.url + "/ok", b"", [])
         assert time.monotonic() - started < 5.0
         server.release.set()
         assert (await busy)[0] == 200

@@ -13,7 +13,7 @@ from comeapi.cache.key import prompt_key
 from comeapi.cache.replies import AnswerFormat, HitReply, Replies, entry_from_answer
 from comeapi.cache.store import Entry
 from comeapi.protocol.requests import parse_request
-from comeapi.protocol.responses import StreamEncoder, Usage, full_body
+from comeapi.protocol.responses import StreamEncoder, Usage, full_body, read_answer
 
 MODEL = "gemma-3-270m-q4_k_m.gguf"
 
@@ -147,11 +147,12 @@ def test_an_answer_read_back_into_an_entry() -> None:
         {"messages": [{"role": "user", "content": " Hi "}], "max_tokens": 8},
         max_tokens_limit=2048,
     )
-    answer = {
+    body = {
         "choices": [{"message": {"content": "Hello!"}, "finish_reason": "stop"}],
         "usage": {"prompt_tokens": 4, "completion_tokens": 2},
     }
-    made = entry_from_answer("k", 3, MODEL, request, answer)
+    made = entry_from_answer("k", 3, MODEL, request, read_answer("chat", orjson.dumps(body)))
     assert made is not None and made.kind == "chat" and made.prompt == "Hi"
     assert made.answer == "Hello!" and made.params["seed"] == 3 and made.completion_tokens == 2
-    assert entry_from_answer("k", 3, MODEL, request, {"choices": []}) is None
+    no_text = read_answer("chat", b'{"choices": []}')
+    assert entry_from_answer("k", 3, MODEL, request, no_text) is None

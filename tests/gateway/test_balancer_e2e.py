@@ -7,6 +7,7 @@ import asyncio
 import json
 import os
 import signal
+import socket
 import statistics
 import threading
 import time
@@ -182,6 +183,34 @@ def test_a_client_leaving_a_stream_stops_the_backend(pair: Pair) -> None:
     assert int(log.split("generation stopped after ")[-1].split()[0]) < 200
     status = httpx.get(pair.gateway.url + "/status", timeout=5).json()
     assert status["in_flight"] == 0
+
+
+def test_a_client_leaving_a_whole_answer_stops_the_backend(pair: Pair) -> None:
+    before = pair.backend.proc.log().count("client gone")
+    body = json.dumps({"prompt": "Once upon a time", "max_tokens": 200, "temperature": 1.0})
+    request = (
+        f"POST /generate HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+        f"Content-Length: {len(body)}\r\n\r\n{body}"
+    ).encode()
+    with socket.create_connection(("127.0.0.1", pair.gateway.port), timeout=10) as sock:
+        sock.sendall(request)
+        deadline = time.monotonic() + 10
+        while httpx.get(pair.backend.url + "/health", timeout=5).json()["in_flight"] == 0:
+            assert time.monotonic() < deadline, "the backend never started generating"
+            time.sleep(0.02)
+    deadline = time.monotonic() + 5
+    while time.monotonic() < deadline:
+        health = httpx.get(pair.backend.url + "/health", timeout=5).json()
+        if health["in_flight"] == 0 and pair.backend.proc.log().count("client gone") > before:
+            break
+        time.sleep(0.05)
+    else:
+        raise AssertionError(f"backend still generating:\n{pair.backend.proc.log()[-2000:]}")
+    log = pair.backend.proc.log()
+    assert int(log.split("generation stopped after ")[-1].split()[0]) < 200
+    status = httpx.get(pair.gateway.url + "/status", timeout=5).json()
+    assert status["in_flight"] == 0
+    assert metric(pair.gateway, 'comeapi_requests_total{route="/generate",status="499"') >= 1
 
 
 def test_real_generations_show_in_the_metrics(pair: Pair) -> None:

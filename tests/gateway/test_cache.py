@@ -22,6 +22,7 @@ from comeapi.gateway.cache_status import cache_status
 from comeapi.gateway.forced import ForcedVariants
 from comeapi.models.bundled import BUNDLED_MODEL
 from comeapi.protocol.requests import Kind, parse_request
+from comeapi.protocol.responses import read_answer
 
 MODEL = "gemma-3-270m-q4_k_m.gguf"
 DEFAULT = BUNDLED_MODEL  # comeapi's default model (SmolLM2)
@@ -164,7 +165,11 @@ def test_forced_missing_variant_is_filled_from_the_answer(tmp_path: Path) -> Non
     miss = lookup(cache, "generate", body, headers)
     assert miss.entry is None and miss.forced_variant == 4
     # An empty store and no default_model: the request means the bundled default model.
-    answer = {"response": "generated", "model": DEFAULT, "finish_reason": "length", "usage": {}}
+    answer = read_answer(
+        "generate",
+        b'{"response": "generated", "model": "%s", "finish_reason": "length", "usage": {}}'
+        % DEFAULT.encode(),
+    )
     request = parse_request("generate", body, max_tokens_limit=2048)
     anyio.run(cache.store_answer, miss, request, answer)
     stored = store.get(prompt_key("A new prompt", DEFAULT), 4)
@@ -243,7 +248,7 @@ def test_a_prompt_with_no_served_answer_is_a_miss(store: SqliteStore) -> None:
     forced = lookup(cache, "generate", {"prompt": PROMPT}, TRUSTED(1))
     assert forced == Lookup(None, prompt_key(PROMPT, MODEL), None, keep=False)
     request = parse_request("generate", {"prompt": PROMPT}, max_tokens_limit=2048)
-    answer = {"response": "live", "model": MODEL, "usage": {}}
+    answer = read_answer("generate", b'{"response": "live", "usage": {}}')
     anyio.run(cache.store_answer, forced, request, answer)
     stored = store.get(prompt_key(PROMPT, MODEL), 1)
     assert stored is not None and stored.state == "rejected" and stored.answer != "live"

@@ -1,5 +1,6 @@
 """Cache hits answered by the server before any ASGI task (``http.server``): the answer is
-written while the request's bytes are being read, and everything else (errors, misses,
+written while the request's bytes are being read, a miss is forwarded by a task of the
+server's (``answer_later``, tests/http/test_later.py), and everything else (errors,
 pipelined, chunked, 100-continue and HTTP/1.0 requests, forwarded clients) comes out as it
 does on the ASGI path.
 
@@ -116,7 +117,7 @@ class Connection:
 @contextlib.asynccontextmanager
 async def open_connection(store: str, **options: Any) -> AsyncIterator[Connection]:
     """A connection to a gateway app over ``store``, from 127.0.0.1 (a trusted proxy)."""
-    # The backend's port is closed: a miss is a quick 5xx from the ASGI path.
+    # The backend's port is closed: a miss is a quick 5xx (from a task: ``answer_later``).
     settings = load_settings(None, store=store, log_level="warning", **options)
     pool = BackendPool.from_settings(settings, [f"http://127.0.0.1:{free_port()}"])
     app = create_app(settings, pool, build_cache(settings))
@@ -168,7 +169,7 @@ async def test_a_hit_is_written_before_the_event_loop_runs(connection: Connectio
 
 
 @pytest.mark.anyio
-async def test_errors_and_misses_take_the_asgi_path_and_a_miss_counts_once(
+async def test_errors_take_the_asgi_path_a_miss_a_task_and_a_miss_counts_once(
     connection: Connection,
 ) -> None:
     gateway = connection.app.state.gateway
@@ -181,11 +182,13 @@ async def test_errors_and_misses_take_the_asgi_path_and_a_miss_counts_once(
 
     unknown = json.dumps({"prompt": "nobody asked this yet", "max_tokens": 4}).encode()
     connection.transport.out.clear()
-    assert connection.feed(http_request("/generate", unknown)) == b""
+    connection.transport.writes = 0
+    assert connection.feed(http_request("/generate", unknown)) == b""  # a task will answer
     written = await connection.settle()
     # No backend is up: the miss goes to the pool, which has nobody to give it to.
     assert written.startswith(b"HTTP/1.1 503 "), written[:300]
     assert b'"code":"no_backend_available"' in written
+    assert connection.transport.writes == 1
     assert gateway.cache.misses == 1
 
 

@@ -5,7 +5,15 @@ from __future__ import annotations
 import orjson
 
 from comeapi.errors import ContextLengthError
-from comeapi.protocol.responses import DONE, StreamEncoder, Usage, full_body, sse_error
+from comeapi.protocol.responses import (
+    DONE,
+    Answer,
+    StreamEncoder,
+    Usage,
+    full_body,
+    read_answer,
+    sse_error,
+)
 
 USAGE = Usage(prompt_tokens=3, completion_tokens=2)
 
@@ -105,3 +113,30 @@ def test_error_event_ends_the_stream() -> None:
     assert raw.endswith(DONE)
     error = orjson.loads(events(raw)[0])["error"]
     assert error["code"] == "context_length_exceeded" and error["param"] == "prompt"
+
+
+def test_read_answer_reads_each_route_and_the_usage_once() -> None:
+    chat = read_answer(
+        "chat",
+        b'{"model":"m","choices":[{"message":{"content":"Hi"},"finish_reason":"length"}],'
+        b'"usage":{"prompt_tokens":4,"completion_tokens":2}}',
+    )
+    assert chat == Answer("Hi", "length", "m", 4, 2)
+    completion = read_answer("completion", b'{"choices":[{"text":"t","finish_reason":null}]}')
+    assert completion == Answer("t", None, None, None, None)
+    generate = read_answer("generate", b'{"response":"r","finish_reason":"stop","usage":{}}')
+    assert generate == Answer("r", "stop", None, None, None)
+
+
+def test_read_answer_takes_only_what_is_there_in_the_right_type() -> None:
+    assert read_answer("chat", b"not json") is None
+    assert read_answer("chat", b"[1]") is None
+    odd = read_answer(
+        "chat",
+        b'{"model":"","choices":[{"message":{"content":3}}],'
+        b'"usage":{"prompt_tokens":true,"completion_tokens":"2"}}',
+    )
+    assert odd == Answer(None, None, None, None, None)
+    # A stream's last event: no kind, only the model and the usage.
+    usage = read_answer(None, b'{"model":"m","choices":[],"usage":{"completion_tokens":7}}')
+    assert usage == Answer(None, None, "m", None, 7)

@@ -11,25 +11,24 @@ the upstream response, so the backend stops generating.
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Iterable, Sequence
 from typing import Protocol
 
 import httpx
 import orjson
-from starlette.datastructures import Headers
-from starlette.responses import Response
 from starlette.types import Receive
 
 from comeapi.balancer.backend import Backend
 from comeapi.balancer.health import HealthChecker, describe
 from comeapi.balancer.pool import BackendPool
 from comeapi.balancer.relay import (
+    Forwarded,
     StreamOwner,
     UpstreamStream,
     close_quietly,
     raw_headers,
     shutting_down,
     uncancel,
-    usage_tokens,
 )
 from comeapi.balancer.stall import StallGuard
 from comeapi.balancer.upstream import Upstream, UpstreamResponse
@@ -39,6 +38,10 @@ from comeapi.http.disconnect import DisconnectGuard
 # Request headers worth passing on; everything else (host, cookies, hop-by-hop) stays here.
 FORWARD_REQUEST_HEADERS = ("content-type", "authorization", "accept")
 _FORWARD_RAW = frozenset(name.encode() for name in FORWARD_REQUEST_HEADERS)
+#: Header names and values as sent (names in lower case), as servers and clients hold them.
+RawHeaders = Sequence[tuple[bytes, bytes]]
+# Bodies are relayed byte for byte: they must arrive as the backend sent them.
+_IDENTITY = (b"accept-encoding", b"identity")
 
 
 class ForwardReport(Protocol):
@@ -82,16 +85,21 @@ class Forwarder(StreamOwner):
         self,
         path: str,
         raw: bytes,
-        headers: dict[str, str],
+        headers: RawHeaders,
         *,
         model: str | None,
         stream: bool,
-        receive: Receive,
+        receive: Receive | None = None,
         report: ForwardReport | None = None,
-    ) -> Response:
-        """The backend's answer to ``raw`` POSTed at ``path``, as an ASGI response; the
-        backend that answered (or was tried last) goes into ``report``."""
+    ) -> Forwarded | UpstreamStream:
+        """The backend's answer to ``raw`` POSTed at ``path`` with ``headers``
+        (``forward_headers``); the backend that answered (or was tried last) goes into
+        ``report``. With ``receive`` (an ASGI request's), a client that disconnects ends the
+        wait, and the answer is a 499 nobody reads; without it, the caller cancels the
+        task when its client goes."""
         try:
+            if receive is None:
+                return await self._open(path, raw, headers, model, stream, report)
             async with DisconnectGuard(receive) as guard:
                 return await self._open(path, raw, headers, model, stream, report)
         except asyncio.CancelledError:
@@ -100,17 +108,17 @@ class Forwarder(StreamOwner):
             uncancel()
             raise shutting_down() from None
         assert guard.disconnected
-        return Response(status_code=499)  # nobody is listening any more
+        return Forwarded(499, [], b"")  # nobody is listening any more
 
     async def _open(
         self,
         path: str,
         raw: bytes,
-        headers: dict[str, str],
+        headers: RawHeaders,
         model: str | None,
         stream: bool,
         report: ForwardReport | None,
-    ) -> Response:
+    ) -> Forwarded | UpstreamStream:
         tried = _Attempts()
         while True:
             backend = await self._acquire(model, tried)
@@ -124,12 +132,12 @@ class Forwarder(StreamOwner):
                     chunks = upstream.chunks()
                     if stream and upstream.status == 200:
                         first = await anext(chunks, b"")
-                        return UpstreamStream(self, backend, upstream, chunks, first)
+                        return UpstreamStream(self, backend, upstream, chunks, first, path)
                     parts: list[bytes] = []
                     async for chunk in chunks:
                         stall.touch()
                         parts.append(chunk)
-                    body = b"".join(parts)
+                    body = parts[0] if len(parts) == 1 else b"".join(parts)
             except httpx.TransportError as exc:  # includes BackendStalled
                 if upstream is not None:
                     await close_quietly(upstream)
@@ -145,11 +153,12 @@ class Forwarder(StreamOwner):
                 self._refused(backend, body, tried)
                 continue
             self.pool.release(backend)
+            forwarded = Forwarded(upstream.status, raw_headers(upstream.headers), body, path)
             if self.observer is not None and upstream.status == 200:
-                self.observer.tokens(usage_tokens(body))
-            response = Response(body, upstream.status)
-            response.raw_headers += raw_headers(upstream.headers)
-            return response
+                answer = forwarded.answer
+                tokens = answer.completion_tokens if answer is not None else None
+                self.observer.tokens(tokens or 0)
+            return forwarded
 
     # --- StreamOwner ---------------------------------------------------------------------
 
@@ -225,14 +234,20 @@ def _error_code(body: bytes) -> str | None:
     return code if isinstance(code, str) else None
 
 
-def forward_headers(headers: Headers, api_key: str | None = None) -> dict[str, str]:
-    """The client's headers worth passing to the backend. With ``api_key`` (the backends'
-    key) that is sent instead of the client's Authorization, which was for the gateway."""
-    # Bodies are relayed byte for byte: they must arrive as the backend sent them.
-    found = {"accept-encoding": "identity"}
-    for name, value in headers.raw:  # one pass over the raw list; the first value wins
-        if name in _FORWARD_RAW and name.decode() not in found:
-            found[name.decode()] = value.decode("latin-1")
+def forward_headers(
+    headers: Iterable[tuple[bytes, bytes]], api_key: str | None = None
+) -> RawHeaders:
+    """The client's headers (raw, names in lower case) worth passing to the backend, as
+    they came. With ``api_key`` (the backends' key) that is sent instead of the client's
+    Authorization, which was for the gateway."""
+    found = [_IDENTITY]
+    seen: set[bytes] = set()
+    for name, value in headers:  # the first value wins
+        if name in _FORWARD_RAW and name not in seen:
+            if name == b"authorization" and api_key:
+                continue
+            seen.add(name)
+            found.append((name, value))
     if api_key:
-        found["authorization"] = f"Bearer {api_key}"
+        found.append((b"authorization", b"Bearer " + api_key.encode("latin-1")))
     return found

@@ -1,5 +1,5 @@
-"""Relaying a backend's answer to the client: the SSE stream response, and the headers,
-token counts and errors that go with it.
+"""Relaying a backend's answer to the client: a whole answer (``Forwarded``), the SSE stream
+response, and the headers, token counts and errors that go with them.
 
 The stream reports back through ``StreamOwner`` (the forwarder implements it), so this
 module needs nothing from ``proxy.py``, which imports it.
@@ -12,7 +12,6 @@ from collections.abc import AsyncIterator, Sequence
 from typing import Protocol
 
 import httpx
-import orjson
 from starlette.responses import Response
 from starlette.types import Receive, Scope, Send
 
@@ -22,7 +21,8 @@ from comeapi.balancer.stall import StallGuard
 from comeapi.balancer.upstream import UpstreamResponse
 from comeapi.errors import UnavailableError, UpstreamError
 from comeapi.http.disconnect import DisconnectGuard
-from comeapi.protocol.responses import sse_error
+from comeapi.protocol.requests import KINDS, Kind
+from comeapi.protocol.responses import Answer, read_answer, sse_error
 
 
 class StreamOwner(Protocol):
@@ -55,6 +55,45 @@ DROP_RESPONSE_HEADERS = frozenset(
     }
 )
 _DROP_RAW = frozenset(name.encode() for name in DROP_RESPONSE_HEADERS)
+_UNREAD = object()
+
+
+class Forwarded:
+    """A backend's whole (not streamed) answer: its status, the headers worth passing on
+    (lower-case names, ``raw_headers``) and its body, which is decoded once, the first time
+    ``answer`` is asked for (the metrics, the request log and the cache all read it)."""
+
+    __slots__ = ("_answer", "body", "headers", "path", "status_code")
+
+    def __init__(
+        self, status_code: int, headers: list[tuple[bytes, bytes]], body: bytes, path: str = ""
+    ):
+        self.status_code = status_code
+        self.headers = headers
+        self.body = body
+        self.path = path  # the route it answers: the kind of answer the body holds
+        self._answer: object = _UNREAD
+
+    @property
+    def answer(self) -> Answer | None:
+        """The body read as an answer to the route's kind; None if it is not JSON or the
+        status is not 200 (an error's body is no answer)."""
+        answer = self._answer
+        if answer is _UNREAD:
+            answer = self._answer = (
+                read_answer(KINDS.get(self.path), self.body) if self.status_code == 200 else None
+            )
+        return answer  # type: ignore[return-value]
+
+    def set_header(self, name: bytes, value: bytes) -> None:
+        """Set ``name`` (lower case) to ``value``, replacing the backend's own."""
+        set_header(self.headers, name, value)
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        """Send it as an ASGI response (the length is this body's; the backend's is dropped)."""
+        headers = [*self.headers, (b"content-length", b"%d" % len(self.body))]
+        await send({"type": "http.response.start", "status": self.status_code, "headers": headers})
+        await send({"type": "http.response.body", "body": self.body})
 
 
 class UpstreamStream(Response):
@@ -70,8 +109,10 @@ class UpstreamStream(Response):
         upstream: UpstreamResponse,
         chunks: AsyncIterator[bytes],
         first: bytes,
+        path: str = "",
     ):
         self.owner = owner
+        self.path = path
         self.backend = backend
         self.upstream = upstream
         self.chunks = chunks
@@ -80,9 +121,13 @@ class UpstreamStream(Response):
         self.background = None
         self.raw_headers = raw_headers(upstream.headers)
 
+    def set_header(self, name: bytes, value: bytes) -> None:
+        """Set ``name`` (lower case) to ``value``, replacing the backend's own."""
+        set_header(self.raw_headers, name, value)
+
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         completed = False
-        events = self.events = _EventCounter()
+        events = self.events = _EventCounter(KINDS.get(self.path))
         try:
             async with DisconnectGuard(receive):
                 await send(
@@ -126,27 +171,26 @@ class _EventCounter:
     """Tokens in a relayed stream: the usage the backend reports at the end, else one per
     text event (SSE events carry one decoded piece of text each)."""
 
-    __slots__ = ("events", "usage", "usage_line")
+    __slots__ = ("answer", "events", "kind")
 
-    def __init__(self) -> None:
+    def __init__(self, kind: Kind | None) -> None:
+        self.kind = kind
         self.events = 0
-        self.usage: int | None = None
-        #: The JSON of the event that carried the usage, if one did.
-        self.usage_line = b""
+        #: The event that carried a usage, read (the model and the token counts), if one did.
+        self.answer: Answer | None = None
 
     def feed(self, chunk: bytes) -> None:
         self.events += chunk.count(b"data: {")
         if b'"usage"' in chunk:
             for line in chunk.split(b"\n"):
                 if line.startswith(b"data: {") and b'"usage"' in line:
-                    count = usage_tokens(line[6:])
-                    if count:
-                        self.usage = count
-                        self.usage_line = line[6:]
+                    answer = read_answer(self.kind, line[6:])
+                    if answer is not None and answer.completion_tokens:
+                        self.answer = answer
 
     def tokens(self) -> int:
-        if self.usage is not None:
-            return self.usage
+        if self.answer is not None and self.answer.completion_tokens is not None:
+            return self.answer.completion_tokens
         return max(0, self.events - 1)  # the last event carries the finish reason, no text
 
 
@@ -163,13 +207,11 @@ def uncancel() -> None:
         task.uncancel()
 
 
-def usage_tokens(body: bytes) -> int:
-    try:
-        usage = orjson.loads(body).get("usage") or {}
-        count = usage.get("completion_tokens", 0)
-    except (orjson.JSONDecodeError, AttributeError):
-        return 0
-    return count if isinstance(count, int) else 0
+def set_header(headers: list[tuple[bytes, bytes]], name: bytes, value: bytes) -> None:
+    """Set ``name`` (lower case) in ``headers`` to ``value``, replacing any it had."""
+    if any(k == name for k, _ in headers):
+        headers[:] = [(k, v) for k, v in headers if k != name]
+    headers.append((name, value))
 
 
 def raw_headers(headers: Sequence[tuple[bytes, bytes]]) -> list[tuple[bytes, bytes]]:

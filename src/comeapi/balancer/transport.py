@@ -18,7 +18,7 @@ import asyncio
 import ssl
 import time
 from collections import deque
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import AsyncIterator, Sequence
 from typing import cast
 
 import httptools
@@ -247,14 +247,16 @@ class FastUpstream:
         """Open connections (busy or idle) to the backend of ``url``."""
         return self._open.get(_target(url)[0], 0)
 
-    async def post(self, url: str, body: bytes, headers: Mapping[str, str]) -> _Response:
+    async def post(
+        self, url: str, body: bytes, headers: Sequence[tuple[bytes, bytes]]
+    ) -> _Response:
         known = self._heads.get(url)
         if known is None:
             known = self._heads[url] = _target(url)
         origin, start = known
         fields = [start]
-        for name, value in headers.items():
-            fields.append(f"{name}: {value}\r\n".encode("latin-1"))
+        for pair in headers:
+            fields.append(b"%s: %s\r\n" % pair)
         fields.append(b"content-length: %d\r\n\r\n" % len(body))
         head = b"".join(fields)
         conn = await self._acquire(origin)

@@ -9,7 +9,7 @@ drive the forwarder through ``HttpxUpstream(httpx.MockTransport(...))``.
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Mapping, Sequence
+from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -46,8 +46,11 @@ class UpstreamResponse(Protocol):
 
 
 class Upstream(Protocol):
-    async def post(self, url: str, body: bytes, headers: Mapping[str, str]) -> UpstreamResponse:
-        """Send ``body`` to ``url``; returns once the response head has arrived."""
+    async def post(
+        self, url: str, body: bytes, headers: Sequence[tuple[bytes, bytes]]
+    ) -> UpstreamResponse:
+        """Send ``body`` to ``url`` with ``headers`` (raw name and value pairs; the client
+        adds Host and Content-Length); returns once the response head has arrived."""
         ...
 
     async def aclose(self) -> None: ...
@@ -67,7 +70,9 @@ class HttpxUpstream:
             }
         }
 
-    async def post(self, url: str, body: bytes, headers: Mapping[str, str]) -> _HttpxResponse:
+    async def post(
+        self, url: str, body: bytes, headers: Sequence[tuple[bytes, bytes]]
+    ) -> _HttpxResponse:
         request = httpx.Request(
             "POST", url, headers=headers, content=body, extensions=self._extensions
         )

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import asyncio
 import itertools
-import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any
@@ -23,6 +22,8 @@ from comeapi.cache.key import chat_key, prompt_key
 from comeapi.cache.prompts import PromptItem
 from comeapi.cache.store import Entry
 from comeapi.errors import UnavailableError
+from comeapi.protocol.requests import Kind
+from comeapi.protocol.responses import Answer, read_answer
 
 HEADERS = {"Cache-Control": "no-cache"}  # a gateway in between must not answer from its cache
 ATTEMPTS = 3  # per generation, across targets
@@ -130,10 +131,11 @@ class VariantGenerator:
             raise _Failed("busy (503)", retry_after=_retry_after(response))
         if response.status_code != 200:
             raise _Failed(f"HTTP {response.status_code}: {_error_message(response)}")
-        try:
-            return _entry(item, variant, body, response.json())
-        except (ValueError, KeyError, IndexError, TypeError) as exc:
-            raise _Failed(f"malformed answer: {exc!r}") from exc
+        kind: Kind = "chat" if item.kind == "chat" else "completion"  # item.route's
+        entry = _entry(item, variant, body, read_answer(kind, response.content))
+        if entry is None:
+            raise _Failed(f"malformed answer: no text in {response.content[:200]!r}")
+        return entry
 
 
 async def generate_variant(
@@ -182,27 +184,21 @@ def _rank(entry: Entry, policy: CheckPolicy) -> tuple[int, int]:
     return sum(f in rejects for f in entry.flags), len(entry.flags)
 
 
-def _entry(item: PromptItem, variant: int, body: dict[str, Any], data: Any) -> Entry:
-    choice = data["choices"][0]
-    text = choice["message"]["content"] if item.kind == "chat" else choice["text"]
-    if not isinstance(text, str):
-        raise TypeError(f"answer text is {type(text).__name__}")
-    usage = data.get("usage") or {}
+def _entry(
+    item: PromptItem, variant: int, body: dict[str, Any], answer: Answer | None
+) -> Entry | None:
     params = {k: v for k, v in body.items() if k not in ("model", "prompt", "messages")}
-    return Entry(
+    entry = Entry.from_answer(
+        answer,
         key=item.key,
         variant=variant,
         kind=item.kind,
         prompt=item.prompt,
         messages=item.messages,
-        answer=text,
         model=item.model,
         params=params,
-        finish_reason=str(choice.get("finish_reason") or "stop"),
-        prompt_tokens=int(usage.get("prompt_tokens", 0)),
-        completion_tokens=int(usage.get("completion_tokens", 0)),
-        created=time.time(),
-    ).sealed()
+    )
+    return None if entry is None else entry.sealed()
 
 
 def _retry_after(response: httpx.Response) -> float:

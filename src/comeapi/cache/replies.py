@@ -1,6 +1,6 @@
 """A stored answer as the client gets it, the same on every tier that serves it (the gateway
 and the Lambda handler call ``HitReply``; nginx replays the gateway's bytes), and a backend's
-answer read back into a stored one (``entry_from_answer``).
+answer (``protocol.responses.read_answer``) made into a stored one (``entry_from_answer``).
 
 A hit is encoded once per stored answer and answer format: the body is kept as a template
 whose only holes are OpenAI's ``id`` and ``created`` (ComeAPI's /generate has neither, so its
@@ -11,12 +11,11 @@ from __future__ import annotations
 
 import random
 import time
-from collections.abc import Mapping
 from typing import Any, NamedTuple
 
 from comeapi.cache.store import Entry
 from comeapi.protocol.requests import GenerationRequest, Kind
-from comeapi.protocol.responses import StreamEncoder, Usage, full_body, json_bytes
+from comeapi.protocol.responses import Answer, StreamEncoder, Usage, full_body, json_bytes
 
 JSON = "application/json"
 SSE = "text/event-stream"
@@ -126,24 +125,10 @@ class Replies:
 
 
 def entry_from_answer(
-    key: str, variant: int, model: str, request: GenerationRequest, answer: Mapping[str, Any]
+    key: str, variant: int, model: str, request: GenerationRequest, answer: Answer | None
 ) -> Entry | None:
-    """An Entry from a backend's JSON answer to ``request``, or None when it is not one."""
-    kind = request.kind
-    try:
-        if kind == "generate":
-            text, finish = answer["response"], answer.get("finish_reason", "stop")
-        else:
-            choice = answer["choices"][0]
-            text = choice["text"] if kind == "completion" else choice["message"]["content"]
-            finish = choice.get("finish_reason") or "stop"
-        usage = answer.get("usage") or {}
-        prompt_tokens = int(usage.get("prompt_tokens", 0))
-        completion_tokens = int(usage.get("completion_tokens", 0))
-    except (KeyError, IndexError, TypeError, ValueError):
-        return None
-    if not isinstance(text, str):
-        return None
+    """An Entry from a backend's answer to ``request`` (``read_answer``), or None when it
+    holds no text."""
     messages = None
     if request.messages is not None:
         messages = tuple((m.role, m.content) for m in request.messages)
@@ -158,17 +143,13 @@ def entry_from_answer(
         "top_p": request.top_p,
         "seed": request.seed if request.seed is not None else variant,
     }
-    return Entry(
+    return Entry.from_answer(
+        answer,
         key=key,
         variant=variant,
         kind="chat" if messages is not None else "prompt",
         prompt=prompt.strip(),
-        answer=text,
-        model=model,  # the model the key was made with, whatever the backend calls it
         messages=messages,
+        model=model,  # the model the key was made with, whatever the backend calls it
         params={k: v for k, v in params.items() if v is not None},
-        finish_reason=str(finish),
-        prompt_tokens=prompt_tokens,
-        completion_tokens=completion_tokens,
-        created=time.time(),
     )

@@ -14,12 +14,14 @@ from __future__ import annotations
 
 import hashlib
 import json
+import time
 from abc import ABC, abstractmethod
 from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass, field, replace
 from typing import Any, Literal
 
 from comeapi.errors import StoreError
+from comeapi.protocol.responses import Answer
 
 EntryKind = Literal["prompt", "chat"]
 ReviewState = Literal["pending", "approved", "rejected"]
@@ -105,6 +107,38 @@ class Entry:
             "history": [dict(h) for h in self.history],
             "checksum": self.checksum,
         }
+
+    @classmethod
+    def from_answer(
+        cls,
+        answer: Answer | None,
+        *,
+        key: str,
+        variant: int,
+        kind: EntryKind,
+        prompt: str,
+        messages: tuple[tuple[str, str], ...] | None,
+        model: str,
+        params: dict[str, Any],
+    ) -> Entry | None:
+        """A new (pending, unsealed) entry holding a backend's ``answer``
+        (``protocol.responses.read_answer``); None when the answer has no text."""
+        if answer is None or answer.text is None:
+            return None
+        return cls(
+            key=key,
+            variant=variant,
+            kind=kind,
+            prompt=prompt,
+            answer=answer.text,
+            model=model,
+            messages=messages,
+            params=params,
+            finish_reason=answer.finish_reason or "stop",
+            prompt_tokens=answer.prompt_tokens or 0,
+            completion_tokens=answer.completion_tokens or 0,
+            created=time.time(),
+        )
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> Entry:

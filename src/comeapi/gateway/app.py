@@ -212,7 +212,7 @@ class Gateway:
         return names
 
     async def _ask_backends(self, path: str, request: Request) -> list[dict[str, Any]]:
-        headers = forward_headers(request.headers, self.settings.backend_api_key)
+        headers = forward_headers(request.headers.raw, self.settings.backend_api_key)
 
         async def ask(url: str) -> dict[str, Any]:
             try:

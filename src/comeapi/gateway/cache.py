@@ -16,7 +16,7 @@ from collections import Counter
 from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass
 from types import MappingProxyType
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 import anyio.to_thread
 
@@ -27,6 +27,7 @@ from comeapi.cache.store import Entry, ResponseStore
 from comeapi.gateway.misses import MissedQueries
 from comeapi.models.bundled import BUNDLED_MODEL
 from comeapi.protocol.requests import GenerationRequest
+from comeapi.protocol.responses import Answer
 
 if TYPE_CHECKING:  # numpy and the matcher are imported only when match=similar
     from comeapi.gateway.similar import SimilarMatching
@@ -234,7 +235,7 @@ class ResponseCache:
         return next((v for v in range(self.variants) if v not in present), None)
 
     async def store_answer(
-        self, lookup: Lookup, request: GenerationRequest, answer: Mapping[str, Any]
+        self, lookup: Lookup, request: GenerationRequest, answer: Answer | None
     ) -> None:
         """Store a forwarded answer: in the slot a trusted proxy chose, or (with store_misses)
         in the lowest free slot. The in-memory index follows at once. StoreError if the

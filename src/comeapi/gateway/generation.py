@@ -6,26 +6,29 @@ something stands in front, such as CORS, by ``__call__``): the body's verdict
 (``gateway.frontdoor``; a bad body is 400 whatever the cache holds), the lookup, the
 pre-encoded reply (``cache.replies``), one count. No Request or Response object, no
 middleware, no routing. A miss is forwarded through the pool, or refused with the known
-prompts.
+prompts; a whole (not streamed) one inside the HTTP server too, through ``answer_later``
+(the backend's answer written in one go, no ASGI cycle), a stream through ``__call__``.
 """
 
 from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Iterable
+from collections.abc import Coroutine, Iterable
 from functools import partial
+from typing import Any
 
 import anyio.to_thread
 import orjson
 from starlette.applications import Starlette
-from starlette.datastructures import Headers, State
+from starlette.datastructures import State
 from starlette.requests import ClientDisconnect
 from starlette.responses import Response
 from starlette.types import Receive, Scope, Send
 
 from comeapi.balancer.pool import BackendPool
 from comeapi.balancer.proxy import Forwarder, forward_headers
+from comeapi.balancer.relay import Forwarded, UpstreamStream
 from comeapi.cache.key import uncacheable
 from comeapi.cache.replies import HitReply, Replies
 from comeapi.errors import ComeapiError, PromptNotCachedError, RequestError, StoreError
@@ -43,7 +46,7 @@ from comeapi.gateway.ondemand import OnDemandBackends
 from comeapi.gateway.requestlog import Miss, RequestLog, RequestRecord
 from comeapi.http.auth import APIKeys
 from comeapi.http.errors import error_response
-from comeapi.http.immediate import NOTE, ImmediateRequest
+from comeapi.http.immediate import NOTE, ImmediateRequest, Later
 from comeapi.http.responses import read_asgi_body
 from comeapi.protocol.requests import KINDS, GenerationRequest
 from comeapi.settings import Settings
@@ -56,6 +59,8 @@ _CACHE_CONTROL = b"cache-control"
 _VARIANT = VARIANT_HEADER.encode()
 _SECRET = SECRET_HEADER.encode()
 _HIT_HEADERS = frozenset({_CACHE_CONTROL, _VARIANT, _SECRET})
+_CACHE_VARIANT = b"x-cache-variant"
+_NO_STORE = NO_STORE_HEADER.lower().encode()
 
 
 class GenerationRoutes:
@@ -100,20 +105,18 @@ class GenerationRoutes:
         """The Starlette app's state (``state.gateway``), as if this were that app."""
         return self.app.state
 
-    # --- the hit path, before any ASGI task ------------------------------------------------
+    # --- inside the HTTP server, without an ASGI task: hits, and whole forwarded answers ---
 
     def answer_now(self, request: ImmediateRequest) -> tuple[bytes, bytes] | None:
         """A cache hit answered by the HTTP server itself, as soon as the whole request is
         read and before any ASGI task exists (``http.immediate``): the header lines and
         body of a 200, counted and recorded here as ``__call__`` would. None for anything
-        else (an error, a miss, a bypass): the request then takes the ASGI path, which finds
-        this verdict and lookup in ``request.note`` rather than repeating them, so a miss is
-        counted once."""
+        else (an error, a miss, a bypass): the request then goes to ``answer_later`` (a miss
+        or a bypass to forward) or the ASGI path, which find this verdict and lookup in
+        ``request.note`` rather than repeating them, so a miss is counted once."""
         path, headers, body = request.path, request.headers, request.body
-        if (
-            self.cache is None
-            or len(body) > self._max_body
-            or (self._keys_set and self.keys.check_headers(path, headers) is not None)
+        if len(body) > self._max_body or (
+            self._keys_set and self.keys.check_headers(path, headers) is not None
         ):
             return None
         started = time.perf_counter()
@@ -124,6 +127,7 @@ class GenerationRoutes:
         if lookup is None or lookup.entry is None:
             request.note = (prepared, lookup)
             return None
+        assert self.cache is not None
         reply = self.replies.get(lookup.entry, prepared.format)
         payload = reply.body()
         self.door.remember(path, body, prepared)
@@ -136,6 +140,47 @@ class GenerationRoutes:
         if lookup.slot is not None:  # a stand-in for a slot a proxy fills (not the hot path)
             return reply.head + _slot_line(lookup.slot), payload
         return reply.head, payload
+
+    def answer_later(self, request: ImmediateRequest) -> Coroutine[Any, Any, Later] | None:
+        """A whole (not streamed) request that ``answer_now`` found no answer for, forwarded
+        (or refused) inside the HTTP server, without an ASGI cycle, a disconnect-watching
+        task or Response objects: the coroutine returns the status, header lines and body
+        to write, and is cancelled if the client goes away (which ends the backend's
+        generation). None for the ASGI path: a stream (relayed as it comes), or a request
+        ``answer_now`` reached no verdict on (an error or a refused key to answer)."""
+        known = request.note
+        if known is None or known[0].request.stream:
+            return None
+        request.note = None
+        return self._later(request, *known)
+
+    async def _later(
+        self, request: ImmediateRequest, prepared: Prepared, lookup: Lookup | None
+    ) -> Later:
+        started = time.perf_counter()
+        record = RequestRecord("POST", request.path, request.client)
+        record.request = prepared.request
+        status = CLIENT_GONE  # unless an answer is made: cancelled, the client has gone
+        try:
+            response: Forwarded | UpstreamStream | Response
+            try:
+                response = await self._pass_on(
+                    request.path, request.headers, request.body, prepared, record, lookup, None
+                )
+            except ComeapiError as exc:
+                response = error_response(exc)
+            except Exception:
+                log.exception("unhandled error on POST %s", request.path)
+                response = error_response(ComeapiError("internal server error"))
+            status = response.status_code
+            if isinstance(response, Forwarded):
+                return status, _header_lines(response.headers), response.body
+            # An error (not a stream: streams take the ASGI path).
+            return status, _header_lines(response.raw_headers), bytes(response.body)
+        finally:
+            seconds = time.perf_counter() - started
+            self.metrics.observe(request.path, status, seconds)
+            self.requests.add(record, status, seconds)
 
     def _verdict(
         self, path: str, headers: RawHeaders, body: bytes
@@ -183,7 +228,7 @@ class GenerationRoutes:
         try:
             denied = self.keys.check(scope)
             if denied is not None:
-                response: Response | None = error_response(denied)
+                response: Response | Forwarded | None = error_response(denied)
             elif scope["method"] != "POST":
                 error = RequestError(f"method {scope['method']} not allowed on {scope['path']}")
                 error.status = 405
@@ -218,14 +263,9 @@ class GenerationRoutes:
         raw: bytes,
         record: RequestRecord,
         lookup: Lookup | None,
-    ) -> Response | None:
+    ) -> Response | Forwarded | UpstreamStream | None:
         """None once a hit is sent; otherwise the response to send."""
-        cache = self.cache
-        request = prepared.request
-        if cache is None or lookup is None:
-            record.outcome = miss = Miss(looked_up=False)
-            return await self._forward(scope, receive, request, raw, miss)
-        if lookup.entry is not None:
+        if lookup is not None and lookup.entry is not None:
             reply = self.replies.get(lookup.entry, prepared.format)
             payload = reply.body()
             self.door.remember(scope["path"], raw, prepared)
@@ -236,26 +276,52 @@ class GenerationRoutes:
             await send({"type": "http.response.body", "body": payload})
             record.outcome = reply
             return None
+        return await self._pass_on(
+            scope["path"], scope["headers"], raw, prepared, record, lookup, receive
+        )
+
+    async def _pass_on(
+        self,
+        path: str,
+        headers: RawHeaders,
+        raw: bytes,
+        prepared: Prepared,
+        record: RequestRecord,
+        lookup: Lookup | None,
+        receive: Receive | None,
+    ) -> Forwarded | UpstreamStream:
+        """A request the cache does not answer exactly (``lookup`` None: not looked up):
+        answered as the known prompt it paraphrases, forwarded, or refused (ComeapiError).
+        With ``receive`` (the ASGI path) a client that goes away ends the wait; without it
+        (``answer_later``), the caller cancels the task when its client goes."""
+        cache = self.cache
+        request = prepared.request
+        if cache is None or lookup is None:
+            record.outcome = miss = Miss(looked_up=False)
+            return await self._forward(path, headers, request, raw, miss, receive)
         # Only a prompt the store does not know at all: a known prompt's empty slot (which
         # a proxy asks to fill) is generated, not stood in for.
         unknown = lookup.key is not None and not cache.group(lookup.key)
-        if unknown and await self._similar(send, prepared, cache, record):
-            return None
-        if unknown and cache.similar is None:
-            cache.missed.add(request)
+        if unknown:
+            similar = await self._similar(path, prepared, cache, record)
+            if similar is not None:
+                return similar
+            if cache.similar is None:
+                cache.missed.add(request)
         record.outcome = miss = Miss(looked_up=True, variant=lookup.forced_variant)
-        return await self._miss(scope, receive, request, raw, cache, lookup, miss)
+        return await self._miss(path, headers, request, raw, cache, lookup, miss, receive)
 
     async def _similar(
-        self, send: Send, prepared: Prepared, cache: ResponseCache, record: RequestRecord
-    ) -> bool:
-        """Answer an exact miss as the known prompt it paraphrases (``gateway.similar``), if
-        one is accepted: a served variant of that prompt, never stored under this request's
-        key. Off the event loop: an embedding costs milliseconds."""
+        self, path: str, prepared: Prepared, cache: ResponseCache, record: RequestRecord
+    ) -> Forwarded | None:
+        """An exact miss answered as the known prompt it paraphrases (``gateway.similar``),
+        if one is accepted: a served variant of that prompt, whole (a stream's events too,
+        as every hit), never stored under this request's key. Off the event loop: an
+        embedding costs milliseconds."""
         if cache.similar is None:
-            return False
+            return None
         if uncacheable(prepared.request) is not None:
-            return False
+            return None
         model = prepared.request.model or cache.default_model
         explain = prepared.request not in cache.missed  # a first miss: name its nearest prompt
         hit, found = await anyio.to_thread.run_sync(
@@ -264,30 +330,27 @@ class GenerationRoutes:
         entry = cache.similar_hit(hit.key) if hit is not None else None
         if hit is None or entry is None:
             cache.missed.add(prepared.request, found.nearest, found.score, found.reason)
-            return False
+            return None
         reply = self.replies.get(entry, prepared.format)
-        payload = reply.body()
         headers = [
             (n.lower().encode(), v.encode())
             for n, v in (*(h for h in reply.headers if h[0] != "X-Cache-Match"), *hit.headers())
         ]
-        headers.append((b"content-length", str(len(payload)).encode()))
-        await send({"type": "http.response.start", "status": 200, "headers": headers})
-        await send({"type": "http.response.body", "body": payload})
         record.outcome = reply
         record.similar = hit
-        return True
+        return Forwarded(200, headers, reply.body(), path)
 
     async def _miss(
         self,
-        scope: Scope,
-        receive: Receive,
+        path: str,
+        headers: RawHeaders,
         request: GenerationRequest,
         raw: bytes,
         cache: ResponseCache,
         found: Lookup,
         miss: Miss,
-    ) -> Response:
+        receive: Receive | None,
+    ) -> Forwarded | UpstreamStream:
         forced = found.forced_variant
         if forced is None and (self.settings.on_miss == "reject" or not self.pool.backends):
             param = uncacheable(request)
@@ -302,40 +365,46 @@ class GenerationRoutes:
         if forced is not None:
             # The slot nginx chose is generated with its own seed, as warmup would.
             raw = orjson.dumps({**orjson.loads(raw), "seed": forced})
-        response = await self._forward(scope, receive, request, raw, miss)
-        response.headers["X-Cache"] = "MISS"
+        response = await self._forward(path, headers, request, raw, miss, receive)
+        response.set_header(b"x-cache", b"MISS")
         if forced is not None:
-            response.headers["X-Cache-Variant"] = str(forced)
+            response.set_header(_CACHE_VARIANT, b"%d" % forced)
         if not found.keep:
-            response.headers[NO_STORE_HEADER] = "1"
+            response.set_header(_NO_STORE, b"1")
         fills = forced is not None or cache.store_misses
-        if fills and found.key is not None and response.status_code == 200 and not request.stream:
+        if fills and found.key is not None and isinstance(response, Forwarded):
             await self._store(cache, found, request, response)
         return response
 
     async def _store(
-        self, cache: ResponseCache, found: Lookup, request: GenerationRequest, response: Response
+        self, cache: ResponseCache, found: Lookup, request: GenerationRequest, response: Forwarded
     ) -> None:
         """Keep a generated answer. The client gets it whether or not the store takes it."""
+        answer = response.answer  # read once: the request log reads the same
+        if answer is None:
+            return  # not a 200, or not JSON
         try:
-            answer = orjson.loads(response.body)
             await cache.store_answer(found, request, answer)
-        except orjson.JSONDecodeError:
-            return
         except StoreError as exc:
             self.metrics.store_failures.inc()
             log.warning("answer sent but not stored: %s", exc.message)
 
     async def _forward(
-        self, scope: Scope, receive: Receive, request: GenerationRequest, raw: bytes, miss: Miss
-    ) -> Response:
+        self,
+        path: str,
+        headers: RawHeaders,
+        request: GenerationRequest,
+        raw: bytes,
+        miss: Miss,
+        receive: Receive | None,
+    ) -> Forwarded | UpstreamStream:
         if self.on_demand is not None:
             self.on_demand.ensure_running()
         self.pool.check_model(request.model)
         miss.response = await self.forwarder.forward(
-            scope["path"],
+            path,
             raw,
-            forward_headers(Headers(scope=scope), self.settings.backend_api_key),
+            forward_headers(headers, self.settings.backend_api_key),
             model=request.model,
             stream=request.stream,
             receive=receive,
@@ -348,6 +417,11 @@ def _asgi_headers(reply: HitReply, payload: bytes) -> list[tuple[bytes, bytes]]:
     headers = [(n.lower().encode(), v.encode()) for n, v in reply.headers]
     headers.append((b"content-length", str(len(payload)).encode()))
     return headers
+
+
+def _header_lines(headers: RawHeaders) -> bytes:
+    """``name: value\\r\\n`` lines, without Content-Length (the server writes its own)."""
+    return b"".join(b"%s: %s\r\n" % pair for pair in headers if pair[0] != b"content-length")
 
 
 def _slot_line(slot: int) -> bytes:

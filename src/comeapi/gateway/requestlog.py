@@ -19,12 +19,12 @@ from collections.abc import Iterator
 from typing import Any, Literal
 
 import orjson
-from starlette.responses import Response
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from comeapi.balancer.relay import UpstreamStream
+from comeapi.balancer.relay import Forwarded, UpstreamStream
 from comeapi.cache.replies import HitReply
 from comeapi.protocol.requests import GenerationRequest
+from comeapi.protocol.responses import Answer
 
 #: Characters a key=value value may hold unquoted.
 _PLAIN = frozenset(string.ascii_letters + string.digits + "-_.:/+@")
@@ -70,7 +70,7 @@ class Miss:
         self.backend: str | None = None
         #: The answer sent, until ``settle`` reads its usage (then dropped: bodies and
         #: streams are not kept in the log).
-        self.response: Response | None = None
+        self.response: Forwarded | UpstreamStream | None = None
         self.model: str | None = None
         self.prompt_tokens: int | None = None
         self.completion_tokens: int | None = None
@@ -82,25 +82,16 @@ class Miss:
             events = response.events
             if events is not None:
                 self.completion_tokens = events.tokens()
-                if events.usage_line:
-                    self._read_answer(events.usage_line)
-        elif response is not None and response.status_code == 200:
-            self._read_answer(bytes(response.body))
+                if events.answer is not None:
+                    self._read_answer(events.answer)
+        elif response is not None and response.answer is not None:
+            self._read_answer(response.answer)
 
-    def _read_answer(self, body: bytes) -> None:
-        try:
-            answer = orjson.loads(body)
-        except orjson.JSONDecodeError:
-            return
-        if not isinstance(answer, dict):
-            return
-        model = answer.get("model")
-        if isinstance(model, str) and model:
-            self.model = model
-        usage = answer.get("usage")
-        if isinstance(usage, dict):
-            self.prompt_tokens = _count(usage.get("prompt_tokens"))
-            self.completion_tokens = _count(usage.get("completion_tokens"))
+    def _read_answer(self, answer: Answer) -> None:
+        if answer.model is not None:
+            self.model = answer.model
+        self.prompt_tokens = answer.prompt_tokens
+        self.completion_tokens = answer.completion_tokens
 
 
 class RequestRecord:
@@ -297,10 +288,6 @@ class RequestLogMiddleware:
                     self.log.access.write(record)
             else:
                 self.log.add(record, status, seconds)
-
-
-def _count(value: Any) -> int | None:
-    return value if isinstance(value, int) and not isinstance(value, bool) else None
 
 
 def _value(value: Any) -> str:

@@ -3,18 +3,23 @@ any ASGI task, scope or message exists (the gateway's cache hits).
 
 For a ``POST`` with a small ``Content-Length`` to one of the app's ``immediate_paths``, the
 server (``http.protocol``) reads the whole body, then asks ``answer_now``; the bytes it
-returns are written at once with status 200. None sends the request down the ASGI path as
-usual, with what the app noted on the request in ``scope[NOTE]``.
+returns are written at once with status 200. Otherwise the app's ``answer_later``, if it
+has one, may take the request as a task whose answer is written when it is ready (the
+gateway's forwarded misses: no ASGI cycle either). Else the request goes down the ASGI path
+as usual, with what the app noted on the request in ``scope[NOTE]``.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable, Coroutine
 from typing import Any, Protocol
 
 from uvicorn._types import ASGI3Application, Scope
 from uvicorn.middleware.proxy_headers import ProxyHeadersMiddleware
 
 RawHeaders = list[tuple[bytes, bytes]]
+#: A later answer (``answer_later``): the status, header lines (as ``answer_now``'s) and body.
+Later = tuple[int, bytes, bytes]
 #: The scope key under which the ASGI path finds ``ImmediateRequest.note``.
 NOTE = "comeapi.immediate"
 
@@ -45,6 +50,12 @@ class ImmediateAnswers(Protocol):
         ...
 
 
+#: An app's optional ``answer_later(request)``, asked when ``answer_now`` returned None:
+#: work that makes the answer (the server runs it as a task, cancelled if the connection is
+#: lost, and writes what it returns), or None to take the ASGI path.
+AnswerLater = Callable[[ImmediateRequest], Coroutine[Any, Any, Later] | None]
+
+
 class Immediate:
     """An app's immediate answers as a server connection uses them."""
 
@@ -52,6 +63,7 @@ class Immediate:
         self.app = app
         #: The raw request target of each path (as sent, no query) -> the path.
         self.paths = {path.encode(): path for path in app.immediate_paths}
+        self.later: AnswerLater | None = getattr(app, "answer_later", None)
         self._trusted = trusted
 
     @classmethod

@@ -21,6 +21,7 @@ import json
 import logging
 import urllib.parse
 from collections import deque
+from collections.abc import Coroutine
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -33,7 +34,7 @@ from uvicorn.protocols.utils import get_local_addr, get_remote_addr, is_ssl
 from uvicorn.server import ServerState
 
 from comeapi.http.deadlines import Expired, HalfOpen, ReadDeadlines
-from comeapi.http.immediate import NOTE, Immediate, ImmediateRequest
+from comeapi.http.immediate import NOTE, Immediate, ImmediateRequest, Later
 
 log = logging.getLogger("comeapi.http")
 
@@ -154,6 +155,9 @@ class HttpProtocol(asyncio.Protocol):
         self._chunked = self._expect = self._forwarded = False
         self._upgrade = b""
         self._pending: tuple[bool, str] | None = None  # (keep-alive, version) of an immediate
+        #: A later answer being made (``answer_later``), and whether to keep alive after it.
+        self._later: asyncio.Task[None] | None = None
+        self._later_keep_alive = False
         self._body = bytearray()
         self._head_bytes = 0  # bytes received since the head began (an upper bound)
         self._half_open = False
@@ -195,6 +199,8 @@ class HttpProtocol(asyncio.Protocol):
         self.connections.discard(self)
         self._uncount_half_open()
         self.deadlines.stop()
+        if self._later is not None:
+            self._later.cancel()  # the client has gone: the backend stops generating
         cycle = self.cycle
         if cycle is not None:
             if not cycle.response_complete:
@@ -240,7 +246,9 @@ class HttpProtocol(asyncio.Protocol):
 
     def shutdown(self) -> None:
         """The server is stopping: close once the response in progress is sent."""
-        if self.cycle is None or self.cycle.response_complete:
+        if self._later is not None:
+            self._later_keep_alive = False
+        elif self.cycle is None or self.cycle.response_complete:
             self.out.close()
         else:
             self.cycle.keep_alive = False
@@ -322,6 +330,7 @@ class HttpProtocol(asyncio.Protocol):
             and not self._chunked
             and not self._expect  # the client waits for the app to ask for the body
             and (cycle is None or cycle.response_complete)
+            and self._later is None
             and not self.flow.write_paused
         ):
             self._pending = (keep_alive, version)
@@ -369,9 +378,44 @@ class HttpProtocol(asyncio.Protocol):
             log.exception("answer_now failed on %s; the ASGI path takes it", request.path)
             answer = None
         if answer is None:
+            later = self.immediate.later
+            work = None
+            if later is not None and (self.limit is None or len(self.tasks) < self.limit):
+                work = later(request)
+            if work is not None:
+                self._later_keep_alive = keep_alive
+                self._later = task = self.loop.create_task(self._answer_later(work))
+                task.add_done_callback(self.tasks.discard)
+                self.tasks.add(task)  # the server's shutdown waits for it, as for a cycle
+                return
             self._start_cycle(b"POST", version, keep_alive, body, request.note)
             return
         head, payload = answer
+        self._write(_OK, head, payload, keep_alive)
+        self.server_state.total_requests += 1
+        if not keep_alive:
+            self.out.close()
+        else:
+            self.deadlines.idle()
+
+    async def _answer_later(self, work: Coroutine[Any, Any, Later]) -> None:
+        try:
+            status, head, payload = await work
+        except Exception:
+            log.exception("answer_later failed")
+            status, head = 500, b"content-type: application/json\r\n"
+            payload = error_body("internal server error", "internal_error", "server_error")
+        finally:
+            self._later = None
+        if self.transport.is_closing():
+            return
+        self._write(STATUS_LINE[status], head, payload, self._later_keep_alive)
+        if not self._later_keep_alive:
+            self.out.close()
+        self.on_response_complete()
+
+    def _write(self, status_line: bytes, head: bytes, payload: bytes, keep_alive: bool) -> None:
+        """A whole response in one write: status, the server's headers, ``head``'s."""
         default = self.server_state.default_headers
         if default is not self._default_src:  # uvicorn makes a new list each second (date)
             self._default_src = default
@@ -379,7 +423,7 @@ class HttpProtocol(asyncio.Protocol):
         self.out.write_now(
             b"".join(
                 (
-                    _OK,
+                    status_line,
                     self._default_head,
                     head,
                     b"content-length: %d\r\n" % len(payload),
@@ -388,11 +432,6 @@ class HttpProtocol(asyncio.Protocol):
                 )
             )
         )
-        self.server_state.total_requests += 1
-        if not keep_alive:
-            self.out.close()
-        else:
-            self.deadlines.idle()
 
     def _start_cycle(
         self,
@@ -450,7 +489,7 @@ class HttpProtocol(asyncio.Protocol):
             cycle.body = bytearray(body)
             cycle.more_body = False
             cycle.message_event.set()
-        if existing is None or existing.response_complete:
+        if (existing is None or existing.response_complete) and self._later is None:
             self._start_task(cycle, app)
         else:  # pipelined behind a response still in progress
             self.flow.pause_reading()

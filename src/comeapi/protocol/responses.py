@@ -2,7 +2,8 @@
 
 A generation, live or cached, is one or more choices, each a sequence of text pieces (with
 their tokens' log probabilities when asked) and a finish reason; the same encoder turns it
-into a JSON body or SSE chunks, so cached and live answers look alike.
+into a JSON body or SSE chunks, so cached and live answers look alike. ``read_answer`` is
+the one reader of such a body coming back from a backend.
 """
 
 from __future__ import annotations
@@ -65,6 +66,56 @@ class Choice:
     logprobs: tuple[TokenLogprob, ...] | None = None
 
 
+@dataclass(frozen=True, slots=True)
+class Answer:
+    """What a backend answered, read once from its JSON body (or from a stream's last event,
+    which carries the usage). None where the body does not say, or not in the right type."""
+
+    text: str | None  # the first choice's text (ComeAPI's "response")
+    finish_reason: str | None
+    model: str | None
+    prompt_tokens: int | None
+    completion_tokens: int | None
+
+
+def read_answer(kind: Kind | None, body: bytes) -> Answer | None:
+    """The answer in ``body``, a backend's JSON answer to a request of ``kind`` (None: read
+    only the model and the usage); None when ``body`` is not a JSON object."""
+    try:
+        doc = _loads()(body)
+    except ValueError:  # orjson.JSONDecodeError and json's are both ValueErrors
+        return None
+    if not isinstance(doc, dict):
+        return None
+    text = finish = None
+    if kind == "generate":
+        text, finish = doc.get("response"), doc.get("finish_reason")
+    elif kind is not None:
+        choices = doc.get("choices")
+        choice = choices[0] if isinstance(choices, list) and choices else None
+        if isinstance(choice, dict):
+            finish = choice.get("finish_reason")
+            if kind == "completion":
+                text = choice.get("text")
+            elif isinstance(message := choice.get("message"), dict):
+                text = message.get("content")
+    usage = doc.get("usage")
+    if not isinstance(usage, dict):
+        usage = {}
+    model = doc.get("model")
+    return Answer(
+        text=text if isinstance(text, str) else None,
+        finish_reason=finish if isinstance(finish, str) else None,
+        model=model if isinstance(model, str) and model else None,
+        prompt_tokens=_count(usage.get("prompt_tokens")),
+        completion_tokens=_count(usage.get("completion_tokens")),
+    )
+
+
+def _count(value: Any) -> int | None:
+    return value if isinstance(value, int) and not isinstance(value, bool) else None
+
+
 def new_id(kind: Kind) -> str:
     # Unique, not secret: 128 random bits without uuid4's system call and UUID object.
     return ("chatcmpl-" if kind == "chat" else "cmpl-") + f"{random.getrandbits(128):032x}"
@@ -87,6 +138,15 @@ def _dumps() -> Callable[[Any], bytes]:
     except ImportError:
         return lambda obj: json.dumps(obj, ensure_ascii=False, separators=(",", ":")).encode()
     return orjson.dumps
+
+
+@functools.cache
+def _loads() -> Callable[[bytes], Any]:
+    try:
+        import orjson
+    except ImportError:
+        return json.loads
+    return orjson.loads
 
 
 def sse_error(exc: ComeapiError) -> bytes:
