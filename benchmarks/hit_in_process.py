@@ -27,19 +27,11 @@ import time
 from pathlib import Path
 from typing import Any
 
+from baseline import import_shipped  # benchmarks/baseline.py (the script's folder)
 from machine import Load, add_summary_option  # benchmarks/machine.py (the script's folder)
 
 REPO = Path(__file__).resolve().parent.parent
 SHIPPED = REPO / "src" / "comeapi" / "data" / "default-cache.jsonl"
-# Run under an older checkout's src: the shipped lines as that version's entries, resealed.
-DOWNGRADE = """
-import json, sys
-from pathlib import Path
-from comeapi.cache.archive import write_jsonl
-from comeapi.cache.store import Entry
-lines = Path(sys.argv[1]).read_text(encoding="utf-8").splitlines()[1:]
-write_jsonl([Entry.from_dict(json.loads(line)).sealed() for line in lines], Path(sys.argv[2]))
-"""
 
 
 class MemoryTransport(asyncio.Transport):
@@ -202,28 +194,7 @@ def main() -> None:
         for name, src in versions.items():
             stores[name] = f"sqlite:{Path(tmp) / name / 'store.db'}"
             (Path(tmp) / name).mkdir()
-            env = {**os.environ, "PYTHONPATH": str(src)}
-            shipped = SHIPPED
-            if name != "current":
-                # An older comeapi reads only its own archive format: the same answers,
-                # rewritten by that version's own writer (it drops the fields it lacks).
-                shipped = Path(tmp) / name / "shipped.jsonl"
-                subprocess.run(
-                    [sys.executable, "-c", DOWNGRADE, str(SHIPPED), str(shipped)],
-                    check=True,
-                    capture_output=True,
-                    env=env,
-                    timeout=120,
-                )
-            importer = [sys.executable, "-m", "comeapi", "cache", "import"]
-            subprocess.run(
-                [*importer, "--store", stores[name], str(shipped)],
-                check=True,
-                capture_output=True,
-                cwd=REPO,
-                env=env,
-                timeout=120,
-            )
+            import_shipped(src, stores[name], SHIPPED, Path(tmp) / name)
         runs: dict[str, list[float]] = {name: [] for name in versions}
         if args.callgrind:
             for name, src in versions.items():

@@ -47,6 +47,7 @@ from pathlib import Path
 
 import httpx
 
+from baseline import import_shipped  # benchmarks/baseline.py (the script's folder)
 from machine import (  # benchmarks/machine.py (the script's folder)
     Load,
     add_summary_option,
@@ -281,14 +282,8 @@ def bench(base: Path, workers: int, args: argparse.Namespace, skip: set[str]) ->
         servers.append(Server(COMEAPI, url, gw.pid))
         if args.baseline_src is not None:
             port = free_port()
-            # Imported by the older code itself: it may not open a store of a newer schema.
-            subprocess.run(
-                [*py, "cache", "import", "--store", f"sqlite:{base}/before.db", str(SHIPPED_CACHE)],
-                check=True,
-                capture_output=True,
-                cwd=REPO,
-                env={**os.environ, "PYTHONPATH": str(args.baseline_src.resolve())},
-                timeout=120,
+            import_shipped(
+                args.baseline_src.resolve(), f"sqlite:{base}/before.db", SHIPPED_CACHE, base
             )
             before = [*py, "serve", "--port", str(port), "--store", f"sqlite:{base}/before.db"]
             before += ["--log-level", "warning", "--workers", str(workers)]
