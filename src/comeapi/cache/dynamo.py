@@ -268,9 +268,10 @@ class DynamoStore(ResponseStore):
         doc: dict[str, Any] = json.loads(item["doc"]["S"])
         return doc
 
-    def set_calibration(self, doc: dict[str, Any] | None) -> None:
+    def set_calibration(self, doc: dict[str, Any] | None, *, new_revision: bool = True) -> None:
         """Write (or delete) the calibration item, then the catalogue with a new revision, so
-        a reader that watches the revision loads it."""
+        a reader that watches the revision loads it. ``new_revision=False``: the caller
+        writes entries next, whose catalogue write is the one new revision readers see."""
         key = {"key": {"S": CALIBRATION_KEY}, "variant": {"N": "0"}}
         with dynamo_errors("PutItem (calibration)"):
             if doc is None:
@@ -285,6 +286,8 @@ class DynamoStore(ResponseStore):
                         code="too_large",
                     )
                 self.client.put_item(TableName=self.table, Item=item)
+        if not new_revision:
+            return
         current = self.catalogue(consistent=True)
         self._put_catalogue(Catalogue(current.revision + 1, current.prompts), current)
 

@@ -90,9 +90,12 @@ def push(
         if create and create_table(client, table):
             click.echo(f"created table {table} (on-demand billing)")
         store = DynamoStore(client, table)
+        if calibration is not None:
+            # Similar matching's thresholds go with the answers, written first: the entries'
+            # catalogue write is then the push's one new revision (a function watching the
+            # revision reads both at once).
+            store.set_calibration(calibration, new_revision=False)
         count = store.put_many(entries) if merge else store.replace_all(entries)
-        if calibration is not None:  # similar matching's thresholds go with the answers
-            store.set_calibration(calibration)
         revision = store.catalogue(consistent=True).revision
     prompts = len({e.key for e in entries})
     how = "merged into" if merge else "replaced the contents of"
