@@ -30,17 +30,11 @@ import time
 from pathlib import Path
 from typing import Any
 
+from batching import PROMPTS  # benchmarks/batching.py: the same five streams
 from machine import Load, add_summary_option  # benchmarks/machine.py (the script's folder)
 
 REPO = Path(__file__).resolve().parent.parent
 MODEL = REPO / "models" / "gemma-3-270m-q4_k_m.gguf"
-PROMPTS = [
-    "Write a long story about a lighthouse keeper who finds a map. Once upon a time,",
-    "The history of the printing press begins",
-    "Here is a detailed recipe for a vegetable soup. First,",
-    "Dear diary, today was the strangest day of my life because",
-    "The old train station at the edge of town was",
-]
 TICK = os.sysconf("SC_CLK_TCK")
 
 

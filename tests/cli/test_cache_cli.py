@@ -19,14 +19,7 @@ from comeapi.cache.sqlite import SqliteStore
 from comeapi.cli import main
 from tests.cache.factory import build_archive, file_hash, prompt_entry, sample_entries
 
-
-@pytest.fixture(autouse=True)
-def clean_env(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
-    for name in list(os.environ):
-        if name.startswith("COMEAPI_"):
-            monkeypatch.delenv(name)
-    monkeypatch.chdir(tmp_path)
-    monkeypatch.setenv("XDG_DATA_HOME", str(tmp_path / "data"))  # the default store's home
+pytestmark = pytest.mark.usefixtures("clean_env")  # tests/cli/conftest.py
 
 
 def run(*args: str) -> Result:

@@ -20,13 +20,7 @@ GOOD = "The sea is calm tonight, and the moon is bright."
 POEM = "Write a short poem about the sea."
 
 
-@pytest.fixture(autouse=True)
-def clean_env(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
-    for name in list(os.environ):
-        if name.startswith("COMEAPI_"):
-            monkeypatch.delenv(name)
-    monkeypatch.chdir(tmp_path)
-    monkeypatch.setenv("XDG_DATA_HOME", str(tmp_path / "data"))
+pytestmark = pytest.mark.usefixtures("clean_env")  # tests/cli/conftest.py
 
 
 def run(*args: str) -> Result:

@@ -152,3 +152,26 @@ def short(text: str, width: int) -> str:
     """``text`` on one line, cut to ``width`` characters (for table cells)."""
     flat = " ".join(text.split())
     return flat if len(flat) <= width else flat[: width - 1] + "…"
+
+
+def backend_urls_option(func: F) -> F:
+    """``--url URL`` (repeatable) of the commands that generate answers (warmup,
+    regenerate); ``generation_targets`` reads it."""
+    return click.option(
+        "--url",
+        "urls",
+        multiple=True,
+        help="Backend or gateway URL to generate with (repeatable), instead of the configured "
+        "backends (--backends, --backends-range); with none of these, the gateway at host:port.",
+    )(func)
+
+
+def generation_targets(settings: Settings, urls: tuple[str, ...]) -> tuple[list[str], str | None]:
+    """Where warmup and regenerate send their requests, and the key to send: the ``--url``
+    list or the configured backends (their backend key, else a gateway key); with neither,
+    the gateway at host:port, which sends its backends the key they take (a gateway key)."""
+    gateway_key = next(iter(settings.api_keys), None)
+    targets = [u.rstrip("/") for u in urls] or settings.backend_urls()
+    if targets:
+        return targets, settings.backend_api_key or gateway_key
+    return [f"http://{settings.host}:{settings.port}"], gateway_key or settings.backend_api_key

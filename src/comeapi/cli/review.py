@@ -19,7 +19,13 @@ from rich.console import Console
 from rich.table import Table
 from rich.text import Text
 
-from comeapi.cli.options import build_settings, settings_options, user_errors
+from comeapi.cli.options import (
+    backend_urls_option,
+    build_settings,
+    generation_targets,
+    settings_options,
+    user_errors,
+)
 from comeapi.errors import ReviewConflictError
 
 if TYPE_CHECKING:
@@ -194,13 +200,7 @@ def edit(ctx: click.Context, /, **values: Any) -> None:
 
 @click.command("regenerate")
 @target_options(variant_required=True)
-@click.option(
-    "--url",
-    "urls",
-    multiple=True,
-    help="Backend or gateway URL to generate with (repeatable), instead of the configured "
-    "backends (--backends, --backends-range); with none of these, the gateway at host:port.",
-)
+@backend_urls_option
 @click.option(
     "--local",
     is_flag=True,
@@ -263,12 +263,7 @@ async def _generate_again(
     from comeapi.cache.review import new_seed
 
     seed = new_seed(entry)
-    gateway_key = next(iter(settings.api_keys), None)
-    api_key = settings.backend_api_key or gateway_key
-    targets = [u.rstrip("/") for u in urls] or settings.backend_urls()
-    if not targets and not local:
-        targets = [f"http://{settings.host}:{settings.port}"]
-        api_key = gateway_key or settings.backend_api_key
+    targets, api_key = generation_targets(settings, urls)  # unless local: a backend of its own
     async with contextlib.AsyncExitStack() as stack:
         if local:
             # No key: it listens on loopback for this command alone.

@@ -12,7 +12,14 @@ import click
 from rich.console import Console
 from rich.table import Table
 
-from comeapi.cli.options import build_settings, settings_options, short, user_errors
+from comeapi.cli.options import (
+    backend_urls_option,
+    build_settings,
+    generation_targets,
+    settings_options,
+    short,
+    user_errors,
+)
 from comeapi.cli.progress import ProgressReport
 
 
@@ -30,13 +37,7 @@ from comeapi.cli.progress import ProgressReport
     "checks",
     "check_retries",
 )
-@click.option(
-    "--url",
-    "urls",
-    multiple=True,
-    help="Backend or gateway URL to generate with (repeatable), instead of the configured "
-    "backends (--backends, --backends-range); with none of these, the gateway at host:port.",
-)
+@backend_urls_option
 @click.option(
     "--concurrency",
     type=click.IntRange(1, 256),
@@ -87,13 +88,7 @@ def warmup(
         prompt_set = load_prompt_set(settings.prompts)
         policy = prompt_set.policy(settings.checks)
         variants = values.get("variants") or prompt_set.variants or settings.variants
-        targets = [u.rstrip("/") for u in urls] or settings.backend_urls()
-        gateway_key = next(iter(settings.api_keys), None)
-        api_key = settings.backend_api_key or gateway_key
-        if not targets:
-            # Through the gateway, which sends its backends the key they take.
-            targets = [f"http://{settings.host}:{settings.port}"]
-            api_key = gateway_key or settings.backend_api_key
+        targets, api_key = generation_targets(settings, urls)
         store = open_configured_store(settings)
         err.print(
             f"warmup: {len(prompt_set.items)} prompts x {variants} variants "
