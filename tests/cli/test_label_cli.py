@@ -60,3 +60,12 @@ def test_a_contradicting_label_leaves_the_file_as_it_was(path: Path) -> None:
     with pytest.raises(ConfigError, match="no prompt"):
         add_label(path, "x", "Tell me a joke", "same")
     assert path.read_text() == SET
+
+
+def test_cache_misses_asks_the_gateway_on_its_default_port() -> None:
+    """`comeapi cache misses` without --url asked port 8000; the gateway listens on 9000."""
+    from comeapi.cli.similar import misses
+    from comeapi.settings import Settings
+
+    (url,) = [p.default for p in misses.params if p.name == "url"]
+    assert url == f"http://127.0.0.1:{Settings().port}"

@@ -12,6 +12,7 @@ from rich.console import Console
 from rich.table import Table
 
 from comeapi.cli.options import build_settings, settings_options, short, user_errors
+from comeapi.settings import Settings
 
 
 @click.command("calibrate")
@@ -71,10 +72,14 @@ def calibrate(ctx: click.Context, /, engine: str | None, as_json: bool, **values
     )
 
 
+# The gateway as `comeapi serve` and `comeapi up` start it by default.
+GATEWAY_URL = f"http://127.0.0.1:{Settings.model_fields['port'].default}"
+
+
 @click.command("misses")
 @click.option(
     "--url",
-    default="http://127.0.0.1:8000",
+    default=GATEWAY_URL,
     show_default=True,
     help="The running gateway (its /status; each worker process counts its own misses).",
 )
