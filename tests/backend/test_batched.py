@@ -372,6 +372,47 @@ def test_events_reach_the_event_loop_once_per_step_not_once_per_token(
     assert_idle(engine)
 
 
+def test_a_prompts_first_token_is_handed_over_before_the_next_prompt_is_prefilled(
+    engine: BatchedEngine, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Prompts admitted together are prefilled one after another (each in its own calls);
+    each one's first token goes to the event loop as soon as its own prefill ends, not when
+    the whole step's prefills are done (its client used to wait for the others' prompts)."""
+    assert engine._model is not None
+    timeline: list[str] = []
+    decode = engine._model.decode
+
+    def recording_decode(entries: Any) -> int:
+        if len(entries) > 1 and len({e.seq for e in entries}) == 1:
+            timeline.append("last prefill" if entries[-1].logits else "prefill")
+        return int(decode(entries))
+
+    monkeypatch.setattr(engine._model, "decode", recording_decode)
+
+    async def scenario() -> list[tuple[str, Finished]]:
+        loop = asyncio.get_running_loop()
+        call_soon_threadsafe = loop.call_soon_threadsafe
+
+        def recording_wake(*args: Any, **kwargs: Any) -> Any:
+            if threading.current_thread().name == "comeapi-decode":
+                timeline.append("wake")
+            return call_soon_threadsafe(*args, **kwargs)
+
+        monkeypatch.setattr(loop, "call_soon_threadsafe", recording_wake)
+        # Short prompts: several fit in one step's prefill budget.
+        reqs = [request(f"{p[:30]} {i}", max_tokens=2) for i, p in enumerate(PROMPTS)]
+        return list(await asyncio.gather(*(run(engine, r) for r in reqs)))
+
+    results = asyncio.run(scenario())
+    assert all(done.usage.completion_tokens > 0 for _, done in results)
+    ends = [i for i, what in enumerate(timeline) if what == "last prefill"]
+    assert len(ends) == len(PROMPTS), timeline
+    for i in ends:
+        # The next thing after a prompt's last prefill call is the hand-over of its token.
+        assert timeline[i + 1 : i + 2] == ["wake"], timeline
+    assert_idle(engine)
+
+
 def test_twenty_requests_on_five_slots_all_complete(engine: BatchedEngine) -> None:
     reqs = [request(f"{PROMPTS[i % 5][:60]} {i}", max_tokens=3) for i in range(20)]
 

@@ -282,6 +282,8 @@ class DecodeLoop:
                 budget -= end - start
                 if last:
                     self._prefilled(seq, len(entries) - 1)
+                    # Its first token goes out now, not after the other prompts' prefills.
+                    self._flush()
                 if budget <= 0:
                     return
 
@@ -404,8 +406,9 @@ class DecodeLoop:
         self._outbox.setdefault(seq.sink, []).append(item)
 
     def _flush(self) -> None:
-        """Hand the step's events over: one call into each event loop per step, however
-        many tokens and requests (not one wake-up of the loop per token)."""
+        """Hand the events so far over: one call into each event loop after the decode and
+        after each prompt's prefill, however many tokens and requests (not one wake-up of the
+        loop per token)."""
         if not self._outbox:
             return
         by_loop: dict[asyncio.AbstractEventLoop, list[tuple[Sink, list[Item]]]] = {}
