@@ -539,6 +539,35 @@ def start_backend(spawn: Any, model_dir: Path, slots: int) -> tuple[str, Proc]:
     return url, proc
 
 
+def test_greedy_text_is_the_same_alone_and_in_a_batch_of_eight_or_more(
+    spawn: Any, model_dir: Path
+) -> None:
+    """From 8 rows on, llama.cpp's CPU backend multiplies K-quant matrices with another kernel
+    (its tiled path), which rounds differently from the one for fewer rows: a sequence's
+    greedy text depended on how many others decoded beside it (here the Japanese prompt
+    went another way within 40 tokens). A backend with 8 slots or more turns that path
+    off; the switch is read once per process, hence a backend process of its own."""
+    url, _ = start_backend(spawn, model_dir, slots=9)
+    prompts = [f"{p[:40]} ({i})" for i, p in enumerate(PROMPTS * 2)][:9]
+
+    async def scenario() -> tuple[list[str], list[str]]:
+        async with httpx.AsyncClient(base_url=url, timeout=120) as client:
+
+            async def text(prompt: str) -> str:
+                body = {"prompt": prompt, "max_tokens": 40, "temperature": 0}
+                response = await client.post("/v1/completions", json=body)
+                assert response.status_code == 200, response.text
+                return str(response.json()["choices"][0]["text"])
+
+            solo = [await text(p) for p in prompts]
+            together = await asyncio.gather(*(text(p) for p in prompts))
+            return solo, list(together)
+
+    solo, together = asyncio.run(scenario())
+    for prompt, solo_text, text in zip(prompts, solo, together, strict=True):
+        assert text == solo_text, prompt
+
+
 def rss_mb(pid: int) -> float:
     for line in Path(f"/proc/{pid}/status").read_text().splitlines():
         if line.startswith("VmRSS:"):

@@ -28,6 +28,10 @@ from comeapi.models.catalogue import check_model_dir
 from comeapi.protocol.requests import GenerationRequest
 from comeapi.settings import Settings
 
+# The batch size (rows) from which llama.cpp's CPU backend takes its tiled K-quant kernel
+# (ggml-cpu/tiled/tiled.cpp, ggml_tiled_min_batch).
+TILED_FROM_ROWS = 8
+
 
 class _Channel:
     """One generation's events, handed over by the decode loop a step at a time."""
@@ -85,6 +89,13 @@ class BatchedEngine:
 
     async def start(self) -> None:
         quiet_llama_logs(self._settings.log_level == "debug")
+        if self._slots >= TILED_FROM_ROWS:
+            # llama.cpp's CPU backend multiplies K-quant matrices with its tiled kernel from
+            # 8 rows on, which rounds differently from the kernel for fewer rows: a decode
+            # batch of 8+ sequences would change their greedy text. With fewer slots only a
+            # prompt's own prefill reaches 8 rows, the same whatever runs beside it. Read
+            # once per process, at the first product: before the model is loaded.
+            os.environ.setdefault("GGML_CPU_TILED_MM", "0")
         threads = self._settings.threads or len(os.sched_getaffinity(0))
         model = await asyncio.to_thread(
             NativeModel,
