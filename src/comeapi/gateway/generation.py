@@ -8,6 +8,9 @@ pre-encoded reply (``cache.replies``), one count. No Request or Response object,
 middleware, no routing. A miss is forwarded through the pool, or refused with the known
 prompts; a whole (not streamed) one inside the HTTP server too, through ``answer_later``
 (the backend's answer written in one go, no ASGI cycle), a stream through ``__call__``.
+When nothing but forwarding is to be done (no store, no paraphrase match) and a backend is
+free now, the forward is done with callbacks (``Forwarder.forward_soon``): the answer goes
+to the client first, and the request log and metrics are written after it.
 """
 
 from __future__ import annotations
@@ -26,6 +29,7 @@ from starlette.requests import ClientDisconnect
 from starlette.responses import Response
 from starlette.types import Receive, Scope, Send
 
+from comeapi.balancer.direct import DirectForward, Outcome
 from comeapi.balancer.pool import BackendPool
 from comeapi.balancer.proxy import Forwarder, forward_headers
 from comeapi.balancer.relay import Forwarded, UpstreamStream
@@ -46,7 +50,7 @@ from comeapi.gateway.ondemand import OnDemandBackends
 from comeapi.gateway.requestlog import Miss, RequestLog, RequestRecord
 from comeapi.http.auth import APIKeys
 from comeapi.http.errors import error_response
-from comeapi.http.immediate import NOTE, ImmediateRequest, Later
+from comeapi.http.immediate import NOTE, ImmediateRequest, Later, Pending
 from comeapi.http.responses import read_asgi_body
 from comeapi.protocol.requests import KINDS, GenerationRequest
 from comeapi.settings import Settings
@@ -141,7 +145,9 @@ class GenerationRoutes:
             return reply.head + _slot_line(lookup.slot), payload
         return reply.head, payload
 
-    def answer_later(self, request: ImmediateRequest) -> Coroutine[Any, Any, Later] | None:
+    def answer_later(
+        self, request: ImmediateRequest
+    ) -> Coroutine[Any, Any, Later] | Pending | None:
         """A whole (not streamed) request that ``answer_now`` found no answer for, forwarded
         (or refused) inside the HTTP server, without an ASGI cycle, a disconnect-watching
         task or Response objects: the coroutine returns the status, header lines and body
@@ -152,7 +158,57 @@ class GenerationRoutes:
         if known is None or known[0].request.stream:
             return None
         request.note = None
+        if request.reply is not None:
+            soon = self._forward_soon(request, *known)
+            if soon is not None:
+                return soon
         return self._later(request, *known)
+
+    def _forward_soon(
+        self, request: ImmediateRequest, prepared: Prepared, lookup: Lookup | None
+    ) -> DirectForward | None:
+        """``_later`` with callbacks, where it would only forward (``_pass_on``: no slot to
+        fill or answer to store, no paraphrase to look for, misses forwarded) and a backend
+        can take the request now (``Forwarder.forward_soon``); None (nothing done) else."""
+        cache = self.cache
+        looked_up = cache is not None and lookup is not None
+        if (cache is not None and lookup is not None) and (
+            lookup.forced_variant is not None
+            or cache.store_misses
+            or cache.similar is not None
+            or not self._bypass_allowed  # misses are refused, not forwarded
+            or not self.pool.backends
+        ):
+            return None
+        generation = prepared.request
+        try:
+            if self.on_demand is not None:
+                self.on_demand.ensure_running()
+            self.pool.check_model(generation.model)
+        except ComeapiError:
+            return None  # the coroutine path answers the error
+        record = RequestRecord("POST", request.path, request.client)
+        record.request = generation
+        record.outcome = miss = Miss(looked_up=looked_up)
+        answer = _AnswerSoon(self, request, record, miss, None if lookup is None else lookup.keep)
+        forward = self.forwarder.forward_soon(
+            request.path,
+            request.body,
+            forward_headers(request.headers, self.settings.backend_api_key),
+            model=generation.model,
+            report=miss,
+            done=answer,
+        )
+        if forward is None:
+            return None
+        if (
+            cache is not None
+            and lookup is not None
+            and lookup.key is not None
+            and not cache.group(lookup.key)
+        ):
+            cache.missed.add(generation)  # an unknown prompt (as ``_pass_on``)
+        return forward
 
     async def _later(
         self, request: ImmediateRequest, prepared: Prepared, lookup: Lookup | None
@@ -411,6 +467,57 @@ class GenerationRoutes:
             report=miss,
         )
         return miss.response
+
+
+class _AnswerSoon:
+    """The end of ``_forward_soon``: the answer written to the client, then the request log
+    and the metrics (off the answer's path)."""
+
+    __slots__ = ("keep", "miss", "record", "request", "routes", "started")
+
+    def __init__(
+        self,
+        routes: GenerationRoutes,
+        request: ImmediateRequest,
+        record: RequestRecord,
+        miss: Miss,
+        keep: bool | None,
+    ):
+        self.routes = routes
+        self.request = request
+        self.record = record
+        self.miss = miss
+        self.keep = keep  # the lookup's, for a looked-up miss; None: not looked up
+        self.started = time.perf_counter()
+
+    def __call__(self, outcome: Outcome) -> None:
+        reply = self.request.reply
+        assert reply is not None
+        if outcome is None:
+            status = CLIENT_GONE
+            reply(None)
+        else:
+            if isinstance(outcome, Forwarded):
+                response: Forwarded | Response = outcome
+                self.miss.response = outcome
+                if self.keep is not None:
+                    outcome.set_header(b"x-cache", b"MISS")
+                    if not self.keep:
+                        outcome.set_header(_NO_STORE, b"1")
+                lines, body = _header_lines(outcome.headers), outcome.body
+            else:
+                if isinstance(outcome, ComeapiError):
+                    response = error_response(outcome)
+                else:
+                    log.error("unhandled error on POST %s", self.request.path, exc_info=outcome)
+                    response = error_response(ComeapiError("internal server error"))
+                lines, body = _header_lines(response.raw_headers), bytes(response.body)
+            status = response.status_code
+            reply((status, lines, body))
+        routes = self.routes
+        seconds = time.perf_counter() - self.started
+        routes.metrics.observe(self.request.path, status, seconds)
+        routes.requests.add(self.record, status, seconds)
 
 
 def _asgi_headers(reply: HitReply, payload: bytes) -> list[tuple[bytes, bytes]]:
