@@ -21,7 +21,7 @@ import orjson
 from starlette.types import Receive
 
 from comeapi.balancer.backend import Backend
-from comeapi.balancer.direct import DirectForward, Done
+from comeapi.balancer.direct import DirectForward, Done, Watchdog
 from comeapi.balancer.health import HealthChecker, describe
 from comeapi.balancer.pool import BackendPool
 from comeapi.balancer.relay import (
@@ -85,6 +85,11 @@ class Forwarder(StreamOwner):
         self.stopping = False
         self._urls: dict[tuple[str, str], str] = {}
         self._direct = upstream if isinstance(upstream, FastUpstream) else None
+        self._watchdog = Watchdog(
+            self._direct.timeouts.read if self._direct is not None else None,
+            stall_timeout,
+            health.confirm_alive,
+        )
 
     async def forward(
         self,
@@ -196,7 +201,18 @@ class Forwarder(StreamOwner):
             report.backend = backend.url
         origin, conn = sent
         return DirectForward(
-            self, upstream, backend, origin, conn, path, raw, headers, model, report, done
+            self,
+            upstream,
+            backend,
+            origin,
+            conn,
+            path,
+            raw,
+            headers,
+            model,
+            report,
+            done,
+            self._watchdog,
         )
 
     def direct_answered(

@@ -29,9 +29,6 @@ class StallGuard:
 
     One timer per request, not one per chunk: ``touch()`` only records the time, and the
     timer, when it fires, re-arms itself for whatever is left of the quiet period.
-
-    Without a task to cancel (a forward done with callbacks, ``balancer.direct``), ``start``
-    and ``stop`` watch the same way and call ``on_stall`` instead.
     """
 
     def __init__(self, timeout: float | None, alive: Callable[[], Awaitable[bool]]):
@@ -43,33 +40,18 @@ class StallGuard:
         self._cancelling = 0
         self._timer: asyncio.TimerHandle | None = None
         self._probe: asyncio.Future[None] | None = None
-        self._on_stall: Callable[[], None] = self._cancel_task
         self.stalled = False
 
     def touch(self) -> None:
         self._last = self._loop.time()
-
-    def start(self, on_stall: Callable[[], None]) -> None:
-        """Watch from now on; ``on_stall()`` once the backend has stalled."""
-        self._on_stall = on_stall
-        if self.timeout is not None:
-            self._last = self._loop.time()
-            self._timer = self._loop.call_later(self.timeout, self._fire)
-
-    def stop(self) -> None:
-        if self._timer is not None:
-            self._timer.cancel()
-            self._timer = None
-        if self._probe is not None:
-            self._probe.cancel()
-            self._probe = None
 
     def __enter__(self) -> StallGuard:
         if self.timeout is not None:
             self._task = asyncio.current_task()
             assert self._task is not None
             self._cancelling = self._task.cancelling()
-        self.start(self._cancel_task)
+            self._last = self._loop.time()
+            self._timer = self._loop.call_later(self.timeout, self._fire)
         return self
 
     def __exit__(
@@ -78,7 +60,12 @@ class StallGuard:
         exc: BaseException | None,
         tb: TracebackType | None,
     ) -> None:
-        self.stop()
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        if self._probe is not None:
+            self._probe.cancel()
+            self._probe = None
         # The cancellation is ours unless someone else cancelled the task too (theirs wins).
         if (
             self.stalled
@@ -111,8 +98,5 @@ class StallGuard:
             self._timer = self._loop.call_later(self.timeout, self._fire)
             return
         self.stalled = True
-        self._on_stall()
-
-    def _cancel_task(self) -> None:
         assert self._task is not None
         self._task.cancel()

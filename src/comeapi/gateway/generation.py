@@ -246,16 +246,14 @@ class GenerationRoutes:
         no-cache (warmup) while misses are forwarded; when they are rejected, no-cache must
         not become a way around the rule)."""
         cache = self.cache
-        prepared = self.door.prepare(path, body, cache)
         if cache is None:
-            return prepared, None
+            return self.door.prepare(path, body, None), None
         found = {k: v for k, v in headers if k in _HIT_HEADERS}
-        if found:
-            if b"no-cache" in found.get(_CACHE_CONTROL, b"") and self._bypass_allowed:
-                return prepared, None
-            forced = self.forced.read(found.get(_VARIANT), found.get(_SECRET, b""))
-        else:
-            forced = None
+        if found and b"no-cache" in found.get(_CACHE_CONTROL, b"") and self._bypass_allowed:
+            # Not looked up, so not keyed: the key is for lookups (and is the costly part).
+            return self.door.prepare(path, body, None), None
+        prepared = self.door.prepare(path, body, cache)
+        forced = self.forced.read(found.get(_VARIANT), found.get(_SECRET, b"")) if found else None
         if prepared.key is None:
             return prepared, Lookup(None)
         return prepared, cache.lookup_key(prepared.key, forced)

@@ -17,13 +17,13 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import inspect
 import json
 import logging
 import urllib.parse
 from collections import deque
 from collections.abc import Coroutine
 from dataclasses import dataclass, field
+from types import CoroutineType
 from typing import Any, cast
 
 import httptools
@@ -386,7 +386,7 @@ class HttpProtocol(asyncio.Protocol):
                 work = later(request)
             if work is not None:
                 self._later_keep_alive = keep_alive
-                if inspect.iscoroutine(work):
+                if isinstance(work, CoroutineType):
                     self._later = task = self.loop.create_task(self._answer_later(work))
                     task.add_done_callback(self.tasks.discard)
                     self.tasks.add(task)  # the server's shutdown waits for it, as for a cycle
