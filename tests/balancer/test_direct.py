@@ -272,3 +272,38 @@ async def test_cancel_after_a_fall_back_cancels_the_retry() -> None:
         assert await done.get() is None
         assert in_flight(env) == 0
         await asyncio.wait_for(env.backends[0].closed_by_client.wait(), 2)
+
+
+async def test_an_idle_connection_closing_unnoticed_is_not_used() -> None:
+    async with cluster(1) as env:
+        await warm(env)
+        (conn,) = next(iter(env.upstream._idle.values()))
+        assert conn.transport is not None
+        conn.transport.close()  # as a backend's close begins, before connection_lost
+        assert soon(env, Outcomes()) is None
+        assert in_flight(env) == 0
+        assert env.upstream.connections(env.backends[0].url) == 0
+        answer = await env.forwarder.forward("/generate", BODY, [], model=None, stream=False)
+        assert isinstance(answer, Forwarded) and answer.status_code == 200
+
+
+async def test_a_done_that_fails_is_logged_and_the_connection_stays_usable(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    async with cluster(1) as env:
+        await warm(env)
+
+        def broken(outcome: Outcome) -> None:
+            raise RuntimeError("a bug in the caller")
+
+        assert (
+            env.forwarder.forward_soon("/generate", BODY, [], model=None, report=None, done=broken)
+            is not None
+        )
+        await eventually(lambda: "answering a forwarded request failed" in caplog.text)
+        assert in_flight(env) == 0
+        done = Outcomes()
+        assert soon(env, done) is not None  # the same kept-alive connection, still fine
+        answer = await done.get()
+        assert isinstance(answer, Forwarded) and answer.status_code == 200
+        assert env.backends[0].connections == 1

@@ -229,7 +229,10 @@ class DirectForward:
     def answer(self, outcome: Outcome) -> None:
         """The forward is over: tell ``done``."""
         self._ended = True
-        self.done(outcome)
+        try:
+            self.done(outcome)
+        except Exception:  # it runs inside the connection's parser: keep it out of there
+            log.exception("answering a forwarded request failed")
 
     def fall_back(self, tried: Attempts) -> None:
         """Go on as a task on the coroutine path, after the attempts in ``tried``."""

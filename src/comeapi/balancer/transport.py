@@ -291,10 +291,20 @@ class FastUpstream:
         if not idle:
             return None
         conn = idle.pop()
-        if conn.closed or time.monotonic() - conn.idle_since >= self.keepalive_expiry:
+        transport = conn.transport
+        if (
+            conn.closed
+            or transport is None
+            or transport.is_closing()  # closed by the backend, not yet told (connection_lost)
+            or time.monotonic() - conn.idle_since >= self.keepalive_expiry
+        ):
             self._discard(origin, conn)
             return None
-        conn.send(head, body)
+        try:
+            conn.send(head, body)
+        except RuntimeError:  # uvloop: the handle closed meanwhile
+            self._discard(origin, conn)
+            return None
         conn.used = True
         return origin, conn
 
