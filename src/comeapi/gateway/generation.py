@@ -9,7 +9,7 @@ middleware, no routing. A miss is forwarded through the pool, or refused with th
 prompts; a whole (not streamed) one inside the HTTP server too, through ``answer_later``
 (the backend's answer written in one go, no ASGI cycle), a stream through ``__call__``.
 When nothing but forwarding is to be done (no store, no paraphrase match) and a backend is
-free now, the forward is done with callbacks (``Forwarder.forward_soon``): the answer goes
+free now, the forward is done with callbacks (``gateway.direct``): the answer goes
 to the client first, and the request log and metrics are written after it.
 """
 
@@ -29,7 +29,6 @@ from starlette.requests import ClientDisconnect
 from starlette.responses import Response
 from starlette.types import Receive, Scope, Send
 
-from comeapi.balancer.direct import DirectForward, Outcome
 from comeapi.balancer.pool import BackendPool
 from comeapi.balancer.proxy import Forwarder, forward_headers
 from comeapi.balancer.relay import Forwarded, UpstreamStream
@@ -37,6 +36,7 @@ from comeapi.cache.key import uncacheable
 from comeapi.cache.replies import HitReply, Replies
 from comeapi.errors import ComeapiError, PromptNotCachedError, RequestError, StoreError
 from comeapi.gateway.cache import Lookup, ResponseCache
+from comeapi.gateway.direct import CLIENT_GONE, forward_soon, header_lines
 from comeapi.gateway.forced import (
     NO_STORE_HEADER,
     SECRET_HEADER,
@@ -57,7 +57,6 @@ from comeapi.settings import Settings
 
 log = logging.getLogger("comeapi.gateway")
 
-CLIENT_GONE = 499  # nginx's code for "client closed the request", for the metrics only
 RawHeaders = Iterable[tuple[bytes, bytes]]
 _CACHE_CONTROL = b"cache-control"
 _VARIANT = VARIANT_HEADER.encode()
@@ -159,56 +158,10 @@ class GenerationRoutes:
             return None
         request.note = None
         if request.reply is not None:
-            soon = self._forward_soon(request, *known)
+            soon = forward_soon(self, request, *known)
             if soon is not None:
                 return soon
         return self._later(request, *known)
-
-    def _forward_soon(
-        self, request: ImmediateRequest, prepared: Prepared, lookup: Lookup | None
-    ) -> DirectForward | None:
-        """``_later`` with callbacks, where it would only forward (``_pass_on``: no slot to
-        fill or answer to store, no paraphrase to look for, misses forwarded) and a backend
-        can take the request now (``Forwarder.forward_soon``); None (nothing done) else."""
-        cache = self.cache
-        looked_up = cache is not None and lookup is not None
-        if (cache is not None and lookup is not None) and (
-            lookup.forced_variant is not None
-            or cache.store_misses
-            or cache.similar is not None
-            or not self._bypass_allowed  # misses are refused, not forwarded
-            or not self.pool.backends
-        ):
-            return None
-        generation = prepared.request
-        try:
-            if self.on_demand is not None:
-                self.on_demand.ensure_running()
-            self.pool.check_model(generation.model)
-        except ComeapiError:
-            return None  # the coroutine path answers the error
-        record = RequestRecord("POST", request.path, request.client)
-        record.request = generation
-        record.outcome = miss = Miss(looked_up=looked_up)
-        answer = _AnswerSoon(self, request, record, miss, None if lookup is None else lookup.keep)
-        forward = self.forwarder.forward_soon(
-            request.path,
-            request.body,
-            forward_headers(request.headers, self.settings.backend_api_key),
-            model=generation.model,
-            report=miss,
-            done=answer,
-        )
-        if forward is None:
-            return None
-        if (
-            cache is not None
-            and lookup is not None
-            and lookup.key is not None
-            and not cache.group(lookup.key)
-        ):
-            cache.missed.add(generation)  # an unknown prompt (as ``_pass_on``)
-        return forward
 
     async def _later(
         self, request: ImmediateRequest, prepared: Prepared, lookup: Lookup | None
@@ -230,9 +183,9 @@ class GenerationRoutes:
                 response = error_response(ComeapiError("internal server error"))
             status = response.status_code
             if isinstance(response, Forwarded):
-                return status, _header_lines(response.headers), response.body
+                return status, header_lines(response.headers), response.body
             # An error (not a stream: streams take the ASGI path).
-            return status, _header_lines(response.raw_headers), bytes(response.body)
+            return status, header_lines(response.raw_headers), bytes(response.body)
         finally:
             seconds = time.perf_counter() - started
             self.metrics.observe(request.path, status, seconds)
@@ -467,66 +420,10 @@ class GenerationRoutes:
         return miss.response
 
 
-class _AnswerSoon:
-    """The end of ``_forward_soon``: the answer written to the client, then the request log
-    and the metrics (off the answer's path)."""
-
-    __slots__ = ("keep", "miss", "record", "request", "routes", "started")
-
-    def __init__(
-        self,
-        routes: GenerationRoutes,
-        request: ImmediateRequest,
-        record: RequestRecord,
-        miss: Miss,
-        keep: bool | None,
-    ):
-        self.routes = routes
-        self.request = request
-        self.record = record
-        self.miss = miss
-        self.keep = keep  # the lookup's, for a looked-up miss; None: not looked up
-        self.started = time.perf_counter()
-
-    def __call__(self, outcome: Outcome) -> None:
-        reply = self.request.reply
-        assert reply is not None
-        if outcome is None:
-            status = CLIENT_GONE
-            reply(None)
-        else:
-            if isinstance(outcome, Forwarded):
-                response: Forwarded | Response = outcome
-                self.miss.response = outcome
-                if self.keep is not None:
-                    outcome.set_header(b"x-cache", b"MISS")
-                    if not self.keep:
-                        outcome.set_header(_NO_STORE, b"1")
-                lines, body = _header_lines(outcome.headers), outcome.body
-            else:
-                if isinstance(outcome, ComeapiError):
-                    response = error_response(outcome)
-                else:
-                    log.error("unhandled error on POST %s", self.request.path, exc_info=outcome)
-                    response = error_response(ComeapiError("internal server error"))
-                lines, body = _header_lines(response.raw_headers), bytes(response.body)
-            status = response.status_code
-            reply((status, lines, body))
-        routes = self.routes
-        seconds = time.perf_counter() - self.started
-        routes.metrics.observe(self.request.path, status, seconds)
-        routes.requests.add(self.record, status, seconds)
-
-
 def _asgi_headers(reply: HitReply, payload: bytes) -> list[tuple[bytes, bytes]]:
     headers = [(n.lower().encode(), v.encode()) for n, v in reply.headers]
     headers.append((b"content-length", str(len(payload)).encode()))
     return headers
-
-
-def _header_lines(headers: RawHeaders) -> bytes:
-    """``name: value\\r\\n`` lines, without Content-Length (the server writes its own)."""
-    return b"".join(b"%s: %s\r\n" % pair for pair in headers if pair[0] != b"content-length")
 
 
 def _slot_line(slot: int) -> bytes:
