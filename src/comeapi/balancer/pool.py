@@ -142,6 +142,22 @@ class BackendPool:
             raise self._unavailable(model)
         return backend
 
+    def take(self, model: str | None) -> Backend | None:
+        """``acquire`` without waiting: a backend whose slot is taken now, or None when none
+        is free or others are queued (they come first)."""
+        if self._waiters:
+            return None
+        backend = self._pick(model, ())
+        if backend is not None:
+            backend.in_flight += 1
+        return backend
+
+    def untake(self, backend: Backend) -> None:
+        """Undo ``take`` (the request goes another way): the slot back, and the round-robin
+        turn, so the next pick is ``backend`` again."""
+        backend.in_flight -= 1
+        self._cursor = self.backends.index(backend)
+
     def release(self, backend: Backend, *, served: bool = True) -> None:
         """Give the slot back (and hand it to the oldest waiter that can use it)."""
         backend.in_flight -= 1

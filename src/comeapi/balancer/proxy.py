@@ -5,7 +5,9 @@ for a plain answer that is until the whole body has arrived, for a stream until 
 chunk has. After that a failure ends the stream with an SSE error event. A backend that
 hangs counts as failed once it has been silent for ``stall_timeout`` and misses a health
 probe (``stall.py``). Streams pass through chunk by chunk; a client that disconnects closes
-the upstream response, so the backend stops generating.
+the upstream response, so the backend stops generating. The common case (a whole answer, a
+free backend, an idle connection to it) is done with callbacks instead (``forward_soon``,
+``direct.py``), and goes on here when anything else happens.
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ import orjson
 from starlette.types import Receive
 
 from comeapi.balancer.backend import Backend
+from comeapi.balancer.direct import DirectForward, Done, Watchdog
 from comeapi.balancer.health import HealthChecker, describe
 from comeapi.balancer.pool import BackendPool
 from comeapi.balancer.relay import (
@@ -31,6 +34,7 @@ from comeapi.balancer.relay import (
     uncancel,
 )
 from comeapi.balancer.stall import StallGuard
+from comeapi.balancer.transport import FastUpstream
 from comeapi.balancer.upstream import Upstream, UpstreamResponse
 from comeapi.errors import UnavailableError
 from comeapi.http.disconnect import DisconnectGuard
@@ -80,6 +84,12 @@ class Forwarder(StreamOwner):
         #: (or an SSE error event) instead of a dropped connection.
         self.stopping = False
         self._urls: dict[tuple[str, str], str] = {}
+        self._direct = upstream if isinstance(upstream, FastUpstream) else None
+        self._watchdog = Watchdog(
+            self._direct.timeouts.read if self._direct is not None else None,
+            stall_timeout,
+            health.confirm_alive,
+        )
 
     async def forward(
         self,
@@ -91,17 +101,19 @@ class Forwarder(StreamOwner):
         stream: bool,
         receive: Receive | None = None,
         report: ForwardReport | None = None,
+        tried: Attempts | None = None,
     ) -> Forwarded | UpstreamStream:
         """The backend's answer to ``raw`` POSTed at ``path`` with ``headers``
         (``forward_headers``); the backend that answered (or was tried last) goes into
         ``report``. With ``receive`` (an ASGI request's), a client that disconnects ends the
         wait, and the answer is a 499 nobody reads; without it, the caller cancels the
-        task when its client goes."""
+        task when its client goes. ``tried``: backends already tried (``forward_soon``)."""
+        tried = Attempts() if tried is None else tried
         try:
             if receive is None:
-                return await self._open(path, raw, headers, model, stream, report)
+                return await self._open(path, raw, headers, model, stream, report, tried)
             async with DisconnectGuard(receive) as guard:
-                return await self._open(path, raw, headers, model, stream, report)
+                return await self._open(path, raw, headers, model, stream, report, tried)
         except asyncio.CancelledError:
             if not self.stopping:
                 raise
@@ -118,8 +130,8 @@ class Forwarder(StreamOwner):
         model: str | None,
         stream: bool,
         report: ForwardReport | None,
+        tried: Attempts,
     ) -> Forwarded | UpstreamStream:
-        tried = _Attempts()
         while True:
             backend = await self._acquire(model, tried)
             if report is not None:
@@ -160,6 +172,78 @@ class Forwarder(StreamOwner):
                 self.observer.tokens(tokens or 0)
             return forwarded
 
+    # --- the common case, with callbacks (``direct.py``) -----------------------------------
+
+    def forward_soon(
+        self,
+        path: str,
+        raw: bytes,
+        headers: RawHeaders,
+        *,
+        model: str | None,
+        report: ForwardReport | None,
+        done: Done,
+    ) -> DirectForward | None:
+        """``forward`` of a whole answer, started now and told to ``done`` when over, if a
+        backend has a free slot now and an idle connection to it: then no task is made (a
+        failure goes on as one). None otherwise: nothing was done, ``forward`` it."""
+        upstream = self._direct
+        if upstream is None or self.stopping:
+            return None
+        backend = self.pool.take(model)
+        if backend is None:
+            return None
+        sent = upstream.send_now(self._url(backend, path), raw, headers)
+        if sent is None:
+            self.pool.untake(backend)
+            return None
+        if report is not None:
+            report.backend = backend.url
+        origin, conn = sent
+        return DirectForward(
+            self,
+            upstream,
+            backend,
+            origin,
+            conn,
+            path,
+            raw,
+            headers,
+            model,
+            report,
+            done,
+            self._watchdog,
+        )
+
+    def direct_answered(
+        self, forward: DirectForward, status: int, headers: RawHeaders, body: bytes
+    ) -> None:
+        """The backend's whole answer to ``forward``: to its client first, then counted."""
+        backend = forward.backend
+        if status == 503:
+            tried = Attempts()
+            self._refused(backend, body, tried)
+            forward.fall_back(tried)
+            return
+        self.pool.release(backend)
+        forwarded = Forwarded(status, raw_headers(headers), body, forward.path)
+        forward.answer(forwarded)
+        if self.observer is not None and status == 200:
+            answer = forwarded.answer
+            tokens = answer.completion_tokens if answer is not None else None
+            self.observer.tokens(tokens or 0)
+
+    def direct_failed(self, forward: DirectForward, exc: Exception, *, stale: bool) -> None:
+        """Nothing reached the client: on to the coroutine path, which retries (on the same
+        backend for a ``stale`` kept-alive connection, else on another)."""
+        tried = Attempts()
+        if stale:
+            self.pool.release(forward.backend, served=False)
+        else:
+            assert isinstance(exc, httpx.TransportError)
+            self._failed(forward.backend, exc, tried)
+        forward.fall_back(tried)
+
     # --- StreamOwner ---------------------------------------------------------------------
 
     def stall_guard(self, backend: Backend) -> StallGuard:
@@ -181,7 +265,7 @@ class Forwarder(StreamOwner):
             url = self._urls[backend.url, path] = backend.url + path
         return url
 
-    async def _acquire(self, model: str | None, tried: _Attempts) -> Backend:
+    async def _acquire(self, model: str | None, tried: Attempts) -> Backend:
         try:
             return await self.pool.acquire(model, tried.backends)
         except UnavailableError as exc:
@@ -191,7 +275,7 @@ class Forwarder(StreamOwner):
                 ) from None
             raise
 
-    def _failed(self, backend: Backend, exc: httpx.TransportError, tried: _Attempts) -> None:
+    def _failed(self, backend: Backend, exc: httpx.TransportError, tried: Attempts) -> None:
         """Nothing was sent to the client yet: mark the backend down and try another."""
         self.pool.release(backend, served=False)
         self.health.report_failure(backend, exc)
@@ -199,7 +283,7 @@ class Forwarder(StreamOwner):
         if self.observer is not None:
             self.observer.retried(backend, describe(exc))
 
-    def _refused(self, backend: Backend, body: bytes, tried: _Attempts) -> None:
+    def _refused(self, backend: Backend, body: bytes, tried: Attempts) -> None:
         """The backend answered 503 (its own queue is full, or its model is loading): nothing
         was generated, so another backend may take the request."""
         self.pool.release(backend, served=False)
@@ -211,7 +295,7 @@ class Forwarder(StreamOwner):
             self.observer.retried(backend, code)
 
 
-class _Attempts:
+class Attempts:
     """The backends one request has tried, and why the last one failed."""
 
     __slots__ = ("backends", "last")

@@ -216,7 +216,12 @@ def set_header(headers: list[tuple[bytes, bytes]], name: bytes, value: bytes) ->
 
 def raw_headers(headers: Sequence[tuple[bytes, bytes]]) -> list[tuple[bytes, bytes]]:
     """The backend's response headers worth passing on, names in lower case."""
-    return [(k.lower(), v) for k, v in headers if k.lower() not in _DROP_RAW]
+    kept = []
+    for name, value in headers:
+        name = name.lower()
+        if name not in _DROP_RAW:
+            kept.append((name, value))
+    return kept
 
 
 async def close_quietly(response: UpstreamResponse) -> None:

@@ -8,6 +8,9 @@ pre-encoded reply (``cache.replies``), one count. No Request or Response object,
 middleware, no routing. A miss is forwarded through the pool, or refused with the known
 prompts; a whole (not streamed) one inside the HTTP server too, through ``answer_later``
 (the backend's answer written in one go, no ASGI cycle), a stream through ``__call__``.
+When nothing but forwarding is to be done (no store, no paraphrase match) and a backend is
+free now, the forward is done with callbacks (``gateway.direct``): the answer goes
+to the client first, and the request log and metrics are written after it.
 """
 
 from __future__ import annotations
@@ -33,6 +36,7 @@ from comeapi.cache.key import uncacheable
 from comeapi.cache.replies import HitReply, Replies
 from comeapi.errors import ComeapiError, PromptNotCachedError, RequestError, StoreError
 from comeapi.gateway.cache import Lookup, ResponseCache
+from comeapi.gateway.direct import CLIENT_GONE, forward_soon, header_lines
 from comeapi.gateway.forced import (
     NO_STORE_HEADER,
     SECRET_HEADER,
@@ -46,14 +50,13 @@ from comeapi.gateway.ondemand import OnDemandBackends
 from comeapi.gateway.requestlog import Miss, RequestLog, RequestRecord
 from comeapi.http.auth import APIKeys
 from comeapi.http.errors import error_response
-from comeapi.http.immediate import NOTE, ImmediateRequest, Later
+from comeapi.http.immediate import NOTE, ImmediateRequest, Later, Pending
 from comeapi.http.responses import read_asgi_body
 from comeapi.protocol.requests import KINDS, GenerationRequest
 from comeapi.settings import Settings
 
 log = logging.getLogger("comeapi.gateway")
 
-CLIENT_GONE = 499  # nginx's code for "client closed the request", for the metrics only
 RawHeaders = Iterable[tuple[bytes, bytes]]
 _CACHE_CONTROL = b"cache-control"
 _VARIANT = VARIANT_HEADER.encode()
@@ -141,7 +144,9 @@ class GenerationRoutes:
             return reply.head + _slot_line(lookup.slot), payload
         return reply.head, payload
 
-    def answer_later(self, request: ImmediateRequest) -> Coroutine[Any, Any, Later] | None:
+    def answer_later(
+        self, request: ImmediateRequest
+    ) -> Coroutine[Any, Any, Later] | Pending | None:
         """A whole (not streamed) request that ``answer_now`` found no answer for, forwarded
         (or refused) inside the HTTP server, without an ASGI cycle, a disconnect-watching
         task or Response objects: the coroutine returns the status, header lines and body
@@ -152,6 +157,10 @@ class GenerationRoutes:
         if known is None or known[0].request.stream:
             return None
         request.note = None
+        if request.reply is not None:
+            soon = forward_soon(self, request, *known)
+            if soon is not None:
+                return soon
         return self._later(request, *known)
 
     async def _later(
@@ -174,9 +183,9 @@ class GenerationRoutes:
                 response = error_response(ComeapiError("internal server error"))
             status = response.status_code
             if isinstance(response, Forwarded):
-                return status, _header_lines(response.headers), response.body
+                return status, header_lines(response.headers), response.body
             # An error (not a stream: streams take the ASGI path).
-            return status, _header_lines(response.raw_headers), bytes(response.body)
+            return status, header_lines(response.raw_headers), bytes(response.body)
         finally:
             seconds = time.perf_counter() - started
             self.metrics.observe(request.path, status, seconds)
@@ -190,16 +199,14 @@ class GenerationRoutes:
         no-cache (warmup) while misses are forwarded; when they are rejected, no-cache must
         not become a way around the rule)."""
         cache = self.cache
-        prepared = self.door.prepare(path, body, cache)
         if cache is None:
-            return prepared, None
+            return self.door.prepare(path, body, None), None
         found = {k: v for k, v in headers if k in _HIT_HEADERS}
-        if found:
-            if b"no-cache" in found.get(_CACHE_CONTROL, b"") and self._bypass_allowed:
-                return prepared, None
-            forced = self.forced.read(found.get(_VARIANT), found.get(_SECRET, b""))
-        else:
-            forced = None
+        if found and b"no-cache" in found.get(_CACHE_CONTROL, b"") and self._bypass_allowed:
+            # Not looked up, so not keyed: the key is for lookups (and is the costly part).
+            return self.door.prepare(path, body, None), None
+        prepared = self.door.prepare(path, body, cache)
+        forced = self.forced.read(found.get(_VARIANT), found.get(_SECRET, b"")) if found else None
         if prepared.key is None:
             return prepared, Lookup(None)
         return prepared, cache.lookup_key(prepared.key, forced)
@@ -417,11 +424,6 @@ def _asgi_headers(reply: HitReply, payload: bytes) -> list[tuple[bytes, bytes]]:
     headers = [(n.lower().encode(), v.encode()) for n, v in reply.headers]
     headers.append((b"content-length", str(len(payload)).encode()))
     return headers
-
-
-def _header_lines(headers: RawHeaders) -> bytes:
-    """``name: value\\r\\n`` lines, without Content-Length (the server writes its own)."""
-    return b"".join(b"%s: %s\r\n" % pair for pair in headers if pair[0] != b"content-length")
 
 
 def _slot_line(slot: int) -> bytes:

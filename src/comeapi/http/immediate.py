@@ -5,8 +5,10 @@ For a ``POST`` with a small ``Content-Length`` to one of the app's ``immediate_p
 server (``http.protocol``) reads the whole body, then asks ``answer_now``; the bytes it
 returns are written at once with status 200. Otherwise the app's ``answer_later``, if it
 has one, may take the request as a task whose answer is written when it is ready (the
-gateway's forwarded misses: no ASGI cycle either). Else the request goes down the ASGI path
-as usual, with what the app noted on the request in ``scope[NOTE]``.
+gateway's forwarded misses: no ASGI cycle either), or as ``Pending`` work that hands its
+answer to ``request.reply`` (a forward done with callbacks: no task at all). Else the
+request goes down the ASGI path as usual, with what the app noted on the request in
+``scope[NOTE]``.
 """
 
 from __future__ import annotations
@@ -20,6 +22,9 @@ from uvicorn.middleware.proxy_headers import ProxyHeadersMiddleware
 RawHeaders = list[tuple[bytes, bytes]]
 #: A later answer (``answer_later``): the status, header lines (as ``answer_now``'s) and body.
 Later = tuple[int, bytes, bytes]
+#: Where ``Pending`` work hands its answer: a ``Later``, or None to close the connection
+#: unanswered (the client has gone).
+Reply = Callable[[Later | None], None]
 #: The scope key under which the ASGI path finds ``ImmediateRequest.note``.
 NOTE = "comeapi.immediate"
 
@@ -28,7 +33,7 @@ class ImmediateRequest:
     """A complete request as ``answer_now`` sees it: header names are lower-case, the client
     is the one a trusted proxy forwarded (as the ASGI path's scope has it)."""
 
-    __slots__ = ("body", "client", "headers", "note", "path")
+    __slots__ = ("body", "client", "headers", "note", "path", "reply")
 
     def __init__(self, path: str, headers: RawHeaders, body: bytes, client: tuple[str, int] | None):
         self.path = path
@@ -37,6 +42,8 @@ class ImmediateRequest:
         self.client = client
         #: Set by the app for the ASGI path when it does not answer (``scope[NOTE]``).
         self.note: Any = None
+        #: Set by the server before ``answer_later``: where ``Pending`` work answers.
+        self.reply: Reply | None = None
 
 
 class ImmediateAnswers(Protocol):
@@ -50,10 +57,20 @@ class ImmediateAnswers(Protocol):
         ...
 
 
+class Pending(Protocol):
+    """Work under way that calls ``request.reply`` exactly once (never from inside
+    ``answer_later`` or ``cancel``). The server holds it as it holds a task: ``cancel()``
+    when the connection is lost (the work stops, and replies None) or when its shutdown
+    grace period is over (the work replies with an error)."""
+
+    def cancel(self, msg: Any = None) -> bool: ...
+
+
 #: An app's optional ``answer_later(request)``, asked when ``answer_now`` returned None:
-#: work that makes the answer (the server runs it as a task, cancelled if the connection is
-#: lost, and writes what it returns), or None to take the ASGI path.
-AnswerLater = Callable[[ImmediateRequest], Coroutine[Any, Any, Later] | None]
+#: work that makes the answer (a coroutine: the server runs it as a task, cancelled if the
+#: connection is lost, and writes what it returns; or ``Pending`` work), or None to take
+#: the ASGI path.
+AnswerLater = Callable[[ImmediateRequest], Coroutine[Any, Any, Later] | Pending | None]
 
 
 class Immediate:

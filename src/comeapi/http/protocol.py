@@ -23,7 +23,8 @@ import urllib.parse
 from collections import deque
 from collections.abc import Coroutine
 from dataclasses import dataclass, field
-from typing import Any
+from types import CoroutineType
+from typing import Any, cast
 
 import httptools
 from uvicorn._types import ASGI3Application, HTTPScope
@@ -34,7 +35,7 @@ from uvicorn.protocols.utils import get_local_addr, get_remote_addr, is_ssl
 from uvicorn.server import ServerState
 
 from comeapi.http.deadlines import Expired, HalfOpen, ReadDeadlines
-from comeapi.http.immediate import NOTE, Immediate, ImmediateRequest, Later
+from comeapi.http.immediate import NOTE, Immediate, ImmediateRequest, Later, Pending
 
 log = logging.getLogger("comeapi.http")
 
@@ -156,7 +157,7 @@ class HttpProtocol(asyncio.Protocol):
         self._upgrade = b""
         self._pending: tuple[bool, str] | None = None  # (keep-alive, version) of an immediate
         #: A later answer being made (``answer_later``), and whether to keep alive after it.
-        self._later: asyncio.Task[None] | None = None
+        self._later: asyncio.Task[None] | Pending | None = None
         self._later_keep_alive = False
         self._body = bytearray()
         self._head_bytes = 0  # bytes received since the head began (an upper bound)
@@ -381,12 +382,17 @@ class HttpProtocol(asyncio.Protocol):
             later = self.immediate.later
             work = None
             if later is not None and (self.limit is None or len(self.tasks) < self.limit):
+                request.reply = self._reply_later
                 work = later(request)
             if work is not None:
                 self._later_keep_alive = keep_alive
-                self._later = task = self.loop.create_task(self._answer_later(work))
-                task.add_done_callback(self.tasks.discard)
-                self.tasks.add(task)  # the server's shutdown waits for it, as for a cycle
+                if isinstance(work, CoroutineType):
+                    self._later = task = self.loop.create_task(self._answer_later(work))
+                    task.add_done_callback(self.tasks.discard)
+                    self.tasks.add(task)  # the server's shutdown waits for it, as for a cycle
+                else:
+                    self._later = work = cast(Pending, work)
+                    self.tasks.add(work)  # type: ignore[arg-type]  # held as a task: cancel()
                 return
             self._start_cycle(b"POST", version, keep_alive, body, request.note)
             return
@@ -407,6 +413,18 @@ class HttpProtocol(asyncio.Protocol):
             payload = error_body("internal server error", "internal_error", "server_error")
         finally:
             self._later = None
+        self._send_later(status, head, payload)
+
+    def _reply_later(self, answer: Later | None) -> None:
+        """``Pending`` work's answer (``request.reply``)."""
+        work, self._later = self._later, None
+        self.tasks.discard(work)
+        if answer is None:
+            self.out.close()
+        else:
+            self._send_later(*answer)
+
+    def _send_later(self, status: int, head: bytes, payload: bytes) -> None:
         if self.transport.is_closing():
             return
         self._write(STATUS_LINE[status], head, payload, self._later_keep_alive)

@@ -1,0 +1,87 @@
+"""A backend over a real socket that follows a script, for tests of forwards done with
+callbacks (``balancer/direct.py``): answers, drops, hangs, 503s, garbage."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from dataclasses import dataclass, field
+
+HEALTH = json.dumps(
+    {"status": "ok", "capacity": 1, "in_flight": 0, "available": 1, "models": ["m.gguf"]}
+).encode()
+BUSY = (
+    b'{"error": {"message": "full", "type": "server_error", "param": null, "code": "queue_full"}}'
+)
+
+
+def answer_of(name: str) -> bytes:
+    """What backend ``name`` answers: one completion token."""
+    usage = {"prompt_tokens": 2, "completion_tokens": 1, "total_tokens": 3}
+    return json.dumps({"response": name, "model": "m.gguf", "usage": usage}).encode()
+
+
+def _response(status: bytes, body: bytes) -> bytes:
+    head = b"HTTP/1.1 %s\r\ncontent-type: application/json\r\ncontent-length: %d\r\n\r\n"
+    return head % (status, len(body)) + body
+
+
+@dataclass
+class Backend:
+    """A backend over a real socket; each generation request takes the next action of
+    ``script`` (then "ok"): ok, drop (close without a byte), hang (say nothing), busy (503),
+    garbage (bytes that are not HTTP), slow (answer once ``release`` is set)."""
+
+    name: str
+    script: list[str] = field(default_factory=list)
+    url: str = ""
+    connections: int = 0  # that carried a generation request (health probes have their own)
+    generations: int = 0
+    health_hangs: bool = False
+    release: asyncio.Event = field(default_factory=asyncio.Event)
+    closed_by_client: asyncio.Event = field(default_factory=asyncio.Event)
+    drop_reused: bool = False  # close a kept-alive connection when its second request comes
+
+    async def handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        served = 0
+        try:
+            while True:
+                head = await reader.readuntil(b"\r\n\r\n")
+                length = 0
+                for line in head.split(b"\r\n"):
+                    if line.lower().startswith(b"content-length:"):
+                        length = int(line.split(b":")[1])
+                await reader.readexactly(length)
+                if head.startswith(b"GET /health"):
+                    if self.health_hangs:
+                        await reader.read()
+                        return
+                    writer.write(_response(b"200 OK", HEALTH))
+                    await writer.drain()
+                    continue
+                served += 1
+                if served == 1:
+                    self.connections += 1
+                if self.drop_reused and served == 2:
+                    return
+                self.generations += 1
+                action = self.script.pop(0) if self.script else "ok"
+                if action == "drop":
+                    return
+                if action == "hang":
+                    await reader.read()  # until the client hangs up
+                    self.closed_by_client.set()
+                    return
+                if action == "slow":
+                    await self.release.wait()
+                if action == "garbage":
+                    writer.write(b"NOT HTTP AT ALL\r\n\r\n")
+                elif action == "busy":
+                    writer.write(_response(b"503 Service Unavailable", BUSY))
+                else:
+                    writer.write(_response(b"200 OK", answer_of(self.name)))
+                await writer.drain()
+        except (asyncio.IncompleteReadError, ConnectionError):
+            self.closed_by_client.set()
+        finally:
+            writer.close()
