@@ -21,17 +21,20 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import Awaitable, Callable, Sequence
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
 import httpx
 
 from comeapi.balancer.backend import Backend
-from comeapi.balancer.relay import Forwarded, shutting_down
+from comeapi.balancer.relay import (
+    Attempts,
+    Forwarded,
+    ForwardReport,
+    UpstreamStream,
+    shutting_down,
+)
 from comeapi.balancer.stall import BackendStalled
 from comeapi.balancer.transport import FastUpstream, Origin, _Connection
-
-if TYPE_CHECKING:
-    from comeapi.balancer.proxy import Attempts, Forwarder, ForwardReport
 
 #: What became of a forward: the backend's answer, an error to answer with (a
 #: ``ComeapiError``; anything else is a 500), or None: cancelled, the client has gone.
@@ -42,6 +45,51 @@ Done = Callable[[Outcome], None]
 TICKS_PER_TIMEOUT = 4
 
 log = logging.getLogger("comeapi.balancer")
+
+
+class Releases(Protocol):
+    """Gives a backend's slot back (``BackendPool.release``)."""
+
+    def release(self, backend: Backend, *, served: bool = True) -> None: ...
+
+
+class DirectOwner(Protocol):
+    """What a ``DirectForward`` needs from the forwarder that started it
+    (``balancer.proxy.Forwarder``), as ``relay.StreamOwner`` is for a stream."""
+
+    #: True once the server's grace period has begun (a cancellation is then a shutdown).
+    stopping: bool
+
+    @property
+    def pool(self) -> Releases: ...
+
+    def direct_answered(
+        self,
+        forward: DirectForward,
+        status: int,
+        headers: Sequence[tuple[bytes, bytes]],
+        body: bytes,
+    ) -> None:
+        """The backend's whole answer: to the client, then counted."""
+        ...
+
+    def direct_failed(self, forward: DirectForward, exc: Exception, *, stale: bool) -> None:
+        """Nothing reached the client: on to the coroutine path."""
+        ...
+
+    async def forward(
+        self,
+        path: str,
+        raw: bytes,
+        headers: Sequence[tuple[bytes, bytes]],
+        *,
+        model: str | None,
+        stream: bool,
+        report: ForwardReport | None = None,
+        tried: Attempts | None = None,
+    ) -> Forwarded | UpstreamStream:
+        """The coroutine path (``Forwarder.forward``)."""
+        ...
 
 
 class Watchdog:
@@ -120,7 +168,7 @@ class DirectForward:
 
     def __init__(
         self,
-        forwarder: Forwarder,
+        forwarder: DirectOwner,
         upstream: FastUpstream,
         backend: Backend,
         origin: Origin,

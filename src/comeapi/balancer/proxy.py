@@ -25,7 +25,9 @@ from comeapi.balancer.direct import DirectForward, Done, Watchdog
 from comeapi.balancer.health import HealthChecker, describe
 from comeapi.balancer.pool import BackendPool
 from comeapi.balancer.relay import (
+    Attempts,
     Forwarded,
+    ForwardReport,
     StreamOwner,
     UpstreamStream,
     close_quietly,
@@ -46,12 +48,6 @@ _FORWARD_RAW = frozenset(name.encode() for name in FORWARD_REQUEST_HEADERS)
 RawHeaders = Sequence[tuple[bytes, bytes]]
 # Bodies are relayed byte for byte: they must arrive as the backend sent them.
 _IDENTITY = (b"accept-encoding", b"identity")
-
-
-class ForwardReport(Protocol):
-    """Told the backend a forwarded request went to (the gateway's request log)."""
-
-    backend: str | None
 
 
 class ProxyObserver(Protocol):
@@ -293,20 +289,6 @@ class Forwarder(StreamOwner):
         tried.add(backend, f"answered 503 ({code})")
         if self.observer is not None:
             self.observer.retried(backend, code)
-
-
-class Attempts:
-    """The backends one request has tried, and why the last one failed."""
-
-    __slots__ = ("backends", "last")
-
-    def __init__(self) -> None:
-        self.backends: list[Backend] = []
-        self.last: str | None = None
-
-    def add(self, backend: Backend, reason: str) -> None:
-        self.backends.append(backend)
-        self.last = f"{backend.url}: {reason}"
 
 
 def _error_code(body: bytes) -> str | None:

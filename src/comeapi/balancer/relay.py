@@ -25,6 +25,26 @@ from comeapi.protocol.requests import KINDS, Kind
 from comeapi.protocol.responses import Answer, read_answer, sse_error
 
 
+class ForwardReport(Protocol):
+    """Told the backend a forwarded request went to (the gateway's request log)."""
+
+    backend: str | None
+
+
+class Attempts:
+    """The backends one request has tried, and why the last one failed."""
+
+    __slots__ = ("backends", "last")
+
+    def __init__(self) -> None:
+        self.backends: list[Backend] = []
+        self.last: str | None = None
+
+    def add(self, backend: Backend, reason: str) -> None:
+        self.backends.append(backend)
+        self.last = f"{backend.url}: {reason}"
+
+
 class StreamOwner(Protocol):
     """What a relayed stream needs from whoever opened it."""
 

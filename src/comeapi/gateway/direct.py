@@ -7,32 +7,47 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Iterable
-from typing import TYPE_CHECKING
+from typing import Protocol
 
 from starlette.responses import Response
 
 from comeapi.balancer.direct import DirectForward, Outcome
-from comeapi.balancer.proxy import forward_headers
+from comeapi.balancer.pool import BackendPool
+from comeapi.balancer.proxy import Forwarder, forward_headers
 from comeapi.balancer.relay import Forwarded
 from comeapi.errors import ComeapiError
-from comeapi.gateway.cache import Lookup
+from comeapi.gateway.cache import Lookup, ResponseCache
 from comeapi.gateway.forced import NO_STORE_HEADER
 from comeapi.gateway.frontdoor import Prepared
-from comeapi.gateway.requestlog import Miss, RequestRecord
+from comeapi.gateway.metrics import GatewayMetrics
+from comeapi.gateway.ondemand import OnDemandBackends
+from comeapi.gateway.requestlog import Miss, RequestLog, RequestRecord
 from comeapi.http.errors import error_response
 from comeapi.http.immediate import ImmediateRequest
-
-if TYPE_CHECKING:
-    from comeapi.gateway.generation import GenerationRoutes
+from comeapi.settings import Settings
 
 log = logging.getLogger("comeapi.gateway")
+
+
+class Routes(Protocol):
+    """What a forward done with callbacks needs of the generation routes
+    (``gateway.generation.GenerationRoutes``)."""
+
+    settings: Settings
+    pool: BackendPool
+    forwarder: Forwarder
+    metrics: GatewayMetrics
+    requests: RequestLog
+    cache: ResponseCache | None
+    on_demand: OnDemandBackends | None
+
 
 CLIENT_GONE = 499  # nginx's code for "client closed the request", for the metrics only
 _NO_STORE = NO_STORE_HEADER.lower().encode()
 
 
 def forward_soon(
-    routes: GenerationRoutes, request: ImmediateRequest, prepared: Prepared, lookup: Lookup | None
+    routes: Routes, request: ImmediateRequest, prepared: Prepared, lookup: Lookup | None
 ) -> DirectForward | None:
     """``routes._later`` with callbacks, where it would only forward (``_pass_on``: no slot
     to fill or answer to store, no paraphrase to look for, misses forwarded) and a backend
@@ -86,7 +101,7 @@ class AnswerSoon:
 
     def __init__(
         self,
-        routes: GenerationRoutes,
+        routes: Routes,
         request: ImmediateRequest,
         record: RequestRecord,
         miss: Miss,

@@ -52,7 +52,7 @@ FIELDS = (
 class Miss:
     """What became of a generation request the cache did not answer: whether the cache was
     asked, the slot a trusted proxy forced, the backend that answered (the forwarder sets
-    ``backend``: ``balancer.proxy.ForwardReport``) and, once settled, the answer's tokens."""
+    ``backend``: ``balancer.relay.ForwardReport``) and, once settled, the answer's tokens."""
 
     __slots__ = (
         "backend",
