@@ -71,7 +71,11 @@ def phases(spent: collections.Counter[str]) -> None:
         (frontdoor.FrontDoor, "prepare", "      JSON + validation (FrontDoor.prepare)"),
         (proxy.Forwarder, "forward_soon", "    Forwarder.forward_soon"),
         (transport.FastUpstream, "send_now", "      FastUpstream.send_now (the write)"),
-        (transport._Connection, "data_received", "answer leg (_Connection.data_received)"),
+        (
+            transport.UpstreamConnection,
+            "data_received",
+            "answer leg (UpstreamConnection.data_received)",
+        ),
         (direct.AnswerSoon, "__call__", "  the gateway's end (AnswerSoon)"),
         (HttpProtocol, "_reply_later", "    the client's write (_reply_later)"),
         (requestlog.RequestLog, "add", "    request log (after the write)"),
@@ -96,7 +100,7 @@ async def measure(store: str, forwards: int) -> list[float]:
     from uvicorn.server import ServerState
 
     from comeapi.balancer.pool import BackendPool
-    from comeapi.balancer.transport import FastUpstream, _Connection, _target
+    from comeapi.balancer.transport import FastUpstream, UpstreamConnection, _target
     from comeapi.balancer.upstream import Timeouts
     from comeapi.gateway.app import create_app
     from comeapi.gateway.server import build_cache, uvicorn_config
@@ -109,7 +113,7 @@ async def measure(store: str, forwards: int) -> list[float]:
     pool.mark_up(pool.backends[0], capacity=1, models=frozenset({"stub.gguf"}))
     upstream = FastUpstream(Timeouts(connect=2.0, read=600.0, write=600.0, pool=600.0))
     # One kept-alive connection, idle in the pool as after a first request.
-    conn = _Connection()
+    conn = UpstreamConnection()
     conn.connection_made(BackendTransport(loop, conn.data_received))
     conn.used = True
     origin = _target(url + "/generate")[0]

@@ -34,7 +34,7 @@ from comeapi.balancer.relay import (
     shutting_down,
 )
 from comeapi.balancer.stall import BackendStalled
-from comeapi.balancer.transport import FastUpstream, Origin, _Connection
+from comeapi.balancer.transport import FastUpstream, Origin, UpstreamConnection
 
 #: What became of a forward: the backend's answer, an error to answer with (a
 #: ``ComeapiError``; anything else is a 500), or None: cancelled, the client has gone.
@@ -172,7 +172,7 @@ class DirectForward:
         upstream: FastUpstream,
         backend: Backend,
         origin: Origin,
-        conn: _Connection,
+        conn: UpstreamConnection,
         path: str,
         raw: bytes,
         headers: Sequence[tuple[bytes, bytes]],

@@ -36,7 +36,7 @@ MAX_KEPT_HEADS = 256  # request heads kept formatted (``FastUpstream._head``)
 Origin = tuple[str, str, int]
 
 
-class _Connection(asyncio.Protocol):
+class UpstreamConnection(asyncio.Protocol):
     """One TCP connection; carries one exchange at a time."""
 
     def __init__(self) -> None:
@@ -199,7 +199,7 @@ class _Response:
 
     __slots__ = ("_conn", "_done", "_origin", "_pool", "_timeout", "headers", "status")
 
-    def __init__(self, pool: FastUpstream, origin: Origin, conn: _Connection):
+    def __init__(self, pool: FastUpstream, origin: Origin, conn: UpstreamConnection):
         self._pool = pool
         self._origin = origin
         self._conn = conn
@@ -243,7 +243,7 @@ class FastUpstream:
         self.timeouts = timeouts
         self.max_connections = max_connections
         self.keepalive_expiry = keepalive_expiry
-        self._idle: dict[Origin, list[_Connection]] = {}
+        self._idle: dict[Origin, list[UpstreamConnection]] = {}
         self._open: dict[Origin, int] = {}  # connections counted against the cap
         self._waiting: dict[Origin, deque[asyncio.Future[None]]] = {}
         self._heads: dict[str, tuple[Origin, bytes]] = {}
@@ -281,7 +281,7 @@ class FastUpstream:
 
     def send_now(
         self, url: str, body: bytes, headers: Sequence[tuple[bytes, bytes]]
-    ) -> tuple[Origin, _Connection] | None:
+    ) -> tuple[Origin, UpstreamConnection] | None:
         """The request written on an idle kept-alive connection to ``url``'s backend, at once,
         without a task or a future (``balancer.direct`` reads the answer through the
         connection's ``watcher`` and hands the connection back with ``finish``); None when
@@ -308,7 +308,7 @@ class FastUpstream:
         conn.used = True
         return origin, conn
 
-    def finish(self, origin: Origin, conn: _Connection) -> None:
+    def finish(self, origin: Origin, conn: UpstreamConnection) -> None:
         """Done with ``conn`` after ``send_now``: back to the pool if its answer was read to
         the end, else closed (so the backend notices and stops generating)."""
         conn.watcher = None
@@ -340,7 +340,7 @@ class FastUpstream:
             self._fields[key] = fields
         return origin, b"%scontent-length: %d\r\n\r\n" % (fields, len(body))
 
-    async def _exchange(self, conn: _Connection, head: bytes, body: bytes) -> None:
+    async def _exchange(self, conn: UpstreamConnection, head: bytes, body: bytes) -> None:
         conn.send(head, body)
         if conn.write_paused:
             await conn.drain(self.timeouts.write)
@@ -349,7 +349,7 @@ class FastUpstream:
 
     # --- the pool ------------------------------------------------------------------------
 
-    async def _acquire(self, origin: Origin) -> _Connection:
+    async def _acquire(self, origin: Origin) -> UpstreamConnection:
         """An idle connection to ``origin``, else a new one, else the first to come free."""
         deadline: float | None = None
         while True:
@@ -393,7 +393,7 @@ class FastUpstream:
                 room.set_result(None)
                 return
 
-    async def _connect(self, origin: Origin) -> _Connection:
+    async def _connect(self, origin: Origin) -> UpstreamConnection:
         scheme, host, port = origin
         context = None
         if scheme == "https":
@@ -402,7 +402,7 @@ class FastUpstream:
         self._open[origin] = self._open.get(origin, 0) + 1
         try:
             async with asyncio.timeout(self.timeouts.connect):
-                _, conn = await loop.create_connection(_Connection, host, port, ssl=context)
+                _, conn = await loop.create_connection(UpstreamConnection, host, port, ssl=context)
         except TimeoutError:
             self._forget(origin)
             raise httpx.ConnectTimeout(f"connecting to {host}:{port} timed out") from None
@@ -414,7 +414,7 @@ class FastUpstream:
             raise
         return conn
 
-    def _release(self, origin: Origin, conn: _Connection) -> None:
+    def _release(self, origin: Origin, conn: UpstreamConnection) -> None:
         if self._closed:
             self._discard(origin, conn)
             return
@@ -422,7 +422,7 @@ class FastUpstream:
         self._idle.setdefault(origin, []).append(conn)
         self._room(origin)
 
-    def _discard(self, origin: Origin, conn: _Connection) -> None:
+    def _discard(self, origin: Origin, conn: UpstreamConnection) -> None:
         """Close ``conn`` and stop counting it (once)."""
         if not conn.discarded:
             conn.discarded = True
