@@ -41,9 +41,13 @@ class Backend:
     release: asyncio.Event = field(default_factory=asyncio.Event)
     closed_by_client: asyncio.Event = field(default_factory=asyncio.Event)
     drop_reused: bool = False  # close a kept-alive connection when its second request comes
+    #: Close a kept-alive connection when its second /health probe comes, as a server does
+    #: whose keep-alive timeout ends as the probe is written.
+    health_drops_reused: bool = False
+    probes: int = 0  # /health requests answered
 
     async def handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        served = 0
+        served = probed = 0
         try:
             while True:
                 head = await reader.readuntil(b"\r\n\r\n")
@@ -56,6 +60,10 @@ class Backend:
                     if self.health_hangs:
                         await reader.read()
                         return
+                    probed += 1
+                    if self.health_drops_reused and probed == 2:
+                        return
+                    self.probes += 1
                     writer.write(_response(b"200 OK", HEALTH))
                     await writer.drain()
                     continue

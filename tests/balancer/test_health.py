@@ -11,6 +11,7 @@ import pytest
 from comeapi.balancer.health import HealthChecker
 from comeapi.balancer.pool import BackendPool
 from tests.balancer.fakes import FakeCluster, eventually
+from tests.balancer.scripted import Backend as ScriptedBackend
 
 pytestmark = pytest.mark.anyio
 
@@ -125,3 +126,47 @@ async def test_a_backend_answering_503_is_unready_not_failed(cluster: Env) -> No
     assert not backend.healthy
     assert backend.failures == 0
     await eventually(lambda: backend.healthy)
+
+
+async def test_a_kept_alive_connection_closed_as_a_probe_reuses_it_is_not_a_failure() -> None:
+    """A backend's keep-alive timeout (uvicorn's 5 s) can end just as the next probe reuses
+    the connection (the default interval is 5 s too): the backend is fine, and was marked
+    down for half a second, failing the requests of that moment with 503 (seen in the
+    Docker warmup). The probe asks again on a new connection."""
+    backend = ScriptedBackend("a", health_drops_reused=True)
+    server = await asyncio.start_server(backend.handle, "127.0.0.1", 0)
+    backend.url = f"http://127.0.0.1:{server.sockets[0].getsockname()[1]}"
+    pool = BackendPool([backend.url])
+    try:
+        async with httpx.AsyncClient() as client:
+            checker = HealthChecker(pool, client, interval=30.0, timeout=2.0)
+            assert await checker.probe(pool.backends[0])
+            assert await checker.probe(pool.backends[0])  # the kept-alive connection drops
+            assert pool.backends[0].healthy, pool.backends[0].reason
+            assert pool.backends[0].failures == 0
+            assert backend.probes == 2
+    finally:
+        server.close()
+        await server.wait_closed()
+
+
+async def test_a_backend_that_drops_every_probe_is_marked_down() -> None:
+    """The second attempt is for a kept-alive connection only: a backend that accepts and
+    closes every connection is down."""
+
+    async def drop(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await reader.readuntil(b"\r\n\r\n")
+        writer.close()
+
+    server = await asyncio.start_server(drop, "127.0.0.1", 0)
+    url = f"http://127.0.0.1:{server.sockets[0].getsockname()[1]}"
+    pool = BackendPool([url])
+    try:
+        async with httpx.AsyncClient() as client:
+            checker = HealthChecker(pool, client, interval=30.0, timeout=2.0)
+            assert not await checker.probe(pool.backends[0])
+            assert not pool.backends[0].healthy
+            assert pool.backends[0].reason == "connection lost"
+    finally:
+        server.close()
+        await server.wait_closed()
