@@ -5,6 +5,7 @@ do (start the engine, set HELPER_IMAGE), not Docker's own error. Issue 22, items
 
 from __future__ import annotations
 
+import os
 import secrets
 import subprocess
 from collections.abc import Iterator
@@ -62,6 +63,33 @@ def test_a_helper_image_that_cannot_be_had_names_helper_image(volume: str, tmp_p
     assert "set HELPER_IMAGE=" in one_line_error(through_make)
     assert not (tmp_path / "cache.tar.gz").exists()
     assert docker("volume", "inspect", volume, check=False).returncode != 0  # nothing made
+
+
+def test_the_helper_image_message_holds_on_an_engine_with_no_tagged_image(tmp_path: Path) -> None:
+    """With no tagged image on the engine, listing them for the message found nothing, and
+    under ``set -o pipefail`` that ended cache.sh silently (exit 1, no line; seen on a fresh
+    CI machine). A stand-in ``docker`` (this is about the script's own logic): the engine
+    answers, the image is absent and cannot be pulled, only untagged images exist."""
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    fake = bin_dir / "docker"
+    fake.write_text(
+        "#!/bin/sh\n"
+        'case "$1" in\n'
+        "  info) exit 0 ;;\n"
+        "  image|pull) exit 1 ;;\n"
+        "  images) echo '<none>:<none>'; exit 0 ;;\n"
+        '  *) echo "unexpected docker $*" >&2; exit 2 ;;\n'
+        "esac\n"
+    )
+    fake.chmod(0o755)
+    env = {**os.environ, "PATH": f"{bin_dir}:{os.environ['PATH']}"}
+    result = subprocess.run(
+        ["bash", str(CACHE_SH), "count", "--volume", "v", "--image", "absent:1"],
+        capture_output=True, text=True, timeout=60, env=env,
+    )  # fmt: skip
+    line = one_line_error(result)
+    assert "absent:1" in line and "HELPER_IMAGE" in line and "images here" not in line, line
 
 
 def test_an_engine_that_does_not_answer_points_to_how_to_start_it(tmp_path: Path) -> None:

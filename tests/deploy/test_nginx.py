@@ -7,12 +7,14 @@ file, keys longer than proxy_buffer_size, byte-exact bodies, import while nginx 
 
 from __future__ import annotations
 
+import io
 import json
 import os
 import secrets
 import shutil
 import stat
 import subprocess
+import tarfile
 import tempfile
 import unicodedata
 from collections import Counter
@@ -578,3 +580,49 @@ def test_import_rejects_unsafe_archives(stack: Stack) -> None:
     assert result.returncode != 0 and "links" in result.stderr
     assert not target.exists()
     assert os.path.exists("/etc/passwd")
+
+
+def _archive(path: Path, members: list[tarfile.TarInfo]) -> Path:
+    """A tar.gz of ``members`` (files are empty; links point where they say)."""
+    with tarfile.open(path, "w:gz") as tar:
+        for member in members:
+            tar.addfile(member, io.BytesIO(b"") if member.isfile() else None)
+    return path
+
+
+def _member(name: str, kind: bytes = tarfile.REGTYPE, target: str = "") -> tarfile.TarInfo:
+    info = tarfile.TarInfo(name)
+    info.type, info.linkname, info.mode = kind, target, 0o644
+    return info
+
+
+MANY = 3000  # a listing longer than a pipe's buffer (64 KiB)
+
+
+def test_import_rejects_links_among_many_entries(tmp_path: Path) -> None:
+    """The checks piped the listing into ``grep -q``, which stops reading at its first match:
+    with a long listing the writer died of SIGPIPE and, under ``set -o pipefail``, the
+    check counted as not matched, so 3,000 links to /etc/passwd were imported."""
+    links = [_member(f"./link{i}", tarfile.SYMTYPE, "/etc/passwd") for i in range(MANY)]
+    archive = _archive(tmp_path / "links.tar.gz", links)
+    target = tmp_path / "cache"
+    result = run_cache_sh("import", "--dir", str(target), "--file", str(archive))
+    assert result.returncode != 0 and "links" in result.stderr, result.stdout + result.stderr
+    assert not target.exists()
+
+
+def test_import_rejects_a_parent_path_before_many_entries(tmp_path: Path) -> None:
+    members = [_member("../escaped")] + [_member(f"./f{i:05d}") for i in range(MANY)]
+    archive = _archive(tmp_path / "parent.tar.gz", members)
+    target = tmp_path / "cache"
+    result = run_cache_sh("import", "--dir", str(target), "--file", str(archive))
+    assert result.returncode != 0 and "parent (..)" in result.stderr, result.stdout + result.stderr
+    assert not target.exists() and not (tmp_path / "escaped").exists()
+
+
+def test_import_takes_an_empty_archive(tmp_path: Path) -> None:
+    """The rewritten checks must not refuse what is fine: an archive of nothing."""
+    archive = _archive(tmp_path / "empty.tar.gz", [])
+    target = tmp_path / "cache"
+    result = run_cache_sh("import", "--dir", str(target), "--file", str(archive))
+    assert result.returncode == 0, result.stdout + result.stderr
