@@ -48,7 +48,7 @@ import httpx
 
 from comeapi.backend.server import EXIT_CONFIG
 from comeapi.errors import ConfigError
-from comeapi.protocol.health import new_instance_id, read_health
+from comeapi.protocol.health import get_health, new_instance_id, probe_client, read_health
 from comeapi.settings import Settings
 
 log = logging.getLogger("comeapi.pool")
@@ -303,7 +303,7 @@ class Supervisor:
             return
         interval, timeout = self._settings.health_interval, self._settings.health_timeout
         failed = 0
-        async with httpx.AsyncClient(timeout=timeout) as client:
+        async with probe_client(timeout) as client:
             while process.returncode is None:
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(process.wait(), interval)
@@ -361,7 +361,7 @@ async def _liveness_problem(client: httpx.AsyncClient, child: _Child, limit: flo
     """Why ``child`` does not look alive, or None. Loading counts as alive: it answers."""
     try:
         async with asyncio.timeout(limit):
-            response = await client.get(child.url + "/health")
+            response = await get_health(client, child.url)
     except (TimeoutError, httpx.TimeoutException):
         return f"no answer within {limit:g}s"
     except httpx.HTTPError as exc:

@@ -21,7 +21,7 @@ import httpx
 from comeapi.balancer.backend import Backend
 from comeapi.balancer.pool import BackendPool
 from comeapi.balancer.stall import BackendStalled
-from comeapi.protocol.health import read_health
+from comeapi.protocol.health import get_health, read_health
 
 log = logging.getLogger("comeapi.balancer")
 
@@ -105,7 +105,7 @@ class HealthChecker:
         try:
             # httpx's timeouts are per phase; the deadline covers the whole probe.
             async with asyncio.timeout(self.timeout):
-                response = await self._get_health(backend)
+                response = await get_health(self.client, backend.url)
         except (TimeoutError, httpx.TimeoutException) as exc:
             self._timed_out(backend, exc, lenient=lenient)
             return False
@@ -149,16 +149,6 @@ class HealthChecker:
         return await asyncio.shield(running)
 
     # --- internals -----------------------------------------------------------------------
-
-    async def _get_health(self, backend: Backend) -> httpx.Response:
-        url = f"{backend.url}/health"
-        try:
-            return await self.client.get(url, timeout=self.timeout)
-        except (httpx.RemoteProtocolError, httpx.ReadError):
-            # Closed without an answer: most likely a kept-alive connection whose idle
-            # timeout on the backend ended as the probe was written (uvicorn's 5 s meets
-            # the default 5 s interval). httpx has dropped it; ask once more, on a new one.
-            return await self.client.get(url, timeout=self.timeout)
 
     def _confirmed(self, backend: Backend) -> None:
         self._confirming.pop(backend, None)

@@ -25,10 +25,8 @@ import httptools
 import httpx
 
 from comeapi.balancer.upstream import Timeouts
+from comeapi.protocol.health import KEEPALIVE_EXPIRY
 
-# Close idle connections before the backend does (uvicorn's keep-alive timeout is 5 s),
-# so a request is never written into a connection the server is closing.
-KEEPALIVE_EXPIRY = 4.0
 MAX_CONNECTIONS_PER_BACKEND = 64
 HIGH_WATER = 256 * 1024  # bytes buffered from the server before reading pauses
 MAX_KEPT_HEADS = 256  # request heads kept formatted (``FastUpstream._head``)

@@ -25,7 +25,7 @@ from starlette.routing import Route
 from comeapi.balancer.health import HealthChecker
 from comeapi.balancer.pool import BackendPool
 from comeapi.balancer.proxy import Forwarder, forward_headers
-from comeapi.balancer.transport import KEEPALIVE_EXPIRY, default_upstream
+from comeapi.balancer.transport import default_upstream
 from comeapi.balancer.upstream import HttpxUpstream, Timeouts, Upstream
 from comeapi.cache.checks import CheckPolicy
 from comeapi.errors import ModelNotFoundError
@@ -42,6 +42,7 @@ from comeapi.http.cors import CORSMiddleware
 from comeapi.http.errors import EXCEPTION_HANDLERS
 from comeapi.http.metrics import CONTENT_TYPE, MetricsMiddleware
 from comeapi.http.responses import JSONResponse
+from comeapi.protocol.health import probe_client
 from comeapi.settings import Settings
 
 log = logging.getLogger("comeapi.gateway")
@@ -76,15 +77,7 @@ class Gateway:
             )
         self.upstream = upstream
         # Probes and model lists: httpx's own client; speed does not matter there.
-        # Idle connections are closed before a backend's own keep-alive timeout (5 s) ends
-        # them, as FastUpstream does, so a probe is rarely written into a closing one.
-        self.probe_client = httpx.AsyncClient(
-            transport=transport,
-            timeout=settings.health_timeout,
-            limits=httpx.Limits(
-                max_connections=100, max_keepalive_connections=20, keepalive_expiry=KEEPALIVE_EXPIRY
-            ),
-        )
+        self.probe_client = probe_client(settings.health_timeout, transport)
         self.health = HealthChecker(
             pool,
             self.probe_client,

@@ -7,6 +7,9 @@ does it take, which models, which process is it" has one answer everywhere::
     200 {"status": "ok", "capacity": 2, "in_flight": 0, "available": 2,
          "models": ["m.gguf"], "loaded_models": ["m.gguf"], "instance": "3f9c0a..."}
     503 {"status": "loading", ...}    the model is still loading: alive, not ready
+
+Probes go through ``probe_client`` and ``get_health``, so they survive what keep-alive does
+to them (a connection the backend closes just as a probe reuses it).
 """
 
 from __future__ import annotations
@@ -16,7 +19,14 @@ import secrets
 from dataclasses import dataclass
 from typing import Any, Literal
 
+import httpx
+
 HealthState = Literal["ok", "loading", "bad"]
+
+#: Seconds a comeapi client keeps an idle connection to a backend: less than the 5 s after
+#: which comeapi's servers (uvicorn's ``timeout_keep_alive``), and llama-server, close one,
+#: so a request is rarely written into a connection the server is closing.
+KEEPALIVE_EXPIRY = 4.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -102,3 +112,26 @@ def _count(value: Any, *, minimum: int) -> int | None:
     if isinstance(value, int) and not isinstance(value, bool) and value >= minimum:
         return value
     return None
+
+
+def probe_client(
+    timeout: float, transport: httpx.AsyncBaseTransport | None = None
+) -> httpx.AsyncClient:
+    """An httpx client for /health probes: httpx's default limits, idle connections closed
+    after ``KEEPALIVE_EXPIRY``."""
+    limits = httpx.Limits(
+        max_connections=100, max_keepalive_connections=20, keepalive_expiry=KEEPALIVE_EXPIRY
+    )
+    return httpx.AsyncClient(transport=transport, timeout=timeout, limits=limits)
+
+
+async def get_health(client: httpx.AsyncClient, base_url: str) -> httpx.Response:
+    """``GET base_url/health``. A connection closed without an answer is asked again once,
+    on a new connection: most likely a kept-alive one whose idle timeout on the backend
+    ended as the probe was written (uvicorn's 5 s meets a 5 s probe interval), which says
+    nothing about the backend. httpx has dropped that connection by then."""
+    url = f"{base_url}/health"
+    try:
+        return await client.get(url)
+    except (httpx.RemoteProtocolError, httpx.ReadError):
+        return await client.get(url)
