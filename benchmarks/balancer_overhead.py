@@ -15,6 +15,9 @@ The clients: ``fast`` is the hand-written HTTP/1.1 client on httptools (FastUpst
 ``aiohttp`` is aiohttp's ClientSession, ``httpx`` is httpx's default transport (httpcore).
 ``nginx`` is the peer (DESIGN.md, ../shared/anchors): nginx's ``proxy_pass`` to the same
 backend through an upstream with keepalive connections, one worker, in the same rounds.
+``relay`` is Python's floor: the gateway's event loop (uvloop) relaying bytes verbatim
+between the client's connection and one kept-alive connection to the backend, nothing
+parsed, checked or counted: what any Python forward costs before it does any work.
 Goal (issue 21): the gateway's added p50 <= 1.5x nginx's, with the stub and a real backend
 (``--no-nginx``: issue 14's absolute goals, 0.3 ms stub, 0.5 ms real).
 """
@@ -53,6 +56,7 @@ BODY = b'{"prompt": "Hi", "max_tokens": 1, "temperature": 0}'
 HEADERS = {"Content-Type": "application/json", "Cache-Control": "no-cache"}
 TRANSPORTS = ("fast", "aiohttp", "httpx")
 NGINX = "nginx"  # the peer: nginx's proxy_pass
+RELAY = "relay"  # the floor: bytes relayed verbatim by a bare uvloop protocol
 GOAL_VS_NGINX = 1.5  # issue 21: the gateway's added p50 <= 1.5x nginx proxy_pass's
 WARMUP = 30
 
@@ -224,6 +228,10 @@ def run(
             argv = nginx_proxy(Path(tmp) / f"nginx-{kind}", port, backend_port)
             pid = stack.enter_context(running(argv, f"http://127.0.0.1:{port}/health"))
             targets.append(Target(NGINX, port, pid))
+        port = free_port()
+        argv = [sys.executable, __file__, "--serve-relay", str(port), "--backend-url", backend]
+        pid = stack.enter_context(running(argv, f"http://127.0.0.1:{port}/health"))
+        targets.append(Target(RELAY, port, pid))
         for name in transports:
             port = free_port()
             argv = [
@@ -278,6 +286,59 @@ def serve_gateway(port: int, via: str, backend: str, store: str) -> None:
     run_loop(main())
 
 
+def serve_relay(port: int, backend: str) -> None:
+    """The floor: each client connection relayed byte for byte to a connection of its own
+    to the backend (opened with it, kept alive with it), on the gateway's event loop."""
+    import asyncio
+
+    from comeapi.gateway.server import run as run_loop
+
+    url = httpx.URL(backend)
+    host, backend_port = url.host, url.port or 80
+
+    class Back(asyncio.Protocol):
+        def __init__(self, client: asyncio.Transport):
+            self.client = client
+
+        def data_received(self, data: bytes) -> None:
+            self.client.write(data)
+
+        def connection_lost(self, exc: Exception | None) -> None:
+            self.client.close()
+
+    class Front(asyncio.Protocol):
+        def connection_made(self, transport: asyncio.BaseTransport) -> None:
+            self.transport = transport
+            self.held: list[bytes] = []
+            self.back: asyncio.Transport | None = None
+            self.connecting = asyncio.ensure_future(self._connect())
+
+        async def _connect(self) -> None:
+            loop = asyncio.get_running_loop()
+            back, _ = await loop.create_connection(lambda: Back(self.transport), host, backend_port)
+            self.back = back
+            for data in self.held:
+                back.write(data)
+            self.held.clear()
+
+        def data_received(self, data: bytes) -> None:
+            if self.back is None:
+                self.held.append(data)
+            else:
+                self.back.write(data)
+
+        def connection_lost(self, exc: Exception | None) -> None:
+            if self.back is not None:
+                self.back.close()
+
+    async def main() -> None:
+        loop = asyncio.get_running_loop()
+        server = await loop.create_server(Front, "127.0.0.1", port)
+        await server.serve_forever()
+
+    run_loop(main())
+
+
 def serve_stub(port: int) -> None:
     """A backend that answers instantly: /health per the contract, /generate a fixed body."""
     import orjson
@@ -314,6 +375,7 @@ def main() -> None:
     parser.add_argument("--no-nginx", action="store_true", help="leave out nginx's proxy_pass")
     parser.add_argument("--serve-stub", type=int, help=argparse.SUPPRESS)
     parser.add_argument("--serve-gateway", type=int, help=argparse.SUPPRESS)
+    parser.add_argument("--serve-relay", type=int, help=argparse.SUPPRESS)
     parser.add_argument("--via", help=argparse.SUPPRESS)
     parser.add_argument("--backend-url", help=argparse.SUPPRESS)
     parser.add_argument("--store", help=argparse.SUPPRESS)
@@ -324,6 +386,9 @@ def main() -> None:
         return
     if args.serve_gateway:
         serve_gateway(args.serve_gateway, args.via, args.backend_url, args.store)
+        return
+    if args.serve_relay:
+        serve_relay(args.serve_relay, args.backend_url)
         return
     transports = [t for t in args.transports.split(",") if t]
     # The client, a gateway and the backend take turns: about one CPU busy at a time.
@@ -350,7 +415,7 @@ def headline(kind: str, figures: dict[str, float]) -> str:
     """One backend's added p50 per client and nginx's; the goal is the gateway's own client
     (``fast``, or the best one measured) against nginx's proxy_pass (issue 21), or the
     absolute goal of issue 14 when nginx was not run."""
-    gateways = {k: v for k, v in figures.items() if k != NGINX}
+    gateways = {k: v for k, v in figures.items() if k not in (NGINX, RELAY)}
     judged = gateways.get("fast", min(gateways.values()))
     clients = ", ".join(f"{name} {value:+.3f} ms" for name, value in figures.items())
     if NGINX in figures and figures[NGINX] > 0:
