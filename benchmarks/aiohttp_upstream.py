@@ -15,10 +15,8 @@ import yarl
 from aiohttp.abc import AbstractStreamWriter
 
 from comeapi.balancer.upstream import Timeouts
+from comeapi.protocol.health import KEEPALIVE_EXPIRY
 
-# Close idle connections before the backend does (uvicorn's keep-alive timeout is 5 s),
-# so a request is never written into a connection the server is closing.
-KEEPALIVE_EXPIRY = 4.0
 # The pool never sends a backend more requests than its capacity (slots <= 64); the cap
 # only stops a runaway from opening sockets without bound.
 MAX_CONNECTIONS_PER_BACKEND = 64
