@@ -8,6 +8,7 @@ from comeapi.cache.key import chat_key
 from comeapi.cache.review import (
     change,
     describe,
+    edit_tokens,
     edited,
     find_key,
     group_entries,
@@ -111,6 +112,23 @@ def test_edit_keeps_the_old_text_and_checks_the_new_one() -> None:
     for bad in ("", "   ", fixed.answer):
         with pytest.raises(RequestError):
             edited(fixed, bad)
+
+
+def test_an_edited_text_is_served_with_its_own_token_count() -> None:
+    entry = prompt_entry("Write a short poem about the sea:", 1)  # 8 generated tokens
+    assert change(entry, "edit", text="Waves.", tokens=3).completion_tokens == 3
+    assert change(entry, "edit", text="Waves.").completion_tokens == 0  # not known
+    assert change(entry, "approve", tokens=3).completion_tokens == 8  # only an edit counts
+    asked: list[tuple[str, str]] = []
+
+    def count(model: str, text: str) -> int:
+        asked.append((model, text))
+        return 11
+
+    assert edit_tokens(entry, "edit", "Waves.", count) == 11
+    assert asked == [(MODEL, "Waves.")]  # with the entry's own model
+    assert edit_tokens(entry, "approve", None, count) is None
+    assert edit_tokens(entry, "edit", "Waves.", None) is None
 
 
 def test_regenerate_replaces_the_text_and_keeps_the_old_one() -> None:

@@ -8,11 +8,13 @@ from pathlib import Path
 
 import pytest
 from click.testing import CliRunner, Result
+from llama_cpp import Llama
 
 from comeapi.cache.sqlite import SqliteStore
 from comeapi.cache.store import Entry
 from comeapi.cli import main
 from tests.cache.factory import chat_entry, prompt_entry, sample_entries
+from tests.helpers import BUNDLED_MODEL, MODEL_DIR
 
 POEM = "Once upon a time"
 
@@ -99,6 +101,8 @@ def test_edit_from_an_option_and_from_stdin(store_url: str) -> None:
     entry = entries(store_url)[(POEM, 0)]
     assert entry.answer == "there was a lighthouse keeper." and entry.edited
     assert entry.history[0]["answer"] == prompt_entry(POEM, 0).answer
+    # No model file in the (empty) data directory to count the new text's tokens with.
+    assert entry.completion_tokens == 0 and "0 completion tokens, not counted" in result.output
     result = run(
         "cache", "edit", "--store", store_url, "--prompt", POEM, "--variant", "1", "--text", "-",
         stdin="<|im_end|> oops",
@@ -133,3 +137,18 @@ def test_bad_names_change_nothing(store_url: str, args: tuple[str, ...], message
     result = run("cache", "approve", "--store", store_url, *args)
     assert result.exit_code == 1 and message in result.output, result.output
     assert revision(store_url) == before
+
+
+def test_an_edit_counts_its_tokens_with_the_models_vocabulary(store_url: str) -> None:
+    text = "There was a lighthouse keeper who counted the waves."
+    reference = Llama(str(MODEL_DIR / BUNDLED_MODEL), vocab_only=True, verbose=False)
+    expected = len(reference.tokenize(text.encode(), add_bos=False, special=False))
+    assert prompt_entry(POEM, 2).model == BUNDLED_MODEL
+    result = run(
+        "cache", "edit", "--store", store_url, "--prompt", POEM, "--variant", "2",
+        "--text", text, "--model-dir", str(MODEL_DIR),
+    )  # fmt: skip
+    assert result.exit_code == 0, result.output
+    assert f"its usage: {expected} completion tokens" in result.output
+    entry = entries(store_url)[(POEM, 2)]
+    assert entry.completion_tokens == expected and entry.history[-1]["completion_tokens"] == 8

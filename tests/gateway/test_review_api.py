@@ -9,6 +9,7 @@ from typing import Any
 
 import httpx
 import pytest
+from llama_cpp import Llama
 
 from comeapi.cache.key import prompt_key
 from comeapi.cache.sqlite import SqliteStore
@@ -16,6 +17,7 @@ from comeapi.gateway.cache import ResponseCache
 from tests.balancer.fakes import FakeCluster
 from tests.cache.factory import MODEL, prompt_entry
 from tests.gateway.test_app import running
+from tests.helpers import MODEL_DIR
 
 pytestmark = pytest.mark.anyio
 
@@ -77,15 +79,20 @@ async def test_list_then_approve_and_reject_are_served_at_once(tmp_path: Path) -
 
 async def test_edit_and_pin(tmp_path: Path) -> None:
     cache = cache_of(tmp_path)
-    async with running(FakeCluster(0), cache=cache) as (client, _):
+    reference = Llama(str(MODEL_DIR / MODEL), vocab_only=True, verbose=False)
+    tokens = len(reference.tokenize(b"Waves on the shore.", add_bos=False, special=False))
+    async with running(FakeCluster(0), cache=cache, model_dir=MODEL_DIR) as (client, _):
         r = await act(client, f"{KEY}/2", action="edit", text="Waves on the shore.")
         assert r.status_code == 200, r.text
         doc = r.json()["answers"][0]
         assert doc["text"] == "Waves on the shore." and doc["edited"] and doc["flags"] == []
+        # Counted with the model's vocabulary: the usage it is served with is its own.
+        assert doc["completion_tokens"] == tokens != prompt_entry(PROMPT, 2).completion_tokens
         assert (await act(client, f"{KEY}/2", action="pin")).status_code == 200
         assert await served(client) == {2}  # only the pinned one
         hit = await client.post("/generate", json={"prompt": PROMPT})
         assert hit.json()["response"] == "Waves on the shore."
+        assert hit.json()["usage"]["completion_tokens"] == tokens
         refused = await act(client, f"{KEY}/0", action="reject")
         assert refused.status_code == 200
         conflict = await act(client, f"{KEY}/0", action="pin")

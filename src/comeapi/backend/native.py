@@ -23,7 +23,8 @@ from comeapi.errors import ConfigError
 _backend_ready = False
 
 
-def _init_backend() -> None:
+def init_backend() -> None:
+    """llama.cpp's backends, initialised once per process (before any model is loaded)."""
     global _backend_ready
     if not _backend_ready:
         lib.llama_backend_init()
@@ -39,6 +40,19 @@ class Entry:
     pos: int
     seq: int
     logits: bool
+
+
+def tokenize(vocab: Any, text: bytes, *, add_bos: bool, special: bool) -> list[int]:
+    """``text``'s tokens in ``vocab`` (a BOS first with ``add_bos``; special-token names
+    parsed as such with ``special``, else read as text)."""
+    size = len(text) + 8
+    for _ in range(2):
+        buf = (lib.llama_token * size)()
+        n = lib.llama_tokenize(vocab, text, len(text), buf, size, add_bos, special)
+        if n >= 0:
+            return list(buf[:n])
+        size = -n  # too small: -n tokens are needed
+    raise RuntimeError(f"tokenization failed ({n})")
 
 
 class Tokenizer:
@@ -60,14 +74,7 @@ class Tokenizer:
         return int(lib.llama_vocab_eos(self._vocab))
 
     def tokenize(self, text: bytes, add_bos: bool = True, special: bool = False) -> list[int]:
-        size = len(text) + 8
-        for _ in range(2):
-            buf = (lib.llama_token * size)()
-            n = lib.llama_tokenize(self._vocab, text, len(text), buf, size, add_bos, special)
-            if n >= 0:
-                return list(buf[:n])
-            size = -n  # too small: -n tokens are needed
-        raise RuntimeError(f"tokenization failed ({n})")
+        return tokenize(self._vocab, text, add_bos=add_bos, special=special)
 
     def piece(self, token: int, special: bool = False) -> bytes:
         buf = ctypes.create_string_buffer(64)
@@ -112,7 +119,7 @@ class NativeModel:
         threads: int,
         n_gpu_layers: int = 0,
     ):
-        _init_backend()
+        init_backend()
         mparams = lib.llama_model_default_params()
         mparams.n_gpu_layers = n_gpu_layers
         mparams.use_extra_bufts = False

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import secrets
 import time
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import replace
 from typing import Any, Literal
 
@@ -94,10 +94,16 @@ def pick(group: Sequence[Entry], variant: int | None) -> list[Entry]:
 
 
 def change(
-    entry: Entry, action: Action, *, text: str | None = None, policy: CheckPolicy | None = None
+    entry: Entry,
+    action: Action,
+    *,
+    text: str | None = None,
+    policy: CheckPolicy | None = None,
+    tokens: int | None = None,
 ) -> Entry:
     """``entry`` after ``action`` (all but regenerate, which needs a generation); ``policy``
-    says which checks run on an edited text."""
+    says which checks run on an edited text, ``tokens`` is how many tokens it is (None: not
+    known, recorded as 0)."""
     if action == "approve":
         return _sealed(entry, state="approved")
     if action == "reject":
@@ -113,14 +119,20 @@ def change(
     if action == "edit":
         if text is None:
             raise RequestError("edit needs the new text", param="text")
-        return edited(entry, text, policy=policy)
+        return edited(entry, text, policy=policy, tokens=tokens)
     raise RequestError(f"{action!r} is not an action here", param="action")
 
 
 def edited(
-    entry: Entry, text: str, *, policy: CheckPolicy | None = None, now: float | None = None
+    entry: Entry,
+    text: str,
+    *,
+    policy: CheckPolicy | None = None,
+    now: float | None = None,
+    tokens: int | None = None,
 ) -> Entry:
-    """``entry`` with ``text`` typed by a person in place of its answer."""
+    """``entry`` with ``text`` typed by a person in place of its answer; its usage counts
+    ``tokens`` completion tokens (``comeapi.models.tokens``; None: not known, 0)."""
     if not text.strip():
         raise RequestError("the new text is empty: reject the answer instead", param="text")
     if len(text) > MAX_TEXT_CHARS:
@@ -135,7 +147,7 @@ def edited(
         entry,
         answer=text,
         finish_reason="stop",
-        completion_tokens=0,
+        completion_tokens=tokens or 0,
         flags=flags,
         state="pending" if entry.state == "rejected" else entry.state,
         history=(*entry.history, _earlier(entry, "edit", now)),
@@ -230,13 +242,27 @@ def apply(
     variant: int | None = None,
     text: str | None = None,
     policy: CheckPolicy | None = None,
+    count: Callable[[str, str], int | None] | None = None,
 ) -> list[Entry]:
-    """Apply ``action`` to the named answers of ``store`` in one write; returns them."""
+    """Apply ``action`` to the named answers of ``store`` in one write; returns them.
+    ``count(model, text)`` gives an edited text's tokens (``TokenCounter.count``)."""
     groups = group_entries(store.entries())
     chosen = pick(groups[find_key(groups, prompt=prompt, key=key)], variant)
-    changed = [change(e, action, text=text, policy=policy) for e in chosen]
+    changed = [
+        change(e, action, text=text, policy=policy, tokens=edit_tokens(e, action, text, count))
+        for e in chosen
+    ]
     store.put_many(changed)
     return changed
+
+
+def edit_tokens(
+    entry: Entry, action: Action, text: str | None, count: Callable[[str, str], int | None] | None
+) -> int | None:
+    """The tokens of the text an edit of ``entry`` puts in (None: no edit, or not known)."""
+    if action != "edit" or text is None or count is None:
+        return None
+    return count(entry.model, text)
 
 
 def group_entries(entries: Iterable[Entry]) -> dict[str, list[Entry]]:

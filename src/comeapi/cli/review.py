@@ -122,13 +122,22 @@ def _change(ctx: click.Context, action: str, values: dict[str, Any]) -> None:
     from comeapi.cache.checks import CheckPolicy
     from comeapi.cache.default import open_configured_store
     from comeapi.cache.review import apply
+    from comeapi.models.tokens import TokenCounter
 
     target = {name: values.pop(name) for name in ("prompt", "key", "variant")}
     text = values.pop("text", None)
     settings = build_settings(ctx, values)
     policy = CheckPolicy.parse(settings.checks)
+    counter = TokenCounter(settings.model_dir) if action == "edit" else None
     with user_errors(), open_configured_store(settings) as store:
-        changed = apply(store, action, text=text, policy=policy, **target)  # type: ignore[arg-type]
+        changed = apply(
+            store,
+            action,  # type: ignore[arg-type]
+            text=text,
+            policy=policy,
+            count=None if counter is None else counter.count,
+            **target,
+        )
     done = {"approve": "approved", "reject": "rejected", "pin": "pinned", "unpin": "unpinned"}
     variants = ", ".join(str(e.variant) for e in changed)
     entry = changed[0]
@@ -139,6 +148,13 @@ def _change(ctx: click.Context, action: str, values: dict[str, Any]) -> None:
     if action == "edit":
         flags = ", ".join(entry.flags) or "none"
         click.echo(f"checks on the new text: {flags}; state {entry.state}")
+        if entry.completion_tokens:
+            click.echo(f"its usage: {entry.completion_tokens} completion tokens")
+        else:
+            click.echo(
+                f"its usage: 0 completion tokens, not counted: {entry.model} is not in "
+                f"{settings.model_dir} (--model-dir), or llama.cpp is not installed"
+            )
     if action == "reject":
         click.echo(
             "a running gateway stops serving it at its next refresh; nginx keeps what it "
@@ -188,11 +204,12 @@ def unpin(ctx: click.Context, /, **values: Any) -> None:
 @click.option(
     "--text", required=True, help="The answer's new text ('-': read it from standard input)."
 )
-@settings_options("store", "checks")
+@settings_options("store", "checks", "model_dir")
 @click.pass_context
 def edit(ctx: click.Context, /, **values: Any) -> None:
     """Replace an answer's text by one typed by a person (the old text stays in its
-    history; the checks run on the new text)."""
+    history; the checks run on the new text; its tokens are counted with the model's
+    vocabulary from --model-dir, for the usage the answer is served with)."""
     if values["text"] == "-":
         values["text"] = sys.stdin.read()
     _change(ctx, "edit", values)

@@ -42,6 +42,7 @@ from comeapi.http.cors import CORSMiddleware
 from comeapi.http.errors import EXCEPTION_HANDLERS
 from comeapi.http.metrics import CONTENT_TYPE, MetricsMiddleware
 from comeapi.http.responses import JSONResponse
+from comeapi.models.tokens import TokenCounter
 from comeapi.protocol.health import probe_client
 from comeapi.settings import Settings
 
@@ -254,7 +255,8 @@ def create_app(
     routes += dashboard.routes()
     regenerate = pool_regenerator(pool, settings, gateway.on_demand)
     policy = CheckPolicy.parse(settings.checks)
-    routes += ReviewRoutes(cache, regenerate, policy).routes()
+    counter = TokenCounter(settings.model_dir)
+    routes += ReviewRoutes(cache, regenerate, policy, counter).routes()
 
     @contextlib.asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:

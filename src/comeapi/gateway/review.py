@@ -15,6 +15,7 @@ Errors are OpenAI's shape: 404 ``answer_not_found``, 409 ``review_conflict``, 40
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Awaitable, Callable
 from typing import Any
 
@@ -31,6 +32,7 @@ from comeapi.errors import NotFoundError, RequestError, UnavailableError
 from comeapi.gateway.cache import ResponseCache
 from comeapi.gateway.ondemand import OnDemandBackends
 from comeapi.http.responses import JSONResponse, read_body
+from comeapi.models.tokens import TokenCounter
 from comeapi.protocol.limits import MAX_BODY_BYTES
 from comeapi.protocol.requests import decode_json
 from comeapi.settings import Settings
@@ -73,10 +75,12 @@ class ReviewRoutes:
         cache: ResponseCache | None,
         regenerate: Regenerate | None = None,
         policy: CheckPolicy | None = None,
+        counter: TokenCounter | None = None,
     ):
         self.cache = cache
         self.regenerate = regenerate
         self.policy = policy
+        self.counter = counter  # an edited text's tokens, for its usage
 
     def routes(self) -> list[Route]:
         return [
@@ -109,7 +113,11 @@ class ReviewRoutes:
         if action == "regenerate":
             changed = [await self._regenerated(chosen[0])]
         else:
-            changed = [review.change(e, action, text=text, policy=self.policy) for e in chosen]
+            tokens = await self._tokens(chosen[0], action, text)
+            changed = [
+                review.change(e, action, text=text, policy=self.policy, tokens=tokens)
+                for e in chosen
+            ]
         await cache.put(changed)
         served = set(cache.served_variants(key))
         answers = [review.describe(e, served=e.variant in served) for e in changed]
@@ -121,6 +129,14 @@ class ReviewRoutes:
             raise UnavailableError("this gateway has no backends to regenerate answers with")
         fresh = await self.regenerate(entry, review.new_seed(entry))
         return review.regenerated(entry, fresh)
+
+    async def _tokens(self, entry: Entry, action: review.Action, text: str | None) -> int | None:
+        """An edited text's tokens (the variants of a prompt share its model), counted off
+        the event loop: the first count of a model loads its vocabulary."""
+        counter = self.counter
+        if counter is None:
+            return None
+        return await asyncio.to_thread(review.edit_tokens, entry, action, text, counter.count)
 
     def _cache(self) -> ResponseCache:
         if self.cache is None:
