@@ -3,8 +3,9 @@ them: an answer a person typed (``comeapi cache edit``, the review API) is serve
 usage of its own text, not of the generated text it replaced.
 
 The model's vocabulary alone is loaded from its GGUF file (llama.cpp's ``vocab_only``: no
-weights, well under a second for Gemma 3's 262,144 tokens) on the first count and kept. The
-text is tokenized as the backend tokenizes text: no BOS, special-token names read as text.
+weights) on the first count and kept: for Gemma 3's 262,144 tokens about a second and 58 MB
+of the process's memory (2026-12-07), then well under a millisecond a count. The text is
+tokenized as the backend tokenizes text: no BOS, special-token names read as text.
 """
 
 from __future__ import annotations
