@@ -134,7 +134,7 @@ class ReviewRoutes:
         """An edited text's tokens (the variants of a prompt share its model), counted off
         the event loop: the first count of a model loads its vocabulary."""
         counter = self.counter
-        if counter is None:
+        if counter is None or action != "edit":  # no thread for the other actions
             return None
         return await asyncio.to_thread(review.edit_tokens, entry, action, text, counter.count)
 
