@@ -445,3 +445,26 @@ def test_make_all_runs_the_chain(stack: Stack, sshd: Sshd) -> None:
     c.compose("up", "-d", "nginx")
     c.wait_nginx()
     stack.assert_every_slot_hits(c)
+
+
+def test_a_purged_prompt_stops_being_served_from_the_volume(stack: Stack) -> None:
+    """`make cache-purge` on the Docker volume while nginx runs on it (the documented way to
+    stop serving a rejected answer): the prompt's slots are gone from the volume and nginx
+    no longer answers them from its cache (this project has no comeapi to ask), while every
+    other prompt still hits."""
+    c = stack.c
+    purged, kept = PROMPT_SET.items[0], PROMPT_SET.items[1:]
+    result = c.make("cache-purge", f"KEYS={purged.key}", f"HELPER_IMAGE={stack.images.debian}")
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert f"purged {VARIANTS} cache entries of 1 prompt(s) from volume {c.volume}" in (
+        result.stdout
+    )
+    assert stack.count(c.volume) == ENTRIES - VARIANTS
+    for v in range(VARIANTS):
+        r = stack.slot(c, purged, v)
+        assert r.status_code != 200 and r.headers.get("x-cache-status") != "HIT", (v, r.text)
+    for item in kept:
+        for v in range(VARIANTS):
+            r = stack.slot(c, item, v)
+            assert r.status_code == 200 and r.headers["x-cache-status"] == "HIT", (item.index, v)
+            assert r.content == stack.references[item.index][v]
