@@ -250,10 +250,10 @@ nginx-config:
 # llama.cpp is the same portable build); the Dockerfile installs from them alone. Built with
 # the venv's Python: it must be the image's (3.11).
 wheelhouse: $(DOCKER_WHEELHOUSE)/.complete
-$(DOCKER_WHEELHOUSE)/.complete: pyproject.toml $(LLAMA_WHEELHOUSE)/.built | $(VENV)/.installed
+$(DOCKER_WHEELHOUSE)/.complete: pyproject.toml Makefile $(LLAMA_WHEELHOUSE)/.built | $(VENV)/.installed
 	rm -f $(DOCKER_WHEELHOUSE)/llama_cpp_python-*.whl
 	$(BIN)/python -m pip wheel --quiet --find-links $(LLAMA_WHEELHOUSE) \
-		--wheel-dir $(DOCKER_WHEELHOUSE) '.[llama]' 'setuptools>=69' wheel
+		--wheel-dir $(DOCKER_WHEELHOUSE) '.[llama,similar]' 'setuptools>=69' wheel
 	$(BIN)/python -m pip wheel --quiet --no-deps --wheel-dir $(DOCKER_WHEELHOUSE) '$(SMOLLM2)'
 	rm -f $(DOCKER_WHEELHOUSE)/comeapi-*.whl
 	touch $@

@@ -307,6 +307,24 @@ def test_the_comeapi_image_does_not_spin_its_openmp_threads(stack: Stack) -> Non
     assert openmp_wait_policy(COMEAPI_IMAGE) == "PASSIVE"
 
 
+def test_the_comeapi_image_matches_by_meaning_without_a_network(stack: Stack) -> None:
+    """The image has comeapi[similar] (``--match similar``): its embedding engine loads with
+    no network at all and puts a Japanese paraphrase near its English prompt, far from an
+    unrelated one."""
+    script = (
+        "from comeapi.similar.engines import open_embedder; "
+        "v = open_embedder('use').embed(['What is the capital of Japan?', "
+        "'日本の首都はどこですか？', 'Write a four-line poem about the sea.']); "
+        "print(float(v[0] @ v[1]), float(v[0] @ v[2]))"
+    )
+    result = docker(
+        "run", "--rm", "--network", "none", "--entrypoint", "python", COMEAPI_IMAGE,
+        "-c", script,
+    )  # fmt: skip
+    near, far = map(float, result.stdout.split())
+    assert near > 0.6 and far < 0.3, result.stdout  # here, 2026-12-07: 0.74 and 0.07
+
+
 def test_warmup_fills_exactly_50_entries_in_the_named_volume(stack: Stack) -> None:
     out = stack.warmup.stdout
     assert f"warmup: {ENTRIES} requests" in out and f"0 HIT, {ENTRIES} MISS, 0 failed" in out, out
