@@ -42,6 +42,17 @@ class Entry:
     logits: bool
 
 
+def load_vocab(path: Path) -> Any:
+    """The vocabulary of the GGUF at ``path`` alone (``vocab_only``: no weights), or None
+    when llama.cpp cannot read the file. The model it belongs to is never freed: callers
+    keep it for the process (``comeapi.models.tokens``)."""
+    init_backend()
+    params = lib.llama_model_default_params()
+    params.vocab_only = True
+    model = lib.llama_model_load_from_file(str(path).encode(), params)
+    return lib.llama_model_get_vocab(model) if model else None
+
+
 def tokenize(vocab: Any, text: bytes, *, add_bos: bool, special: bool) -> list[int]:
     """``text``'s tokens in ``vocab`` (a BOS first with ``add_bos``; special-token names
     parsed as such with ``special``, else read as text)."""

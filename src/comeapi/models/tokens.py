@@ -38,31 +38,16 @@ class TokenCounter:
         except ComeapiError:
             return None
         try:
-            import llama_cpp.llama_cpp as lib
-
-            from comeapi.backend.native import tokenize
+            from comeapi.backend.native import load_vocab, quiet_llama_logs, tokenize
         except ImportError:  # installed without the [llama] extra
             return None
         with self._lock:
             if path not in self._vocabs:  # a file llama.cpp cannot read is tried once
-                self._vocabs[path] = _load_vocab(lib, path)
+                quiet_llama_logs(False)
+                vocab = self._vocabs[path] = load_vocab(path)
+                if vocab is None:
+                    log.warning("cannot read the vocabulary of %s: typed text counts 0", path)
             vocab = self._vocabs[path]
         if vocab is None:
             return None
         return len(tokenize(vocab, text.encode("utf-8"), add_bos=False, special=False))
-
-
-def _load_vocab(lib: Any, path: Path) -> Any:
-    """The vocabulary of the GGUF at ``path``, or None when llama.cpp cannot read it. The
-    model handle it belongs to is kept for the process (never freed)."""
-    from comeapi.backend.native import init_backend, quiet_llama_logs
-
-    init_backend()
-    quiet_llama_logs(False)
-    params = lib.llama_model_default_params()
-    params.vocab_only = True
-    model = lib.llama_model_load_from_file(str(path).encode(), params)
-    if not model:
-        log.warning("cannot read the vocabulary of %s: token counts of typed text are 0", path)
-        return None
-    return lib.llama_model_get_vocab(model)
