@@ -2,7 +2,14 @@
 # missing first (virtualenv, package, bundled model, system packages), so a fresh clone needs
 # nothing else.
 
-PYTHON ?= $(shell command -v python3.11 || command -v python3)
+# The venv's interpreter: the distribution's python3.11 first (Debian and Ubuntu build theirs
+# with PGO and LTO, and the Docker image runs Debian's), then the first python3.11 and python3
+# on the PATH; one that cannot make a venv (Debian without python3.11-venv) is passed over.
+# pyenv builds without those optimizations unless asked (PYTHON_CONFIGURE_OPTS=
+# "--enable-optimizations --with-lto"): a forwarded request took 15% more CPU on pyenv's
+# 3.11.7 than on Debian's 3.11.2 (docs/balancer.md). PYTHON=/path/python3.11 chooses another.
+PYTHON ?= $(shell for p in /usr/bin/python3.11 python3.11 python3; do \
+	"$$p" -c 'import ensurepip, venv' 2>/dev/null && { command -v "$$p"; break; }; done)
 VENV   := .venv
 BIN    := $(VENV)/bin
 # The tests run on Gemma 3 270M in the repo's models/; `make run` uses the models directory
