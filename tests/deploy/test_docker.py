@@ -34,6 +34,7 @@ import openai
 import pytest
 
 from comeapi.cache.prompts import PromptItem, load_prompt_set
+from comeapi.models.tokens import TokenCounter
 from tests.deploy.docker_engine import BaseImages, DockerEngine, base_images, docker
 from tests.deploy.nginx_stack import DEPLOY, post
 from tests.deploy.sshd import HOST_ALIAS, Sshd, sshd_missing
@@ -323,6 +324,32 @@ def test_the_comeapi_image_matches_by_meaning_without_a_network(stack: Stack) ->
     )  # fmt: skip
     near, far = map(float, result.stdout.split())
     assert near > 0.6 and far < 0.3, result.stdout  # here, 2026-12-07: 0.74 and 0.07
+
+
+def test_the_comeapi_image_counts_typed_answers_with_its_bundled_models(
+    stack: Stack, model_dir: Path
+) -> None:
+    """An answer a person edits through the image's review API is served with its own token
+    count (``models.tokens.TokenCounter`` on the image's ``model_dir`` setting): the image's
+    settings find the bundled models and its llama.cpp reads their vocabularies with no
+    network, and Gemma's count is the host's count with the same GGUF."""
+    text = "Tokyo is the capital of Japan. 東京は日本の首都です。"
+    script = (
+        "import sys; from comeapi.settings import load_settings; "
+        "from comeapi.models.tokens import TokenCounter; "
+        "c = TokenCounter(load_settings(None).model_dir); "
+        "print(c.count('gemma-3-270m-q4_k_m.gguf', sys.argv[1]), "
+        "c.count('smollm2-135m-instruct-q4_1.gguf', sys.argv[1]))"
+    )
+    result = docker(
+        "run", "--rm", "--network", "none", "--entrypoint", "python", COMEAPI_IMAGE,
+        "-c", script, text,
+    )  # fmt: skip
+    gemma, smollm2 = result.stdout.split()
+    host = TokenCounter(model_dir).count("gemma-3-270m-q4_k_m.gguf", text)
+    assert host is not None and host > 0
+    assert gemma == str(host), result.stdout + result.stderr
+    assert smollm2 != "None" and int(smollm2) > 0, result.stdout + result.stderr
 
 
 def test_warmup_fills_exactly_50_entries_in_the_named_volume(stack: Stack) -> None:
