@@ -34,6 +34,7 @@ import openai
 import pytest
 
 from comeapi.cache.prompts import PromptItem, load_prompt_set
+from comeapi.models.bundled import GEMMA_MODEL, SMOLLM2_MODEL
 from comeapi.models.tokens import TokenCounter
 from tests.deploy.docker_engine import BaseImages, DockerEngine, base_images, docker
 from tests.deploy.nginx_stack import DEPLOY, post
@@ -338,15 +339,14 @@ def test_the_comeapi_image_counts_typed_answers_with_its_bundled_models(
         "import sys; from comeapi.settings import load_settings; "
         "from comeapi.models.tokens import TokenCounter; "
         "c = TokenCounter(load_settings(None).model_dir); "
-        "print(c.count('gemma-3-270m-q4_k_m.gguf', sys.argv[1]), "
-        "c.count('smollm2-135m-instruct-q4_1.gguf', sys.argv[1]))"
+        "print(*(c.count(m, sys.argv[1]) for m in sys.argv[2:]))"
     )
     result = docker(
         "run", "--rm", "--network", "none", "--entrypoint", "python", COMEAPI_IMAGE,
-        "-c", script, text,
+        "-c", script, text, GEMMA_MODEL, SMOLLM2_MODEL,
     )  # fmt: skip
     gemma, smollm2 = result.stdout.split()
-    host = TokenCounter(model_dir).count("gemma-3-270m-q4_k_m.gguf", text)
+    host = TokenCounter(model_dir).count(GEMMA_MODEL, text)
     assert host is not None and host > 0
     assert gemma == str(host), result.stdout + result.stderr
     assert smollm2 != "None" and int(smollm2) > 0, result.stdout + result.stderr
