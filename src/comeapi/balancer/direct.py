@@ -195,7 +195,8 @@ class DirectForward:
         self._ended = False
         self._parts: list[bytes] = []
         self._task: asyncio.Task[None] | None = None
-        self.loop = loop = asyncio.get_running_loop()
+        assert conn.loop is not None  # a connection made, as every pooled one is
+        self.loop = loop = conn.loop
         #: When bytes last arrived (or the request was sent), and /health last answered.
         self.last = self.probed = loop.time()
         self.probe: asyncio.Future[bool] | None = None

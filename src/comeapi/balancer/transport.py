@@ -39,6 +39,10 @@ class UpstreamConnection(asyncio.Protocol):
 
     def __init__(self) -> None:
         self.transport: asyncio.Transport | None = None
+        #: The event loop it runs on, known from ``connection_made`` on: asked once per
+        #: connection, not per request (CPython 3.11's ``asyncio.get_running_loop`` makes a
+        #: getpid system call each time, to notice a fork).
+        self.loop: asyncio.AbstractEventLoop | None = None
         self.parser = httptools.HttpResponseParser(self)
         self.closed = False
         self.discarded = False  # no longer counted by the pool
@@ -67,6 +71,7 @@ class UpstreamConnection(asyncio.Protocol):
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         # uvloop's transports are not asyncio.Transport subclasses, but behave as one.
         self.transport = cast(asyncio.Transport, transport)
+        self.loop = asyncio.get_running_loop()
 
     def pause_writing(self) -> None:
         self.write_paused = True
