@@ -148,7 +148,8 @@ class UpstreamConnection(asyncio.Protocol):
         """Until something happens (headers, a chunk, the end, an error, room to write)."""
         if self.error is not None:
             raise self.error
-        loop = asyncio.get_running_loop()
+        loop = self.loop
+        assert loop is not None  # waited on only once a request was written
         waiter = self.waiter = loop.create_future()
         # A bare timer, not asyncio.timeout(): this runs once or twice per forwarded request.
         timer = None if limit is None else loop.call_later(limit, _expire, waiter)
