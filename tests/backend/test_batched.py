@@ -19,7 +19,7 @@ from comeapi.backend.batched import BatchedEngine
 from comeapi.backend.decoding import PREFILL_CHUNK
 from comeapi.backend.engine import Event, Finished, TextDelta
 from comeapi.backend.native import Entry, NativeModel, lib
-from comeapi.backend.slots import LONE_PAD_FROM
+from comeapi.backend.slots import LONE_PAD_FROM, pairs_are_cheaper
 from comeapi.errors import ContextLengthError, ModelNotFoundError, UnavailableError
 from comeapi.protocol.requests import GenerationRequest, parse_request
 from comeapi.settings import load_settings
@@ -253,6 +253,81 @@ def test_padding_gives_a_lone_decode_the_batched_numbers(model_dir: Path) -> Non
         assert alone != batched, "llama.cpp no longer needs the padding (LONE_PAD_FROM)"
     finally:
         model.close()
+
+
+def test_an_extra_output_leaves_every_rows_logits_as_they_were(model_dir: Path) -> None:
+    """Why an odd decode step may get one more output row (``DecodeLoop(even_outputs)``):
+    the padding row, in a free stream, changes no bit of the other rows' logits, whether
+    the step has 3 or 5 outputs."""
+    model = NativeModel(
+        model_dir / BUNDLED_MODEL, n_seq=6, ctx=1024, batch_size=PREFILL_CHUNK, threads=2
+    )
+    try:
+        cheaper, three, four = pairs_are_cheaper(model, repeats=1)  # on the empty streams
+        assert isinstance(cheaper, bool) and three > 0 and four > 0
+        assert [model.kv_tokens(s) for s in range(6)] == [0] * 6
+        vocab_size = lib.llama_vocab_n_tokens(lib.llama_model_get_vocab(model._model))
+        prompts = [model.tokenizer.tokenize(p.encode()) for p in PROMPTS]
+        for seq, tokens in enumerate(prompts):
+            for start in range(0, len(tokens), PREFILL_CHUNK):
+                chunk = tokens[start : start + PREFILL_CHUNK]
+                assert (
+                    model.decode([Entry(t, start + j, seq, False) for j, t in enumerate(chunk)])
+                    == 0
+                )
+
+        def step(seqs: list[int], pad: bool) -> dict[int, list[float]]:
+            """Each sequence's logits for its next token in this step (then undone)."""
+            entries = [Entry(100 + s, len(prompts[s]), s, True) for s in seqs]
+            if pad:
+                entries.append(Entry(model.pad_token, 0, 5, True))
+            assert model.decode(entries) == 0
+            rows = {}
+            for i, s in enumerate(seqs):
+                row = lib.llama_get_logits_ith(model.ctx, i)
+                rows[s] = [row[v] for v in range(vocab_size)]
+            for e in entries:
+                model.forget(e.seq, e.pos)
+            return rows
+
+        for seqs in ([0, 1, 2, 3, 4], [2, 3, 4]):
+            assert step(seqs, pad=True) == step(seqs, pad=False), seqs
+        assert [model.kv_tokens(s) for s in range(6)] == [len(p) for p in prompts] + [0]
+    finally:
+        model.close()
+
+
+@pytest.mark.parametrize("even", [True, False])
+def test_odd_decode_steps_get_one_more_output_where_pairs_are_cheaper(
+    engine: BatchedEngine, model_dir: Path, monkeypatch: pytest.MonkeyPatch, even: bool
+) -> None:
+    """With 3 or 5 sequences generating, a step asks for 4 or 6 outputs when the start-up
+    measurement found pairs cheaper (the padding row in the spare stream), and keeps its
+    count when not; the text is the same either way, and the same as alone."""
+    reqs = [request(p, max_tokens=10) for p in PROMPTS]
+    solo_texts = [asyncio.run(run(engine, r)) for r in reqs]
+    monkeypatch.setattr("comeapi.backend.slots.pairs_are_cheaper", lambda model: (even, 0.04, 0.03))
+    fresh = start_engine(model_dir, slots=5)
+    model = fresh._model
+    assert model is not None and model.n_seq == 6  # the five slots and the spare stream
+    seen = recorder(model, monkeypatch)
+
+    async def together() -> list[tuple[str, Finished]]:
+        return list(await asyncio.gather(*(run(fresh, r) for r in reqs)))
+
+    try:
+        assert asyncio.run(together()) == solo_texts
+        assert_idle(fresh)
+    finally:
+        asyncio.run(fresh.close())
+    steps = [b for b in seen["batches"] if len({e.seq for e in b}) == len(b)]
+    spare = [b for b in steps if any(e.seq == 5 for e in b)]
+    odd = [b for b in steps if sum(e.logits for e in b) % 2 and sum(e.logits for e in b) >= 3]
+    if even:
+        assert spare and all(b[-1].logits and b[-1].token == model.pad_token for b in spare)
+        assert not odd, "a step kept an odd number (3 or more) of outputs"
+    else:
+        assert not spare and odd
 
 
 def test_seeds_and_parameters_stay_in_their_own_slot(engine: BatchedEngine) -> None:

@@ -22,7 +22,7 @@ from comeapi.backend.decoding import (
 from comeapi.backend.engine import Event, Finished
 from comeapi.backend.native import NativeModel, quiet_llama_logs
 from comeapi.backend.sampling import LogprobReader, SamplingParams, check_sampling, grammar_for
-from comeapi.backend.slots import DecodeLoop, Item, Sequence
+from comeapi.backend.slots import EVEN_OUTPUTS_FROM, DecodeLoop, Item, Sequence
 from comeapi.errors import ComeapiError, ModelNotFoundError, UnavailableError
 from comeapi.models.catalogue import check_model_dir
 from comeapi.protocol.requests import GenerationRequest
@@ -89,26 +89,32 @@ class BatchedEngine:
 
     async def start(self) -> None:
         quiet_llama_logs(self._settings.log_level == "debug")
-        if self._slots >= TILED_FROM_ROWS:
+        # A lone sequence may need a padding stream; from 3 slots a spare stream takes the
+        # padding row that makes an odd decode step even (``slots.pairs_are_cheaper``).
+        n_seq = self._slots + 1 if self._slots >= EVEN_OUTPUTS_FROM else max(self._slots, 2)
+        if n_seq >= TILED_FROM_ROWS:
             # llama.cpp's CPU backend multiplies K-quant matrices with its tiled kernel from
             # 8 rows on, which rounds differently from the kernel for fewer rows: a decode
-            # batch of 8+ sequences would change their greedy text. With fewer slots only a
-            # prompt's own prefill reaches 8 rows, the same whatever runs beside it. Read
-            # once per process, at the first product: before the model is loaded.
+            # batch of 8+ rows (streams) would change the sequences' greedy text. With fewer
+            # streams only a prompt's own prefill reaches 8 rows, the same whatever runs
+            # beside it. Read once per process, at the first product: before the model is
+            # loaded.
             os.environ.setdefault("GGML_CPU_TILED_MM", "0")
         threads = self._settings.threads or len(os.sched_getaffinity(0))
         model = await asyncio.to_thread(
             NativeModel,
             self._file.path,
-            n_seq=max(self._slots, 2),  # a lone sequence may need a padding stream
+            n_seq=n_seq,
             ctx=self._settings.ctx,
-            batch_size=max(PREFILL_CHUNK, self._slots),
+            batch_size=max(PREFILL_CHUNK, n_seq),
             threads=threads,
             n_gpu_layers=self._settings.n_gpu_layers,
         )
         self._model = model
         self._template = ChatTemplate(model.tokenizer)
-        decoder = DecodeLoop(model, self._slots)
+        # Measured on the decode thread, before its first request (DecodeLoop).
+        even = None if n_seq > self._slots else False
+        decoder = DecodeLoop(model, self._slots, even_outputs=even)
         decoder.start()
         self._decoder = decoder
 

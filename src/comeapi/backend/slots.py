@@ -36,6 +36,10 @@ PREFILL_BUDGET = 128
 # long: llama.cpp switches a lone single-token decode with >= 512 KV cells to a split-KV
 # attention kernel whose rounding differs from the batched one.
 LONE_PAD_FROM = 128
+# From this many outputs, an odd decode step gets one more (a padding row with its logits
+# computed and ignored) where the start-up measurement found pairs cheaper
+# (``pairs_are_cheaper``). A lone output is the cheap case.
+EVEN_OUTPUTS_FROM = 3
 
 Item = Event | ComeapiError
 
@@ -94,13 +98,49 @@ class Sequence:
         return self.leader is not None and self.leader.slot >= 0 and self.leader.prefilling
 
 
+def pairs_are_cheaper(model: NativeModel, repeats: int = 3) -> tuple[bool, float, float]:
+    """Whether a decode step with 4 outputs costs less than one with 3 on this model and
+    machine, measured on empty streams 0-3 (left empty again): (the answer, the fastest of
+    ``repeats`` 3-output steps, of 4-output steps, in seconds). Where it does (llama.cpp's
+    CPU product on AVX2 with a Q8_0 or Q5_0 output matrix), odd steps get one more output
+    (``DecodeLoop(even_outputs=True)``); elsewhere (a K-quant output matrix, a GPU) the extra
+    row would only cost. Either way no number changes, only the time a step takes."""
+
+    def step(outputs: int) -> float:
+        entries = [Entry(model.pad_token, 0, stream, True) for stream in range(outputs)]
+        started = time.perf_counter()
+        rc = model.decode(entries)
+        elapsed = time.perf_counter() - started
+        for stream in range(outputs):
+            model.forget(stream)
+        if rc != 0:
+            raise ComeapiError(f"llama_decode failed ({rc})")
+        return elapsed
+
+    step(4)  # the first product pays for page faults and buffers
+    three: list[float] = []
+    four: list[float] = []
+    for _ in range(repeats):
+        three.append(step(3))
+        four.append(step(4))
+    return min(four) < min(three), min(three), min(four)
+
+
 class DecodeLoop:
     """Runs sequences on ``slots`` KV streams of one ``NativeModel`` from its own thread."""
 
-    def __init__(self, model: NativeModel, slots: int):
+    def __init__(self, model: NativeModel, slots: int, *, even_outputs: bool | None = False):
+        """``even_outputs``: whether odd decode steps get one more output (``_even_up``);
+        None measures it (``pairs_are_cheaper``) on the decode thread before the first
+        request: llama.cpp computes with OpenMP, whose threads belong to the thread that
+        calls it, and a second calling thread would leave a second team of them waiting
+        beside the first (a single stream measured 59-61 tok/s instead of 66-69)."""
         if model.n_seq < max(slots, 2):
             raise ValueError("the context needs max(slots, 2) streams")
+        if even_outputs is not False and model.n_seq <= slots:
+            raise ValueError("even outputs need a spare stream: slots + 1")
         self._model = model
+        self._even_outputs = even_outputs
         self._slots: list[Sequence | None] = [None] * slots
         self._prefixes = PrefixCache(model, slots)
         self._waiting: deque[Sequence] = deque()
@@ -153,6 +193,14 @@ class DecodeLoop:
 
     def _run(self) -> None:
         try:
+            if self._even_outputs is None:
+                self._even_outputs, three, four = pairs_are_cheaper(self._model)
+                log.info(
+                    "decode steps of 3 outputs %.1f ms, of 4 outputs %.1f ms: %s",
+                    three * 1e3,
+                    four * 1e3,
+                    "odd steps get one more output" if self._even_outputs else "odd steps stay odd",
+                )
             while not self._stopping:
                 self._wake.clear()
                 self._drop_cancelled()
@@ -239,6 +287,8 @@ class DecodeLoop:
                 pos = self._model.kv_tokens(stream)
                 entries.append(Entry(self._model.pad_token, pos, stream, False))
                 pads.append((stream, pos))
+        if self._even_outputs and len(generating) >= EVEN_OUTPUTS_FROM and len(generating) % 2:
+            self._even_up(entries, streams, pads, hi)
         try:
             rc = self._model.decode(entries)
         finally:
@@ -253,6 +303,27 @@ class DecodeLoop:
             if seq is not None and not seq.prefilling:
                 seq.n_past += 1
                 self._sample(seq, index)
+
+    def _even_up(
+        self, entries: list[Entry], streams: list[int], pads: list[tuple[int, int]], hi: int
+    ) -> None:
+        """One more output for an odd count: llama.cpp's CPU matrix product (llamafile's
+        tinyBLAS on AVX2) takes the output rows two at a time and the odd last one in a pass of
+        its own over the whole output matrix, which costs about what a pair does (5 outputs
+        50.3 ms, 6 outputs 41.7 ms on the bundled model; docs/batching.md). A padding row
+        already in the batch has its logits computed; else one is added in the stream after
+        the last generating one (a spare stream is kept for this). Its logits are never
+        read, and every row's numbers are the same either way (tests/backend/test_batched.py).
+        """
+        for i, entry in enumerate(entries):
+            if not entry.logits:
+                entries[i] = Entry(entry.token, entry.pos, entry.seq, True)
+                return
+        stream = hi + 1  # not a generating slot; at most the spare stream (n_seq > slots)
+        pos = self._model.kv_tokens(stream)
+        entries.append(Entry(self._model.pad_token, pos, stream, True))
+        streams.append(stream)
+        pads.append((stream, pos))
 
     def _prefill_step(self) -> None:
         budget = PREFILL_BUDGET
