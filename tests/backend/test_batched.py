@@ -330,6 +330,23 @@ def test_odd_decode_steps_get_one_more_output_where_pairs_are_cheaper(
         assert not spare and odd
 
 
+@pytest.mark.parametrize("slots", [1, 2])
+def test_one_or_two_slots_have_no_spare_stream_and_measure_nothing(
+    model_dir: Path, slots: int
+) -> None:
+    """Below 3 slots no step has 3 outputs: no spare stream, no start-up measurement (which
+    needs 4 streams), and requests run as before."""
+    fresh = start_engine(model_dir, slots=slots)
+    try:
+        assert fresh._model is not None and fresh._model.n_seq == 2
+        assert fresh._decoder is not None and fresh._decoder._even_outputs is False
+        text, done = asyncio.run(run(fresh, request("The capital of France is")))
+        assert text and done.usage.completion_tokens > 0
+        assert fresh.ready
+    finally:
+        asyncio.run(fresh.close())
+
+
 def test_seeds_and_parameters_stay_in_their_own_slot(engine: BatchedEngine) -> None:
     story = "Once upon a time, in a small village,"
     reqs = [

@@ -113,7 +113,7 @@ class BatchedEngine:
         self._model = model
         self._template = ChatTemplate(model.tokenizer)
         # Measured on the decode thread, before its first request (DecodeLoop).
-        even = None if n_seq > self._slots else False
+        even = None if self._slots >= EVEN_OUTPUTS_FROM else False
         decoder = DecodeLoop(model, self._slots, even_outputs=even)
         decoder.start()
         self._decoder = decoder
