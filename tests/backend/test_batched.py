@@ -256,7 +256,7 @@ def test_padding_gives_a_lone_decode_the_batched_numbers(model_dir: Path) -> Non
 
 
 def test_an_extra_output_leaves_every_rows_logits_as_they_were(model_dir: Path) -> None:
-    """Why an odd decode step may get one more output row (``DecodeLoop(even_outputs)``):
+    """Why an odd decode step may get one more output row (``DecodeLoop._even_up``):
     the padding row, in a free stream, changes no bit of the other rows' logits, whether
     the step has 3 or 5 outputs."""
     model = NativeModel(

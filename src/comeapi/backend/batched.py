@@ -112,9 +112,7 @@ class BatchedEngine:
         )
         self._model = model
         self._template = ChatTemplate(model.tokenizer)
-        # Measured on the decode thread, before its first request (DecodeLoop).
-        even = None if self._slots >= EVEN_OUTPUTS_FROM else False
-        decoder = DecodeLoop(model, self._slots, even_outputs=even)
+        decoder = DecodeLoop(model, self._slots)
         decoder.start()
         self._decoder = decoder
 

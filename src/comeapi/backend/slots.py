@@ -103,7 +103,7 @@ def pairs_are_cheaper(model: NativeModel, repeats: int = 3) -> tuple[bool, float
     machine, measured on empty streams 0-3 (left empty again): (the answer, the fastest of
     ``repeats`` 3-output steps, of 4-output steps, in seconds). Where it does (llama.cpp's
     CPU product on AVX2 with a Q8_0 or Q5_0 output matrix), odd steps get one more output
-    (``DecodeLoop(even_outputs=True)``); elsewhere (a K-quant output matrix, a GPU) the extra
+    (``DecodeLoop._even_up``); elsewhere (a K-quant output matrix, a GPU) the extra
     row would only cost. Either way no number changes, only the time a step takes."""
 
     def step(outputs: int) -> float:
@@ -129,18 +129,18 @@ def pairs_are_cheaper(model: NativeModel, repeats: int = 3) -> tuple[bool, float
 class DecodeLoop:
     """Runs sequences on ``slots`` KV streams of one ``NativeModel`` from its own thread."""
 
-    def __init__(self, model: NativeModel, slots: int, *, even_outputs: bool | None = False):
-        """``even_outputs``: whether odd decode steps get one more output (``_even_up``);
-        None measures it (``pairs_are_cheaper``) on the decode thread before the first
-        request: llama.cpp computes with OpenMP, whose threads belong to the thread that
-        calls it, and a second calling thread would leave a second team of them waiting
-        beside the first (a single stream measured 59-61 tok/s instead of 66-69)."""
+    def __init__(self, model: NativeModel, slots: int):
         if model.n_seq < max(slots, 2):
             raise ValueError("the context needs max(slots, 2) streams")
-        if even_outputs is not False and model.n_seq <= slots:
-            raise ValueError("even outputs need a spare stream: slots + 1")
         self._model = model
-        self._even_outputs = even_outputs
+        # Whether odd decode steps get one more output (``_even_up``): possible from
+        # EVEN_OUTPUTS_FROM slots with a spare stream, and then measured (None until then)
+        # on the decode thread before the first request (``_run``): llama.cpp computes with
+        # OpenMP, whose threads belong to the thread that calls it, and a second calling
+        # thread would leave a second team of them waiting beside the first (a single
+        # stream measured 59-61 tok/s instead of 66-69).
+        spare = model.n_seq > slots >= EVEN_OUTPUTS_FROM
+        self._even_outputs: bool | None = None if spare else False
         self._slots: list[Sequence | None] = [None] * slots
         self._prefixes = PrefixCache(model, slots)
         self._waiting: deque[Sequence] = deque()
@@ -308,12 +308,13 @@ class DecodeLoop:
         self, entries: list[Entry], streams: list[int], pads: list[tuple[int, int]], hi: int
     ) -> None:
         """One more output for an odd count: llama.cpp's CPU matrix product (llamafile's
-        tinyBLAS on AVX2) takes the output rows two at a time and the odd last one in a pass of
-        its own over the whole output matrix, which costs about what a pair does (5 outputs
-        50.3 ms, 6 outputs 41.7 ms on the bundled model; docs/batching.md). A padding row
-        already in the batch has its logits computed; else one is added in the stream after
-        the last generating one (a spare stream is kept for this). Its logits are never
-        read, and every row's numbers are the same either way (tests/backend/test_batched.py).
+        tinyBLAS on AVX2) takes the output rows two at a time and the odd last one in a pass
+        of its own over the whole output matrix, which costs about what a pair does (5
+        outputs 51.9 ms, 5 and a padding output 45.1 ms on the bundled model;
+        docs/batching.md). A padding row already in the batch has its logits computed; else
+        one is added in the stream after the last generating one (a spare stream is kept for
+        this). Its logits are never read, and every row's numbers are the same either way
+        (tests/backend/test_batched.py).
         """
         for i, entry in enumerate(entries):
             if not entry.logits:
