@@ -30,7 +30,9 @@ def _response(status: bytes, body: bytes) -> bytes:
 class Backend:
     """A backend over a real socket; each generation request takes the next action of
     ``script`` (then "ok"): ok, drop (close without a byte), hang (say nothing), busy (503),
-    garbage (bytes that are not HTTP), slow (answer once ``release`` is set)."""
+    garbage (bytes that are not HTTP), slow (answer once ``release`` is set), split (the
+    head, then the body in a later write, as uvicorn writes them), head-drop (the head of a
+    200, then close)."""
 
     name: str
     script: list[str] = field(default_factory=list)
@@ -82,7 +84,16 @@ class Backend:
                     return
                 if action == "slow":
                     await self.release.wait()
-                if action == "garbage":
+                if action in ("split", "head-drop"):
+                    whole = _response(b"200 OK", answer_of(self.name))
+                    cut = whole.index(b"\r\n\r\n") + 4
+                    writer.write(whole[:cut])
+                    await writer.drain()
+                    if action == "head-drop":
+                        return
+                    await asyncio.sleep(0.05)  # the head is read on its own
+                    writer.write(whole[cut:])
+                elif action == "garbage":
                     writer.write(b"NOT HTTP AT ALL\r\n\r\n")
                 elif action == "busy":
                     writer.write(_response(b"503 Service Unavailable", BUSY))

@@ -173,6 +173,46 @@ async def test_a_kept_alive_connection_closed_unanswered_is_retried_on_a_fresh_o
         assert in_flight(env) == 0
 
 
+async def test_a_head_read_before_its_body_gives_the_whole_answer_with_the_headers_set() -> None:
+    async with cluster(1) as env:
+        await warm(env)
+        env.backends[0].script = ["split"]
+        done = Outcomes()
+        forward = env.forwarder.forward_soon(
+            "/generate", BODY, [], model=None, report=None, done=done,
+            set_headers=[(b"x-cache", b"MISS")],
+        )  # fmt: skip
+        assert forward is not None
+        answer = await done.get()
+        assert isinstance(answer, Forwarded) and answer.body == answer_of("a")
+        assert answer.headers == [(b"content-type", b"application/json"), (b"x-cache", b"MISS")]
+        assert answer.lines() == b"content-type: application/json\r\nx-cache: MISS\r\n"
+        assert done.calls == 1 and in_flight(env) == 0
+        assert env.upstream.connections(env.backends[0].url) == 1  # kept alive, reused
+        again = Outcomes()
+        assert soon(env, again) is not None
+        assert isinstance(await again.get(), Forwarded)
+        assert env.backends[0].connections == 1
+
+
+async def test_a_connection_lost_after_the_head_moves_the_request_on_with_the_headers_set() -> None:
+    async with cluster() as env:
+        await warm(env)
+        env.backends[0].script = ["head-drop"]  # a 200's head, then nothing
+        done = Outcomes()
+        forward = env.forwarder.forward_soon(
+            "/generate", BODY, [], model=None, report=None, done=done,
+            set_headers=[(b"x-cache", b"MISS")],
+        )  # fmt: skip
+        assert forward is not None
+        answer = await done.get()
+        # Nothing had reached the client: the coroutine path answered, from the other one.
+        assert isinstance(answer, Forwarded) and answer.body == answer_of("b")
+        assert (b"x-cache", b"MISS") in answer.headers
+        assert b"x-cache: MISS\r\n" in answer.lines()
+        assert done.calls == 1 and in_flight(env) == 0
+
+
 async def test_a_503_moves_the_request_to_another_backend() -> None:
     async with cluster() as env:
         await warm(env)

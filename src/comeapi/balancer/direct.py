@@ -1,9 +1,12 @@
 """A forward done with callbacks, for the common case: a whole (not streamed) answer, a
 backend with a free slot now and an idle kept-alive connection to it (``Forwarder.forward_soon``).
 
-No task, future, async generator or per-wait timer: the request is written at once, the
-connection's parser calls ``_progress`` as the answer arrives, and the answer goes to the
-forwarder, which hands it to ``done``. Every other case stays on the coroutine path
+No task, future, async generator or per-wait timer: the request is written at once, and
+the connection calls ``_progress`` once per arrival of bytes. The answer's head is made ready
+as soon as it is in (a backend that writes its head and body apart leaves the body's arrival
+only the client's write to do); once the body is complete, ``done`` has the answer first (it
+writes it to the client), and only then is the backend's slot released, the answer counted
+and the connection put back in the pool. Every other case stays on the coroutine path
 (``Forwarder.forward``), and so does whatever goes wrong here before the answer is complete:
 a failure, a stall, a read timeout or a 503 is accounted as there (the backend marked down,
 the slot released, the attempt remembered) and the request goes on as a task on that path,
@@ -31,6 +34,7 @@ from comeapi.balancer.relay import (
     Forwarded,
     ForwardReport,
     UpstreamStream,
+    raw_headers,
     shutting_down,
 )
 from comeapi.balancer.stall import BackendStalled
@@ -63,14 +67,12 @@ class DirectOwner(Protocol):
     @property
     def pool(self) -> Releases: ...
 
-    def direct_answered(
-        self,
-        forward: DirectForward,
-        status: int,
-        headers: Sequence[tuple[bytes, bytes]],
-        body: bytes,
-    ) -> None:
-        """The backend's whole answer: to the client, then counted."""
+    def direct_answered(self, forward: DirectForward, forwarded: Forwarded) -> None:
+        """The backend's whole answer, already given to ``done``: its slot back, counted."""
+        ...
+
+    def direct_refused(self, forward: DirectForward, forwarded: Forwarded) -> None:
+        """The backend answered 503 (nothing generated): on to the coroutine path."""
         ...
 
     def direct_failed(self, forward: DirectForward, exc: Exception, *, stale: bool) -> None:
@@ -146,6 +148,7 @@ class DirectForward:
 
     __slots__ = (
         "_ended",
+        "_head",
         "_parts",
         "_task",
         "backend",
@@ -162,6 +165,7 @@ class DirectForward:
         "probed",
         "raw",
         "report",
+        "set_headers",
         "upstream",
         "watchdog",
     )
@@ -180,6 +184,7 @@ class DirectForward:
         report: ForwardReport | None,
         done: Done,
         watchdog: Watchdog,
+        set_headers: Sequence[tuple[bytes, bytes]] = (),
     ):
         self.forwarder = forwarder
         self.upstream = upstream
@@ -192,7 +197,10 @@ class DirectForward:
         self.model = model
         self.report = report
         self.done = done
+        self.set_headers = set_headers
         self._ended = False
+        #: The answer as far as its head, made as soon as the head is in.
+        self._head: Forwarded | None = None
         self._parts: list[bytes] = []
         self._task: asyncio.Task[None] | None = None
         assert conn.loop is not None  # a connection made, as every pooled one is
@@ -231,13 +239,37 @@ class DirectForward:
             return
         while conn.chunks:  # taken as they come, so a large answer never pauses reading
             self._parts.append(conn.take())
+        head = self._head
+        if head is None and conn.headers_done:
+            # Ready before the body: a backend that writes its head and its body apart
+            # (uvicorn does) leaves the body's arrival only the client's write to do.
+            head = self._head = self._answer_head()
         if conn.complete:
-            self._stop()
+            assert head is not None
             parts = self._parts
-            body = parts[0] if len(parts) == 1 else b"".join(parts)
-            self.forwarder.direct_answered(self, conn.status, conn.headers, body)
+            head.body = parts[0] if len(parts) == 1 else b"".join(parts)
+            try:
+                if head.status_code == 503:
+                    self.forwarder.direct_refused(self, head)
+                else:
+                    self.answer(head)  # the client's answer first,
+                    self.forwarder.direct_answered(self, head)  # then the slot and the counts
+            finally:
+                # The connection back to the pool, after the client's write too (no other
+                # forward can ask for it meanwhile: this runs in one go).
+                self._stop()
             return
         self.last = self.loop.time()
+
+    def _answer_head(self) -> Forwarded:
+        """The answer but its body: the headers worth passing on, ``set_headers`` set, and
+        their lines made."""
+        conn = self.conn
+        forwarded = Forwarded(conn.status, raw_headers(conn.headers), b"", self.path)
+        for name, value in self.set_headers:
+            forwarded.set_header(name, value)
+        forwarded.lines()
+        return forwarded
 
     def probed_alive(self, probe: asyncio.Future[bool]) -> None:
         """The watchdog's /health probe is back: silent but alive is a long generation."""
@@ -300,6 +332,8 @@ class DirectForward:
                 tried=tried,
             )
             assert isinstance(forwarded, Forwarded)  # not a stream
+            for name, value in self.set_headers:
+                forwarded.set_header(name, value)
             outcome = forwarded
         except asyncio.CancelledError:
             outcome = None  # the client has gone (a shutdown's cancel is a 503 error)

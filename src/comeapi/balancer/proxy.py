@@ -179,10 +179,12 @@ class Forwarder(StreamOwner):
         model: str | None,
         report: ForwardReport | None,
         done: Done,
+        set_headers: RawHeaders = (),
     ) -> DirectForward | None:
         """``forward`` of a whole answer, started now and told to ``done`` when over, if a
         backend has a free slot now and an idle connection to it: then no task is made (a
-        failure goes on as one). None otherwise: nothing was done, ``forward`` it."""
+        failure goes on as one). None otherwise: nothing was done, ``forward`` it. The
+        answer ``done`` gets has ``set_headers`` set (``Forwarded.set_header``)."""
         upstream = self._direct
         if upstream is None or self.stopping:
             return None
@@ -209,25 +211,24 @@ class Forwarder(StreamOwner):
             report,
             done,
             self._watchdog,
+            set_headers,
         )
 
-    def direct_answered(
-        self, forward: DirectForward, status: int, headers: RawHeaders, body: bytes
-    ) -> None:
-        """The backend's whole answer to ``forward``: to its client first, then counted."""
-        backend = forward.backend
-        if status == 503:
-            tried = Attempts()
-            self._refused(backend, body, tried)
-            forward.fall_back(tried)
-            return
-        self.pool.release(backend)
-        forwarded = Forwarded(status, raw_headers(headers), body, forward.path)
-        forward.answer(forwarded)
-        if self.observer is not None and status == 200:
+    def direct_answered(self, forward: DirectForward, forwarded: Forwarded) -> None:
+        """The backend's whole answer to ``forward``, after its client has it: the slot back
+        (a queued request waits the few microseconds of that write), the tokens counted."""
+        self.pool.release(forward.backend)
+        if self.observer is not None and forwarded.status_code == 200:
             answer = forwarded.answer
             tokens = answer.completion_tokens if answer is not None else None
             self.observer.tokens(tokens or 0)
+
+    def direct_refused(self, forward: DirectForward, forwarded: Forwarded) -> None:
+        """A 503 to ``forward`` (the backend's queue is full, or its model is loading):
+        nothing was generated, so it goes on to another backend, as a task."""
+        tried = Attempts()
+        self._refused(forward.backend, forwarded.body, tried)
+        forward.fall_back(tried)
 
     def direct_failed(self, forward: DirectForward, exc: Exception, *, stale: bool) -> None:
         """Nothing reached the client: on to the coroutine path, which retries (on the same

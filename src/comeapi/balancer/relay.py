@@ -8,7 +8,7 @@ module needs nothing from ``proxy.py``, which imports it.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Iterable, Sequence
 from typing import Protocol
 
 import httpx
@@ -83,7 +83,7 @@ class Forwarded:
     (lower-case names, ``raw_headers``) and its body, which is decoded once, the first time
     ``answer`` is asked for (the metrics, the request log and the cache all read it)."""
 
-    __slots__ = ("_answer", "body", "headers", "path", "status_code")
+    __slots__ = ("_answer", "_lines", "body", "headers", "path", "status_code")
 
     def __init__(
         self, status_code: int, headers: list[tuple[bytes, bytes]], body: bytes, path: str = ""
@@ -93,6 +93,7 @@ class Forwarded:
         self.body = body
         self.path = path  # the route it answers: the kind of answer the body holds
         self._answer: object = _UNREAD
+        self._lines: bytes | None = None
 
     @property
     def answer(self) -> Answer | None:
@@ -108,6 +109,15 @@ class Forwarded:
     def set_header(self, name: bytes, value: bytes) -> None:
         """Set ``name`` (lower case) to ``value``, replacing the backend's own."""
         set_header(self.headers, name, value)
+        self._lines = None
+
+    def lines(self) -> bytes:
+        """The headers as ``header_lines``, made once (a forward makes them while the body
+        is still on its way: ``balancer.direct``)."""
+        lines = self._lines
+        if lines is None:
+            lines = self._lines = header_lines(self.headers)
+        return lines
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         """Send it as an ASGI response (the length is this body's; the backend's is dropped)."""
@@ -232,6 +242,15 @@ def set_header(headers: list[tuple[bytes, bytes]], name: bytes, value: bytes) ->
     if any(k == name for k, _ in headers):
         headers[:] = [(k, v) for k, v in headers if k != name]
     headers.append((name, value))
+
+
+def header_lines(headers: Iterable[tuple[bytes, bytes]]) -> bytes:
+    """``name: value\\r\\n`` lines, without Content-Length (the server writes its own)."""
+    lines = []
+    for pair in headers:  # a loop, not a generator: no frame made per answer
+        if pair[0] != b"content-length":
+            lines.append(b"%s: %s\r\n" % pair)
+    return b"".join(lines)
 
 
 def raw_headers(headers: Sequence[tuple[bytes, bytes]]) -> list[tuple[bytes, bytes]]:

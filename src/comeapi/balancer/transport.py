@@ -78,7 +78,7 @@ class UpstreamConnection(asyncio.Protocol):
 
     def resume_writing(self) -> None:
         self.write_paused = False
-        self._wake()
+        self._notify()
 
     def data_received(self, data: bytes) -> None:
         self.got_bytes = True
@@ -87,12 +87,17 @@ class UpstreamConnection(asyncio.Protocol):
         except httptools.HttpParserError as exc:
             self._fail(httpx.RemoteProtocolError(f"malformed response: {exc}"))
             self.close()
+            return
+        # A watcher hears once per arrival, after the parser has taken it all: a small
+        # answer's head, body and end come in one piece, and are one wake-up, not three.
+        if self.watcher is not None:
+            self.watcher()
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.closed = True
         if self.headers_done and not self.complete and self._ends_at_close():
             self.complete = True  # a body delimited by the connection closing
-            self._wake()
+            self._notify()
         elif not self.complete:
             reason = f": {exc}" if exc else ""
             if self.headers_done:
@@ -129,10 +134,12 @@ class UpstreamConnection(asyncio.Protocol):
     # --- used by the transport -----------------------------------------------------------
 
     def send(self, head: bytes, body: bytes) -> None:
-        self._reset()
-        self.parser = httptools.HttpResponseParser(self)
         assert self.transport is not None
         self.transport.write(head + body)
+        # Made ready after the write, while the server reads: no answer can arrive before
+        # the event loop runs again, and this is off the request's way to the backend.
+        self._reset()
+        self.parser = httptools.HttpResponseParser(self)
 
     async def drain(self, write_timeout: float | None) -> None:
         """Until the request has left for the network: asyncio keeps what the kernel would
@@ -189,13 +196,22 @@ class UpstreamConnection(asyncio.Protocol):
     def _fail(self, exc: Exception) -> None:
         if self.error is None:
             self.error = exc
-        self._wake()
+        self._notify()
 
     def _wake(self) -> None:
+        """From the parser's callbacks: a waiting task goes on (a watcher is told at the end
+        of ``data_received``)."""
+        waiter = self.waiter
+        if waiter is not None and not waiter.done():
+            waiter.set_result(False)
+
+    def _notify(self) -> None:
+        """Outside the parser (an error, the connection's end, room to write): the watcher,
+        or a waiting task."""
         if self.watcher is not None:
             self.watcher()
-        elif self.waiter is not None and not self.waiter.done():
-            self.waiter.set_result(False)
+        else:
+            self._wake()
 
 
 class _Response:

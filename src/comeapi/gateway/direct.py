@@ -6,15 +6,12 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Iterable
 from typing import Protocol
-
-from starlette.responses import Response
 
 from comeapi.balancer.direct import DirectForward, Outcome
 from comeapi.balancer.pool import BackendPool
 from comeapi.balancer.proxy import Forwarder, forward_headers
-from comeapi.balancer.relay import Forwarded
+from comeapi.balancer.relay import Forwarded, header_lines
 from comeapi.errors import ComeapiError
 from comeapi.gateway.cache import Lookup, ResponseCache
 from comeapi.gateway.forced import NO_STORE_HEADER
@@ -44,6 +41,11 @@ class Routes(Protocol):
 
 CLIENT_GONE = 499  # nginx's code for "client closed the request", for the metrics only
 _NO_STORE = NO_STORE_HEADER.lower().encode()
+# The headers a forwarded answer gets (``Forwarder.forward_soon``'s ``set_headers``): a miss
+# says so, and whether a proxy's cache may keep the answer.
+_NOT_LOOKED_UP: tuple[tuple[bytes, bytes], ...] = ()
+_MISS = ((b"x-cache", b"MISS"),)
+_MISS_NO_STORE = (*_MISS, (_NO_STORE, b"1"))
 
 
 def forward_soon(
@@ -66,13 +68,13 @@ def forward_soon(
     try:
         if routes.on_demand is not None:
             routes.on_demand.ensure_running()
-        routes.pool.check_model(generation.model)
+        if generation.model is not None:
+            routes.pool.check_model(generation.model)
     except ComeapiError:
         return None  # the coroutine path answers the error
-    record = RequestRecord("POST", request.path, request.client)
-    record.request = generation
-    record.outcome = miss = Miss(looked_up=looked_up)
-    answer = AnswerSoon(routes, request, record, miss, None if lookup is None else lookup.keep)
+    miss = Miss(looked_up=looked_up)
+    answer = AnswerSoon(routes, request, miss)
+    keep = None if lookup is None else lookup.keep
     forward = routes.forwarder.forward_soon(
         request.path,
         request.body,
@@ -80,9 +82,14 @@ def forward_soon(
         model=generation.model,
         report=miss,
         done=answer,
+        set_headers=_NOT_LOOKED_UP if keep is None else _MISS if keep else _MISS_NO_STORE,
     )
     if forward is None:
         return None
+    # The request is on its way: what follows runs while the backend reads it.
+    answer.record = record = RequestRecord("POST", request.path, request.client)
+    record.request = generation
+    record.outcome = miss
     if (
         cache is not None
         and lookup is not None
@@ -97,53 +104,37 @@ class AnswerSoon:
     """The end of ``forward_soon``: the answer written to the client, then the request log
     and the metrics (off the answer's path)."""
 
-    __slots__ = ("keep", "miss", "record", "request", "routes", "started")
+    __slots__ = ("miss", "record", "reply", "request", "routes", "started")
 
-    def __init__(
-        self,
-        routes: Routes,
-        request: ImmediateRequest,
-        record: RequestRecord,
-        miss: Miss,
-        keep: bool | None,
-    ):
+    #: Set by ``forward_soon`` once the request is on its way (before any answer can come).
+    record: RequestRecord
+
+    def __init__(self, routes: Routes, request: ImmediateRequest, miss: Miss):
         self.routes = routes
         self.request = request
-        self.record = record
+        assert request.reply is not None  # set before ``answer_later``
+        self.reply = request.reply
         self.miss = miss
-        self.keep = keep  # the lookup's, for a looked-up miss; None: not looked up
         self.started = time.perf_counter()
 
     def __call__(self, outcome: Outcome) -> None:
-        reply = self.request.reply
-        assert reply is not None
-        if outcome is None:
+        reply = self.reply
+        if isinstance(outcome, Forwarded):  # ``set_headers`` set, its lines made
+            status = outcome.status_code
+            reply((status, outcome.lines(), outcome.body))  # the client's answer first
+            self.miss.response = outcome
+        elif outcome is None:
             status = CLIENT_GONE
             reply(None)
         else:
-            if isinstance(outcome, Forwarded):
-                response: Forwarded | Response = outcome
-                self.miss.response = outcome
-                if self.keep is not None:
-                    outcome.set_header(b"x-cache", b"MISS")
-                    if not self.keep:
-                        outcome.set_header(_NO_STORE, b"1")
-                lines, body = header_lines(outcome.headers), outcome.body
+            if isinstance(outcome, ComeapiError):
+                response = error_response(outcome)
             else:
-                if isinstance(outcome, ComeapiError):
-                    response = error_response(outcome)
-                else:
-                    log.error("unhandled error on POST %s", self.request.path, exc_info=outcome)
-                    response = error_response(ComeapiError("internal server error"))
-                lines, body = header_lines(response.raw_headers), bytes(response.body)
+                log.error("unhandled error on POST %s", self.request.path, exc_info=outcome)
+                response = error_response(ComeapiError("internal server error"))
             status = response.status_code
-            reply((status, lines, body))
+            reply((status, header_lines(response.raw_headers), bytes(response.body)))
         routes = self.routes
         seconds = time.perf_counter() - self.started
         routes.metrics.observe(self.request.path, status, seconds)
         routes.requests.add(self.record, status, seconds)
-
-
-def header_lines(headers: Iterable[tuple[bytes, bytes]]) -> bytes:
-    """``name: value\\r\\n`` lines, without Content-Length (the server writes its own)."""
-    return b"".join(b"%s: %s\r\n" % pair for pair in headers if pair[0] != b"content-length")

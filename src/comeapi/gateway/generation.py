@@ -31,12 +31,12 @@ from starlette.types import Receive, Scope, Send
 
 from comeapi.balancer.pool import BackendPool
 from comeapi.balancer.proxy import Forwarder, forward_headers
-from comeapi.balancer.relay import Forwarded, UpstreamStream
+from comeapi.balancer.relay import Forwarded, UpstreamStream, header_lines
 from comeapi.cache.key import uncacheable
 from comeapi.cache.replies import HitReply, Replies
 from comeapi.errors import ComeapiError, PromptNotCachedError, RequestError, StoreError
 from comeapi.gateway.cache import Lookup, ResponseCache
-from comeapi.gateway.direct import CLIENT_GONE, forward_soon, header_lines
+from comeapi.gateway.direct import CLIENT_GONE, forward_soon
 from comeapi.gateway.forced import (
     NO_STORE_HEADER,
     SECRET_HEADER,
@@ -201,7 +201,10 @@ class GenerationRoutes:
         cache = self.cache
         if cache is None:
             return self.door.prepare(path, body, None), None
-        found = {k: v for k, v in headers if k in _HIT_HEADERS}
+        found: dict[bytes, bytes] = {}
+        for pair in headers:  # a loop, not a comprehension: no function made per request
+            if pair[0] in _HIT_HEADERS:
+                found[pair[0]] = pair[1]
         if found and b"no-cache" in found.get(_CACHE_CONTROL, b"") and self._bypass_allowed:
             # Not looked up, so not keyed: the key is for lookups (and is the costly part).
             return self.door.prepare(path, body, None), None

@@ -45,6 +45,8 @@ DEFAULT_MAX_HEADER_SIZE = 8192  # nginx's large_client_header_buffers, Apache's 
 DEFAULT_MAX_HEADER_COUNT = 100  # Apache's LimitRequestFields
 _OK = STATUS_LINE[200]
 _FORWARDED = frozenset({b"x-forwarded-for", b"x-forwarded-proto"})
+# The headers ``on_header`` acts on; every other one is only kept.
+_NOTED = frozenset({b"content-length", b"transfer-encoding", b"expect", b"upgrade", *_FORWARDED})
 
 
 @dataclass
@@ -139,6 +141,8 @@ class HttpProtocol(asyncio.Protocol):
         with contextlib.suppress(AttributeError):  # answer a request before a pipelined one
             self.parser.set_dangerous_leniencies(lenient_data_after_close=True)
         self.limits: Limits = getattr(config, "limits", None) or Limits()
+        self._max_header_count = self.limits.max_header_count
+        self._max_header_size = self.limits.max_header_size
         self.immediate = self.limits.immediate(self.app)
         self.app_state = app_state
         self.server_state = server_state
@@ -273,7 +277,7 @@ class HttpProtocol(asyncio.Protocol):
 
     def on_url(self, url: bytes) -> None:
         self.url += url
-        if len(self.url) > self.limits.max_header_size:
+        if len(self.url) > self._max_header_size:
             raise Refused(414, "the request's URL is too long", "url_too_long")
 
     def on_header(self, name: bytes, value: bytes) -> None:
@@ -282,15 +286,16 @@ class HttpProtocol(asyncio.Protocol):
         value = value.rstrip(b" \t")
         headers = self.headers
         headers.append((name, value))
-        limits = self.limits
-        if len(headers) > limits.max_header_count:
+        if len(headers) > self._max_header_count:
             raise Refused(
                 431,
-                f"the request has more than {limits.max_header_count} headers",
+                f"the request has more than {self._max_header_count} headers",
                 "too_many_headers",
             )
-        if len(name) + len(value) > limits.max_header_size:
+        if len(name) + len(value) > self._max_header_size:
             raise Refused(431, "a request header is too large", "header_too_large")
+        if name not in _NOTED:
+            return
         if name == b"content-length":
             self._length = int(value) if value.isdigit() else -1
         elif name == b"transfer-encoding":
@@ -416,18 +421,26 @@ class HttpProtocol(asyncio.Protocol):
         self._send_later(status, head, payload)
 
     def _reply_later(self, answer: Later | None) -> None:
-        """``Pending`` work's answer (``request.reply``)."""
+        """``Pending`` work's answer (``request.reply``): written before anything else."""
+        closing = self.transport.is_closing()
+        if answer is not None and not closing:
+            status, head, payload = answer
+            self._write(STATUS_LINE[status], head, payload, self._later_keep_alive)
         work, self._later = self._later, None
         self.tasks.discard(work)
         if answer is None:
             self.out.close()
-        else:
-            self._send_later(*answer)
+        elif not closing:
+            self._sent_later()
 
     def _send_later(self, status: int, head: bytes, payload: bytes) -> None:
         if self.transport.is_closing():
             return
         self._write(STATUS_LINE[status], head, payload, self._later_keep_alive)
+        self._sent_later()
+
+    def _sent_later(self) -> None:
+        """A later answer is written: close, or read on."""
         if not self._later_keep_alive:
             self.out.close()
         self.on_response_complete()
