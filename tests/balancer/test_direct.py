@@ -213,6 +213,25 @@ async def test_a_connection_lost_after_the_head_moves_the_request_on_with_the_he
         assert done.calls == 1 and in_flight(env) == 0
 
 
+async def test_an_answers_head_is_translated_again_when_the_backends_headers_change() -> None:
+    async with cluster(1) as env:
+        miss = ((b"x-cache", b"MISS"),)
+        sent = [(b"Date", b"Mon"), (b"Server", b"uvicorn"), (b"Content-Type", b"application/json")]
+        first = env.forwarder.answer_head(200, list(sent), "/generate", miss)
+        assert first.headers == [(b"content-type", b"application/json"), (b"x-cache", b"MISS")]
+        again = env.forwarder.answer_head(201, list(sent), "/generate", miss)
+        assert again.status_code == 201 and again.lines() == first.lines()
+        again.set_header(b"x-extra", b"1")  # its own list: the next answer is unaffected
+        assert b"x-extra" not in env.forwarder.answer_head(200, sent, "/generate", miss).lines()
+        # Another Date (a second later), other headers, other headers set: translated anew.
+        later = [(b"Date", b"Tue"), *sent[1:], (b"X-Request-Id", b"7")]
+        assert env.forwarder.answer_head(200, later, "/generate", miss).lines() == (
+            b"content-type: application/json\r\nx-request-id: 7\r\nx-cache: MISS\r\n"
+        )
+        plain = env.forwarder.answer_head(200, later, "/generate", ())
+        assert plain.lines() == b"content-type: application/json\r\nx-request-id: 7\r\n"
+
+
 async def test_a_503_moves_the_request_to_another_backend() -> None:
     async with cluster() as env:
         await warm(env)

@@ -34,7 +34,6 @@ from comeapi.balancer.relay import (
     Forwarded,
     ForwardReport,
     UpstreamStream,
-    raw_headers,
     shutting_down,
 )
 from comeapi.balancer.stall import BackendStalled
@@ -73,6 +72,16 @@ class DirectOwner(Protocol):
 
     def direct_refused(self, forward: DirectForward, forwarded: Forwarded) -> None:
         """The backend answered 503 (nothing generated): on to the coroutine path."""
+        ...
+
+    def answer_head(
+        self,
+        status: int,
+        headers: Sequence[tuple[bytes, bytes]],
+        path: str,
+        set_headers: Sequence[tuple[bytes, bytes]],
+    ) -> Forwarded:
+        """The answer as far as its head (``Forwarder.answer_head``)."""
         ...
 
     def direct_failed(self, forward: DirectForward, exc: Exception, *, stale: bool) -> None:
@@ -243,7 +252,9 @@ class DirectForward:
         if head is None and conn.headers_done:
             # Ready before the body: a backend that writes its head and its body apart
             # (uvicorn does) leaves the body's arrival only the client's write to do.
-            head = self._head = self._answer_head()
+            head = self._head = self.forwarder.answer_head(
+                conn.status, conn.headers, self.path, self.set_headers
+            )
         if conn.complete:
             assert head is not None
             parts = self._parts
@@ -260,16 +271,6 @@ class DirectForward:
                 self._stop()
             return
         self.last = self.loop.time()
-
-    def _answer_head(self) -> Forwarded:
-        """The answer but its body: the headers worth passing on, ``set_headers`` set, and
-        their lines made."""
-        conn = self.conn
-        forwarded = Forwarded(conn.status, raw_headers(conn.headers), b"", self.path)
-        for name, value in self.set_headers:
-            forwarded.set_header(name, value)
-        forwarded.lines()
-        return forwarded
 
     def probed_alive(self, probe: asyncio.Future[bool]) -> None:
         """The watchdog's /health probe is back: silent but alive is a long generation."""

@@ -80,6 +80,8 @@ class Forwarder(StreamOwner):
         #: (or an SSE error event) instead of a dropped connection.
         self.stopping = False
         self._urls: dict[tuple[str, str], str] = {}
+        #: (backend's headers, set_headers, headers passed on, their lines): ``answer_head``.
+        self._last_head: tuple[RawHeaders, RawHeaders, RawHeaders, bytes] | None = None
         self._direct = upstream if isinstance(upstream, FastUpstream) else None
         self._watchdog = Watchdog(
             self._direct.timeouts.read if self._direct is not None else None,
@@ -222,6 +224,23 @@ class Forwarder(StreamOwner):
             answer = forwarded.answer
             tokens = answer.completion_tokens if answer is not None else None
             self.observer.tokens(tokens or 0)
+
+    def answer_head(
+        self, status: int, headers: RawHeaders, path: str, set_headers: RawHeaders
+    ) -> Forwarded:
+        """A backend's answer as far as its head, body to come: the headers worth passing on
+        (``raw_headers``), ``set_headers`` set, their lines made. A backend answers every
+        request with the same headers but its Date, so the last translation is kept and
+        reused while the backend's header list is the same (the Date changes once a second)."""
+        last = self._last_head
+        if last is not None and last[1] is set_headers and last[0] == headers:
+            return Forwarded(status, list(last[2]), b"", path, last[3])
+        forwarded = Forwarded(status, raw_headers(headers), b"", path)
+        for name, value in set_headers:
+            forwarded.set_header(name, value)
+        lines = forwarded.lines()
+        self._last_head = (list(headers), set_headers, list(forwarded.headers), lines)
+        return forwarded
 
     def direct_refused(self, forward: DirectForward, forwarded: Forwarded) -> None:
         """A 503 to ``forward`` (the backend's queue is full, or its model is loading):

@@ -86,14 +86,19 @@ class Forwarded:
     __slots__ = ("_answer", "_lines", "body", "headers", "path", "status_code")
 
     def __init__(
-        self, status_code: int, headers: list[tuple[bytes, bytes]], body: bytes, path: str = ""
+        self,
+        status_code: int,
+        headers: list[tuple[bytes, bytes]],
+        body: bytes,
+        path: str = "",
+        lines: bytes | None = None,
     ):
         self.status_code = status_code
         self.headers = headers
         self.body = body
         self.path = path  # the route it answers: the kind of answer the body holds
         self._answer: object = _UNREAD
-        self._lines: bytes | None = None
+        self._lines = lines  # ``header_lines(headers)``, when the caller has them
 
     @property
     def answer(self) -> Answer | None:
