@@ -32,7 +32,8 @@ class Backend:
     ``script`` (then "ok"): ok, drop (close without a byte), hang (say nothing), busy (503),
     garbage (bytes that are not HTTP), slow (answer once ``release`` is set), split (the
     head, then the body in a later write, as uvicorn writes them), head-drop (the head of a
-    200, then close)."""
+    200, then close), trailing (the answer and, in the same write, an unasked-for second
+    response, as a broken server might send)."""
 
     name: str
     script: list[str] = field(default_factory=list)
@@ -95,6 +96,9 @@ class Backend:
                     writer.write(whole[cut:])
                 elif action == "garbage":
                     writer.write(b"NOT HTTP AT ALL\r\n\r\n")
+                elif action == "trailing":
+                    extra = _response(b"500 Internal Server Error", b'{"error": "late"}')
+                    writer.write(_response(b"200 OK", answer_of(self.name)) + extra)
                 elif action == "busy":
                     writer.write(_response(b"503 Service Unavailable", BUSY))
                 else:

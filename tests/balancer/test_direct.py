@@ -232,6 +232,18 @@ async def test_an_answers_head_is_translated_again_when_the_backends_headers_cha
         assert plain.lines() == b"content-type: application/json\r\nx-request-id: 7\r\n"
 
 
+async def test_bytes_after_a_complete_answer_do_not_change_it() -> None:
+    async with cluster(1) as env:
+        await warm(env)
+        env.backends[0].script = ["trailing"]
+        done = Outcomes()
+        assert soon(env, done) is not None
+        answer = await done.get()
+        assert isinstance(answer, Forwarded)
+        assert (answer.status_code, answer.body) == (200, answer_of("a"))
+        assert in_flight(env) == 0
+
+
 async def test_a_503_moves_the_request_to_another_backend() -> None:
     async with cluster() as env:
         await warm(env)

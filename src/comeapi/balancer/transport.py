@@ -88,9 +88,11 @@ class UpstreamConnection(asyncio.Protocol):
             self._fail(httpx.RemoteProtocolError(f"malformed response: {exc}"))
             self.close()
             return
-        # A watcher hears once per arrival, after the parser has taken it all: a small
-        # answer's head, body and end come in one piece, and are one wake-up, not three.
-        if self.watcher is not None:
+        # A watcher hears once per arrival: at the answer's end, from inside the parser
+        # (``on_message_complete``), so bytes after it cannot change the answer; else here,
+        # after the parser has taken all it could (a head, part of a body). A small answer's
+        # head, body and end come in one piece: one wake-up, not three.
+        if self.watcher is not None and not self.complete:
             self.watcher()
 
     def connection_lost(self, exc: Exception | None) -> None:
@@ -129,7 +131,7 @@ class UpstreamConnection(asyncio.Protocol):
 
     def on_message_complete(self) -> None:
         self.complete = True
-        self._wake()
+        self._notify()
 
     # --- used by the transport -----------------------------------------------------------
 
@@ -199,14 +201,14 @@ class UpstreamConnection(asyncio.Protocol):
         self._notify()
 
     def _wake(self) -> None:
-        """From the parser's callbacks: a waiting task goes on (a watcher is told at the end
-        of ``data_received``)."""
+        """From the parser's callbacks before the end: a waiting task goes on (a watcher is
+        told at the end of ``data_received``)."""
         waiter = self.waiter
         if waiter is not None and not waiter.done():
             waiter.set_result(False)
 
     def _notify(self) -> None:
-        """Outside the parser (an error, the connection's end, room to write): the watcher,
+        """The answer's end, an error, the connection's end or room to write: the watcher,
         or a waiting task."""
         if self.watcher is not None:
             self.watcher()
