@@ -80,8 +80,6 @@ class Forwarder(StreamOwner):
         #: (or an SSE error event) instead of a dropped connection.
         self.stopping = False
         self._urls: dict[tuple[str, str], str] = {}
-        #: (backend's headers, set_headers, headers passed on, their lines): ``answer_head``.
-        self._last_head: tuple[RawHeaders, RawHeaders, RawHeaders, bytes] | None = None
         self._direct = upstream if isinstance(upstream, FastUpstream) else None
         self._watchdog = Watchdog(
             self._direct.timeouts.read if self._direct is not None else None,
@@ -229,17 +227,11 @@ class Forwarder(StreamOwner):
         self, status: int, headers: RawHeaders, path: str, set_headers: RawHeaders
     ) -> Forwarded:
         """A backend's answer as far as its head, body to come: the headers worth passing on
-        (``raw_headers``), ``set_headers`` set, their lines made. A backend answers every
-        request with the same headers but its Date, so the last translation is kept and
-        reused while the backend's header list is the same (the Date changes once a second)."""
-        last = self._last_head
-        if last is not None and last[1] is set_headers and last[0] == headers:
-            return Forwarded(status, list(last[2]), b"", path, last[3])
+        (``raw_headers``), ``set_headers`` set, their lines made."""
         forwarded = Forwarded(status, raw_headers(headers), b"", path)
         for name, value in set_headers:
             forwarded.set_header(name, value)
-        lines = forwarded.lines()
-        self._last_head = (list(headers), set_headers, list(forwarded.headers), lines)
+        forwarded.lines()
         return forwarded
 
     def direct_refused(self, forward: DirectForward, forwarded: Forwarded) -> None:

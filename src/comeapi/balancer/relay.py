@@ -91,14 +91,13 @@ class Forwarded:
         headers: list[tuple[bytes, bytes]],
         body: bytes,
         path: str = "",
-        lines: bytes | None = None,
     ):
         self.status_code = status_code
         self.headers = headers
         self.body = body
         self.path = path  # the route it answers: the kind of answer the body holds
         self._answer: object = _UNREAD
-        self._lines = lines  # ``header_lines(headers)``, when the caller has them
+        self._lines: bytes | None = None  # ``header_lines(headers)``, made once
 
     @property
     def answer(self) -> Answer | None:
