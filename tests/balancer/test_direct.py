@@ -27,6 +27,7 @@ from tests.balancer.scripted import Backend, answer_of
 pytestmark = pytest.mark.anyio
 
 BODY = b'{"prompt": "hi", "max_tokens": 1}'
+MISS = ((b"x-cache", b"MISS"),)  # a forward's ``set_headers``
 
 
 @dataclass
@@ -85,10 +86,15 @@ class Outcomes:
         return await asyncio.wait_for(asyncio.shield(self.future), seconds)
 
 
-def soon(env: Env, done: Outcomes, report: Report | None = None) -> DirectForward | None:
+def soon(
+    env: Env,
+    done: Outcomes,
+    report: Report | None = None,
+    set_headers: tuple[tuple[bytes, bytes], ...] = (),
+) -> DirectForward | None:
     return env.forwarder.forward_soon(
         "/generate", BODY, [(b"content-type", b"application/json")], model=None,
-        report=report, done=done,
+        report=report, done=done, set_headers=set_headers,
     )  # fmt: skip
 
 
@@ -178,11 +184,7 @@ async def test_a_head_read_before_its_body_gives_the_whole_answer_with_the_heade
         await warm(env)
         env.backends[0].script = ["split"]
         done = Outcomes()
-        forward = env.forwarder.forward_soon(
-            "/generate", BODY, [], model=None, report=None, done=done,
-            set_headers=[(b"x-cache", b"MISS")],
-        )  # fmt: skip
-        assert forward is not None
+        assert soon(env, done, set_headers=MISS) is not None
         answer = await done.get()
         assert isinstance(answer, Forwarded) and answer.body == answer_of("a")
         assert answer.headers == [(b"content-type", b"application/json"), (b"x-cache", b"MISS")]
@@ -200,11 +202,7 @@ async def test_a_connection_lost_after_the_head_moves_the_request_on_with_the_he
         await warm(env)
         env.backends[0].script = ["head-drop"]  # a 200's head, then nothing
         done = Outcomes()
-        forward = env.forwarder.forward_soon(
-            "/generate", BODY, [], model=None, report=None, done=done,
-            set_headers=[(b"x-cache", b"MISS")],
-        )  # fmt: skip
-        assert forward is not None
+        assert soon(env, done, set_headers=MISS) is not None
         answer = await done.get()
         # Nothing had reached the client: the coroutine path answered, from the other one.
         assert isinstance(answer, Forwarded) and answer.body == answer_of("b")
@@ -215,17 +213,16 @@ async def test_a_connection_lost_after_the_head_moves_the_request_on_with_the_he
 
 async def test_each_answers_head_is_made_from_its_own_headers() -> None:
     async with cluster(1) as env:
-        miss = ((b"x-cache", b"MISS"),)
         sent = [(b"Date", b"Mon"), (b"Server", b"uvicorn"), (b"Content-Type", b"application/json")]
-        first = env.forwarder.answer_head(200, list(sent), "/generate", miss)
+        first = env.forwarder.answer_head(200, list(sent), "/generate", MISS)
         assert first.headers == [(b"content-type", b"application/json"), (b"x-cache", b"MISS")]
-        again = env.forwarder.answer_head(201, list(sent), "/generate", miss)
+        again = env.forwarder.answer_head(201, list(sent), "/generate", MISS)
         assert again.status_code == 201 and again.lines() == first.lines()
         again.set_header(b"x-extra", b"1")  # its own list: the next answer is unaffected
-        assert b"x-extra" not in env.forwarder.answer_head(200, sent, "/generate", miss).lines()
+        assert b"x-extra" not in env.forwarder.answer_head(200, sent, "/generate", MISS).lines()
         # Another Date (a second later), other headers, other headers set.
         later = [(b"Date", b"Tue"), *sent[1:], (b"X-Request-Id", b"7")]
-        assert env.forwarder.answer_head(200, later, "/generate", miss).lines() == (
+        assert env.forwarder.answer_head(200, later, "/generate", MISS).lines() == (
             b"content-type: application/json\r\nx-request-id: 7\r\nx-cache: MISS\r\n"
         )
         plain = env.forwarder.answer_head(200, later, "/generate", ())

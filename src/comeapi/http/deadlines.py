@@ -66,16 +66,12 @@ class ReadDeadlines:
         """A request's first byte arrived."""
         if self._reading_since is None:
             self._reading_since = now = self._loop.time()
-            timer = self._timer  # most often armed sooner (keep-alive): nothing to do
-            if timer is None or timer.when() > now + self.header_timeout:
-                self._arm_by(now + self.header_timeout)
+            self._arm_by(now + self.header_timeout)
         self._headers_done_at = self._idle_since = None
 
     def headers_read(self) -> None:
         self._headers_done_at = now = self._loop.time()
-        timer = self._timer
-        if timer is None or timer.when() > now + self.body_timeout:
-            self._arm_by(now + self.body_timeout)
+        self._arm_by(now + self.body_timeout)
 
     def request_read(self) -> None:
         """The whole request is in; it is being answered."""
