@@ -10,6 +10,11 @@ from dataclasses import dataclass, field
 HEALTH = json.dumps(
     {"status": "ok", "capacity": 1, "in_flight": 0, "available": 1, "models": ["m.gguf"]}
 ).encode()
+#: What a broken server sends with no request outstanding (``trailing``, ``late``).
+UNASKED = (
+    b"HTTP/1.1 500 Internal Server Error\r\ncontent-type: application/json\r\n"
+    b'content-length: 17\r\n\r\n{"error": "late"}'
+)
 BUSY = (
     b'{"error": {"message": "full", "type": "server_error", "param": null, "code": "queue_full"}}'
 )
@@ -33,7 +38,8 @@ class Backend:
     garbage (bytes that are not HTTP), slow (answer once ``release`` is set), split (the
     head, then the body in a later write, as uvicorn writes them), head-drop (the head of a
     200, then close), trailing (the answer and, in the same write, an unasked-for second
-    response, as a broken server might send)."""
+    response, as a broken server might send), late (the answer, then that second response
+    a little later, while the connection is idle)."""
 
     name: str
     script: list[str] = field(default_factory=list)
@@ -97,8 +103,12 @@ class Backend:
                 elif action == "garbage":
                     writer.write(b"NOT HTTP AT ALL\r\n\r\n")
                 elif action == "trailing":
-                    extra = _response(b"500 Internal Server Error", b'{"error": "late"}')
-                    writer.write(_response(b"200 OK", answer_of(self.name)) + extra)
+                    writer.write(_response(b"200 OK", answer_of(self.name)) + UNASKED)
+                elif action == "late":
+                    writer.write(_response(b"200 OK", answer_of(self.name)))
+                    await writer.drain()
+                    await asyncio.sleep(0.05)
+                    writer.write(UNASKED)
                 elif action == "busy":
                     writer.write(_response(b"503 Service Unavailable", BUSY))
                 else:

@@ -15,6 +15,7 @@ closes, ``benchmarks/aiohttp_upstream.py`` is the replacement.
 from __future__ import annotations
 
 import asyncio
+import logging
 import ssl
 import time
 from collections import deque
@@ -32,6 +33,8 @@ HIGH_WATER = 256 * 1024  # bytes buffered from the server before reading pauses
 MAX_KEPT_HEADS = 256  # request heads kept formatted (``FastUpstream._head``)
 
 Origin = tuple[str, str, int]
+
+log = logging.getLogger("comeapi.balancer")
 
 
 class UpstreamConnection(asyncio.Protocol):
@@ -51,6 +54,8 @@ class UpstreamConnection(asyncio.Protocol):
         self.used = False  # has carried an exchange before (so the server may drop it)
         #: Called instead of waking a waiter, by a forward done with callbacks (``direct``).
         self.watcher: Callable[[], None] | None = None
+        #: Sent bytes with no request outstanding: a broken server, closed (``_unasked``).
+        self.unasked = False
         self._reset()
 
     def _reset(self) -> None:
@@ -81,6 +86,9 @@ class UpstreamConnection(asyncio.Protocol):
         self._notify()
 
     def data_received(self, data: bytes) -> None:
+        if self.complete:  # the answer is all in and no request is outstanding
+            self._unasked()
+            return
         self.got_bytes = True
         try:
             self.parser.feed_data(data)
@@ -88,6 +96,8 @@ class UpstreamConnection(asyncio.Protocol):
             self._fail(httpx.RemoteProtocolError(f"malformed response: {exc}"))
             self.close()
             return
+        if self.unasked:
+            self._unasked()
         # A watcher hears once per arrival: at the answer's end, from inside the parser
         # (``on_message_complete``), so bytes after it cannot change the answer; else here,
         # after the parser has taken all it could (a head, part of a body). A small answer's
@@ -111,10 +121,19 @@ class UpstreamConnection(asyncio.Protocol):
 
     # --- httptools callbacks -------------------------------------------------------------
 
+    # Each ignores a response that follows a complete answer in the same read (the parser
+    # goes on through it): the answer keeps its own status, headers and body.
+
     def on_header(self, name: bytes, value: bytes) -> None:
+        if self.complete:
+            self.unasked = True
+            return
         self.headers.append((name, value))
 
     def on_headers_complete(self) -> None:
+        if self.complete:
+            self.unasked = True
+            return
         self.headers_done = True
         # Asked now: once the message is complete the parser has reset its state.
         self.keep_alive = self.parser.should_keep_alive()
@@ -122,6 +141,9 @@ class UpstreamConnection(asyncio.Protocol):
         self._wake()
 
     def on_body(self, body: bytes) -> None:
+        if self.complete:
+            self.unasked = True
+            return
         self.chunks.append(body)
         self.buffered += len(body)
         if self.buffered > HIGH_WATER and not self.paused and self.transport is not None:
@@ -130,6 +152,9 @@ class UpstreamConnection(asyncio.Protocol):
         self._wake()
 
     def on_message_complete(self) -> None:
+        if self.complete:
+            self.unasked = True
+            return
         self.complete = True
         self._notify()
 
@@ -194,6 +219,16 @@ class UpstreamConnection(asyncio.Protocol):
     def _ends_at_close(self) -> bool:
         names = {name.lower() for name, _ in self.headers}
         return b"content-length" not in names and b"transfer-encoding" not in names
+
+    def _unasked(self) -> None:
+        """Bytes after the answer, before another request: the server is out of step, and
+        whatever it sends next could be read as the next request's answer. Closed, as nginx
+        closes a kept-alive upstream connection that becomes readable while idle; the pool
+        drops it when it next looks (it drops closed connections)."""
+        if not self.closed:
+            peer = self.transport.get_extra_info("peername") if self.transport else None
+            log.warning("a backend (%s) sent bytes no request asked for: connection closed", peer)
+            self.close()
 
     def _fail(self, exc: Exception) -> None:
         if self.error is None:
