@@ -15,6 +15,8 @@ UNASKED = (
     b"HTTP/1.1 500 Internal Server Error\r\ncontent-type: application/json\r\n"
     b'content-length: 17\r\n\r\n{"error": "late"}'
 )
+#: An interim response (RFC 9110 15.2): a server may send any number before the answer.
+HINTS = b"HTTP/1.1 103 Early Hints\r\nlink: </style.css>; rel=preload\r\n\r\n"
 BUSY = (
     b'{"error": {"message": "full", "type": "server_error", "param": null, "code": "queue_full"}}'
 )
@@ -39,7 +41,8 @@ class Backend:
     head, then the body in a later write, as uvicorn writes them), head-drop (the head of a
     200, then close), trailing (the answer and, in the same write, an unasked-for second
     response, as a broken server might send), late (the answer, then that second response
-    a little later, while the connection is idle)."""
+    a little later, while the connection is idle), hints (a 103 Early Hints interim
+    response, then the answer in a later write), upgrade (a 101 no request asked for)."""
 
     name: str
     script: list[str] = field(default_factory=list)
@@ -100,10 +103,18 @@ class Backend:
                         return
                     await asyncio.sleep(0.05)  # the head is read on its own
                     writer.write(whole[cut:])
+                elif action == "upgrade":
+                    writer.write(b"HTTP/1.1 101 Switching Protocols\r\nupgrade: websocket\r\n")
+                    writer.write(b"connection: upgrade\r\n\r\n")
                 elif action == "garbage":
                     writer.write(b"NOT HTTP AT ALL\r\n\r\n")
                 elif action == "trailing":
                     writer.write(_response(b"200 OK", answer_of(self.name)) + UNASKED)
+                elif action == "hints":
+                    writer.write(HINTS)
+                    await writer.drain()
+                    await asyncio.sleep(0.05)
+                    writer.write(_response(b"200 OK", answer_of(self.name)))
                 elif action == "late":
                     writer.write(_response(b"200 OK", answer_of(self.name)))
                     await writer.drain()

@@ -166,6 +166,26 @@ async def test_a_failure_before_any_byte_moves_the_request_to_another_backend() 
         assert in_flight(env) == 0
 
 
+@pytest.mark.parametrize("forward", ["soon", "coroutine"])
+async def test_a_switch_of_protocols_no_request_asked_for_moves_the_request_on(
+    forward: str,
+) -> None:
+    async with cluster() as env:
+        await warm(env)
+        first = env.pool.backends[0]  # round robin: the next pick
+        env.backends[0].script = ["upgrade"]
+        if forward == "soon":
+            done = Outcomes()
+            assert soon(env, done) is not None
+            answer = await done.get()
+        else:
+            answer = await env.forwarder.forward("/generate", BODY, [], model=None, stream=False)
+        assert isinstance(answer, Forwarded)
+        assert (answer.status_code, answer.body) == (200, answer_of("b"))
+        assert not first.healthy
+        assert in_flight(env) == 0
+
+
 async def test_a_kept_alive_connection_closed_unanswered_is_retried_on_a_fresh_one() -> None:
     async with cluster(1) as env:
         await warm(env)
@@ -288,6 +308,26 @@ async def test_an_idle_connection_that_receives_bytes_is_closed(
         assert isinstance(again, Forwarded)
         assert (again.status_code, again.body) == (200, answer_of("a"))
         assert env.backends[0].connections == 2
+
+
+@pytest.mark.parametrize("forward", ["soon", "coroutine"])
+async def test_an_interim_response_is_passed_over(forward: str) -> None:
+    async with cluster(1) as env:
+        await warm(env)
+        env.backends[0].script = ["hints"]
+        if forward == "soon":
+            done = Outcomes()
+            assert soon(env, done) is not None
+            answer = await done.get()
+        else:
+            answer = await env.forwarder.forward("/generate", BODY, [], model=None, stream=False)
+        assert isinstance(answer, Forwarded)
+        assert (answer.status_code, answer.body) == (200, answer_of("a"))
+        assert answer.headers == [(b"content-type", b"application/json")]  # no link
+        done = Outcomes()
+        assert soon(env, done) is not None  # the connection is kept
+        assert isinstance(await done.get(), Forwarded)
+        assert env.backends[0].connections == 1
 
 
 async def test_a_503_moves_the_request_to_another_backend() -> None:

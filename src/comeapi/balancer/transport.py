@@ -61,6 +61,7 @@ class UpstreamConnection(asyncio.Protocol):
     def _reset(self) -> None:
         self.headers: list[tuple[bytes, bytes]] = []
         self.headers_done = False
+        self.interim = False  # between an interim response's head and its end
         self.status = 0
         self.keep_alive = False
         self.complete = False
@@ -94,6 +95,10 @@ class UpstreamConnection(asyncio.Protocol):
             self.parser.feed_data(data)
         except httptools.HttpParserError as exc:
             self._fail(httpx.RemoteProtocolError(f"malformed response: {exc}"))
+            self.close()
+            return
+        except httptools.HttpParserUpgrade:  # a 101: no request of ours asks for one
+            self._fail(httpx.RemoteProtocolError("the server switched protocols unasked"))
             self.close()
             return
         if self.unasked:
@@ -134,10 +139,17 @@ class UpstreamConnection(asyncio.Protocol):
         if self.complete:
             self.unasked = True
             return
+        status = self.parser.get_status_code()
+        # An interim response (103 Early Hints; RFC 9110 15.2): the answer comes after it. A
+        # 101 ends the parse (HttpParserUpgrade), which ``data_received`` answers.
+        if status < 200:
+            self.interim = True
+            self.headers.clear()
+            return
         self.headers_done = True
         # Asked now: once the message is complete the parser has reset its state.
         self.keep_alive = self.parser.should_keep_alive()
-        self.status = self.parser.get_status_code()
+        self.status = status
         self._wake()
 
     def on_body(self, body: bytes) -> None:
@@ -154,6 +166,9 @@ class UpstreamConnection(asyncio.Protocol):
     def on_message_complete(self) -> None:
         if self.complete:
             self.unasked = True
+            return
+        if self.interim:
+            self.interim = False
             return
         self.complete = True
         self._notify()
