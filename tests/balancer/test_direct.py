@@ -261,7 +261,9 @@ async def test_bytes_after_a_complete_answer_do_not_change_it() -> None:
         assert in_flight(env) == 0
 
 
-async def test_a_connection_that_sent_bytes_after_its_answer_is_not_used_again() -> None:
+async def test_a_connection_that_sent_bytes_after_its_answer_is_not_used_again(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
     async with cluster(1) as env:
         await warm(env)
         env.backends[0].script = ["trailing"]
@@ -269,6 +271,7 @@ async def test_a_connection_that_sent_bytes_after_its_answer_is_not_used_again()
         assert soon(env, done) is not None
         assert isinstance(await done.get(), Forwarded)
         # Closed, not kept: the next request goes over a new connection.
+        assert "sent bytes no request asked for: connection closed" in caplog.text
         assert soon(env, Outcomes()) is None
         answer = await env.forwarder.forward("/generate", BODY, [], model=None, stream=False)
         assert isinstance(answer, Forwarded)
@@ -289,9 +292,7 @@ async def test_on_the_coroutine_path_bytes_after_a_complete_answer_do_not_change
         assert env.upstream.connections(env.backends[0].url) == 0
 
 
-async def test_an_idle_connection_that_receives_bytes_is_closed(
-    caplog: pytest.LogCaptureFixture,
-) -> None:
+async def test_an_idle_connection_that_receives_bytes_is_closed() -> None:
     async with cluster(1) as env:
         await warm(env)
         env.backends[0].script = ["late"]
@@ -302,7 +303,6 @@ async def test_an_idle_connection_that_receives_bytes_is_closed(
         (conn,) = next(iter(env.upstream._idle.values()))
         # As nginx does with its kept-alive upstream connections: bytes while idle end it.
         await eventually(lambda: conn.closed)
-        assert "sent bytes no request asked for: connection closed" in caplog.text
         assert soon(env, Outcomes()) is None  # no idle connection left to send on
         again = await env.forwarder.forward("/generate", BODY, [], model=None, stream=False)
         assert isinstance(again, Forwarded)

@@ -88,7 +88,7 @@ class UpstreamConnection(asyncio.Protocol):
 
     def data_received(self, data: bytes) -> None:
         if self.complete:  # the answer is all in and no request is outstanding
-            self._unasked()
+            self._unasked(idle=True)
             return
         self.got_bytes = True
         try:
@@ -102,7 +102,7 @@ class UpstreamConnection(asyncio.Protocol):
             self.close()
             return
         if self.unasked:
-            self._unasked()
+            self._unasked(idle=False)
         # A watcher hears once per arrival: at the answer's end, from inside the parser
         # (``on_message_complete``), so bytes after it cannot change the answer; else here,
         # after the parser has taken all it could (a head, part of a body). A small answer's
@@ -235,14 +235,20 @@ class UpstreamConnection(asyncio.Protocol):
         names = {name.lower() for name, _ in self.headers}
         return b"content-length" not in names and b"transfer-encoding" not in names
 
-    def _unasked(self) -> None:
+    def _unasked(self, *, idle: bool) -> None:
         """Bytes after the answer, before another request: the server is out of step, and
         whatever it sends next could be read as the next request's answer. Closed, as nginx
         closes a kept-alive upstream connection that becomes readable while idle; the pool
-        drops it when it next looks (it drops closed connections)."""
+        drops it when it next looks (it drops closed connections). A second response in
+        the answer's own read is a broken server (a warning); bytes on an idle connection
+        may be a server's parting 408 before it closes (a debug line)."""
         if not self.closed:
             peer = self.transport.get_extra_info("peername") if self.transport else None
-            log.warning("a backend (%s) sent bytes no request asked for: connection closed", peer)
+            log.log(
+                logging.DEBUG if idle else logging.WARNING,
+                "a backend (%s) sent bytes no request asked for: connection closed",
+                peer,
+            )
             self.close()
 
     def _fail(self, exc: Exception) -> None:
