@@ -17,7 +17,7 @@ from comeapi.balancer.direct import DirectForward, Outcome
 from comeapi.balancer.health import HealthChecker
 from comeapi.balancer.pool import BackendPool
 from comeapi.balancer.proxy import Forwarder
-from comeapi.balancer.relay import Forwarded
+from comeapi.balancer.relay import Forwarded, UpstreamStream
 from comeapi.balancer.transport import FastUpstream
 from comeapi.balancer.upstream import Timeouts
 from comeapi.errors import UnavailableError
@@ -98,6 +98,15 @@ def soon(
     )  # fmt: skip
 
 
+async def by(forward: str, env: Env) -> Outcome | UpstreamStream:
+    """One request forwarded with callbacks ("soon") or on the coroutine path."""
+    if forward == "soon":
+        done = Outcomes()
+        assert soon(env, done) is not None
+        return await done.get()
+    return await env.forwarder.forward("/generate", BODY, [], model=None, stream=False)
+
+
 async def warm(env: Env) -> None:
     """One request per backend on the coroutine path: each gets an idle connection."""
     for _ in env.backends:
@@ -174,12 +183,7 @@ async def test_a_switch_of_protocols_no_request_asked_for_moves_the_request_on(
         await warm(env)
         first = env.pool.backends[0]  # round robin: the next pick
         env.backends[0].script = ["upgrade"]
-        if forward == "soon":
-            done = Outcomes()
-            assert soon(env, done) is not None
-            answer = await done.get()
-        else:
-            answer = await env.forwarder.forward("/generate", BODY, [], model=None, stream=False)
+        answer = await by(forward, env)
         assert isinstance(answer, Forwarded)
         assert (answer.status_code, answer.body) == (200, answer_of("b"))
         assert not first.healthy
@@ -270,8 +274,8 @@ async def test_a_connection_that_sent_bytes_after_its_answer_is_not_used_again(
         done = Outcomes()
         assert soon(env, done) is not None
         assert isinstance(await done.get(), Forwarded)
-        # Closed, not kept: the next request goes over a new connection.
         assert "sent bytes no request asked for: connection closed" in caplog.text
+        # Closed, not kept: the next request goes over a new connection.
         assert soon(env, Outcomes()) is None
         answer = await env.forwarder.forward("/generate", BODY, [], model=None, stream=False)
         assert isinstance(answer, Forwarded)
@@ -315,12 +319,7 @@ async def test_an_interim_response_is_passed_over(forward: str) -> None:
     async with cluster(1) as env:
         await warm(env)
         env.backends[0].script = ["hints"]
-        if forward == "soon":
-            done = Outcomes()
-            assert soon(env, done) is not None
-            answer = await done.get()
-        else:
-            answer = await env.forwarder.forward("/generate", BODY, [], model=None, stream=False)
+        answer = await by(forward, env)
         assert isinstance(answer, Forwarded)
         assert (answer.status_code, answer.body) == (200, answer_of("a"))
         assert answer.headers == [(b"content-type", b"application/json")]  # no link
