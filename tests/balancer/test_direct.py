@@ -253,47 +253,26 @@ async def test_each_answers_head_is_made_from_its_own_headers() -> None:
         assert plain.lines() == b"content-type: application/json\r\nx-request-id: 7\r\n"
 
 
-async def test_bytes_after_a_complete_answer_do_not_change_it() -> None:
-    async with cluster(1) as env:
-        await warm(env)
-        env.backends[0].script = ["trailing"]
-        done = Outcomes()
-        assert soon(env, done) is not None
-        answer = await done.get()
-        assert isinstance(answer, Forwarded)
-        assert (answer.status_code, answer.body) == (200, answer_of("a"))
-        assert in_flight(env) == 0
-
-
-async def test_a_connection_that_sent_bytes_after_its_answer_is_not_used_again(
-    caplog: pytest.LogCaptureFixture,
+@pytest.mark.parametrize("forward", ["soon", "coroutine"])
+async def test_bytes_after_a_complete_answer_do_not_change_it(
+    forward: str, caplog: pytest.LogCaptureFixture
 ) -> None:
     async with cluster(1) as env:
         await warm(env)
         env.backends[0].script = ["trailing"]
-        done = Outcomes()
-        assert soon(env, done) is not None
-        assert isinstance(await done.get(), Forwarded)
-        assert "sent bytes no request asked for: connection closed" in caplog.text
-        # Closed, not kept: the next request goes over a new connection.
-        assert soon(env, Outcomes()) is None
-        answer = await env.forwarder.forward("/generate", BODY, [], model=None, stream=False)
-        assert isinstance(answer, Forwarded)
-        assert (answer.status_code, answer.body) == (200, answer_of("a"))
-        assert env.backends[0].connections == 2
-        assert in_flight(env) == 0
-
-
-async def test_on_the_coroutine_path_bytes_after_a_complete_answer_do_not_change_it() -> None:
-    async with cluster(1) as env:
-        await warm(env)
-        env.backends[0].script = ["trailing"]
-        answer = await env.forwarder.forward("/generate", BODY, [], model=None, stream=False)
+        answer = await by(forward, env)
         assert isinstance(answer, Forwarded)
         assert (answer.status_code, answer.body) == (200, answer_of("a"))
         assert answer.headers == [(b"content-type", b"application/json")]
-        assert soon(env, Outcomes()) is None  # closed, not kept
+        assert in_flight(env) == 0
+        assert "sent bytes no request asked for: connection closed" in caplog.text
+        # Closed, not kept: the next request goes over a new connection.
+        assert soon(env, Outcomes()) is None
         assert env.upstream.connections(env.backends[0].url) == 0
+        again = await env.forwarder.forward("/generate", BODY, [], model=None, stream=False)
+        assert isinstance(again, Forwarded)
+        assert (again.status_code, again.body) == (200, answer_of("a"))
+        assert env.backends[0].connections == 2
 
 
 async def test_an_idle_connection_that_receives_bytes_is_closed() -> None:

@@ -86,11 +86,7 @@ class Forwarded:
     __slots__ = ("_answer", "_lines", "body", "headers", "path", "status_code")
 
     def __init__(
-        self,
-        status_code: int,
-        headers: list[tuple[bytes, bytes]],
-        body: bytes,
-        path: str = "",
+        self, status_code: int, headers: list[tuple[bytes, bytes]], body: bytes, path: str = ""
     ):
         self.status_code = status_code
         self.headers = headers
